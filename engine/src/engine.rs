@@ -1,0 +1,341 @@
+//! The engine core: scheduler + model runner + per-request generation state, one `step()` at
+//! a time. Synchronous and single-owner; `worker` runs it on its own thread behind channels,
+//! and the correctness tests drive it directly.
+
+use crate::kv_cache_manager::{KvCacheManager, SeqId};
+use crate::model::{Batch, Model};
+use crate::paged_attention::{KvStore, TokenCtx};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::scheduler::{Limits, Scheduler};
+use crate::tokenizer::{Detokenizer, TextCodec};
+use std::collections::HashMap;
+
+/// What is fixed at start: the KV pool and the ceilings the live limits move within.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Envelope {
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub max_num_seqs: u32,
+    pub max_batched_tokens: u32,
+}
+
+impl Envelope {
+    pub fn clamp(&self, l: Limits) -> Limits {
+        Limits {
+            max_num_seqs: l.max_num_seqs.min(self.max_num_seqs),
+            max_batched_tokens: l.max_batched_tokens.min(self.max_batched_tokens),
+        }
+    }
+    pub fn capacity_tokens(&self) -> usize {
+        self.num_blocks * self.block_size
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub id: SeqId,
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Stop,
+    Length,
+    Abort,
+}
+
+#[derive(Debug, Clone)]
+pub struct TokenEvent {
+    pub id: SeqId,
+    pub token: u32,
+    /// Text released by this token (may be empty: held back mid-character or mid-stop-string).
+    pub text: String,
+    pub finished: Option<FinishReason>,
+    pub completion_tokens: usize,
+    pub prompt_tokens: usize,
+    /// The logits the token was sampled from, when `record_logits` is on (tests).
+    pub logits: Option<Vec<f32>>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct StepOutput {
+    pub events: Vec<TokenEvent>,
+    pub num_tokens: usize,
+    pub preempted: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Stats {
+    pub kv_blocks_total: usize,
+    pub kv_blocks_used: usize,
+    pub running: usize,
+    pub waiting: usize,
+    pub preemptions_total: u64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum AddError {
+    #[error("prompt is empty")]
+    EmptyPrompt,
+    #[error("prompt ({prompt} tokens) plus max_tokens ({max_tokens}) exceeds the context length of {context} tokens")]
+    ContextLength {
+        prompt: usize,
+        max_tokens: usize,
+        context: usize,
+    },
+    #[error("prompt ({prompt} tokens) plus max_tokens ({max_tokens}) exceeds this engine's KV cache of {capacity} tokens")]
+    KvCapacity {
+        prompt: usize,
+        max_tokens: usize,
+        capacity: usize,
+    },
+}
+
+struct Active {
+    sampler: Sampler,
+    detok: Detokenizer,
+    max_tokens: usize,
+    stop: Vec<String>,
+    generated: usize,
+    prompt_len: usize,
+    /// Text produced but not yet released, held back while it could still begin a stop string.
+    pending: String,
+}
+
+pub struct Engine {
+    model: Model,
+    codec: TextCodec,
+    kv: KvStore,
+    sched: Scheduler,
+    envelope: Envelope,
+    active: HashMap<SeqId, Active>,
+    pub record_logits: bool,
+}
+
+impl Engine {
+    pub fn new(model: Model, codec: TextCodec, envelope: Envelope, limits: Limits) -> Self {
+        let c = &model.cfg;
+        let kv = KvStore::new(
+            c.n_layer,
+            envelope.num_blocks,
+            envelope.block_size,
+            c.n_kv_head,
+            c.head_dim,
+        );
+        let manager = KvCacheManager::new(envelope.num_blocks, envelope.block_size, true);
+        let sched = Scheduler::new(manager, envelope.clamp(limits));
+        Self {
+            model,
+            codec,
+            kv,
+            sched,
+            envelope,
+            active: HashMap::new(),
+            record_logits: false,
+        }
+    }
+
+    /// Disables prefix caching (for tests that compare against a cold path).
+    pub fn without_prefix_caching(mut self) -> Self {
+        let e = self.envelope;
+        self.sched = Scheduler::new(
+            KvCacheManager::new(e.num_blocks, e.block_size, false),
+            self.sched.limits(),
+        );
+        self
+    }
+
+    pub fn codec(&self) -> &TextCodec {
+        &self.codec
+    }
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+    pub fn envelope(&self) -> Envelope {
+        self.envelope
+    }
+    pub fn limits(&self) -> Limits {
+        self.sched.limits()
+    }
+    /// Applies new live limits, clamped into the envelope; returns what was applied.
+    pub fn set_limits(&mut self, l: Limits) -> Limits {
+        let l = self.envelope.clamp(l);
+        self.sched.set_limits(l);
+        l
+    }
+    pub fn is_idle(&self) -> bool {
+        self.sched.is_idle()
+    }
+    pub fn stats(&self) -> Stats {
+        Stats {
+            kv_blocks_total: self.sched.kv().num_blocks(),
+            kv_blocks_used: self.sched.kv().num_used_blocks(),
+            running: self.sched.num_running(),
+            waiting: self.sched.num_waiting(),
+            preemptions_total: self.sched.preemptions_total(),
+        }
+    }
+
+    /// Checks a request against the context and the KV pool, so nothing admitted can be
+    /// stuck forever for lack of blocks.
+    pub fn validate(&self, prompt_len: usize, max_tokens: usize) -> Result<(), AddError> {
+        if prompt_len == 0 {
+            return Err(AddError::EmptyPrompt);
+        }
+        let context = self.model.cfg.context_length;
+        if prompt_len + max_tokens > context {
+            return Err(AddError::ContextLength {
+                prompt: prompt_len,
+                max_tokens,
+                context,
+            });
+        }
+        let capacity = self.envelope.capacity_tokens();
+        if prompt_len + max_tokens > capacity {
+            return Err(AddError::KvCapacity {
+                prompt: prompt_len,
+                max_tokens,
+                capacity,
+            });
+        }
+        Ok(())
+    }
+
+    pub fn add(&mut self, r: Request) -> Result<(), AddError> {
+        self.validate(r.prompt.len(), r.max_tokens)?;
+        self.active.insert(
+            r.id,
+            Active {
+                sampler: Sampler::new(r.sampling),
+                detok: Detokenizer::default(),
+                max_tokens: r.max_tokens,
+                stop: r.stop.into_iter().filter(|s| !s.is_empty()).collect(),
+                generated: 0,
+                prompt_len: r.prompt.len(),
+                pending: String::new(),
+            },
+        );
+        self.sched.add(r.id, r.prompt);
+        Ok(())
+    }
+
+    /// Drops a request wherever it is and frees its blocks at once.
+    pub fn abort(&mut self, id: SeqId) -> bool {
+        self.active.remove(&id);
+        self.sched.remove(id).is_some()
+    }
+
+    pub fn step(&mut self) -> Result<StepOutput, crate::model::ModelError> {
+        let plan = self.sched.schedule();
+        let mut out = StepOutput {
+            num_tokens: plan.num_tokens,
+            preempted: plan.preempted.len(),
+            ..Default::default()
+        };
+        if plan.scheduled.is_empty() {
+            return Ok(out);
+        }
+        let mut tokens = Vec::with_capacity(plan.num_tokens);
+        let mut ctx = Vec::with_capacity(plan.num_tokens);
+        let mut logit_rows = Vec::new();
+        for sc in &plan.scheduled {
+            let seq = self.sched.seq(sc.seq).expect("scheduled sequence exists");
+            let table = self.sched.block_table(sc.seq);
+            for p in sc.start..sc.start + sc.len {
+                tokens.push(seq.tokens[p]);
+                ctx.push(TokenCtx { pos: p, table });
+            }
+            if sc.sample {
+                logit_rows.push(tokens.len() - 1);
+            }
+        }
+        let logits = self.model.forward(
+            &mut self.kv,
+            &Batch {
+                tokens: &tokens,
+                ctx: &ctx,
+                logit_rows: &logit_rows,
+            },
+        )?;
+        self.sched.complete_step(&plan);
+        let mut logits = logits.into_iter();
+        for sc in plan.scheduled.iter().filter(|s| s.sample) {
+            let row = logits.next().expect("one logits row per sampling chunk");
+            if let Some(ev) = self.sample_one(sc.seq, row) {
+                out.events.push(ev);
+            }
+        }
+        Ok(out)
+    }
+
+    fn sample_one(&mut self, id: SeqId, logits: Vec<f32>) -> Option<TokenEvent> {
+        let a = self.active.get_mut(&id)?;
+        let token = a.sampler.sample(&logits);
+        a.generated += 1;
+        let mut finished = None;
+        if self.codec.stop_ids().contains(&token) {
+            finished = Some(FinishReason::Stop);
+        } else if let Some(piece) = a.detok.push(&self.codec, token) {
+            a.pending.push_str(&piece);
+        }
+        let text = if finished.is_some() {
+            std::mem::take(&mut a.pending)
+        } else {
+            // Release all but the longest suffix that could still start a stop string.
+            let hold = a
+                .stop
+                .iter()
+                .map(|s| longest_prefix_suffix(&a.pending, s))
+                .max()
+                .unwrap_or(0);
+            let release = a.pending.len() - hold;
+            a.pending.drain(..release).collect()
+        };
+        let ev = TokenEvent {
+            id,
+            token,
+            text,
+            finished,
+            completion_tokens: a.generated,
+            prompt_tokens: a.prompt_len,
+            logits: self.record_logits.then_some(logits),
+        };
+        if finished.is_some() {
+            self.active.remove(&id);
+            self.sched.remove(id);
+        } else {
+            self.sched.append_token(id, token);
+        }
+        Some(ev)
+    }
+}
+
+/// Length in bytes of the longest suffix of `text` that is a proper prefix of `stop`.
+fn longest_prefix_suffix(text: &str, stop: &str) -> usize {
+    (1..stop.len())
+        .rev()
+        .find(|&n| {
+            n <= text.len()
+                && stop.is_char_boundary(n)
+                && text.is_char_boundary(text.len() - n)
+                && text.ends_with(&stop[..n])
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::longest_prefix_suffix;
+
+    #[test]
+    fn holds_back_only_what_could_start_a_stop_string() {
+        assert_eq!(longest_prefix_suffix("hello wor", "world"), 3);
+        assert_eq!(longest_prefix_suffix("hello", "world"), 0);
+        assert_eq!(longest_prefix_suffix("ab\n", "\n\n"), 1);
+        assert_eq!(longest_prefix_suffix("é", "éa"), 2);
+    }
+}

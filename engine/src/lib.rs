@@ -1,0 +1,15 @@
+//! redline-engine: a paged-KV, continuously batching LLM server whose batch limits move live.
+//!
+//! Pure logic (no I/O): [`block_pool`], [`kv_cache_manager`], [`scheduler`], [`sampling`].
+//! Compute: [`model`] (one forward pass per step) over [`paged_attention`].
+//! Text: [`tokenizer`]. The step loop: [`engine`], run on a thread by [`worker`].
+//! Serving: [`server`] (OpenAI API, admin API), [`metrics`]. Model download: [`fetch`].
+
+pub mod block_pool;
+pub mod engine;
+pub mod kv_cache_manager;
+pub mod model;
+pub mod paged_attention;
+pub mod sampling;
+pub mod scheduler;
+pub mod tokenizer;

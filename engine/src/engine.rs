@@ -38,6 +38,9 @@ pub struct Request {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens until `max_tokens` (vLLM's `ignore_eos`;
+    /// benchmarks use it to fix output lengths).
+    pub ignore_eos: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -75,6 +78,7 @@ pub struct Stats {
     pub running: usize,
     pub waiting: usize,
     pub preemptions_total: u64,
+    pub prefix_hit_tokens: u64,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -95,11 +99,40 @@ pub enum AddError {
     },
 }
 
+/// Checks a request against the context length and the KV pool, so nothing admitted can be
+/// stuck forever for lack of blocks.
+pub fn validate(
+    prompt_len: usize,
+    max_tokens: usize,
+    context: usize,
+    capacity: usize,
+) -> Result<(), AddError> {
+    if prompt_len == 0 {
+        return Err(AddError::EmptyPrompt);
+    }
+    if prompt_len + max_tokens > context {
+        return Err(AddError::ContextLength {
+            prompt: prompt_len,
+            max_tokens,
+            context,
+        });
+    }
+    if prompt_len + max_tokens > capacity {
+        return Err(AddError::KvCapacity {
+            prompt: prompt_len,
+            max_tokens,
+            capacity,
+        });
+    }
+    Ok(())
+}
+
 struct Active {
     sampler: Sampler,
     detok: Detokenizer,
     max_tokens: usize,
     stop: Vec<String>,
+    ignore_eos: bool,
     generated: usize,
     prompt_len: usize,
     /// Text produced but not yet released, held back while it could still begin a stop string.
@@ -177,32 +210,17 @@ impl Engine {
             running: self.sched.num_running(),
             waiting: self.sched.num_waiting(),
             preemptions_total: self.sched.preemptions_total(),
+            prefix_hit_tokens: self.sched.prefix_hit_tokens(),
         }
     }
 
-    /// Checks a request against the context and the KV pool, so nothing admitted can be
-    /// stuck forever for lack of blocks.
     pub fn validate(&self, prompt_len: usize, max_tokens: usize) -> Result<(), AddError> {
-        if prompt_len == 0 {
-            return Err(AddError::EmptyPrompt);
-        }
-        let context = self.model.cfg.context_length;
-        if prompt_len + max_tokens > context {
-            return Err(AddError::ContextLength {
-                prompt: prompt_len,
-                max_tokens,
-                context,
-            });
-        }
-        let capacity = self.envelope.capacity_tokens();
-        if prompt_len + max_tokens > capacity {
-            return Err(AddError::KvCapacity {
-                prompt: prompt_len,
-                max_tokens,
-                capacity,
-            });
-        }
-        Ok(())
+        validate(
+            prompt_len,
+            max_tokens,
+            self.model.cfg.context_length,
+            self.envelope.capacity_tokens(),
+        )
     }
 
     pub fn add(&mut self, r: Request) -> Result<(), AddError> {
@@ -214,6 +232,7 @@ impl Engine {
                 detok: Detokenizer::default(),
                 max_tokens: r.max_tokens,
                 stop: r.stop.into_iter().filter(|s| !s.is_empty()).collect(),
+                ignore_eos: r.ignore_eos,
                 generated: 0,
                 prompt_len: r.prompt.len(),
                 pending: String::new(),
@@ -277,10 +296,23 @@ impl Engine {
         let token = a.sampler.sample(&logits);
         a.generated += 1;
         let mut finished = None;
-        if self.codec.stop_ids().contains(&token) {
+        if !a.ignore_eos && self.codec.stop_ids().contains(&token) {
             finished = Some(FinishReason::Stop);
         } else if let Some(piece) = a.detok.push(&self.codec, token) {
             a.pending.push_str(&piece);
+        }
+        if finished.is_none() {
+            if let Some(cut) = a
+                .stop
+                .iter()
+                .filter_map(|s| a.pending.find(s.as_str()))
+                .min()
+            {
+                a.pending.truncate(cut);
+                finished = Some(FinishReason::Stop);
+            } else if a.generated >= a.max_tokens {
+                finished = Some(FinishReason::Length);
+            }
         }
         let text = if finished.is_some() {
             std::mem::take(&mut a.pending)
@@ -338,4 +370,23 @@ mod tests {
         assert_eq!(longest_prefix_suffix("ab\n", "\n\n"), 1);
         assert_eq!(longest_prefix_suffix("é", "éa"), 2);
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    #[error(transparent)]
+    Text(#[from] crate::tokenizer::TextError),
+}
+
+/// Reads a GGUF file into a model and its tokenizer/chat template.
+pub fn load_model(
+    path: &std::path::Path,
+    format: crate::model::WeightFormat,
+) -> Result<(Model, TextCodec), LoadError> {
+    let (ct, mut file) = crate::model::read_gguf(path)?;
+    let codec = TextCodec::from_gguf(&ct)?;
+    let model = Model::load(&ct, &mut file, format)?;
+    Ok((model, codec))
 }

@@ -7,9 +7,14 @@
 
 pub mod block_pool;
 pub mod engine;
+pub mod fetch;
 pub mod kv_cache_manager;
+pub mod metrics;
 pub mod model;
+pub mod openai;
 pub mod paged_attention;
 pub mod sampling;
 pub mod scheduler;
+pub mod server;
 pub mod tokenizer;
+pub mod worker;

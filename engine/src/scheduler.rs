@@ -61,6 +61,7 @@ pub struct Scheduler {
     running: Vec<SeqId>,
     next_arrival: u64,
     preemptions_total: u64,
+    prefix_hit_tokens: u64,
     watermark_blocks: usize,
 }
 
@@ -77,6 +78,7 @@ impl Scheduler {
             running: Vec::new(),
             next_arrival: 0,
             preemptions_total: 0,
+            prefix_hit_tokens: 0,
             watermark_blocks,
         }
     }
@@ -101,6 +103,10 @@ impl Scheduler {
     }
     pub fn preemptions_total(&self) -> u64 {
         self.preemptions_total
+    }
+    /// Prompt tokens whose KV came from the prefix cache instead of being computed.
+    pub fn prefix_hit_tokens(&self) -> u64 {
+        self.prefix_hit_tokens
     }
     pub fn seq(&self, id: SeqId) -> Option<&SeqState> {
         self.seqs.get(&id)
@@ -193,6 +199,7 @@ impl Scheduler {
             self.waiting.pop_front();
             let s = self.seqs.get_mut(&id).expect("waiting sequence exists");
             s.num_computed = cached;
+            self.prefix_hit_tokens += cached as u64;
             let sample = total == s.tokens.len();
             let pos = self
                 .running
@@ -423,7 +430,7 @@ mod tests {
                         prop_assert!(s.num_running() <= running_before.max(lim.max_num_seqs as usize));
                         // Keep sequences bounded so they fit the pool alone.
                         let long: Vec<_> = live.iter().copied()
-                            .filter(|id| s.seq(*id).map_or(false, |q| q.tokens.len() >= 40)).collect();
+                            .filter(|id| s.seq(*id).is_some_and(|q| q.tokens.len() >= 40)).collect();
                         for id in long { s.remove(id); live.retain(|x| *x != id); }
                     }
                     Op::Finish(i) if !live.is_empty() => {
@@ -446,8 +453,8 @@ mod tests {
             let mut s = sched(64, 8, 32);
             for (i, n) in lens.iter().enumerate() { s.add(i as u64, vec![3; *n]); }
             for _ in 0..8 { step(&mut s); }
-            for i in 0..lens.len() {
-                prop_assert!(s.seq(i as u64).unwrap().tokens.len() > lens[i]);
+            for (i, n) in lens.iter().enumerate() {
+                prop_assert!(s.seq(i as u64).unwrap().tokens.len() > *n);
             }
         }
     }

@@ -27,6 +27,7 @@ pub struct ChatMessage {
     pub content: String,
 }
 
+#[derive(Clone)]
 pub struct TextCodec {
     tok: Tokenizer,
     chat_template: Option<String>,

@@ -1,1 +1,56 @@
-fn main() {}
+//! `redline-engine`: serve a GGUF model, fetch the default model, or benchmark.
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "redline's LLM engine: paged KV cache, continuous batching, live batch limits, OpenAI-compatible API"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve a model over the OpenAI-compatible API (and the admin API on localhost).
+    Serve(redline_engine::server::ServeArgs),
+    /// Download the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) into the cache and print its path.
+    FetchModel {
+        /// Cache directory. Default: $REDLINE_MODEL_CACHE or $XDG_CACHE_HOME/redline/models.
+        #[arg(long)]
+        cache_dir: Option<std::path::PathBuf>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match Cli::parse().command {
+        Cmd::Serve(args) => {
+            let threads = args
+                .threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            // candle's matmuls and our attention share one rayon pool of this size.
+            std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build_global()?;
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(redline_engine::server::serve(args))
+        }
+        Cmd::FetchModel { cache_dir } => {
+            let dir = cache_dir.unwrap_or_else(redline_engine::fetch::model_cache_dir);
+            let path = redline_engine::fetch::fetch_default_model(&dir, true)?;
+            println!("{}", path.display());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,807 @@
+//! HTTP: the OpenAI-compatible API with health, readiness and metrics on the public port, and
+//! the admin API (live limits, drain) on a separate listener bound to localhost by default.
+//!
+//! The listener comes up before the model is loaded, so `/health` answers at once and
+//! `/ready` tells the truth while weights load. SIGTERM (or POST /admin/drain) drains: new
+//! requests get a retryable 503, `/ready` turns false, accepted requests run to the end; on
+//! SIGTERM the process exits when the engine is empty or the grace period is over.
+
+use crate::engine::{validate, Request};
+use crate::metrics::Metrics;
+use crate::openai::*;
+use crate::sampling::SamplingParams;
+use crate::scheduler::Limits;
+use crate::tokenizer::{ChatMessage, TextCodec};
+use crate::worker::{AbortOnDrop, EngineHandle, Event};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+/// What exists once the model is loaded.
+pub struct Loaded {
+    pub engine: EngineHandle,
+    pub codec: TextCodec,
+    pub context_length: usize,
+}
+
+pub struct AppState {
+    pub model_name: String,
+    pub metrics: Arc<Metrics>,
+    pub loaded: OnceLock<Loaded>,
+    pub created: u64,
+}
+
+impl AppState {
+    pub fn new(model_name: String, metrics: Arc<Metrics>) -> Self {
+        Self {
+            model_name,
+            metrics,
+            loaded: OnceLock::new(),
+            created: unix_now(),
+        }
+    }
+
+    fn draining(&self) -> bool {
+        self.loaded
+            .get()
+            .is_some_and(|l| l.engine.shared.draining.load(Ordering::Relaxed))
+    }
+
+    pub fn set_draining(&self, on: bool) {
+        if let Some(l) = self.loaded.get() {
+            l.engine.shared.draining.store(on, Ordering::Relaxed);
+            self.metrics.draining.set(on as i64);
+        }
+    }
+
+    fn ready(&self) -> Result<&Loaded, ApiError> {
+        let l = self.loaded.get().ok_or_else(|| {
+            ApiError::invalid("the model is still loading", None)
+                .status(StatusCode::SERVICE_UNAVAILABLE)
+                .with_code("model_loading")
+        })?;
+        if self.draining() {
+            return Err(ApiError::invalid(
+                "this replica is draining and admits no new requests; retry on another replica",
+                None,
+            )
+            .status(StatusCode::SERVICE_UNAVAILABLE)
+            .with_code("draining"));
+        }
+        Ok(l)
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+pub fn api_router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ApiError::invalid("no such endpoint", None).status(StatusCode::NOT_FOUND)
+        })
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+pub fn admin_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/admin/limits", get(get_limits).put(put_limits))
+        .route("/admin/drain", post(drain).delete(undrain))
+        .route("/health", get(|| async { "ok" }))
+        .layer(DefaultBodyLimit::max(64 * 1024))
+        .with_state(state)
+}
+
+async fn ready(State(st): State<Arc<AppState>>) -> Response {
+    match st.ready() {
+        Ok(_) => Json(json!({"ready": true})).into_response(),
+        Err(e) => (e.status, Json(json!({"ready": false, "reason": e.message}))).into_response(),
+    }
+}
+
+async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    (
+        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+        st.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
+    let max_len = st.loaded.get().map(|l| l.context_length);
+    Json(json!({"object": "list", "data": [{
+        "id": st.model_name, "object": "model", "created": st.created,
+        "owned_by": "redline", "max_model_len": max_len,
+    }]}))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|e| {
+        let status = e.status();
+        ApiError::invalid(format!("cannot read request body: {}", e.body_text()), None).status(
+            if status == StatusCode::PAYLOAD_TOO_LARGE {
+                status
+            } else {
+                StatusCode::BAD_REQUEST
+            },
+        )
+    })?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid(format!("invalid request body: {e}"), None))
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+struct Prepared {
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    sampling: SamplingParams,
+    stop: Vec<String>,
+    ignore_eos: bool,
+    stream: bool,
+    include_usage: bool,
+}
+
+fn prepare(
+    st: &AppState,
+    l: &Loaded,
+    c: Common,
+    prompt: Vec<u32>,
+    kind: Kind,
+) -> Result<Prepared, ApiError> {
+    if let Some(m) = &c.model {
+        if *m != st.model_name {
+            return Err(ApiError::invalid(
+                format!(
+                    "the model `{m}` does not exist; this server serves `{}`",
+                    st.model_name
+                ),
+                Some("model"),
+            )
+            .status(StatusCode::NOT_FOUND)
+            .with_code("model_not_found"));
+        }
+    }
+    if c.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid("only n = 1 is supported", Some("n")));
+    }
+    let t = c.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&t) {
+        return Err(ApiError::invalid(
+            "temperature must be between 0 and 2",
+            Some("temperature"),
+        ));
+    }
+    let top_p = c.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid("top_p must be in (0, 1]", Some("top_p")));
+    }
+    let capacity = l.engine.shared.envelope.capacity_tokens();
+    let room = l.context_length.min(capacity).saturating_sub(prompt.len());
+    let max_tokens = match c.max_completion_tokens.or(c.max_tokens) {
+        Some(0) => {
+            return Err(ApiError::invalid(
+                "max_tokens must be at least 1",
+                Some("max_tokens"),
+            ))
+        }
+        Some(n) => n as usize,
+        // OpenAI's completions default is 16; chat runs until the model stops or room ends.
+        None if kind == Kind::Completion => 16.min(room.max(1)),
+        None => room.max(1),
+    };
+    validate(prompt.len(), max_tokens, l.context_length, capacity).map_err(|e| {
+        let code = match e {
+            crate::engine::AddError::EmptyPrompt => "empty_prompt",
+            _ => "context_length_exceeded",
+        };
+        ApiError::invalid(e.to_string(), Some("messages")).with_code(code)
+    })?;
+    Ok(Prepared {
+        prompt,
+        max_tokens,
+        sampling: SamplingParams {
+            temperature: t,
+            top_p,
+            seed: c.seed,
+        },
+        stop: c.stop.map(OneOrMany::into_vec).unwrap_or_default(),
+        ignore_eos: c.ignore_eos,
+        stream: c.stream,
+        include_usage: c.stream_options.is_some_and(|o| o.include_usage),
+    })
+}
+
+async fn completions(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let run = || -> Result<(Prepared, &Loaded), ApiError> {
+        let req: CompletionRequest = parse(body)?;
+        let l = st.ready()?;
+        let encode = |s: &str| {
+            l.codec
+                .encode(s)
+                .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))
+        };
+        let tokens = match req.prompt {
+            Prompt::Text(s) => encode(&s)?,
+            Prompt::Texts(v) if v.len() == 1 => encode(&v[0])?,
+            Prompt::Tokens(t) => t,
+            Prompt::TokenLists(mut v) if v.len() == 1 => v.remove(0),
+            _ => {
+                return Err(ApiError::invalid(
+                    "batched prompts are not supported; send one prompt per request",
+                    Some("prompt"),
+                ))
+            }
+        };
+        let vocab = l.codec.vocab_size() as u32;
+        if let Some(bad) = tokens.iter().find(|t| **t >= vocab) {
+            return Err(ApiError::invalid(
+                format!("token id {bad} is out of the vocabulary"),
+                Some("prompt"),
+            ));
+        }
+        Ok((prepare(&st, l, req.common, tokens, Kind::Completion)?, l))
+    };
+    match run() {
+        Ok((p, l)) => generate(&st, l, p, Kind::Completion).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn chat_completions(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let run = || -> Result<(Prepared, &Loaded), ApiError> {
+        let req: ChatRequest = parse(body)?;
+        let l = st.ready()?;
+        if req.messages.is_empty() {
+            return Err(ApiError::invalid(
+                "messages must not be empty",
+                Some("messages"),
+            ));
+        }
+        let mut msgs = Vec::with_capacity(req.messages.len());
+        for m in req.messages {
+            if !matches!(
+                m.role.as_str(),
+                "system" | "user" | "assistant" | "developer" | "tool"
+            ) {
+                return Err(ApiError::invalid(
+                    format!("unknown role `{}`", m.role),
+                    Some("messages"),
+                ));
+            }
+            let content = match m.content {
+                None => String::new(),
+                Some(Content::Text(s)) => s,
+                Some(Content::Parts(parts)) => parts
+                    .into_iter()
+                    .filter(|p| p.kind == "text")
+                    .filter_map(|p| p.text)
+                    .collect::<Vec<_>>()
+                    .join(""),
+            };
+            let role = if m.role == "developer" {
+                "system".into()
+            } else {
+                m.role
+            };
+            msgs.push(ChatMessage { role, content });
+        }
+        let text = l
+            .codec
+            .apply_chat_template(&msgs)
+            .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+        let tokens = l
+            .codec
+            .encode(&text)
+            .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+        Ok((prepare(&st, l, req.common, tokens, Kind::Chat)?, l))
+    };
+    match run() {
+        Ok((p, l)) => generate(&st, l, p, Kind::Chat).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Identity and shape of one response, shared by its chunks.
+struct Shape {
+    id: String,
+    created: u64,
+    model: String,
+    kind: Kind,
+}
+
+impl Shape {
+    fn chunk(&self, text: &str, finish: Option<&str>, first: bool) -> Value {
+        let choice = match self.kind {
+            Kind::Completion => {
+                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
+            }
+            Kind::Chat => {
+                let delta = if first {
+                    json!({"role": "assistant", "content": text})
+                } else {
+                    json!({"content": text})
+                };
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+            }
+        };
+        json!({"id": self.id, "object": self.object(true), "created": self.created,
+               "model": self.model, "choices": [choice]})
+    }
+
+    fn usage_chunk(&self, u: Usage) -> Value {
+        json!({"id": self.id, "object": self.object(true), "created": self.created,
+               "model": self.model, "choices": [], "usage": u})
+    }
+
+    fn full(&self, text: String, finish: &str, u: Usage) -> Value {
+        let choice = match self.kind {
+            Kind::Completion => {
+                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
+            }
+            Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
+                                 "logprobs": null, "finish_reason": finish}),
+        };
+        json!({"id": self.id, "object": self.object(false), "created": self.created,
+               "model": self.model, "choices": [choice], "usage": u})
+    }
+
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.kind, chunk) {
+            (Kind::Completion, _) => "text_completion",
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+        }
+    }
+}
+
+fn finish_str(r: crate::engine::FinishReason) -> &'static str {
+    match r {
+        crate::engine::FinishReason::Stop => "stop",
+        crate::engine::FinishReason::Length => "length",
+        crate::engine::FinishReason::Abort => "abort",
+    }
+}
+
+fn engine_failed(msg: String) -> ApiError {
+    tracing::error!(error = %msg, "request failed in the engine");
+    ApiError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        message: format!("the engine failed: {msg}"),
+        kind: "server_error",
+        param: None,
+        code: None,
+    }
+}
+
+async fn generate(st: &AppState, l: &Loaded, p: Prepared, kind: Kind) -> Response {
+    let prompt_len = p.prompt.len();
+    let (rx, guard) = l.engine.submit(Request {
+        id: 0,
+        prompt: p.prompt,
+        max_tokens: p.max_tokens,
+        sampling: p.sampling,
+        stop: p.stop,
+        ignore_eos: p.ignore_eos,
+    });
+    let shape = Shape {
+        id: format!(
+            "{}-{:016x}",
+            if kind == Kind::Chat {
+                "chatcmpl"
+            } else {
+                "cmpl"
+            },
+            rand::random::<u64>()
+        ),
+        created: unix_now(),
+        model: st.model_name.clone(),
+        kind,
+    };
+    if p.stream {
+        stream_response(rx, guard, shape, p.include_usage, prompt_len)
+    } else {
+        match collect(rx, guard).await {
+            Ok((text, finish, usage)) => Json(shape.full(text, finish, usage)).into_response(),
+            Err(e) => e.into_response(),
+        }
+    }
+}
+
+async fn collect(
+    mut rx: UnboundedReceiver<Event>,
+    mut guard: AbortOnDrop,
+) -> Result<(String, &'static str, Usage), ApiError> {
+    let mut text = String::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Token(t) => {
+                text.push_str(&t.text);
+                if let Some(r) = t.finished {
+                    guard.disarm();
+                    return Ok((
+                        text,
+                        finish_str(r),
+                        Usage::new(t.prompt_tokens, t.completion_tokens),
+                    ));
+                }
+            }
+            Event::Failed(msg) => {
+                guard.disarm();
+                return Err(engine_failed(msg));
+            }
+        }
+    }
+    Err(engine_failed("the engine stopped".into()))
+}
+
+/// SSE stream: one chunk per released text piece, the finish reason on the last, an optional
+/// usage chunk, then `data: [DONE]`. Dropping the stream (client gone) aborts the request
+/// through the guard it owns, which frees its KV blocks at once.
+fn stream_response(
+    rx: UnboundedReceiver<Event>,
+    guard: AbortOnDrop,
+    shape: Shape,
+    include_usage: bool,
+    prompt_len: usize,
+) -> Response {
+    struct S {
+        rx: UnboundedReceiver<Event>,
+        guard: AbortOnDrop,
+        shape: Shape,
+        include_usage: bool,
+        first: bool,
+        tail: Vec<SseEvent>,
+        done: bool,
+    }
+    let init = S {
+        rx,
+        guard,
+        shape,
+        include_usage,
+        first: true,
+        tail: vec![],
+        done: false,
+    };
+    let _ = prompt_len;
+    let stream = futures::stream::unfold(init, |mut s| async move {
+        loop {
+            if let Some(ev) = s.tail.pop() {
+                return Some((Ok::<_, Infallible>(ev), s));
+            }
+            if s.done {
+                return None;
+            }
+            let data = |v: Value| SseEvent::default().data(v.to_string());
+            match s.rx.recv().await {
+                Some(Event::Token(t)) => {
+                    if let Some(r) = t.finished {
+                        s.guard.disarm();
+                        s.done = true;
+                        // `tail` pops from the end: push in reverse order.
+                        s.tail.push(SseEvent::default().data("[DONE]"));
+                        if s.include_usage {
+                            let u = Usage::new(t.prompt_tokens, t.completion_tokens);
+                            s.tail.push(data(s.shape.usage_chunk(u)));
+                        }
+                        s.tail
+                            .push(data(s.shape.chunk(&t.text, Some(finish_str(r)), s.first)));
+                    } else if !t.text.is_empty() || s.first {
+                        let ev = data(s.shape.chunk(&t.text, None, s.first));
+                        s.first = false;
+                        return Some((Ok(ev), s));
+                    }
+                }
+                Some(Event::Failed(msg)) => {
+                    s.guard.disarm();
+                    s.done = true;
+                    let e = engine_failed(msg);
+                    s.tail.push(SseEvent::default().data("[DONE]"));
+                    s.tail.push(data(
+                        json!({"error": {"message": e.message, "type": e.kind}}),
+                    ));
+                }
+                None => return None,
+            }
+        }
+    });
+    Sse::new(stream).into_response()
+}
+
+async fn get_limits(State(st): State<Arc<AppState>>) -> Response {
+    match st.loaded.get() {
+        None => ApiError::invalid("the model is still loading", None)
+            .status(StatusCode::SERVICE_UNAVAILABLE)
+            .into_response(),
+        Some(l) => {
+            let lim = l.engine.limits();
+            let env = l.engine.shared.envelope;
+            Json(json!({
+                "max_num_seqs": lim.max_num_seqs,
+                "max_batched_tokens": lim.max_batched_tokens,
+                "ceiling": {"max_num_seqs": env.max_num_seqs, "max_batched_tokens": env.max_batched_tokens},
+                "kv_blocks_total": env.num_blocks,
+                "block_size": env.block_size,
+                "draining": st.draining(),
+            }))
+            .into_response()
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsBody {
+    max_num_seqs: u32,
+    max_batched_tokens: u32,
+}
+
+async fn put_limits(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let b: LimitsBody = match parse(body) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    if b.max_batched_tokens == 0 {
+        return ApiError::invalid(
+            "max_batched_tokens must be at least 1; to stop admission set max_num_seqs to 0 or POST /admin/drain",
+            Some("max_batched_tokens"),
+        )
+        .into_response();
+    }
+    let Some(l) = st.loaded.get() else {
+        return ApiError::invalid("the model is still loading", None)
+            .status(StatusCode::SERVICE_UNAVAILABLE)
+            .into_response();
+    };
+    let want = Limits {
+        max_num_seqs: b.max_num_seqs,
+        max_batched_tokens: b.max_batched_tokens,
+    };
+    match l.engine.set_limits(want).await {
+        Some(applied) => Json(json!({
+            "max_num_seqs": applied.max_num_seqs,
+            "max_batched_tokens": applied.max_batched_tokens,
+            "clamped": applied != want,
+        }))
+        .into_response(),
+        None => engine_failed("the engine stopped".into()).into_response(),
+    }
+}
+
+async fn drain(State(st): State<Arc<AppState>>) -> Response {
+    st.set_draining(true);
+    let stats = st
+        .loaded
+        .get()
+        .map(|l| l.engine.stats())
+        .unwrap_or_default();
+    tracing::info!(
+        running = stats.running,
+        waiting = stats.waiting,
+        "draining: admitting no new requests"
+    );
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({"draining": true, "running": stats.running, "waiting": stats.waiting})),
+    )
+        .into_response()
+}
+
+async fn undrain(State(st): State<Arc<AppState>>) -> Json<Value> {
+    st.set_draining(false);
+    tracing::info!("drain cancelled: admitting requests again");
+    Json(json!({"draining": false}))
+}
+
+/// Waits until the engine holds no request, or `grace` passes. Returns whether it emptied.
+pub async fn wait_until_empty(st: &AppState, grace: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + grace;
+    loop {
+        let empty = st.loaded.get().is_none_or(|l| {
+            let s = l.engine.stats();
+            s.running == 0 && s.waiting == 0
+        });
+        if empty {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `redline-engine serve` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// GGUF model file (Llama architecture). Default: the cached default model, fetched on
+    /// first use (SmolLM2-135M-Instruct Q4_1).
+    #[arg(long, env = "REDLINE_MODEL")]
+    pub model: Option<std::path::PathBuf>,
+    /// Name clients use in the `model` field. Default: the file name without `.gguf`.
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Address of the OpenAI API, health, readiness and metrics.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: String,
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Address of the admin API (limits, drain). Keep it on localhost: it is unauthenticated.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub admin_host: String,
+    #[arg(long, default_value_t = 8001)]
+    pub admin_port: u16,
+    /// Compute threads (matmuls and attention). Default: all available cores.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// In-memory weight format, converted at load.
+    #[arg(long, value_enum, default_value_t = crate::model::WeightFormat::Q8_0)]
+    pub weights: crate::model::WeightFormat,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// KV cache pool size in MiB (fixed at start; part of the capacity envelope).
+    #[arg(long, default_value_t = 256)]
+    pub kv_cache_mib: usize,
+    /// KV cache pool size in blocks; overrides --kv-cache-mib.
+    #[arg(long)]
+    pub num_blocks: Option<usize>,
+    /// Ceiling for max_num_seqs (fixed at start; the live limit moves below it).
+    #[arg(long, default_value_t = 64)]
+    pub max_num_seqs_ceiling: u32,
+    /// Initial live limit on running sequences. Default: the ceiling.
+    #[arg(long)]
+    pub max_num_seqs: Option<u32>,
+    /// Ceiling for max_batched_tokens.
+    #[arg(long, default_value_t = 2048)]
+    pub max_batched_tokens_ceiling: u32,
+    /// Initial live limit on tokens per step (prefill chunk budget).
+    #[arg(long, default_value_t = 256)]
+    pub max_batched_tokens: u32,
+    /// Seconds a SIGTERM drain may take before the process exits anyway.
+    #[arg(long, default_value_t = 30)]
+    pub drain_grace_seconds: u64,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+}
+
+/// Binds both listeners, loads the model, serves until SIGTERM/SIGINT, then drains.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let model_path = match &args.model {
+        Some(p) => p.clone(),
+        None => crate::fetch::fetch_default_model(&crate::fetch::model_cache_dir(), true)
+            .context("fetching the default model")?,
+    };
+    let name = args.served_model_name.clone().unwrap_or_else(|| {
+        model_path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    });
+    let metrics = Arc::new(Metrics::new(&name));
+    let state = Arc::new(AppState::new(name.clone(), metrics.clone()));
+    let api = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("binding {}:{}", args.host, args.port))?;
+    let admin = tokio::net::TcpListener::bind((args.admin_host.as_str(), args.admin_port))
+        .await
+        .with_context(|| format!("binding admin {}:{}", args.admin_host, args.admin_port))?;
+    tracing::info!(api = %api.local_addr()?, admin = %admin.local_addr()?, "listening");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let graceful = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let api_server = axum::serve(api, api_router(state.clone(), args.max_body_bytes))
+        .with_graceful_shutdown(graceful(stop_rx.clone()));
+    let api_task = tokio::spawn(async move { api_server.await });
+    let admin_server = axum::serve(admin, admin_router(state.clone()))
+        .with_graceful_shutdown(graceful(stop_rx.clone()));
+    let admin_task = tokio::spawn(async move { admin_server.await });
+
+    let st = state.clone();
+    let load = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let t0 = std::time::Instant::now();
+        let (model, codec) = crate::engine::load_model(&model_path, args.weights)
+            .with_context(|| format!("loading {}", model_path.display()))?;
+        let cfg = model.cfg.clone();
+        let num_blocks = args
+            .num_blocks
+            .unwrap_or((args.kv_cache_mib << 20) / (cfg.kv_bytes_per_token() * args.block_size));
+        anyhow::ensure!(
+            num_blocks > 0,
+            "the KV cache holds no block; raise --kv-cache-mib"
+        );
+        let envelope = crate::engine::Envelope {
+            num_blocks,
+            block_size: args.block_size,
+            max_num_seqs: args.max_num_seqs_ceiling,
+            max_batched_tokens: args.max_batched_tokens_ceiling,
+        };
+        let limits = Limits {
+            max_num_seqs: args.max_num_seqs.unwrap_or(args.max_num_seqs_ceiling),
+            max_batched_tokens: args.max_batched_tokens.max(1),
+        };
+        let engine = crate::engine::Engine::new(model, codec.clone(), envelope, limits);
+        let handle = crate::worker::spawn(engine, st.metrics.clone());
+        tracing::info!(
+            model = %model_path.display(), layers = cfg.n_layer, context = cfg.context_length,
+            weights = ?args.weights, kv_blocks = num_blocks, block_size = args.block_size,
+            kv_tokens = envelope.capacity_tokens(), seconds = t0.elapsed().as_secs_f32(),
+            "model loaded"
+        );
+        let _ = st.loaded.set(Loaded {
+            engine: handle,
+            codec,
+            context_length: cfg.context_length,
+        });
+        Ok(())
+    });
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = load => r??,
+        _ = term.recv() => { tracing::info!("SIGTERM while loading; exiting"); return Ok(()); }
+        _ = tokio::signal::ctrl_c() => { return Ok(()); }
+    }
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
+    }
+    state.set_draining(true);
+    let grace = Duration::from_secs(args.drain_grace_seconds);
+    if wait_until_empty(&state, grace).await {
+        tracing::info!("drained; exiting");
+    } else {
+        tracing::warn!(
+            grace_seconds = args.drain_grace_seconds,
+            "grace period over with requests still running; exiting"
+        );
+    }
+    let _ = stop_tx.send(true);
+    // In-flight responses get a moment to flush; then we go regardless.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = api_task.await;
+        let _ = admin_task.await;
+    })
+    .await;
+    Ok(())
+}

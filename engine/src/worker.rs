@@ -1,0 +1,241 @@
+//! Runs the engine on its own OS thread. HTTP handlers talk to it through a command channel;
+//! each request gets its own event channel back. The thread blocks on the command channel
+//! when there is nothing to do (no spinning), and otherwise picks up new commands between
+//! steps, which is what makes batching continuous.
+
+use crate::engine::{Engine, Envelope, FinishReason, Request, Stats, TokenEvent};
+use crate::kv_cache_manager::SeqId;
+use crate::metrics::Metrics;
+use crate::scheduler::Limits;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::{mpsc as tmpsc, oneshot};
+
+#[derive(Debug)]
+pub enum Event {
+    Token(TokenEvent),
+    /// The engine failed while running this request; nothing more will come.
+    Failed(String),
+}
+
+enum Command {
+    Add(Request, tmpsc::UnboundedSender<Event>),
+    Abort(SeqId),
+    SetLimits(Limits, oneshot::Sender<Limits>),
+}
+
+/// State readable without asking the engine thread.
+pub struct Shared {
+    pub stats: Mutex<Stats>,
+    pub limits: Mutex<Limits>,
+    pub draining: AtomicBool,
+    pub envelope: Envelope,
+}
+
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+    next_id: Arc<AtomicU64>,
+    pub shared: Arc<Shared>,
+}
+
+/// Aborts its request when dropped (client gone, handler cancelled) unless disarmed.
+pub struct AbortOnDrop {
+    id: SeqId,
+    tx: mpsc::Sender<Command>,
+    armed: bool,
+}
+
+impl AbortOnDrop {
+    pub fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.tx.send(Command::Abort(self.id));
+        }
+    }
+}
+
+impl EngineHandle {
+    /// Submits a request; events arrive on the returned channel until one is `finished`.
+    pub fn submit(&self, mut req: Request) -> (tmpsc::UnboundedReceiver<Event>, AbortOnDrop) {
+        req.id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = req.id;
+        let (etx, erx) = tmpsc::unbounded_channel();
+        if self.tx.send(Command::Add(req, etx.clone())).is_err() {
+            let _ = etx.send(Event::Failed("engine has stopped".into()));
+        }
+        let guard = AbortOnDrop {
+            id,
+            tx: self.tx.clone(),
+            armed: true,
+        };
+        (erx, guard)
+    }
+
+    /// Applies new live limits (clamped into the envelope) and returns what was applied.
+    pub async fn set_limits(&self, l: Limits) -> Option<Limits> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::SetLimits(l, tx)).ok()?;
+        rx.await.ok()
+    }
+
+    pub fn stats(&self) -> Stats {
+        *self.shared.stats.lock().expect("stats lock")
+    }
+    pub fn limits(&self) -> Limits {
+        *self.shared.limits.lock().expect("limits lock")
+    }
+}
+
+struct Timing {
+    arrival: Instant,
+    last: Option<Instant>,
+}
+
+pub fn spawn(engine: Engine, metrics: Arc<Metrics>) -> EngineHandle {
+    let (tx, rx) = mpsc::channel();
+    let shared = Arc::new(Shared {
+        stats: Mutex::new(engine.stats()),
+        limits: Mutex::new(engine.limits()),
+        draining: AtomicBool::new(false),
+        envelope: engine.envelope(),
+    });
+    metrics.set_state(&engine.stats(), engine.limits());
+    let sh = shared.clone();
+    std::thread::Builder::new()
+        .name("engine".into())
+        .spawn(move || run(engine, rx, sh, metrics))
+        .expect("spawn engine thread");
+    EngineHandle {
+        tx,
+        next_id: Arc::new(AtomicU64::new(1)),
+        shared,
+    }
+}
+
+fn run(
+    mut engine: Engine,
+    rx: mpsc::Receiver<Command>,
+    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+) {
+    let mut senders: HashMap<SeqId, (tmpsc::UnboundedSender<Event>, Timing)> = HashMap::new();
+    loop {
+        if engine.is_idle() {
+            match rx.recv() {
+                Ok(cmd) => handle(&mut engine, &mut senders, &shared, &metrics, cmd),
+                Err(_) => return, // every handle dropped: the server is gone
+            }
+        }
+        while let Ok(cmd) = rx.try_recv() {
+            handle(&mut engine, &mut senders, &shared, &metrics, cmd);
+        }
+        if !engine.is_idle() {
+            match engine.step() {
+                Ok(out) => deliver(&mut engine, &mut senders, &metrics, out.events),
+                Err(e) => {
+                    // A model error is a bug or a corrupt file, not a property of one request:
+                    // fail everything in flight once, loudly, and keep serving new requests.
+                    tracing::error!(error = %e, in_flight = senders.len(), "engine step failed");
+                    for (id, (tx, _)) in senders.drain() {
+                        engine.abort(id);
+                        let _ = tx.send(Event::Failed(e.to_string()));
+                    }
+                }
+            }
+        }
+        let stats = engine.stats();
+        *shared.stats.lock().expect("stats lock") = stats;
+        metrics.set_state(&stats, engine.limits());
+    }
+}
+
+fn handle(
+    engine: &mut Engine,
+    senders: &mut HashMap<SeqId, (tmpsc::UnboundedSender<Event>, Timing)>,
+    shared: &Shared,
+    metrics: &Metrics,
+    cmd: Command,
+) {
+    match cmd {
+        Command::Add(req, tx) => {
+            let (id, n) = (req.id, req.prompt.len());
+            match engine.add(req) {
+                Ok(()) => {
+                    metrics.prompt_tokens.inc_by(n as u64);
+                    senders.insert(
+                        id,
+                        (
+                            tx,
+                            Timing {
+                                arrival: Instant::now(),
+                                last: None,
+                            },
+                        ),
+                    );
+                }
+                Err(e) => {
+                    let _ = tx.send(Event::Failed(e.to_string()));
+                }
+            }
+        }
+        Command::Abort(id) => {
+            if senders.remove(&id).is_some() && engine.abort(id) {
+                tracing::debug!(id, "request aborted by client");
+            }
+        }
+        Command::SetLimits(l, reply) => {
+            let applied = engine.set_limits(l);
+            *shared.limits.lock().expect("limits lock") = applied;
+            tracing::info!(
+                max_num_seqs = applied.max_num_seqs,
+                max_batched_tokens = applied.max_batched_tokens,
+                "limits changed"
+            );
+            let _ = reply.send(applied);
+        }
+    }
+}
+
+fn deliver(
+    engine: &mut Engine,
+    senders: &mut HashMap<SeqId, (tmpsc::UnboundedSender<Event>, Timing)>,
+    metrics: &Metrics,
+    events: Vec<TokenEvent>,
+) {
+    let now = Instant::now();
+    for ev in events {
+        let id = ev.id;
+        let finished = ev.finished;
+        let Some((tx, t)) = senders.get_mut(&id) else {
+            continue;
+        };
+        metrics.generation_tokens.inc();
+        match t.last {
+            None => metrics.observe_ttft((now - t.arrival).as_secs_f64()),
+            Some(last) => metrics.observe_itl((now - last).as_secs_f64()),
+        }
+        t.last = Some(now);
+        let gone = tx.send(Event::Token(ev)).is_err();
+        if let Some(reason) = finished {
+            if reason != FinishReason::Abort {
+                metrics
+                    .request_latency
+                    .observe((now - t.arrival).as_secs_f64());
+            }
+            senders.remove(&id);
+        } else if gone {
+            // The receiver is gone (client disconnected): free the blocks now.
+            senders.remove(&id);
+            engine.abort(id);
+        }
+    }
+}

@@ -195,6 +195,7 @@ fn handle(
         Command::SetLimits(l, reply) => {
             let applied = engine.set_limits(l);
             *shared.limits.lock().expect("limits lock") = applied;
+            metrics.set_state(&engine.stats(), applied);
             tracing::info!(
                 max_num_seqs = applied.max_num_seqs,
                 max_batched_tokens = applied.max_batched_tokens,

@@ -16,3 +16,93 @@ pub fn model_path() -> PathBuf {
     })
     .clone()
 }
+
+/// A real `redline-engine serve` process on free localhost ports, killed on drop.
+pub struct Server {
+    pub child: std::process::Child,
+    pub base: String,
+    pub admin: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Server {
+    pub async fn start(extra: &[&str]) -> Server {
+        let (port, admin_port) = (free_port(), free_port());
+        let log = std::env::temp_dir().join(format!("redline-engine-test-{port}.log"));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_redline-engine"))
+            .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--admin-port", &admin_port.to_string(), "--threads", "2"])
+            .arg("--model")
+            .arg(model_path())
+            .args(extra)
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
+            .spawn()
+            .expect("start redline-engine");
+        let s = Server {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            admin: format!("http://127.0.0.1:{admin_port}"),
+        };
+        let c = reqwest::Client::new();
+        for _ in 0..600 {
+            if let Ok(r) = c.get(format!("{}/ready", s.base)).send().await {
+                if r.status().is_success() {
+                    return s;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("engine not ready after 60 s; see {}", log.display());
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// A metric's value from the engine's /metrics (first sample with that exact name).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                let k = k.split('{').next()?;
+                (k == name).then(|| v.parse().ok()).flatten()
+            })
+            .unwrap_or_else(|| panic!("metric {name} missing"))
+    }
+}
+
+impl Server {
+    /// Polls a metric until `ok(value)` or panics after `secs` seconds.
+    pub async fn wait_metric(&self, name: &str, secs: u64, ok: impl Fn(f64) -> bool) -> f64 {
+        let t0 = std::time::Instant::now();
+        loop {
+            let v = self.metric(name).await;
+            if ok(v) {
+                return v;
+            }
+            assert!(t0.elapsed().as_secs() < secs, "{name} = {v} after {secs} s");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,453 @@
+//! The HTTP server as clients meet it: a real `redline-engine serve` process on the real
+//! default model, real HTTP. Bad input gets an OpenAI-shaped 4xx and costs nobody else;
+//! a client that disconnects frees its blocks at once; live limits, drain and SIGTERM do
+//! what the admin contract says; metrics carry redline's and vLLM's names.
+
+mod common;
+
+use common::Server;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+/// Streams a completion and returns its text, the number of content chunks, and whether it
+/// ended with `[DONE]`.
+async fn stream_text(base: &str, body: Value) -> (String, usize, bool, Option<String>) {
+    let r = client()
+        .post(format!("{base}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    let mut bytes = r.bytes_stream();
+    let (mut buf, mut text, mut chunks, mut done, mut finish) =
+        (String::new(), String::new(), 0, false, None);
+    while let Some(b) = bytes.next().await {
+        buf.push_str(std::str::from_utf8(&b.unwrap()).unwrap());
+        while let Some(i) = buf.find("\n\n") {
+            let ev: String = buf.drain(..i + 2).collect();
+            let data = ev.trim().strip_prefix("data: ").unwrap_or("").to_string();
+            if data == "[DONE]" {
+                done = true;
+            } else if !data.is_empty() {
+                let v: Value = serde_json::from_str(&data).unwrap();
+                if let Some(c) = v["choices"].get(0) {
+                    text.push_str(c["text"].as_str().unwrap_or(""));
+                    chunks += 1;
+                    if let Some(f) = c["finish_reason"].as_str() {
+                        finish = Some(f.to_string());
+                    }
+                }
+            }
+        }
+    }
+    (text, chunks, done, finish)
+}
+
+fn good_request(max_tokens: u32) -> Value {
+    json!({"prompt": "Once upon a time, in a small village by the sea,", "max_tokens": max_tokens,
+           "temperature": 0, "stream": true, "ignore_eos": true})
+}
+
+async fn expect_error(
+    s: &Server,
+    path: &str,
+    body: reqwest::Body,
+    status: u16,
+    code: Option<&str>,
+) -> Value {
+    let r = client()
+        .post(s.url(path))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        status,
+        "status for a bad request to {path}"
+    );
+    let v: Value = r.json().await.expect("error body is JSON");
+    let e = &v["error"];
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "error message in {v}"
+    );
+    assert!(e["type"].is_string(), "error type in {v}");
+    if let Some(c) = code {
+        assert_eq!(e["code"], c, "error code in {v}");
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_errors_and_a_concurrent_stream_is_unchanged() {
+    let s = Server::start(&[]).await;
+    // The reference: the same greedy stream on an otherwise idle server.
+    let (alone, _, _, _) = stream_text(&s.base, good_request(48)).await;
+
+    let base = s.base.clone();
+    let good = tokio::spawn(async move { stream_text(&base, good_request(48)).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let j = |v: Value| reqwest::Body::from(v.to_string());
+    expect_error(
+        &s,
+        "/v1/completions",
+        "{\"prompt\": \"hi\", ".into(),
+        400,
+        None,
+    )
+    .await;
+    expect_error(
+        &s,
+        "/v1/completions",
+        j(json!({"prompt": "hi", "max_tokens": "ten"})),
+        400,
+        None,
+    )
+    .await;
+    expect_error(
+        &s,
+        "/v1/chat/completions",
+        j(json!({"messages": "hello"})),
+        400,
+        None,
+    )
+    .await;
+    expect_error(
+        &s,
+        "/v1/chat/completions",
+        j(json!({"messages": []})),
+        400,
+        None,
+    )
+    .await;
+    expect_error(
+        &s,
+        "/v1/completions",
+        j(json!({"model": "gpt-9", "prompt": "hi"})),
+        404,
+        Some("model_not_found"),
+    )
+    .await;
+    expect_error(
+        &s,
+        "/v1/completions",
+        j(json!({"prompt": "hi", "max_tokens": 0})),
+        400,
+        None,
+    )
+    .await;
+    expect_error(
+        &s,
+        "/v1/completions",
+        j(json!({"prompt": "hi", "max_tokens": 9000})),
+        400,
+        Some("context_length_exceeded"),
+    )
+    .await;
+    let long: Vec<u32> = (0..9000).map(|i| 100 + i % 1000).collect();
+    expect_error(
+        &s,
+        "/v1/completions",
+        j(json!({"prompt": long, "max_tokens": 1})),
+        400,
+        Some("context_length_exceeded"),
+    )
+    .await;
+    expect_error(
+        &s,
+        "/v1/completions",
+        j(json!({"prompt": [4_000_000_000u32], "max_tokens": 1})),
+        400,
+        None,
+    )
+    .await;
+    expect_error(
+        &s,
+        "/v1/completions",
+        j(json!({"prompt": "hi", "temperature": 7})),
+        400,
+        None,
+    )
+    .await;
+    expect_error(
+        &s,
+        "/v1/completions",
+        j(json!({"prompt": "hi", "n": 3})),
+        400,
+        None,
+    )
+    .await;
+    let huge = format!("{{\"prompt\": \"{}\"}}", "a".repeat(5 << 20));
+    expect_error(&s, "/v1/completions", huge.into(), 413, None).await;
+    let r = client().get(s.url("/v1/nope")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+
+    let (text, chunks, done, finish) = good.await.unwrap();
+    assert!(done, "stream must end with [DONE]");
+    assert_eq!(finish.as_deref(), Some("length"));
+    assert!(
+        chunks > 10,
+        "tokens arrive as separate chunks, got {chunks}"
+    );
+    assert_eq!(
+        text, alone,
+        "the concurrent good stream must be unchanged by the bad requests"
+    );
+    s.wait_metric("redline_engine_requests_running", 10, |v| v == 0.0)
+        .await;
+    s.wait_metric("redline_engine_kv_blocks_used", 10, |v| v == 0.0)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_frees_its_sequence_and_blocks_at_once() {
+    let s = Server::start(&[]).await;
+    let r = client()
+        .post(s.url("/v1/completions"))
+        .json(&good_request(2000))
+        .send()
+        .await
+        .unwrap();
+    let mut bytes = r.bytes_stream();
+    for _ in 0..3 {
+        bytes.next().await.unwrap().unwrap();
+    }
+    assert!(s.metric("redline_engine_kv_blocks_used").await > 0.0);
+    assert_eq!(s.metric("redline_engine_requests_running").await, 1.0);
+    drop(bytes);
+    // Freed at the next step boundary; generous bound for a loaded CI machine.
+    s.wait_metric("redline_engine_kv_blocks_used", 10, |v| v == 0.0)
+        .await;
+    assert_eq!(s.metric("redline_engine_requests_running").await, 0.0);
+    // The server is still healthy and serves the next request.
+    let (_, _, done, _) = stream_text(&s.base, good_request(4)).await;
+    assert!(done);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_limits_gate_admission_without_evicting_and_drain_finishes_in_flight_work() {
+    let s = Server::start(&["--max-num-seqs-ceiling", "8"]).await;
+    let c = client();
+    let admin = |p: &str| format!("{}{p}", s.admin);
+    let l: Value = c
+        .get(admin("/admin/limits"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(l["max_num_seqs"], 8);
+    assert_eq!(l["ceiling"]["max_num_seqs"], 8);
+
+    // Malformed and out-of-range limit updates are refused with a reason.
+    for bad in [
+        json!({"max_num_seqs": "x", "max_batched_tokens": 1}),
+        json!({"max_num_seqs": 1}),
+        json!({"max_num_seqs": 1, "max_batched_tokens": 0}),
+        json!({"max_num_seqs": 1, "max_batched_tokens": 64, "extra": 1}),
+    ] {
+        let r = c
+            .put(admin("/admin/limits"))
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{bad}");
+    }
+    // Above the ceiling is clamped into the envelope, and says so.
+    let r: Value = c
+        .put(admin("/admin/limits"))
+        .json(&json!({"max_num_seqs": 99, "max_batched_tokens": 128}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r["max_num_seqs"].as_u64(), r["clamped"].as_bool()),
+        (Some(8), Some(true))
+    );
+
+    // Three running, then the limit drops to 1: nobody is evicted, a fourth request waits.
+    let spawn = |n| {
+        let base = s.base.clone();
+        tokio::spawn(async move { stream_text(&base, good_request(n)).await })
+    };
+    let first: Vec<_> = (0..3).map(|_| spawn(160)).collect();
+    s.wait_metric("redline_engine_requests_running", 30, |v| v == 3.0)
+        .await;
+    c.put(admin("/admin/limits"))
+        .json(&json!({"max_num_seqs": 1, "max_batched_tokens": 128}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(s.metric("redline_engine_max_num_seqs").await, 1.0);
+    let late = spawn(8);
+    s.wait_metric("redline_engine_requests_waiting", 30, |v| v == 1.0)
+        .await;
+    assert_eq!(
+        s.metric("redline_engine_requests_running").await,
+        3.0,
+        "lowering the limit evicts nobody"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        s.metric("redline_engine_requests_waiting").await,
+        1.0,
+        "admission stays stopped at the limit"
+    );
+
+    // Drain: /ready goes false, new requests get a retryable 503, accepted ones finish.
+    let r = c.post(admin("/admin/drain")).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(c.get(s.url("/ready")).send().await.unwrap().status(), 503);
+    let r = c
+        .post(s.url("/v1/completions"))
+        .json(&json!({"prompt": "hi", "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    for h in first {
+        let (_, _, done, finish) = h.await.unwrap();
+        assert!(
+            done && finish.as_deref() == Some("length"),
+            "in-flight requests run to the end"
+        );
+    }
+    let (_, _, done, _) = late.await.unwrap();
+    assert!(done, "a request accepted before the drain is served too");
+    c.delete(admin("/admin/drain")).send().await.unwrap();
+    assert_eq!(c.get(s.url("/ready")).send().await.unwrap().status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_then_exits() {
+    let mut s = Server::start(&["--drain-grace-seconds", "60"]).await;
+    let base = s.base.clone();
+    let inflight = tokio::spawn(async move { stream_text(&base, good_request(60)).await });
+    s.wait_metric("redline_engine_requests_running", 30, |v| v == 1.0)
+        .await;
+    unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        client().get(s.url("/ready")).send().await.unwrap().status(),
+        503,
+        "not ready while draining"
+    );
+    let (_, _, done, finish) = inflight.await.unwrap();
+    assert!(
+        done && finish.as_deref() == Some("length"),
+        "the in-flight request finished whole"
+    );
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "process did not exit after draining"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "clean exit after drain: {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_non_streaming_usage_models_and_metric_names() {
+    let s = Server::start(&[]).await;
+    let c = client();
+    let v: Value = c
+        .post(s.url("/v1/chat/completions"))
+        .json(
+            &json!({"messages": [{"role": "user", "content": "What is the capital of France?"}],
+                      "max_tokens": 12, "temperature": 0}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["object"], "chat.completion");
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(!content.is_empty());
+    // The chat endpoint is the completions endpoint over the model's own chat template.
+    let templated = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+                     <|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
+    let raw: Value = c
+        .post(s.url("/v1/completions"))
+        .json(&json!({"prompt": templated, "max_tokens": 12, "temperature": 0}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(raw["choices"][0]["text"].as_str().unwrap(), content);
+    assert_eq!(raw["usage"]["prompt_tokens"], v["usage"]["prompt_tokens"]);
+    let u = &v["usage"];
+    assert_eq!(
+        u["total_tokens"].as_u64(),
+        Some(u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap())
+    );
+
+    let m: Value = c
+        .get(s.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(m["data"][0]["id"], "SmolLM2-135M-Instruct.Q4_1");
+
+    let text = c
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "redline_engine_kv_blocks_total",
+        "redline_engine_kv_blocks_used",
+        "redline_engine_kv_cache_usage_ratio",
+        "redline_engine_requests_running",
+        "redline_engine_requests_waiting",
+        "redline_engine_preemptions_total",
+        "redline_engine_prompt_tokens_total",
+        "redline_engine_generation_tokens_total",
+        "redline_engine_max_num_seqs",
+        "redline_engine_max_batched_tokens",
+        "redline_engine_time_to_first_token_seconds_bucket",
+        "redline_engine_inter_token_latency_seconds_bucket",
+        "redline_engine_request_latency_seconds_bucket",
+        "vllm:kv_cache_usage_perc",
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:num_preemptions_total",
+        "vllm:time_to_first_token_seconds_bucket",
+        "vllm:inter_token_latency_seconds_bucket",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(name)),
+            "metric {name} missing"
+        );
+    }
+    assert!(s.metric("redline_engine_generation_tokens_total").await >= 1.0);
+    assert!(s.metric("redline_engine_kv_blocks_total").await > 0.0);
+}

@@ -1,0 +1,57 @@
+"""The official `openai` Python client against a running redline-engine (argv[1] = base URL).
+
+Exits non-zero with a message on the first mismatch; run by tests/openai_client.rs.
+"""
+import sys
+
+import openai
+
+base = sys.argv[1]
+client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+
+models = client.models.list()
+model = models.data[0].id
+assert model == "SmolLM2-135M-Instruct.Q4_1", model
+
+# Non-streaming completion with usage.
+c = client.completions.create(model=model, prompt="The three primary colors are", max_tokens=8, temperature=0)
+assert c.object == "text_completion" and c.choices[0].text, c
+assert c.usage.completion_tokens == 8 and c.choices[0].finish_reason == "length", c.usage
+
+# Streaming completion: the pieces add up to the non-streaming text (greedy).
+pieces = [ch.choices[0].text for ch in client.completions.create(
+    model=model, prompt="The three primary colors are", max_tokens=8, temperature=0, stream=True) if ch.choices]
+assert "".join(pieces) == c.choices[0].text, (pieces, c.choices[0].text)
+
+# Chat, non-streaming and streaming with usage in the final chunk.
+msgs = [{"role": "user", "content": "Say hello in French."}]
+r = client.chat.completions.create(model=model, messages=msgs, max_tokens=16, temperature=0)
+assert r.choices[0].message.role == "assistant" and r.choices[0].message.content, r
+chunks = list(client.chat.completions.create(model=model, messages=msgs, max_tokens=16, temperature=0,
+                                             stream=True, stream_options={"include_usage": True}))
+text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+assert text == r.choices[0].message.content, (text, r.choices[0].message.content)
+assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+# Stop sequences cut the text before the stop string.
+s = client.completions.create(model=model, prompt="1, 2, 3, 4,", max_tokens=20, temperature=0, stop=[" 7"])
+assert " 7" not in s.choices[0].text and s.choices[0].finish_reason == "stop", s
+
+# Seeded sampling is reproducible.
+a = client.completions.create(model=model, prompt="Once", max_tokens=12, temperature=0.9, seed=42)
+b = client.completions.create(model=model, prompt="Once", max_tokens=12, temperature=0.9, seed=42)
+assert a.choices[0].text == b.choices[0].text
+
+# Errors surface as the client's typed exceptions.
+try:
+    client.completions.create(model="no-such-model", prompt="hi", max_tokens=1)
+    raise AssertionError("unknown model accepted")
+except openai.NotFoundError as e:
+    assert e.status_code == 404
+try:
+    client.completions.create(model=model, prompt="hi", max_tokens=100000)
+    raise AssertionError("max_tokens past the context accepted")
+except openai.BadRequestError as e:
+    assert "context" in str(e)
+
+print("openai client: all checks passed")

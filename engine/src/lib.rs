@@ -5,6 +5,7 @@
 //! Text: [`tokenizer`]. The step loop: [`engine`], run on a thread by [`worker`].
 //! Serving: [`server`] (OpenAI API, admin API), [`metrics`]. Model download: [`fetch`].
 
+pub mod bench;
 pub mod block_pool;
 pub mod engine;
 pub mod fetch;
@@ -13,6 +14,7 @@ pub mod metrics;
 pub mod model;
 pub mod openai;
 pub mod paged_attention;
+pub mod q8_matmul;
 pub mod sampling;
 pub mod scheduler;
 pub mod server;

@@ -29,10 +29,30 @@ type Result<T> = std::result::Result<T, ModelError>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WeightFormat {
-    /// Re-quantize every matrix to Q8_0 at load: 4x less memory traffic than f32.
+    /// Re-quantize every matrix to Q8_0 at load, run by our batched AVX2 kernel.
     Q8_0,
-    /// Dequantize to f32: more memory, faster batched matmuls on CPUs without int8 dot.
+    /// The same Q8_0 weights run by candle's quantized matmul (for comparison).
+    CandleQ8_0,
+    /// Dequantize to f32, run by candle's f32 matmul (the exactness reference).
     F32,
+}
+
+/// A weight matrix and the kernel that runs it.
+enum Linear {
+    Candle(QMatMul),
+    Q8(crate::q8_matmul::Q8Matrix),
+}
+
+impl Linear {
+    fn forward(&self, x: Vec<f32>, rows: usize, cols: usize) -> Result<Vec<f32>> {
+        match self {
+            Self::Q8(m) => Ok(m.matmul(&x, rows)),
+            Self::Candle(w) => {
+                let t = Tensor::from_vec(x, (rows, cols), &Device::Cpu)?;
+                Ok(w.forward(&t)?.flatten_all()?.to_vec1()?)
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -52,11 +72,11 @@ pub struct LlamaConfig {
 
 struct Layer {
     attn_norm: Vec<f32>,
-    qkv: QMatMul,
-    wo: QMatMul,
+    qkv: Linear,
+    wo: Linear,
     ffn_norm: Vec<f32>,
-    gate_up: QMatMul,
-    down: QMatMul,
+    gate_up: Linear,
+    down: Linear,
 }
 
 pub struct Model {
@@ -64,7 +84,7 @@ pub struct Model {
     embed: Vec<f32>,
     layers: Vec<Layer>,
     out_norm: Vec<f32>,
-    lm_head: QMatMul,
+    lm_head: Linear,
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
 }
@@ -151,13 +171,20 @@ impl Model {
                 .map_err(|e| ModelError::Format(format!("tensor `{name}`: {e}")))
         };
         let deq = |q: QTensor| -> Result<Tensor> { Ok(q.dequantize(&dev)?) };
-        let pack = |t: Tensor| -> Result<QMatMul> {
+        let q8 = |q: QTensor| -> Result<Linear> {
             Ok(match format {
-                WeightFormat::F32 => QMatMul::Tensor(t),
-                WeightFormat::Q8_0 => {
-                    QMatMul::from_qtensor(QTensor::quantize(&t, GgmlDType::Q8_0)?)?
-                }
+                WeightFormat::CandleQ8_0 => Linear::Candle(QMatMul::from_qtensor(q)?),
+                _ => Linear::Q8(
+                    crate::q8_matmul::Q8Matrix::from_qtensor(&q)
+                        .map_err(|e| ModelError::Format(e.to_string()))?,
+                ),
             })
+        };
+        let pack = |t: Tensor| -> Result<Linear> {
+            match format {
+                WeightFormat::F32 => Ok(Linear::Candle(QMatMul::Tensor(t))),
+                _ => q8(QTensor::quantize(&t, GgmlDType::Q8_0)?),
+            }
         };
         let vec1 = |q: QTensor| -> Result<Vec<f32>> { Ok(q.dequantize(&dev)?.to_vec1()?) };
 
@@ -165,9 +192,11 @@ impl Model {
         let embed: Vec<f32> = deq(get("token_embd.weight")?)?.flatten_all()?.to_vec1()?;
         let lm_head = match get("output.weight") {
             Ok(w) => pack(deq(w)?)?,
-            // Tied embeddings: reuse token_embd as stored (already quantized in the file).
-            Err(_) if embd_q.dtype() == GgmlDType::F32 => pack(deq(embd_q)?)?,
-            Err(_) => QMatMul::from_qtensor(embd_q)?,
+            // Tied embeddings stored as Q8_0: use the file's blocks as they are.
+            Err(_) if embd_q.dtype() == GgmlDType::Q8_0 && format != WeightFormat::F32 => {
+                q8(embd_q)?
+            }
+            Err(_) => pack(deq(embd_q)?)?,
         };
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
@@ -289,9 +318,8 @@ fn rope_tables(head_dim: usize, base: f32, positions: usize) -> (Vec<f32>, Vec<f
     (cos, sin)
 }
 
-fn linear(w: &QMatMul, x: Vec<f32>, rows: usize, cols: usize) -> Result<Vec<f32>> {
-    let t = Tensor::from_vec(x, (rows, cols), &Device::Cpu)?;
-    Ok(w.forward(&t)?.flatten_all()?.to_vec1()?)
+fn linear(w: &Linear, x: Vec<f32>, rows: usize, cols: usize) -> Result<Vec<f32>> {
+    w.forward(x, rows, cols)
 }
 
 fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {

@@ -16,6 +16,8 @@ struct Cli {
 enum Cmd {
     /// Serve a model over the OpenAI-compatible API (and the admin API on localhost).
     Serve(redline_engine::server::ServeArgs),
+    /// Benchmark against llama.cpp's llama-server on the same GGUF and thread count; prints a table.
+    Bench(redline_engine::bench::BenchArgs),
     /// Download the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) into the cache and print its path.
     FetchModel {
         /// Cache directory. Default: $REDLINE_MODEL_CACHE or $XDG_CACHE_HOME/redline/models.
@@ -46,6 +48,11 @@ fn main() -> anyhow::Result<()> {
                 .build()?
                 .block_on(redline_engine::server::serve(args))
         }
+        Cmd::Bench(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?
+            .block_on(redline_engine::bench::run(args)),
         Cmd::FetchModel { cache_dir } => {
             let dir = cache_dir.unwrap_or_else(redline_engine::fetch::model_cache_dir);
             let path = redline_engine::fetch::fetch_default_model(&dir, true)?;

@@ -205,7 +205,7 @@ async fn load(url: &str, streams: usize, args: &BenchArgs, vocab: u32) -> Result
 async fn bench_redline(model: &Path, streams: usize, args: &BenchArgs, vocab: u32) -> Result<Row> {
     let (port, admin) = (free_port(), free_port());
     let exe = std::env::current_exe()?;
-    let mut child = Command::new(exe)
+    let child = Command::new(exe)
         .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
         .args([
             "--admin-port",
@@ -225,26 +225,7 @@ async fn bench_redline(model: &Path, streams: usize, args: &BenchArgs, vocab: u3
         .stdout(Stdio::null())
         .stderr(log_file("redline", streams)?)
         .spawn()?;
-    wait_ready(&format!("http://127.0.0.1:{port}/ready"), &mut child).await?;
-    let pid = child.id();
-    let _guard = Proc(child);
-    let mut row = load(
-        &format!("http://127.0.0.1:{port}/v1/completions"),
-        streams,
-        args,
-        vocab,
-    )
-    .await
-    .with_context(|| {
-        format!(
-            "redline run failed; log in {}",
-            std::env::temp_dir()
-                .join(format!("redline-bench-redline-{streams}.log"))
-                .display()
-        )
-    })?;
-    row.peak_rss_mib = peak_rss_mib(pid);
-    Ok(row)
+    measure(child, port, "/ready", "redline", streams, args, vocab).await
 }
 
 async fn bench_llama(
@@ -256,7 +237,7 @@ async fn bench_llama(
 ) -> Result<Row> {
     let port = free_port();
     let per_slot = args.prompt_tokens + args.output_tokens + 32;
-    let mut child = Command::new(bin)
+    let child = Command::new(bin)
         .args(["-m"])
         .arg(model)
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
@@ -276,16 +257,27 @@ async fn bench_llama(
         .stderr(log_file("llama-server", streams)?)
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
-    wait_ready(&format!("http://127.0.0.1:{port}/health"), &mut child).await?;
+    measure(child, port, "/health", "llama-server", streams, args, vocab).await
+}
+
+/// Waits for a started server, runs the load against it, and reads its peak RSS.
+async fn measure(
+    mut child: Child,
+    port: u16,
+    ready_path: &str,
+    name: &str,
+    streams: usize,
+    args: &BenchArgs,
+    vocab: u32,
+) -> Result<Row> {
+    let log = std::env::temp_dir().join(format!("redline-bench-{name}-{streams}.log"));
+    wait_ready(&format!("http://127.0.0.1:{port}{ready_path}"), &mut child).await?;
     let pid = child.id();
     let _guard = Proc(child);
-    let mut row = load(
-        &format!("http://127.0.0.1:{port}/v1/completions"),
-        streams,
-        args,
-        vocab,
-    )
-    .await?;
+    let url = format!("http://127.0.0.1:{port}/v1/completions");
+    let mut row = load(&url, streams, args, vocab)
+        .await
+        .with_context(|| format!("{name} run failed; its log is {}", log.display()))?;
     row.peak_rss_mib = peak_rss_mib(pid);
     Ok(row)
 }

@@ -222,7 +222,12 @@ fn prepare(
             crate::engine::AddError::EmptyPrompt => "empty_prompt",
             _ => "context_length_exceeded",
         };
-        ApiError::invalid(e.to_string(), Some("messages")).with_code(code)
+        let param = if kind == Kind::Chat {
+            "messages"
+        } else {
+            "prompt"
+        };
+        ApiError::invalid(e.to_string(), Some(param)).with_code(code)
     })?;
     Ok(Prepared {
         prompt,
@@ -408,7 +413,6 @@ fn engine_failed(msg: String) -> ApiError {
 }
 
 async fn generate(st: &AppState, l: &Loaded, p: Prepared, kind: Kind) -> Response {
-    let prompt_len = p.prompt.len();
     let (rx, guard) = l.engine.submit(Request {
         id: 0,
         prompt: p.prompt,
@@ -432,7 +436,7 @@ async fn generate(st: &AppState, l: &Loaded, p: Prepared, kind: Kind) -> Respons
         kind,
     };
     if p.stream {
-        stream_response(rx, guard, shape, p.include_usage, prompt_len)
+        stream_response(rx, guard, shape, p.include_usage)
     } else {
         match collect(rx, guard).await {
             Ok((text, finish, usage)) => Json(shape.full(text, finish, usage)).into_response(),
@@ -476,7 +480,6 @@ fn stream_response(
     guard: AbortOnDrop,
     shape: Shape,
     include_usage: bool,
-    prompt_len: usize,
 ) -> Response {
     struct S {
         rx: UnboundedReceiver<Event>,
@@ -496,7 +499,6 @@ fn stream_response(
         tail: vec![],
         done: false,
     };
-    let _ = prompt_len;
     let stream = futures::stream::unfold(init, |mut s| async move {
         loop {
             if let Some(ev) = s.tail.pop() {

@@ -95,98 +95,61 @@ async fn bad_input_gets_clear_errors_and_a_concurrent_stream_is_unchanged() {
     let base = s.base.clone();
     let good = tokio::spawn(async move { stream_text(&base, good_request(48)).await });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let j = |v: Value| reqwest::Body::from(v.to_string());
-    expect_error(
-        &s,
-        "/v1/completions",
-        "{\"prompt\": \"hi\", ".into(),
-        400,
-        None,
-    )
-    .await;
-    expect_error(
-        &s,
-        "/v1/completions",
-        j(json!({"prompt": "hi", "max_tokens": "ten"})),
-        400,
-        None,
-    )
-    .await;
-    expect_error(
-        &s,
-        "/v1/chat/completions",
-        j(json!({"messages": "hello"})),
-        400,
-        None,
-    )
-    .await;
-    expect_error(
-        &s,
-        "/v1/chat/completions",
-        j(json!({"messages": []})),
-        400,
-        None,
-    )
-    .await;
-    expect_error(
-        &s,
-        "/v1/completions",
-        j(json!({"model": "gpt-9", "prompt": "hi"})),
-        404,
-        Some("model_not_found"),
-    )
-    .await;
-    expect_error(
-        &s,
-        "/v1/completions",
-        j(json!({"prompt": "hi", "max_tokens": 0})),
-        400,
-        None,
-    )
-    .await;
-    expect_error(
-        &s,
-        "/v1/completions",
-        j(json!({"prompt": "hi", "max_tokens": 9000})),
-        400,
-        Some("context_length_exceeded"),
-    )
-    .await;
     let long: Vec<u32> = (0..9000).map(|i| 100 + i % 1000).collect();
-    expect_error(
-        &s,
-        "/v1/completions",
-        j(json!({"prompt": long, "max_tokens": 1})),
-        400,
-        Some("context_length_exceeded"),
-    )
-    .await;
-    expect_error(
-        &s,
-        "/v1/completions",
-        j(json!({"prompt": [4_000_000_000u32], "max_tokens": 1})),
-        400,
-        None,
-    )
-    .await;
-    expect_error(
-        &s,
-        "/v1/completions",
-        j(json!({"prompt": "hi", "temperature": 7})),
-        400,
-        None,
-    )
-    .await;
-    expect_error(
-        &s,
-        "/v1/completions",
-        j(json!({"prompt": "hi", "n": 3})),
-        400,
-        None,
-    )
-    .await;
     let huge = format!("{{\"prompt\": \"{}\"}}", "a".repeat(5 << 20));
-    expect_error(&s, "/v1/completions", huge.into(), 413, None).await;
+    let (c, cc) = ("/v1/completions", "/v1/chat/completions");
+    let cases: Vec<(&str, String, u16, Option<&str>)> = vec![
+        (c, "{\"prompt\": \"hi\", ".into(), 400, None), // malformed JSON
+        (
+            c,
+            json!({"prompt": "hi", "max_tokens": "ten"}).to_string(),
+            400,
+            None,
+        ), // wrong type
+        (cc, json!({"messages": "hello"}).to_string(), 400, None),
+        (cc, json!({"messages": []}).to_string(), 400, None),
+        (
+            c,
+            json!({"model": "gpt-9", "prompt": "hi"}).to_string(),
+            404,
+            Some("model_not_found"),
+        ),
+        (
+            c,
+            json!({"prompt": "hi", "max_tokens": 0}).to_string(),
+            400,
+            None,
+        ),
+        (
+            c,
+            json!({"prompt": "hi", "max_tokens": 9000}).to_string(),
+            400,
+            Some("context_length_exceeded"),
+        ),
+        (
+            c,
+            json!({"prompt": long, "max_tokens": 1}).to_string(),
+            400,
+            Some("context_length_exceeded"),
+        ),
+        (
+            c,
+            json!({"prompt": [4_000_000_000u32], "max_tokens": 1}).to_string(),
+            400,
+            None,
+        ),
+        (
+            c,
+            json!({"prompt": "hi", "temperature": 7}).to_string(),
+            400,
+            None,
+        ),
+        (c, json!({"prompt": "hi", "n": 3}).to_string(), 400, None),
+        (c, huge, 413, None), // oversized body
+    ];
+    for (path, body, status, code) in cases {
+        expect_error(&s, path, body.into(), status, code).await;
+    }
     let r = client().get(s.url("/v1/nope")).send().await.unwrap();
     assert_eq!(r.status(), 404);
 

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod model;
 pub mod openai;
 pub mod paged_attention;
+pub mod q4_matmul;
 pub mod q8_matmul;
 pub mod sampling;
 pub mod scheduler;

@@ -30,23 +30,42 @@ type Result<T> = std::result::Result<T, ModelError>;
 #[serde(rename_all = "snake_case")]
 pub enum WeightFormat {
     /// Re-quantize every matrix to Q8_0 at load, run by our batched AVX2 kernel.
+    /// Batch-invariant: a token's logits do not depend on what else is in the step.
     Q8_0,
+    /// The file's own Q4_1 blocks for every step (half the bytes of Q8_0; batch-invariant).
+    /// Falls back to Q8_0 for tensors that are not Q4_1.
+    Q4_1,
+    /// Q4_1 for steps of at most 4 tokens (bandwidth-bound), Q8_0 for larger ones
+    /// (compute-bound). Fastest, but NOT batch-invariant: the two kernels use different
+    /// weights, so a request's greedy output can depend on what shares its steps.
+    Auto,
     /// The same Q8_0 weights run by candle's quantized matmul (for comparison).
     CandleQ8_0,
     /// Dequantize to f32, run by candle's f32 matmul (the exactness reference).
     F32,
 }
 
+/// Steps of at most this many tokens use the 4-bit weights in `Linear::Hybrid`.
+const SMALL_STEP: usize = 4;
+
 /// A weight matrix and the kernel that runs it.
 enum Linear {
     Candle(QMatMul),
     Q8(crate::q8_matmul::Q8Matrix),
+    Q4(crate::q4_matmul::Q4Matrix),
+    Hybrid {
+        small: crate::q4_matmul::Q4Matrix,
+        large: crate::q8_matmul::Q8Matrix,
+    },
 }
 
 impl Linear {
     fn forward(&self, x: Vec<f32>, rows: usize, cols: usize) -> Result<Vec<f32>> {
         match self {
             Self::Q8(m) => Ok(m.matmul(&x, rows)),
+            Self::Q4(m) => Ok(m.matmul(&x, rows)),
+            Self::Hybrid { small, .. } if rows <= SMALL_STEP => Ok(small.matmul(&x, rows)),
+            Self::Hybrid { large, .. } => Ok(large.matmul(&x, rows)),
             Self::Candle(w) => {
                 let t = Tensor::from_vec(x, (rows, cols), &Device::Cpu)?;
                 Ok(w.forward(&t)?.flatten_all()?.to_vec1()?)
@@ -170,7 +189,7 @@ impl Model {
             ct.tensor(file, name, &dev)
                 .map_err(|e| ModelError::Format(format!("tensor `{name}`: {e}")))
         };
-        let deq = |q: QTensor| -> Result<Tensor> { Ok(q.dequantize(&dev)?) };
+        let deq = |q: &QTensor| -> Result<Tensor> { Ok(q.dequantize(&dev)?) };
         let q8 = |q: QTensor| -> Result<Linear> {
             Ok(match format {
                 WeightFormat::CandleQ8_0 => Linear::Candle(QMatMul::from_qtensor(q)?),
@@ -187,32 +206,52 @@ impl Model {
             }
         };
         let vec1 = |q: QTensor| -> Result<Vec<f32>> { Ok(q.dequantize(&dev)?.to_vec1()?) };
+        // Row-stacks the parts (fused QKV, gate/up) in the chosen format.
+        let fuse = |parts: Vec<QTensor>| -> Result<Linear> {
+            let all_q4 = parts.iter().all(|p| p.dtype() == GgmlDType::Q4_1);
+            let q4 = || -> Result<crate::q4_matmul::Q4Matrix> {
+                let refs: Vec<&QTensor> = parts.iter().collect();
+                crate::q4_matmul::Q4Matrix::from_qtensors(&refs)
+                    .map_err(|e| ModelError::Format(e.to_string()))
+            };
+            if format == WeightFormat::Q4_1 && all_q4 {
+                return Ok(Linear::Q4(q4()?));
+            }
+            let dense = parts.iter().map(deq).collect::<Result<Vec<_>>>()?;
+            let large = pack(Tensor::cat(&dense, 0)?)?;
+            match large {
+                Linear::Q8(large) if format == WeightFormat::Auto && all_q4 => Ok(Linear::Hybrid {
+                    small: q4()?,
+                    large,
+                }),
+                other => Ok(other),
+            }
+        };
 
         let embd_q = get("token_embd.weight")?;
-        let embed: Vec<f32> = deq(get("token_embd.weight")?)?.flatten_all()?.to_vec1()?;
+        let embed: Vec<f32> = deq(&embd_q)?.flatten_all()?.to_vec1()?;
         let lm_head = match get("output.weight") {
-            Ok(w) => pack(deq(w)?)?,
+            Ok(w) => fuse(vec![w])?,
             // Tied embeddings stored as Q8_0: use the file's blocks as they are.
             Err(_) if embd_q.dtype() == GgmlDType::Q8_0 && format != WeightFormat::F32 => {
                 q8(embd_q)?
             }
-            Err(_) => pack(deq(embd_q)?)?,
+            Err(_) => pack(deq(&embd_q)?)?,
         };
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let p = format!("blk.{i}");
-            let q = deq(get(&format!("{p}.attn_q.weight"))?)?;
-            let k = deq(get(&format!("{p}.attn_k.weight"))?)?;
-            let v = deq(get(&format!("{p}.attn_v.weight"))?)?;
-            let gate = deq(get(&format!("{p}.ffn_gate.weight"))?)?;
-            let up = deq(get(&format!("{p}.ffn_up.weight"))?)?;
+            let mut t = |n: &str| get(&format!("{p}.{n}.weight"));
+            let qkv = vec![t("attn_q")?, t("attn_k")?, t("attn_v")?];
+            let gate_up = vec![t("ffn_gate")?, t("ffn_up")?];
+            let (wo, down) = (t("attn_output")?, t("ffn_down")?);
             layers.push(Layer {
                 attn_norm: vec1(get(&format!("{p}.attn_norm.weight"))?)?,
-                qkv: pack(Tensor::cat(&[q, k, v], 0)?)?,
-                wo: pack(deq(get(&format!("{p}.attn_output.weight"))?)?)?,
+                qkv: fuse(qkv)?,
+                wo: fuse(vec![wo])?,
                 ffn_norm: vec1(get(&format!("{p}.ffn_norm.weight"))?)?,
-                gate_up: pack(Tensor::cat(&[gate, up], 0)?)?,
-                down: pack(deq(get(&format!("{p}.ffn_down.weight"))?)?)?,
+                gate_up: fuse(gate_up)?,
+                down: fuse(vec![down])?,
             });
         }
         let out_norm = vec1(get("output_norm.weight")?)?;

@@ -19,7 +19,8 @@ const GEN: usize = 20;
 /// Largest |engine - reference| allowed for any logit, relative to the reference's spread
 /// (max - min over the vocabulary). f32: the same weights, only summation order differs.
 const F32_TOL: f32 = 1e-3;
-/// Q8_0: weights re-quantized at load and activations quantized to 8 bits in the matmuls.
+/// Q8_0 / auto: weights re-quantized at load (or 4-bit as in the file) and activations
+/// quantized to 8 bits in the matmuls.
 const Q8_TOL: f32 = 0.1;
 
 const QUESTIONS: [&str; 8] = [
@@ -273,4 +274,15 @@ fn batched_paged_logits_match_one_at_a_time_reference() {
     let ps = prompts(&e, false);
     let o = run(&mut e, &mut reference, &ps, 0);
     report("q8_0 weights", &o, Q8_TOL);
+
+    // 5. The file's own Q4_1 blocks through our Q4_1 kernel, and the hybrid that switches
+    //    kernels by step size (steps shrink from 8 tokens to 1 as sequences finish).
+    for (name, format) in [
+        ("q4_1 weights", WeightFormat::Q4_1),
+        ("auto weights", WeightFormat::Auto),
+    ] {
+        let mut e = engine(format, 256, 16, false);
+        let o = run(&mut e, &mut reference, &ps, 0);
+        report(name, &o, Q8_TOL);
+    }
 }

@@ -11,12 +11,11 @@
 //! quantized per 32-block to int8 with f16 scale d and s = d·Σq (f16), so
 //! dot = d_w·d_x·Σ(q_w·q_x) + m_w·s_x. Tested against candle's Q4_1 matmul.
 
+use crate::q8_matmul::{by_row_tiles, has_avx2_fma};
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
-use rayon::prelude::*;
 
 const QK: usize = 32;
-const ROW_TILE: usize = 16;
 
 pub struct Q4Matrix {
     rows: usize,
@@ -74,54 +73,34 @@ impl Q4Matrix {
         let nb = self.cols / QK;
         let xa = quantize_q8_1(x);
         let avx2 = has_avx2_fma();
-        let mut yt = vec![0.0f32; self.rows * t];
-        yt.par_chunks_mut(ROW_TILE * t)
-            .enumerate()
-            .for_each(|(tile, out)| {
-                let r0 = tile * ROW_TILE;
-                for tok in 0..t {
-                    let xs = &xa.qs[tok * self.cols..(tok + 1) * self.cols];
-                    let (xd, xsum) = (
-                        &xa.d[tok * nb..(tok + 1) * nb],
-                        &xa.s[tok * nb..(tok + 1) * nb],
-                    );
-                    for r in 0..out.len() / t {
-                        let row = r0 + r;
-                        let (q, d, m) = (
-                            &self.qs[row * nb * 16..(row + 1) * nb * 16],
-                            &self.d[row * nb..(row + 1) * nb],
-                            &self.m[row * nb..(row + 1) * nb],
-                        );
-                        #[cfg(target_arch = "x86_64")]
-                        let v = if avx2 {
-                            // SAFETY: AVX2 and FMA detected at run time; slices in bounds by shape.
-                            unsafe { avx2::dot(q, d, m, xs, xd, xsum) }
-                        } else {
-                            dot_scalar(q, d, m, xs, xd, xsum)
-                        };
-                        #[cfg(not(target_arch = "x86_64"))]
-                        let v = dot_scalar(q, d, m, xs, xd, xsum);
-                        out[r * t + tok] = v;
-                    }
-                }
-            });
-        let mut y = vec![0.0f32; t * self.rows];
-        for r in 0..self.rows {
+        by_row_tiles(self.rows, t, |r0, out| {
             for tok in 0..t {
-                y[tok * self.rows + r] = yt[r * t + tok];
+                let xs = &xa.qs[tok * self.cols..(tok + 1) * self.cols];
+                let (xd, xsum) = (
+                    &xa.d[tok * nb..(tok + 1) * nb],
+                    &xa.s[tok * nb..(tok + 1) * nb],
+                );
+                for r in 0..out.len() / t {
+                    let row = r0 + r;
+                    let (q, d, m) = (
+                        &self.qs[row * nb * 16..(row + 1) * nb * 16],
+                        &self.d[row * nb..(row + 1) * nb],
+                        &self.m[row * nb..(row + 1) * nb],
+                    );
+                    #[cfg(target_arch = "x86_64")]
+                    let v = if avx2 {
+                        // SAFETY: AVX2 and FMA detected at run time; slices in bounds by shape.
+                        unsafe { avx2::dot(q, d, m, xs, xd, xsum) }
+                    } else {
+                        dot_scalar(q, d, m, xs, xd, xsum)
+                    };
+                    #[cfg(not(target_arch = "x86_64"))]
+                    let v = dot_scalar(q, d, m, xs, xd, xsum);
+                    out[r * t + tok] = v;
+                }
             }
-        }
-        y
+        })
     }
-}
-
-fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }
 
 struct Q8_1 {

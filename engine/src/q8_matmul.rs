@@ -78,37 +78,25 @@ impl Q8Matrix {
         let nb = self.cols / QK;
         let (xd, xq) = quantize_rows(x, self.cols);
         let avx2 = has_avx2_fma();
-        // Computed as yᵀ [rows, t] so each task owns a contiguous slab, then transposed.
-        let mut yt = vec![0.0f32; self.rows * t];
-        yt.par_chunks_mut(ROW_TILE * t)
-            .enumerate()
-            .for_each(|(tile, out)| {
-                let r0 = tile * ROW_TILE;
-                let nr = out.len() / t;
-                for tok in 0..t {
-                    let xs = &xq[tok * self.cols..(tok + 1) * self.cols];
-                    let xds = &xd[tok * nb..(tok + 1) * nb];
-                    let mut r = 0;
-                    while r + 4 <= nr {
-                        let d = self.dot4(r0 + r, xs, xds, avx2);
-                        for (i, v) in d.iter().enumerate() {
-                            out[(r + i) * t + tok] = *v;
-                        }
-                        r += 4;
-                    }
-                    while r < nr {
-                        out[r * t + tok] = self.dot1(r0 + r, xs, xds);
-                        r += 1;
-                    }
-                }
-            });
-        let mut y = vec![0.0f32; t * self.rows];
-        for r in 0..self.rows {
+        by_row_tiles(self.rows, t, |r0, out| {
+            let nr = out.len() / t;
             for tok in 0..t {
-                y[tok * self.rows + r] = yt[r * t + tok];
+                let xs = &xq[tok * self.cols..(tok + 1) * self.cols];
+                let xds = &xd[tok * nb..(tok + 1) * nb];
+                let mut r = 0;
+                while r + 4 <= nr {
+                    let d = self.dot4(r0 + r, xs, xds, avx2);
+                    for (i, v) in d.iter().enumerate() {
+                        out[(r + i) * t + tok] = *v;
+                    }
+                    r += 4;
+                }
+                while r < nr {
+                    out[r * t + tok] = self.dot1(r0 + r, xs, xds);
+                    r += 1;
+                }
             }
-        }
-        y
+        })
     }
 
     fn row(&self, r: usize) -> (&[i8], &[f32]) {
@@ -141,7 +129,28 @@ impl Q8Matrix {
     }
 }
 
-fn has_avx2_fma() -> bool {
+/// Runs `f(first_row, slab)` over tiles of `ROW_TILE` weight rows in parallel, each slab laid
+/// out `[row][token]` so every task owns contiguous memory, and returns the result as
+/// `[token][row]`.
+pub(crate) fn by_row_tiles(
+    rows: usize,
+    t: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+) -> Vec<f32> {
+    let mut yt = vec![0.0f32; rows * t];
+    yt.par_chunks_mut(ROW_TILE * t)
+        .enumerate()
+        .for_each(|(tile, out)| f(tile * ROW_TILE, out));
+    let mut y = vec![0.0f32; t * rows];
+    for r in 0..rows {
+        for tok in 0..t {
+            y[tok * rows + r] = yt[r * t + tok];
+        }
+    }
+    y
+}
+
+pub(crate) fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

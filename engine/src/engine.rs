@@ -17,6 +17,8 @@ pub struct Envelope {
     pub block_size: usize,
     pub max_num_seqs: u32,
     pub max_batched_tokens: u32,
+    /// Reuse the KV of full prompt blocks already computed for earlier requests.
+    pub prefix_caching: bool,
 }
 
 impl Envelope {
@@ -159,7 +161,11 @@ impl Engine {
             c.n_kv_head,
             c.head_dim,
         );
-        let manager = KvCacheManager::new(envelope.num_blocks, envelope.block_size, true);
+        let manager = KvCacheManager::new(
+            envelope.num_blocks,
+            envelope.block_size,
+            envelope.prefix_caching,
+        );
         let sched = Scheduler::new(manager, envelope.clamp(limits));
         Self {
             model,
@@ -170,16 +176,6 @@ impl Engine {
             active: HashMap::new(),
             record_logits: false,
         }
-    }
-
-    /// Disables prefix caching (for tests that compare against a cold path).
-    pub fn without_prefix_caching(mut self) -> Self {
-        let e = self.envelope;
-        self.sched = Scheduler::new(
-            KvCacheManager::new(e.num_blocks, e.block_size, false),
-            self.sched.limits(),
-        );
-        self
     }
 
     pub fn codec(&self) -> &TextCodec {

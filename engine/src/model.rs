@@ -284,7 +284,7 @@ impl Model {
         }
         for (li, l) in self.layers.iter().enumerate() {
             let xn = rms_norm(&x, &l.attn_norm, c.rms_eps);
-            let qkv = linear(&l.qkv, xn, t, h)?;
+            let qkv = l.qkv.forward(xn, t, h)?;
             let stride = q_dim + 2 * kv_dim;
             let mut q = Vec::with_capacity(t * q_dim);
             for (ti, row) in qkv.chunks_exact(stride).enumerate() {
@@ -297,15 +297,15 @@ impl Model {
                 q.extend_from_slice(&qr);
             }
             let attn = kv.attention(li, &q, batch.ctx, c.n_head);
-            add_assign(&mut x, &linear(&l.wo, attn, t, q_dim)?);
+            add_assign(&mut x, &l.wo.forward(attn, t, q_dim)?);
             let xn = rms_norm(&x, &l.ffn_norm, c.rms_eps);
-            let gu = linear(&l.gate_up, xn, t, h)?;
+            let gu = l.gate_up.forward(xn, t, h)?;
             let mut act = Vec::with_capacity(t * c.ffn);
             for row in gu.chunks_exact(2 * c.ffn) {
                 let (g, u) = row.split_at(c.ffn);
                 act.extend(g.iter().zip(u).map(|(g, u)| g / (1.0 + (-g).exp()) * u));
             }
-            add_assign(&mut x, &linear(&l.down, act, t, c.ffn)?);
+            add_assign(&mut x, &l.down.forward(act, t, c.ffn)?);
         }
         // Only the rows that sample pay for the vocabulary projection.
         let mut rows = Vec::with_capacity(batch.logit_rows.len() * h);
@@ -316,12 +316,9 @@ impl Model {
             return Ok(vec![]);
         }
         let n = batch.logit_rows.len();
-        let logits = linear(
-            &self.lm_head,
-            rms_norm(&rows, &self.out_norm, c.rms_eps),
-            n,
-            h,
-        )?;
+        let logits = self
+            .lm_head
+            .forward(rms_norm(&rows, &self.out_norm, c.rms_eps), n, h)?;
         Ok(logits.chunks_exact(c.vocab).map(|r| r.to_vec()).collect())
     }
 
@@ -355,10 +352,6 @@ fn rope_tables(head_dim: usize, base: f32, positions: usize) -> (Vec<f32>, Vec<f
         }
     }
     (cos, sin)
-}
-
-fn linear(w: &Linear, x: Vec<f32>, rows: usize, cols: usize) -> Result<Vec<f32>> {
-    w.forward(x, rows, cols)
 }
 
 fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {

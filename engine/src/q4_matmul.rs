@@ -180,8 +180,8 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::QMatMul;
-    use candle_core::{Device, Module, Tensor};
+    use crate::q8_matmul::tests::candle_matmul;
+    use candle_core::{Device, Tensor};
 
     fn matrix(rows: usize, cols: usize, seed: f32) -> Tensor {
         let v: Vec<f32> = (0..rows * cols)
@@ -202,22 +202,8 @@ mod tests {
             let x = matrix(t, cols, 2.1);
             let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
             let got = ours.matmul(&xv, t);
-            let want_a: Vec<f32> = QMatMul::from_qtensor(qa)
-                .unwrap()
-                .forward(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let want_b: Vec<f32> = QMatMul::from_qtensor(qb)
-                .unwrap()
-                .forward(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let want_a = candle_matmul(qa, &x);
+            let want_b = candle_matmul(qb, &x);
             let scale = want_a
                 .iter()
                 .chain(&want_b)

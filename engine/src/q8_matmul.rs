@@ -221,10 +221,16 @@ mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::quantized::QMatMul;
     use candle_core::{Device, Module, Tensor};
+
+    /// candle's own quantized matmul: the oracle for our kernels.
+    pub(crate) fn candle_matmul(q: QTensor, x: &Tensor) -> Vec<f32> {
+        let y = QMatMul::from_qtensor(q).unwrap().forward(x).unwrap();
+        y.flatten_all().unwrap().to_vec1().unwrap()
+    }
 
     fn matrix(rows: usize, cols: usize, seed: f32) -> Tensor {
         let v: Vec<f32> = (0..rows * cols)
@@ -242,14 +248,7 @@ mod tests {
             let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
             let ours = Q8Matrix::from_qtensor(&q).unwrap();
             let x = matrix(t, cols, 1.1);
-            let want: Vec<f32> = QMatMul::from_qtensor(q)
-                .unwrap()
-                .forward(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let want = candle_matmul(q, &x);
             let got = ours.matmul(&x.flatten_all().unwrap().to_vec1().unwrap(), t);
             let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {

@@ -696,6 +696,9 @@ pub struct ServeArgs {
     /// Initial live limit on tokens per step (prefill chunk budget).
     #[arg(long, default_value_t = 256)]
     pub max_batched_tokens: u32,
+    /// Do not reuse the KV of prompt prefixes shared with earlier requests.
+    #[arg(long)]
+    pub no_prefix_caching: bool,
     /// Seconds a SIGTERM drain may take before the process exits anyway.
     #[arg(long, default_value_t = 30)]
     pub drain_grace_seconds: u64,
@@ -757,6 +760,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             block_size: args.block_size,
             max_num_seqs: args.max_num_seqs_ceiling,
             max_batched_tokens: args.max_batched_tokens_ceiling,
+            prefix_caching: !args.no_prefix_caching,
         };
         let limits = Limits {
             max_num_seqs: args.max_num_seqs.unwrap_or(args.max_num_seqs_ceiling),

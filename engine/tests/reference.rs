@@ -203,8 +203,9 @@ fn engine(
         block_size,
         max_num_seqs: 16,
         max_batched_tokens: 256,
+        prefix_caching,
     };
-    let e = Engine::new(
+    Engine::new(
         model,
         codec,
         env,
@@ -212,12 +213,7 @@ fn engine(
             max_num_seqs: 16,
             max_batched_tokens: 64,
         },
-    );
-    if prefix_caching {
-        e
-    } else {
-        e.without_prefix_caching()
-    }
+    )
 }
 
 fn report(name: &str, o: &Outcome, tol: f32) {

@@ -1,0 +1,182 @@
+//! The agent's configuration: which nodes it registers, and how it turns an image reference into
+//! a program on this machine (there is no container runtime: an image names a local binary).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AgentConfig {
+    pub nodes: Vec<NodeConfig>,
+    #[serde(default)]
+    pub images: Vec<ImageConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct NodeConfig {
+    pub name: String,
+    #[serde(default)]
+    pub gpus: u32,
+    #[serde(default = "default_cpu")]
+    pub cpu: String,
+    #[serde(default = "default_memory")]
+    pub memory: String,
+    #[serde(default = "default_pods")]
+    pub pods: u32,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn default_cpu() -> String {
+    "8".into()
+}
+fn default_memory() -> String {
+    "32Gi".into()
+}
+fn default_pods() -> u32 {
+    110
+}
+
+/// One image pattern (glob, e.g. `ghcr.io/redline/engine:*`) and what it runs.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ImageConfig {
+    pub image: String,
+    /// The image's ENTRYPOINT: the program (a path on this machine) and its fixed arguments.
+    pub entrypoint: Vec<String>,
+    /// The image's CMD: default arguments when the container gives no `args`.
+    #[serde(default)]
+    pub cmd: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ImageError {
+    #[error("image {0:?} is not in the agent's image map")]
+    Unknown(String),
+    #[error("image {image:?} has an empty entrypoint")]
+    EmptyEntrypoint { image: String },
+    #[error("command {command:?} is not a program of image {image:?} (it runs {entrypoint:?})")]
+    UnknownCommand {
+        image: String,
+        command: String,
+        entrypoint: String,
+    },
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path, bin_dir: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        Self::parse(&text, bin_dir)
+    }
+
+    pub fn parse(text: &str, bin_dir: &Path) -> anyhow::Result<Self> {
+        let mut c: AgentConfig = serde_yaml::from_str(text)?;
+        let bin = bin_dir.display().to_string();
+        for i in &mut c.images {
+            for a in i.entrypoint.iter_mut().chain(i.cmd.iter_mut()) {
+                *a = a.replace("{bin}", &bin);
+            }
+            glob::Pattern::new(&i.image)
+                .map_err(|e| anyhow::anyhow!("image pattern {:?}: {e}", i.image))?;
+        }
+        anyhow::ensure!(!c.nodes.is_empty(), "the agent config names no nodes");
+        Ok(c)
+    }
+
+    /// Kubernetes' command/args semantics over the image's entrypoint/cmd: `command` replaces
+    /// the entrypoint (its program must be the image's own, named by path or file name), `args`
+    /// replaces cmd. Returns the program on this machine and its arguments.
+    pub fn resolve(
+        &self,
+        image: &str,
+        command: &[String],
+        args: Option<&[String]>,
+    ) -> Result<(PathBuf, Vec<String>), ImageError> {
+        let entry = self
+            .images
+            .iter()
+            .find(|i| glob::Pattern::new(&i.image).is_ok_and(|p| p.matches(image)))
+            .ok_or_else(|| ImageError::Unknown(image.into()))?;
+        let Some((program, fixed)) = entry.entrypoint.split_first() else {
+            return Err(ImageError::EmptyEntrypoint {
+                image: image.into(),
+            });
+        };
+        let mut argv: Vec<String> = Vec::new();
+        if let Some((cmd0, rest)) = command.split_first() {
+            let name = |p: &str| Path::new(p).file_name().map(|f| f.to_owned());
+            if name(cmd0) != name(program) {
+                return Err(ImageError::UnknownCommand {
+                    image: image.into(),
+                    command: cmd0.clone(),
+                    entrypoint: program.clone(),
+                });
+            }
+            argv.extend(rest.iter().cloned());
+            argv.extend(args.unwrap_or_default().iter().cloned());
+        } else {
+            argv.extend(fixed.iter().cloned());
+            argv.extend(args.unwrap_or(&entry.cmd).iter().cloned());
+        }
+        Ok((PathBuf::from(program), argv))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> AgentConfig {
+        AgentConfig::parse(
+            "nodes: [{name: a, gpus: 2}]\nimages:\n- image: 'ghcr.io/redline/engine:*'\n  entrypoint: ['{bin}/redline-engine', 'serve']\n  cmd: ['--port', '8000']\n",
+            Path::new("/opt/target"),
+        )
+        .unwrap()
+    }
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn kubernetes_command_and_args_semantics() {
+        let c = config();
+        let img = "ghcr.io/redline/engine:0.1";
+        let prog = PathBuf::from("/opt/target/redline-engine");
+        // Neither: entrypoint + cmd.
+        assert_eq!(
+            c.resolve(img, &[], None).unwrap(),
+            (prog.clone(), s(&["serve", "--port", "8000"]))
+        );
+        // args only: entrypoint + args.
+        assert_eq!(
+            c.resolve(img, &[], Some(&s(&["--port", "9"]))).unwrap(),
+            (prog.clone(), s(&["serve", "--port", "9"]))
+        );
+        // command: replaces the entrypoint and drops cmd.
+        assert_eq!(
+            c.resolve(img, &s(&["/usr/local/bin/redline-engine", "bench"]), None)
+                .unwrap(),
+            (prog.clone(), s(&["bench"]))
+        );
+        assert_eq!(
+            c.resolve(img, &s(&["redline-engine"]), Some(&s(&["x"])))
+                .unwrap(),
+            (prog, s(&["x"]))
+        );
+    }
+
+    #[test]
+    fn unknown_images_and_commands_are_errors() {
+        let c = config();
+        assert_eq!(
+            c.resolve("nginx:1", &[], None),
+            Err(ImageError::Unknown("nginx:1".into()))
+        );
+        assert!(matches!(
+            c.resolve("ghcr.io/redline/engine:1", &s(&["sh"]), None),
+            Err(ImageError::UnknownCommand { .. })
+        ));
+    }
+}

@@ -160,7 +160,7 @@ impl KvCacheManager {
         );
         let src = self.tables.get(&parent).cloned().unwrap_or_default();
         let full = tokens / self.block_size;
-        let partial = tokens % self.block_size != 0;
+        let partial = !tokens.is_multiple_of(self.block_size);
         assert!(
             self.blocks_for(tokens) <= src.blocks.len(),
             "fork past parent's KV"

@@ -154,7 +154,7 @@ impl LlamaConfig {
             context_length: md_usize(ct, "llama.context_length")?,
             vocab,
         };
-        if cfg.n_head % cfg.n_kv_head != 0 || hidden % n_head != 0 {
+        if !cfg.n_head.is_multiple_of(cfg.n_kv_head) || !hidden.is_multiple_of(n_head) {
             return Err(ModelError::Format("inconsistent head counts".into()));
         }
         Ok(cfg)

@@ -39,7 +39,7 @@ impl Q8Matrix {
     /// Takes candle's Q8_0 blocks as they are (bit-identical weights).
     pub fn from_qtensor(q: &QTensor) -> Result<Self, Q8Error> {
         let dims = q.shape().dims().to_vec();
-        if q.dtype() != GgmlDType::Q8_0 || dims.len() != 2 || dims[1] % QK != 0 {
+        if q.dtype() != GgmlDType::Q8_0 || dims.len() != 2 || !dims[1].is_multiple_of(QK) {
             return Err(Q8Error::Shape(q.dtype(), dims));
         }
         let (rows, cols) = (dims[0], dims[1]);

@@ -48,7 +48,10 @@ pub struct UpOptions {
 
 pub async fn up(l: &Layout, opts: &UpOptions) -> Result<()> {
     let t0 = Instant::now();
-    if process::running(&l.pids(), cp::APISERVER).is_some() {
+    if DAEMONS
+        .iter()
+        .all(|d| process::running(&l.pids(), d).is_some())
+    {
         eprintln!("==> the cluster is already up ({})", l.root.display());
         println!("{}", l.admin_kubeconfig().display());
         return Ok(());
@@ -161,8 +164,9 @@ async fn wait_usable(
         for d in DAEMONS {
             if process::running(&l.pids(), d).is_none() {
                 bail!(
-                    "{d} exited during startup; see {}",
-                    process::log_file(&l.logs(), d).display()
+                    "{d} exited during startup; see {} ({})",
+                    process::log_file(&l.logs(), d).display(),
+                    process::describe(&l.pids(), d)
                 );
             }
         }
@@ -245,7 +249,103 @@ pub async fn down(l: &Layout, verbose: bool) -> Result<()> {
         }
         let _ = std::fs::remove_file(l.created_dirs());
     }
+    // Processes whose flags name our state directory are ours even when their pid file is lost
+    // (a crashed `up`): stop them too, then check that nothing is left.
+    let strays = stray_processes(l);
+    for (pid, cmd) in &strays {
+        eprintln!("    stopping stray {pid}: {cmd}");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !stray_processes(l).is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (pid, _) in stray_processes(l) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    if !strays.is_empty() {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        crate::agent::network::remove_leftovers();
+    }
+    let stray = leftovers(l);
+    if !stray.is_empty() {
+        bail!("left behind after down:\n  {}", stray.join("\n  "));
+    }
     Ok(())
+}
+
+/// Anything of ours still on the machine: processes naming the state directory (every daemon
+/// does in its flags) or running as pod helpers, our network namespaces and bridge, mounts
+/// under the state directory, mount points we created.
+pub fn leftovers(l: &Layout) -> Vec<String> {
+    let mut found: Vec<String> = stray_processes(l)
+        .into_iter()
+        .map(|(pid, cmd)| format!("process {pid}: {cmd}"))
+        .collect();
+    let root = l.root.display().to_string();
+    if let Ok(out) = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+    {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if line.starts_with(crate::layout::NETNS_PREFIX) {
+                found.push(format!("network namespace {line}"));
+            }
+        }
+    }
+    if Path::new("/sys/class/net")
+        .join(crate::layout::BRIDGE_NAME)
+        .exists()
+    {
+        found.push(format!("bridge {}", crate::layout::BRIDGE_NAME));
+    }
+    if let Ok(m) = std::fs::read_to_string("/proc/self/mountinfo") {
+        for line in m.lines().filter(|l| l.contains(&root)) {
+            found.push(format!("mount {line}"));
+        }
+    }
+    if l.created_dirs().exists() {
+        found.push(format!(
+            "mount points listed in {}",
+            l.created_dirs().display()
+        ));
+    }
+    found
+}
+
+/// Live processes whose command line names the state directory, or pod helpers.
+fn stray_processes(l: &Layout) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    let root = l.root.display().to_string();
+    let me = std::process::id();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        let zombie = std::fs::read_to_string(entry.path().join("stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next())
+                == Some("Z")
+        });
+        if !zombie && (cmd.contains(&root) || cmd.contains("exec-in-pod")) {
+            found.push((pid, cmd.trim().to_string()));
+        }
+    }
+    found
 }
 
 pub async fn status(l: &Layout) -> Result<bool> {

@@ -69,7 +69,21 @@ pub fn running(pids: &Path, name: &str) -> Option<u32> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // A zombie (state Z) has exited; it is not running.
     let state = stat.rsplit(')').next()?.split_whitespace().next()?;
-    (argv0.ends_with(exe_name.as_str()) && state != "Z").then_some(pid)
+    // An empty command line is a process still inside execve (spawn can return before /proc
+    // shows the new image); it is ours.
+    let ours = argv0.is_empty() || argv0.ends_with(exe_name.as_str());
+    (ours && state != "Z").then_some(pid)
+}
+
+/// What the pid file and /proc say, for error messages.
+pub fn describe(pids: &Path, name: &str) -> String {
+    let text = fs::read_to_string(pid_file(pids, name)).unwrap_or_default();
+    let pid = text.lines().next().unwrap_or("?").trim().to_string();
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_else(|e| e.to_string());
+    let cmd = fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .unwrap_or_else(|e| e.to_string());
+    format!("pid file {text:?}, stat {stat:?}, cmdline {cmd:?}")
 }
 
 /// SIGTERM, up to `grace`, then SIGKILL. Removes the pid file. Returns whether it was running.

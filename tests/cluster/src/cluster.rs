@@ -61,9 +61,10 @@ pub async fn up(l: &Layout, opts: &UpOptions) -> Result<()> {
     )?;
     which("ip").context("ip not found: install iproute2")?;
     let bin_dir = opts.agent_exe.parent().context("agent path")?;
-    let nodes = crate::agent::config::AgentConfig::load(&opts.config, bin_dir)?
-        .nodes
-        .len();
+    let nodes =
+        crate::agent::config::AgentConfig::load(&opts.config, bin_dir, &l.root.join("images"))?
+            .nodes
+            .len();
     let bins = cp::ensure_k8s_binaries()?;
     // Whatever a crashed earlier run left: stop it, and start from a clean state directory.
     down(l, false).await?;

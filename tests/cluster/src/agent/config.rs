@@ -38,10 +38,21 @@ fn default_pods() -> u32 {
     110
 }
 
-/// One image pattern (glob, e.g. `ghcr.io/redline/engine:*`) and what it runs.
+/// One image pattern (glob, e.g. `ghcr.io/redline/engine:*`) and what it runs. Its files are
+/// "pulled" (hard-linked, else copied) into a world-readable image directory, `{image}`, so
+/// that containers running as any user can read them.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ImageConfig {
     pub image: String,
+    /// Path in the image directory -> file on this machine.
+    #[serde(default)]
+    pub files: BTreeMap<String, String>,
+    /// The image's ENV.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// The image directory (set at load).
+    #[serde(skip)]
+    pub dir: PathBuf,
     /// The image's ENTRYPOINT: the program (a path on this machine) and its fixed arguments.
     pub entrypoint: Vec<String>,
     /// The image's CMD: default arguments when the container gives no `args`.
@@ -64,19 +75,44 @@ pub enum ImageError {
 }
 
 impl AgentConfig {
-    pub fn load(path: &Path, bin_dir: &Path) -> anyhow::Result<Self> {
+    /// Placeholders: `{bin}` (this build's binaries), `{models}` (the model cache, as the
+    /// engine finds it), `{image}` (the image's directory under `images_dir`).
+    pub fn load(path: &Path, bin_dir: &Path, images_dir: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-        Self::parse(&text, bin_dir)
+        Self::parse(&text, bin_dir, images_dir)
     }
 
-    pub fn parse(text: &str, bin_dir: &Path) -> anyhow::Result<Self> {
+    pub fn parse(text: &str, bin_dir: &Path, images_dir: &Path) -> anyhow::Result<Self> {
         let mut c: AgentConfig = serde_yaml::from_str(text)?;
         let bin = bin_dir.display().to_string();
+        let models = model_cache_dir().display().to_string();
         for i in &mut c.images {
-            for a in i.entrypoint.iter_mut().chain(i.cmd.iter_mut()) {
-                *a = a.replace("{bin}", &bin);
-            }
+            let dir_name: String = i
+                .image
+                .chars()
+                .map(|ch| {
+                    if ch.is_ascii_alphanumeric() || ch == '.' || ch == '-' {
+                        ch
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            i.dir = images_dir.join(dir_name);
+            let image = i.dir.display().to_string();
+            let sub = |a: &mut String| {
+                *a = a
+                    .replace("{bin}", &bin)
+                    .replace("{models}", &models)
+                    .replace("{image}", &image)
+            };
+            i.entrypoint
+                .iter_mut()
+                .chain(i.cmd.iter_mut())
+                .for_each(sub);
+            i.files.values_mut().for_each(sub);
+            i.env.values_mut().for_each(sub);
             glob::Pattern::new(&i.image)
                 .map_err(|e| anyhow::anyhow!("image pattern {:?}: {e}", i.image))?;
         }
@@ -87,17 +123,20 @@ impl AgentConfig {
     /// Kubernetes' command/args semantics over the image's entrypoint/cmd: `command` replaces
     /// the entrypoint (its program must be the image's own, named by path or file name), `args`
     /// replaces cmd. Returns the program on this machine and its arguments.
+    pub fn image(&self, image: &str) -> Result<&ImageConfig, ImageError> {
+        self.images
+            .iter()
+            .find(|i| glob::Pattern::new(&i.image).is_ok_and(|p| p.matches(image)))
+            .ok_or_else(|| ImageError::Unknown(image.into()))
+    }
+
     pub fn resolve(
         &self,
         image: &str,
         command: &[String],
         args: Option<&[String]>,
     ) -> Result<(PathBuf, Vec<String>), ImageError> {
-        let entry = self
-            .images
-            .iter()
-            .find(|i| glob::Pattern::new(&i.image).is_ok_and(|p| p.matches(image)))
-            .ok_or_else(|| ImageError::Unknown(image.into()))?;
+        let entry = self.image(image)?;
         let Some((program, fixed)) = entry.entrypoint.split_first() else {
             return Err(ImageError::EmptyEntrypoint {
                 image: image.into(),
@@ -123,6 +162,49 @@ impl AgentConfig {
     }
 }
 
+impl ImageConfig {
+    /// Places the image's files in its directory (once; later calls find them there).
+    pub fn pull(&self) -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        for (rel, src) in &self.files {
+            let dst = self.dir.join(rel);
+            if dst.exists() {
+                continue;
+            }
+            let parent = dst.parent().unwrap_or(&self.dir);
+            std::fs::create_dir_all(parent)?;
+            let tmp = parent.join(format!(".pull-{}", std::process::id()));
+            let _ = std::fs::remove_file(&tmp);
+            if std::fs::hard_link(src, &tmp).is_err() {
+                std::fs::copy(src, &tmp).map_err(|e| anyhow::anyhow!("pulling {src}: {e}"))?;
+            }
+            std::fs::rename(&tmp, &dst)?;
+        }
+        // World-readable, as an image's filesystem is.
+        let mut d = Some(self.dir.as_path());
+        while let Some(p) = d {
+            if !p.starts_with(self.dir.parent().unwrap_or(&self.dir)) {
+                break;
+            }
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755))?;
+            d = p.parent();
+        }
+        Ok(())
+    }
+}
+
+/// Where the engine looks for its default model (same rule as `redline-engine fetch-model`).
+pub fn model_cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("REDLINE_MODEL_CACHE") {
+        return d.into();
+    }
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cache"))
+        .join("redline/models")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,6 +213,7 @@ mod tests {
         AgentConfig::parse(
             "nodes: [{name: a, gpus: 2}]\nimages:\n- image: 'ghcr.io/redline/engine:*'\n  entrypoint: ['{bin}/redline-engine', 'serve']\n  cmd: ['--port', '8000']\n",
             Path::new("/opt/target"),
+            Path::new("/state/images"),
         )
         .unwrap()
     }

@@ -194,11 +194,13 @@ pub fn expand(s: &str, env: &BTreeMap<String, String>) -> String {
     out
 }
 
-/// The container's environment, in the order a kubelet builds it: defaults (service
-/// discovery for the API server, PATH, HOSTNAME), `envFrom`, `env` (later wins), then the GPUs.
+/// The container's environment, in the order a runtime and kubelet build it: defaults (PATH,
+/// HOSTNAME, service discovery for the API server), the image's ENV, `envFrom`, `env` (later
+/// wins), then the GPUs.
 pub fn container_env(
     pod: &Pod,
     c: &Container,
+    image_env: &BTreeMap<String, String>,
     facts: &PodFacts,
     lookups: &Lookups,
 ) -> Result<Vec<(String, String)>, SpecError> {
@@ -225,6 +227,9 @@ pub fn container_env(
         ("KUBERNETES_PORT", format!("tcp://{host}:{port}")),
     ] {
         set(&mut env, k.to_string(), v);
+    }
+    for (k, v) in image_env {
+        set(&mut env, k.clone(), v.clone());
     }
     for ef in c.env_from.iter().flatten() {
         let prefix = ef.prefix.clone().unwrap_or_default();
@@ -592,6 +597,11 @@ spec:
         let env: BTreeMap<_, _> = container_env(
             &p,
             &p.spec.as_ref().unwrap().containers[0],
+            &[
+                ("LEVEL".to_string(), "image".to_string()),
+                ("IMG".to_string(), "x".to_string()),
+            ]
+            .into(),
             &facts(),
             &lookups(),
         )
@@ -604,7 +614,11 @@ spec:
         assert_eq!(env["IP"], "10.88.0.7");
         assert_eq!(env["APP"], "engine");
         assert_eq!(env["TOKEN"], "sekrit");
-        assert_eq!(env["LEVEL"], "debug");
+        assert_eq!(
+            env["LEVEL"], "debug",
+            "the container's env overrides the image's"
+        );
+        assert_eq!(env["IMG"], "x");
         assert_eq!(env["CM_level"], "debug");
         assert!(!env.contains_key("OPT"));
         assert_eq!(env["KUBERNETES_SERVICE_HOST"], "10.88.0.1");
@@ -621,7 +635,7 @@ spec:
         l.secrets.remove("s");
         let c = &p.spec.as_ref().unwrap().containers[0];
         assert_eq!(
-            container_env(&p, c, &facts(), &l),
+            container_env(&p, c, &BTreeMap::new(), &facts(), &l),
             Err(SpecError::Missing {
                 kind: "Secret",
                 name: "s".into()

@@ -302,9 +302,17 @@ impl Worker {
             .map(|v| (v.clone(), self.dir.join("volumes").join(v)))
             .collect();
         for c in &spec.containers {
-            let env = pod_spec::container_env(&self.pod, c, &facts, &lookups).map_err(|e| {
-                StepError::Retry("CreateContainerConfigError".into(), e.to_string())
-            })?;
+            let image = self
+                .ctx
+                .config
+                .image(c.image.as_deref().unwrap_or(""))
+                .map_err(|e| StepError::Retry("ErrImagePull".into(), e.to_string()))?;
+            image
+                .pull()
+                .map_err(|e| StepError::Retry("ErrImagePull".into(), format!("{e:#}")))?;
+            let env = pod_spec::container_env(&self.pod, c, &image.env, &facts, &lookups).map_err(
+                |e| StepError::Retry("CreateContainerConfigError".into(), e.to_string()),
+            )?;
             let env_map: BTreeMap<String, String> = env.iter().cloned().collect();
             let expand = |v: &Vec<String>| -> Vec<String> {
                 v.iter().map(|a| pod_spec::expand(a, &env_map)).collect()

@@ -52,7 +52,7 @@ fn main() -> Result<()> {
                 .init();
             let exe = std::env::current_exe()?;
             let bin_dir = exe.parent().context("executable directory")?;
-            let config = AgentConfig::load(&config, bin_dir)?;
+            let config = AgentConfig::load(&config, bin_dir, &state_dir.join("images"))?;
             tokio::runtime::Runtime::new()?.block_on(async {
                 let client = cluster::client(&kubeconfig).await?;
                 agent::run(

@@ -1,0 +1,167 @@
+//! `redline-operator run` (the controller) and `redline-operator crd` (print the CRDs).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use axum::routing::get;
+use clap::{Parser, Subcommand};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, Client};
+use redline_operator::children::Defaults;
+use redline_operator::controller::{self, Context};
+use redline_operator::leader::LeaseLock;
+use redline_operator::metrics::Metrics;
+use tracing::info;
+
+#[derive(Parser)]
+#[command(about = "redline's Kubernetes operator")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print the CRDs (YAML), as checked in under crds/.
+    Crd,
+    /// Write the CRDs into crds/ and charts/redline/crds/ of this source tree (the drift test
+    /// compares both).
+    CrdFiles,
+    /// Run the controller (in-cluster config, or $KUBECONFIG).
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    http_addr: SocketAddr,
+    #[arg(long, env = "REDLINE_ENGINE_IMAGE")]
+    engine_image: Option<String>,
+    #[arg(long, env = "REDLINE_SIDECAR_IMAGE")]
+    sidecar_image: Option<String>,
+    /// Run without a leader-election Lease (a single instance only).
+    #[arg(long)]
+    no_leader_election: bool,
+    /// Namespace of the leader-election Lease (in-cluster: the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    #[arg(long, default_value = "redline-operator")]
+    lease_name: String,
+    /// This instance's identity in the Lease and in Events.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Crd => {
+            for (i, (_, yaml)) in redline_operator::crd_yaml().into_iter().enumerate() {
+                if i > 0 {
+                    println!("---");
+                }
+                print!("{yaml}");
+            }
+            Ok(())
+        }
+        Cmd::CrdFiles => {
+            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            for dir in ["crds", "charts/redline/crds"] {
+                std::fs::create_dir_all(root.join(dir))?;
+                for (file, yaml) in redline_operator::crd_yaml() {
+                    std::fs::write(root.join(dir).join(file), &yaml)?;
+                    eprintln!("wrote {dir}/{file}");
+                }
+            }
+            Ok(())
+        }
+        Cmd::Run(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info,kube=warn,kube_client=off".into()),
+                )
+                .with_ansi(false)
+                .init();
+            tokio::runtime::Runtime::new()?.block_on(run(args))
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("Kubernetes client (in-cluster or KUBECONFIG)")?;
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("redline-operator-{}", std::process::id()));
+    let metrics = Arc::new(Metrics::default());
+    let mut defaults = Defaults::default();
+    if let Some(i) = args.engine_image {
+        defaults.engine_image = i;
+    }
+    if let Some(i) = args.sidecar_image {
+        defaults.sidecar_image = i;
+    }
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let http = {
+        let (m, r) = (metrics.clone(), ready.clone());
+        let app = axum::Router::new()
+            .route("/metrics", get(move || async move { m.render() }))
+            .route("/healthz", get(|| async { "ok" }))
+            .route(
+                "/readyz",
+                get(move || async move {
+                    if r.load(std::sync::atomic::Ordering::SeqCst) {
+                        (axum::http::StatusCode::OK, "ok")
+                    } else {
+                        (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            "waiting for leadership",
+                        )
+                    }
+                }),
+            );
+        let l = tokio::net::TcpListener::bind(args.http_addr).await?;
+        info!(addr = %args.http_addr, "serving /metrics /healthz /readyz");
+        tokio::spawn(async move { axum::serve(l, app).await })
+    };
+    let lock = (!args.no_leader_election).then(|| LeaseLock {
+        api: Api::<Lease>::namespaced(client.clone(), &args.lease_namespace),
+        name: args.lease_name.clone(),
+        identity: identity.clone(),
+        duration: Duration::from_secs(15),
+    });
+    if let Some(l) = &lock {
+        l.acquire().await;
+    }
+    ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    let ctx = Arc::new(Context::new(client, defaults, metrics, identity));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        let _ = stop_rx.await;
+    };
+    let controller = tokio::spawn(controller::run(ctx, shutdown));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let lost = async {
+        match &lock {
+            Some(l) => l.hold().await,
+            None => std::future::pending().await,
+        }
+    };
+    let exit_code = tokio::select! {
+        _ = term.recv() => { info!("SIGTERM: stopping"); 0 }
+        _ = tokio::signal::ctrl_c() => 0,
+        _ = lost => 1,
+    };
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+    http.abort();
+    if exit_code != 0 {
+        anyhow::bail!("leadership lost; exiting so that a fresh instance campaigns again");
+    }
+    Ok(())
+}

@@ -1,0 +1,428 @@
+//! What an InferenceService owns, as plain functions of its spec: the Deployment of engine
+//! (+ sidecar) pods, the Service in front of them, the Secret with the sidecar's bearer token.
+//! Applied by the reconciler with server-side apply; no I/O here.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, HTTPGetAction, HostPathVolumeSource,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume,
+    VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+
+use crate::crd::InferenceService;
+use crate::validate::effective_replicas;
+
+/// Label carrying the InferenceService's name on every child and pod.
+pub const SERVICE_LABEL: &str = "redline.dev/inference-service";
+pub const ENGINE_PORT: i32 = 8000;
+pub const SIDECAR_PORT: i32 = 8090;
+/// Non-root uid the containers run as (distroless `nonroot`).
+pub const RUN_AS: i64 = 65532;
+const TOKEN_DIR: &str = "/var/run/secrets/redline";
+const MODEL_DIR: &str = "/var/lib/redline/model";
+
+/// Operator-wide defaults (Helm values).
+#[derive(Clone, Debug)]
+pub struct Defaults {
+    pub engine_image: String,
+    pub sidecar_image: String,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        let v = env!("CARGO_PKG_VERSION");
+        Self {
+            engine_image: format!("ghcr.io/redline/engine:{v}"),
+            sidecar_image: format!("ghcr.io/redline/sidecar:{v}"),
+        }
+    }
+}
+
+pub fn labels(isvc: &InferenceService) -> BTreeMap<String, String> {
+    [
+        ("app.kubernetes.io/name", "redline-engine".to_string()),
+        ("app.kubernetes.io/instance", isvc.name_any()),
+        (
+            "app.kubernetes.io/managed-by",
+            "redline-operator".to_string(),
+        ),
+        (SERVICE_LABEL, isvc.name_any()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// The pods' selector, also published in status for the scale subresource.
+pub fn selector(isvc: &InferenceService) -> BTreeMap<String, String> {
+    [(SERVICE_LABEL.to_string(), isvc.name_any())].into()
+}
+
+pub fn selector_string(isvc: &InferenceService) -> String {
+    format!("{SERVICE_LABEL}={}", isvc.name_any())
+}
+
+pub fn token_secret_name(isvc: &InferenceService) -> String {
+    format!("{}-sidecar-token", isvc.name_any())
+}
+
+fn meta(isvc: &InferenceService, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: isvc.namespace(),
+        labels: Some(labels(isvc)),
+        owner_references: Some(vec![owner(isvc)]),
+        ..Default::default()
+    }
+}
+
+fn owner(isvc: &InferenceService) -> OwnerReference {
+    OwnerReference {
+        api_version: InferenceService::api_version(&()).into(),
+        kind: InferenceService::kind(&()).into(),
+        name: isvc.name_any(),
+        uid: isvc.uid().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
+}
+
+/// Served model name: the spec's, else the default model's, else the file's stem.
+pub fn served_model(isvc: &InferenceService) -> String {
+    let m = &isvc.spec.model;
+    if let Some(n) = &m.served_name {
+        return n.clone();
+    }
+    let path = m
+        .host_path
+        .as_ref()
+        .map(|h| h.path.as_str())
+        .or(m.pvc.as_ref().map(|p| p.path.as_str()));
+    match path {
+        Some(p) => std::path::Path::new(p)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| isvc.name_any()),
+        None => "SmolLM2-135M-Instruct.Q4_1".into(),
+    }
+}
+
+fn engine_args(isvc: &InferenceService) -> (Vec<String>, Vec<Volume>, Vec<VolumeMount>) {
+    let s = &isvc.spec;
+    let e = &s.engine;
+    let mut args = vec![
+        format!("--served-model-name={}", served_model(isvc)),
+        format!("--port={ENGINE_PORT}"),
+        format!("--block-size={}", e.block_size),
+        format!("--kv-cache-mib={}", e.kv_cache_mib),
+        format!("--max-num-seqs-ceiling={}", e.max_num_seqs_ceiling),
+        format!(
+            "--max-num-seqs={}",
+            e.max_num_seqs.unwrap_or(e.max_num_seqs_ceiling)
+        ),
+        format!(
+            "--max-batched-tokens-ceiling={}",
+            e.max_batched_tokens.max(2048)
+        ),
+        format!("--max-batched-tokens={}", e.max_batched_tokens),
+        // The engine must finish draining before the kubelet's SIGKILL.
+        format!(
+            "--drain-grace-seconds={}",
+            (s.termination_grace_period_seconds - 5).max(1)
+        ),
+    ];
+    if let Some(t) = e.threads {
+        args.push(format!("--threads={t}"));
+    }
+    let (mut volumes, mut mounts) = (Vec::new(), Vec::new());
+    let mount = |name: &str| VolumeMount {
+        name: name.into(),
+        mount_path: MODEL_DIR.into(),
+        read_only: Some(true),
+        ..Default::default()
+    };
+    if let Some(h) = &s.model.host_path {
+        let p = std::path::Path::new(&h.path);
+        let dir = p
+            .parent()
+            .map(|d| d.display().to_string())
+            .unwrap_or("/".into());
+        let file = p
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        volumes.push(Volume {
+            name: "model".into(),
+            host_path: Some(HostPathVolumeSource {
+                path: dir,
+                type_: Some("Directory".into()),
+            }),
+            ..Default::default()
+        });
+        mounts.push(mount("model"));
+        args.push(format!("--model={MODEL_DIR}/{file}"));
+    } else if let Some(v) = &s.model.pvc {
+        volumes.push(Volume {
+            name: "model".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: v.claim_name.clone(),
+                read_only: Some(true),
+            }),
+            ..Default::default()
+        });
+        mounts.push(mount("model"));
+        args.push(format!("--model={MODEL_DIR}/{}", v.path));
+    }
+    (args, volumes, mounts)
+}
+
+fn http_probe(path: &str, port: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String(port.into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Default::default()
+    }
+}
+
+fn hardened() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        run_as_user: Some(RUN_AS),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn deployment(isvc: &InferenceService, d: &Defaults) -> Deployment {
+    let s = &isvc.spec;
+    let (args, mut volumes, mounts) = engine_args(isvc);
+    let mut containers = vec![Container {
+        name: "engine".into(),
+        image: Some(s.image.clone().unwrap_or_else(|| d.engine_image.clone())),
+        args: Some(args),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: ENGINE_PORT,
+            // Explicit: a 1.20 server's server-side apply needs the list-map key present.
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        // /ready is false while the model loads and while draining; /health is the process.
+        readiness_probe: Some(http_probe("/ready", "http", 2, 1)),
+        liveness_probe: Some(http_probe("/health", "http", 10, 3)),
+        resources: s.resources.clone(),
+        security_context: Some(hardened()),
+        volume_mounts: (!mounts.is_empty()).then_some(mounts),
+        ..Default::default()
+    }];
+    if s.sidecar.enabled {
+        volumes.push(Volume {
+            name: "sidecar-token".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(token_secret_name(isvc)),
+                default_mode: Some(0o440),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        containers.push(Container {
+            name: "sidecar".into(),
+            image: Some(
+                s.sidecar
+                    .image
+                    .clone()
+                    .unwrap_or_else(|| d.sidecar_image.clone()),
+            ),
+            args: Some(vec![
+                format!("--engine-url=http://127.0.0.1:{ENGINE_PORT}"),
+                "--engine-admin-url=http://127.0.0.1:8001".into(),
+                format!("--device={}", s.sidecar.device),
+                format!("--port={SIDECAR_PORT}"),
+                format!("--token-file={TOKEN_DIR}/token"),
+            ]),
+            ports: Some(vec![ContainerPort {
+                name: Some("pressure".into()),
+                container_port: SIDECAR_PORT,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            readiness_probe: Some(http_probe("/healthz", "pressure", 5, 3)),
+            liveness_probe: Some(http_probe("/healthz", "pressure", 10, 3)),
+            security_context: Some(hardened()),
+            volume_mounts: Some(vec![VolumeMount {
+                name: "sidecar-token".into(),
+                mount_path: TOKEN_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+    }
+    Deployment {
+        metadata: meta(isvc, isvc.name_any()),
+        spec: Some(DeploymentSpec {
+            replicas: Some(effective_replicas(s)),
+            selector: LabelSelector {
+                match_labels: Some(selector(isvc)),
+                ..Default::default()
+            },
+            // New pods load the model before old ones go: never below the serving count.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(isvc)),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers,
+                    volumes: (!volumes.is_empty()).then_some(volumes),
+                    // Engines never call the API server.
+                    automount_service_account_token: Some(false),
+                    termination_grace_period_seconds: Some(s.termination_grace_period_seconds),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(RUN_AS),
+                        run_as_group: Some(RUN_AS),
+                        fs_group: Some(RUN_AS),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn service(isvc: &InferenceService) -> Service {
+    Service {
+        metadata: meta(isvc, isvc.name_any()),
+        spec: Some(ServiceSpec {
+            selector: Some(selector(isvc)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: ENGINE_PORT,
+                target_port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The sidecar token Secret's metadata; the token itself is generated once by the reconciler.
+pub fn token_secret_meta(isvc: &InferenceService) -> ObjectMeta {
+    meta(isvc, token_secret_name(isvc))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn isvc(yaml: &str) -> InferenceService {
+        let mut i: InferenceService = serde_yaml::from_str(yaml).unwrap();
+        i.metadata.uid = Some("u-1".into());
+        i
+    }
+
+    const BASE: &str = "apiVersion: redline.dev/v1alpha1\nkind: InferenceService\nmetadata: {name: chat, namespace: ml}\nspec:\n  model: {default: {}}\n";
+
+    #[test]
+    fn deployment_is_hardened_owned_and_sized() {
+        let i = isvc(&format!("{BASE}  minReplicas: 1\n  maxReplicas: 4\n  replicas: 9\n  resources: {{limits: {{nvidia.com/gpu: '1'}}}}\n"));
+        let d = deployment(&i, &Defaults::default());
+        assert_eq!(
+            d.spec.as_ref().unwrap().replicas,
+            Some(4),
+            "clamped to maxReplicas"
+        );
+        let o = &d.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (o.kind.as_str(), o.controller),
+            ("InferenceService", Some(true))
+        );
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        assert_eq!(pod.containers.len(), 2, "engine + sidecar");
+        for c in &pod.containers {
+            let sc = c.security_context.as_ref().unwrap();
+            assert_eq!(sc.read_only_root_filesystem, Some(true));
+            assert_eq!(sc.allow_privilege_escalation, Some(false));
+            assert_eq!(sc.run_as_non_root, Some(true));
+            assert!(c.readiness_probe.is_some() && c.liveness_probe.is_some());
+        }
+        let engine = &pod.containers[0];
+        assert_eq!(
+            engine.resources.as_ref().unwrap().limits.as_ref().unwrap()["nvidia.com/gpu"].0,
+            "1"
+        );
+        assert!(engine
+            .args
+            .as_ref()
+            .unwrap()
+            .contains(&"--drain-grace-seconds=55".to_string()));
+    }
+
+    #[test]
+    fn model_sources_become_mounts_and_flags() {
+        let i = isvc(&BASE.replace("{default: {}}", "{hostPath: {path: /data/models/m.gguf}}"));
+        let pod = deployment(&i, &Defaults::default())
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap();
+        let v = &pod.volumes.as_ref().unwrap()[0];
+        assert_eq!(v.host_path.as_ref().unwrap().path, "/data/models");
+        assert!(pod.containers[0]
+            .args
+            .as_ref()
+            .unwrap()
+            .contains(&format!("--model={MODEL_DIR}/m.gguf")));
+        assert_eq!(served_model(&i), "m");
+        let no_sidecar = isvc(&format!("{BASE}  sidecar: {{enabled: false}}\n"));
+        let pod = deployment(&no_sidecar, &Defaults::default())
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap();
+        assert_eq!(pod.containers.len(), 1);
+        assert!(
+            pod.volumes.is_none(),
+            "no model volume for the default model, no token volume"
+        );
+    }
+}

@@ -1,0 +1,82 @@
+//! Kubernetes-style status conditions: a condition's lastTransitionTime moves only when its
+//! status does.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+
+pub const READY: &str = "Ready";
+pub const PROGRESSING: &str = "Progressing";
+pub const DEGRADED: &str = "Degraded";
+/// True when the service's pods are close to running out of KV cache or device memory.
+pub const NEAR_REDLINE: &str = "NearRedline";
+
+pub struct Cond<'a> {
+    pub type_: &'a str,
+    pub ok: Option<bool>,
+    pub reason: &'a str,
+    pub message: String,
+}
+
+/// The new conditions list, keeping transition times of unchanged ones from `previous`.
+pub fn merge(
+    previous: &[Condition],
+    now: Timestamp,
+    generation: Option<i64>,
+    new: Vec<Cond>,
+) -> Vec<Condition> {
+    new.into_iter()
+        .map(|c| {
+            let status = match c.ok {
+                Some(true) => "True",
+                Some(false) => "False",
+                None => "Unknown",
+            };
+            let since = previous
+                .iter()
+                .find(|p| p.type_ == c.type_ && p.status == status)
+                .map(|p| p.last_transition_time.clone())
+                .unwrap_or(Time(now));
+            Condition {
+                type_: c.type_.into(),
+                status: status.into(),
+                reason: c.reason.into(),
+                // A 1.20 server rejects an empty message (it arrives as null).
+                message: if c.message.is_empty() {
+                    c.reason.to_string()
+                } else {
+                    c.message
+                },
+                last_transition_time: since,
+                observed_generation: generation,
+            }
+        })
+        .collect()
+}
+
+pub fn find<'a>(conds: &'a [Condition], type_: &str) -> Option<&'a Condition> {
+    conds.iter().find(|c| c.type_ == type_)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transition_time_moves_only_on_status_change() {
+        let t = |s| Timestamp::from_second(s).unwrap();
+        let c = |ok| {
+            vec![Cond {
+                type_: READY,
+                ok: Some(ok),
+                reason: "R",
+                message: String::new(),
+            }]
+        };
+        let a = merge(&[], t(1), Some(1), c(false));
+        let b = merge(&a, t(2), Some(1), c(false));
+        assert_eq!(b[0].last_transition_time, Time(t(1)));
+        let d = merge(&b, t(3), Some(2), c(true));
+        assert_eq!(d[0].last_transition_time, Time(t(3)));
+        assert_eq!(d[0].observed_generation, Some(2));
+    }
+}

@@ -1,0 +1,444 @@
+//! The InferenceService reconciler: level-triggered and idempotent. Children (Deployment,
+//! Service, token Secret) by server-side apply with owner references, so deleting the service
+//! garbage-collects them and no finalizer is needed; status by server-side apply on the status
+//! subresource; one Event per action; invalid specs become a `Degraded` condition while every
+//! other InferenceService keeps reconciling.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::ByteString;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::children::{self, Defaults};
+use crate::conditions::{self, Cond, DEGRADED, NEAR_REDLINE, PROGRESSING, READY};
+use crate::crd::{InferenceService, InferenceServiceStatus};
+use crate::metrics::Metrics;
+use crate::validate;
+
+pub const MANAGER: &str = "redline-operator";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("object has no {0}")]
+    MissingKey(&'static str),
+}
+
+impl Error {
+    /// Label for the errors metric, and the basis of the retry delay.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
+            Error::Kube(kube::Error::Api(s)) if s.code == 429 || s.code >= 500 => "server",
+            Error::Kube(kube::Error::Api(_)) => "rejected",
+            Error::Kube(_) => "transport",
+            Error::MissingKey(_) => "invalid_object",
+        }
+    }
+}
+
+/// Shared by every reconciliation.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub defaults: Defaults,
+    pub metrics: Arc<Metrics>,
+    /// The last error logged per object, so a failure repeating on every retry is logged once.
+    last_error: std::sync::Mutex<std::collections::HashMap<String, String>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        defaults: Defaults,
+        metrics: Arc<Metrics>,
+        instance: String,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: MANAGER.into(),
+            instance: Some(instance),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            defaults,
+            metrics,
+            last_error: Default::default(),
+        }
+    }
+
+    async fn event(
+        &self,
+        isvc: &InferenceService,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        info!(isvc = %format!("{}/{}", isvc.namespace().unwrap_or_default(), isvc.name_any()), reason, "{note}");
+        self.metrics.events.with_label_values(&[reason]).inc();
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &isvc.object_ref(&())).await {
+            warn!("publishing event {reason}: {e}");
+        }
+    }
+}
+
+fn apply_params() -> PatchParams {
+    PatchParams::apply(MANAGER).force()
+}
+
+pub async fn reconcile(isvc: Arc<InferenceService>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let start = Instant::now();
+    ctx.metrics.reconciles.inc();
+    let r = reconcile_inner(&isvc, &ctx).await;
+    ctx.metrics.duration.observe(start.elapsed().as_secs_f64());
+    if r.is_ok() {
+        let key = format!(
+            "{}/{}",
+            isvc.namespace().unwrap_or_default(),
+            isvc.name_any()
+        );
+        if ctx.last_error.lock().unwrap().remove(&key).is_some() {
+            info!(isvc = %key, "reconciling again after errors");
+        }
+    }
+    r
+}
+
+async fn reconcile_inner(isvc: &InferenceService, ctx: &Context) -> Result<Action, Error> {
+    let ns = isvc.namespace().ok_or(Error::MissingKey("namespace"))?;
+    let name = isvc.name_any();
+    let isvcs: Api<InferenceService> = Api::namespaced(ctx.client.clone(), &ns);
+    let previous = isvc.status.clone().unwrap_or_default();
+    let generation = isvc.metadata.generation;
+    let now = Timestamp::now();
+
+    let problems = validate::problems(&isvc.spec);
+    if !problems.is_empty() {
+        let message = problems.join("; ");
+        let already = conditions::find(&previous.conditions, DEGRADED)
+            .is_some_and(|c| c.status == "True" && c.message == message);
+        if !already {
+            ctx.event(
+                isvc,
+                EventType::Warning,
+                "InvalidSpec",
+                "Validate",
+                message.clone(),
+            )
+            .await;
+        }
+        let status = InferenceServiceStatus {
+            observed_generation: generation,
+            conditions: conditions::merge(
+                &previous.conditions,
+                now,
+                generation,
+                vec![
+                    Cond {
+                        type_: READY,
+                        ok: Some(false),
+                        reason: "InvalidSpec",
+                        message: "the spec is invalid; see Degraded".into(),
+                    },
+                    Cond {
+                        type_: PROGRESSING,
+                        ok: Some(false),
+                        reason: "InvalidSpec",
+                        message: String::new(),
+                    },
+                    Cond {
+                        type_: DEGRADED,
+                        ok: Some(true),
+                        reason: "InvalidSpec",
+                        message,
+                    },
+                    Cond {
+                        type_: NEAR_REDLINE,
+                        ok: None,
+                        reason: "InvalidSpec",
+                        message: String::new(),
+                    },
+                ],
+            ),
+            ..previous
+        };
+        write_status(&isvcs, &name, &status).await?;
+        // Nothing to do until the spec changes (which triggers a reconcile by itself).
+        return Ok(Action::requeue(Duration::from_secs(600)));
+    }
+
+    // Children.
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let before = deployments.get_opt(&name).await?;
+    let want = children::deployment(isvc, &ctx.defaults);
+    let dep = deployments
+        .patch(&name, &apply_params(), &Patch::Apply(&want))
+        .await?;
+    let replicas_of = |d: &Deployment| d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+    match &before {
+        None => {
+            ctx.event(
+                isvc,
+                EventType::Normal,
+                "Created",
+                "CreateDeployment",
+                format!(
+                    "created Deployment {name} with {} replicas",
+                    replicas_of(&dep)
+                ),
+            )
+            .await;
+        }
+        Some(b) if replicas_of(b) != replicas_of(&dep) => {
+            ctx.event(
+                isvc,
+                EventType::Normal,
+                "Scaled",
+                "ScaleDeployment",
+                format!(
+                    "scaled Deployment {name} from {} to {} replicas",
+                    replicas_of(b),
+                    replicas_of(&dep)
+                ),
+            )
+            .await;
+        }
+        Some(b) if b.metadata.generation != dep.metadata.generation => {
+            ctx.event(
+                isvc,
+                EventType::Normal,
+                "Updated",
+                "UpdateDeployment",
+                format!(
+                    "updated Deployment {name} (generation {})",
+                    dep.metadata.generation.unwrap_or(0)
+                ),
+            )
+            .await;
+        }
+        _ => {}
+    }
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    let svc_before = services.get_opt(&name).await?;
+    services
+        .patch(
+            &name,
+            &apply_params(),
+            &Patch::Apply(&children::service(isvc)),
+        )
+        .await?;
+    if svc_before.is_none() {
+        ctx.event(
+            isvc,
+            EventType::Normal,
+            "Created",
+            "CreateService",
+            format!("created Service {name}"),
+        )
+        .await;
+    }
+    if isvc.spec.sidecar.enabled {
+        ensure_token_secret(isvc, ctx, &ns).await?;
+    }
+
+    // Status from what the Deployment reports.
+    let ds = dep.status.clone().unwrap_or_default();
+    let desired = replicas_of(&dep);
+    let ready = ds.ready_replicas.unwrap_or(0);
+    let updated = ds.updated_replicas.unwrap_or(0);
+    let total = ds.replicas.unwrap_or(0);
+    let rolled_out =
+        ds.observed_generation >= dep.metadata.generation && updated == desired && total == desired;
+    let all_ready = ready >= desired;
+    let conds = vec![
+        Cond {
+            type_: READY,
+            ok: Some(all_ready && desired > 0 || desired == 0),
+            reason: if desired == 0 {
+                "ScaledToZero"
+            } else if all_ready {
+                "AllReplicasReady"
+            } else {
+                "ReplicasNotReady"
+            },
+            message: format!("{ready}/{desired} replicas ready"),
+        },
+        Cond {
+            type_: PROGRESSING,
+            ok: Some(!(rolled_out && all_ready)),
+            reason: if rolled_out && all_ready {
+                "Stable"
+            } else if !rolled_out {
+                "RollingOut"
+            } else {
+                "WaitingForReady"
+            },
+            message: format!("{updated} updated, {total} total, {ready} ready of {desired}"),
+        },
+        Cond {
+            type_: DEGRADED,
+            ok: Some(false),
+            reason: "AsExpected",
+            message: String::new(),
+        },
+        Cond {
+            type_: NEAR_REDLINE,
+            ok: None,
+            reason: "NoPressureData",
+            message: "no pressure reports yet (autoscaling loop not running)".into(),
+        },
+    ];
+    let status = InferenceServiceStatus {
+        replicas: total,
+        ready_replicas: ready,
+        selector: Some(children::selector_string(isvc)),
+        observed_generation: generation,
+        conditions: conditions::merge(&previous.conditions, now, generation, conds),
+        served_model: Some(children::served_model(isvc)),
+        ..previous.clone()
+    };
+    if status != previous {
+        write_status(&isvcs, &name, &status).await?;
+    }
+    // Children changes wake us through the owned-object watches; the requeue is a safety net.
+    Ok(Action::requeue(if all_ready {
+        Duration::from_secs(300)
+    } else {
+        Duration::from_secs(10)
+    }))
+}
+
+async fn write_status(
+    isvcs: &Api<InferenceService>,
+    name: &str,
+    status: &InferenceServiceStatus,
+) -> Result<(), Error> {
+    let patch = json!({
+        "apiVersion": InferenceService::api_version(&()),
+        "kind": InferenceService::kind(&()),
+        "status": status,
+    });
+    isvcs
+        .patch_status(name, &apply_params(), &Patch::Apply(&patch))
+        .await?;
+    Ok(())
+}
+
+/// The sidecar's bearer token: generated once, never rotated by a reconcile (pods read it).
+async fn ensure_token_secret(
+    isvc: &InferenceService,
+    ctx: &Context,
+    ns: &str,
+) -> Result<(), Error> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let name = children::token_secret_name(isvc);
+    if secrets.get_opt(&name).await?.is_some() {
+        return Ok(());
+    }
+    let token: [u8; 32] = rand::random();
+    let secret = Secret {
+        metadata: children::token_secret_meta(isvc),
+        data: Some(
+            [(
+                "token".to_string(),
+                ByteString(hex::encode(token).into_bytes()),
+            )]
+            .into(),
+        ),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    };
+    match secrets.create(&PostParams::default(), &secret).await {
+        Ok(_) => {
+            ctx.event(
+                isvc,
+                EventType::Normal,
+                "Created",
+                "CreateSecret",
+                format!("created Secret {name} (sidecar token)"),
+            )
+            .await;
+            Ok(())
+        }
+        // Created meanwhile (e.g. by the previous leader): fine.
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub fn error_policy(isvc: Arc<InferenceService>, err: &Error, ctx: Arc<Context>) -> Action {
+    let kind = err.kind();
+    ctx.metrics.errors.with_label_values(&[kind]).inc();
+    let key = format!(
+        "{}/{}",
+        isvc.namespace().unwrap_or_default(),
+        isvc.name_any()
+    );
+    let msg = err.to_string();
+    let repeated = ctx
+        .last_error
+        .lock()
+        .unwrap()
+        .insert(key.clone(), msg.clone())
+        .as_ref()
+        == Some(&msg);
+    if repeated {
+        tracing::debug!(isvc = %key, kind, "reconcile failed again: {msg}");
+    } else {
+        warn!(isvc = %key, kind, "reconcile failed (retrying): {msg}");
+    }
+    Action::requeue(match kind {
+        "conflict" => Duration::from_millis(500),
+        "server" | "transport" => Duration::from_secs(5),
+        _ => Duration::from_secs(60),
+    })
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let isvcs: Api<InferenceService> = Api::all(client.clone());
+    let cfg = watcher::Config::default();
+    Controller::new(isvcs, cfg.clone())
+        .owns(
+            Api::<Deployment>::all(client.clone()),
+            cfg.clone()
+                .labels("app.kubernetes.io/managed-by=redline-operator"),
+        )
+        .owns(
+            Api::<Service>::all(client.clone()),
+            cfg.clone()
+                .labels("app.kubernetes.io/managed-by=redline-operator"),
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!("controller: {e}");
+            }
+        })
+        .await;
+}

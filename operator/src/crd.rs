@@ -1,0 +1,354 @@
+//! The API: `InferenceService` and `AutoscalingPolicy` in `redline.dev/v1alpha1`, generated
+//! into CRDs by `redline-operator crd` (checked in under crds/, tested for drift).
+//!
+//! Only schema features a 1.20 API server understands: structural schemas, ranges, enums,
+//! defaults; no CEL rules. Cross-field checks (`minReplicas <= maxReplicas`, exactly one model
+//! source) are the reconciler's, reported as a `Degraded` condition (see validate.rs).
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub const GROUP: &str = "redline.dev";
+
+/// A model served by a set of engine pods that redline scales before they redline.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "redline.dev",
+    version = "v1alpha1",
+    kind = "InferenceService",
+    namespaced,
+    status = "InferenceServiceStatus",
+    shortname = "infsvc",
+    shortname = "rlis",
+    category = "redline",
+    scale = r#"{"specReplicasPath":".spec.replicas","statusReplicasPath":".status.replicas","labelSelectorPath":".status.selector"}"#,
+    printcolumn = r#"{"name":"Model","type":"string","jsonPath":".status.servedModel"}"#,
+    printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyReplicas"}"#,
+    printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".spec.replicas"}"#,
+    printcolumn = r#"{"name":"KV","type":"string","jsonPath":".status.kvUsage"}"#,
+    printcolumn = r#"{"name":"Decision","type":"string","jsonPath":".status.lastDecision.summary"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct InferenceServiceSpec {
+    pub model: ModelSource,
+    #[serde(default)]
+    pub engine: EngineSettings,
+    /// Desired replicas. Written by `kubectl scale`, HPA/KEDA (scale subresource) or, when
+    /// autoscaling is enabled, by the operator itself. Kept within [minReplicas, maxReplicas].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub replicas: Option<i32>,
+    #[serde(default = "one")]
+    #[schemars(range(min = 0))]
+    pub min_replicas: i32,
+    #[serde(default = "one")]
+    #[schemars(range(min = 0))]
+    pub max_replicas: i32,
+    /// Resources of the engine container; `nvidia.com/gpu` is whole devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slo: Option<Slo>,
+    #[serde(default)]
+    pub sidecar: SidecarSettings,
+    /// Engine image (default: the operator's own release of ghcr.io/redline/engine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Seconds a pod has to finish its requests after SIGTERM (engine drain).
+    #[serde(default = "grace")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub termination_grace_period_seconds: i64,
+}
+
+fn one() -> i32 {
+    1
+}
+fn grace() -> i64 {
+    60
+}
+
+/// Where the GGUF file comes from. Exactly one of `default`, `hostPath`, `pvc`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSource {
+    /// Name the model is served under (`model` in OpenAI requests); default: the file's stem.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_name: Option<String>,
+    /// The project's default model (SmolLM2-135M-Instruct Q4_1), carried by the engine image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<DefaultModel>,
+    /// A GGUF file on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_path: Option<HostPathModel>,
+    /// A GGUF file in a PersistentVolumeClaim, mounted read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc: Option<PvcModel>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+pub struct DefaultModel {}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HostPathModel {
+    /// Absolute path of the .gguf file on the node.
+    #[schemars(length(min = 1))]
+    pub path: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PvcModel {
+    #[schemars(length(min = 1))]
+    pub claim_name: String,
+    /// Path of the .gguf file inside the volume.
+    #[schemars(length(min = 1))]
+    pub path: String,
+}
+
+/// Engine capacity envelope (fixed per pod at start) and initial live limits.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EngineSettings {
+    /// Tokens per KV block.
+    #[serde(default = "block_size")]
+    #[schemars(range(min = 1, max = 256))]
+    pub block_size: i32,
+    /// KV pool size in MiB.
+    #[serde(default = "kv_cache_mib")]
+    #[schemars(range(min = 1))]
+    pub kv_cache_mib: i32,
+    /// Ceiling of max_num_seqs: the most the operator or sidecar may ever set.
+    #[serde(default = "seqs_ceiling")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub max_num_seqs_ceiling: i32,
+    /// Initial max_num_seqs (default: the ceiling).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub max_num_seqs: Option<i32>,
+    /// Token budget per engine step.
+    #[serde(default = "batched_tokens")]
+    #[schemars(range(min = 1))]
+    pub max_batched_tokens: i32,
+    /// Compute threads per engine (default: the CPUs the pod may use).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub threads: Option<i32>,
+}
+
+fn block_size() -> i32 {
+    16
+}
+fn kv_cache_mib() -> i32 {
+    256
+}
+fn seqs_ceiling() -> i32 {
+    64
+}
+fn batched_tokens() -> i32 {
+    256
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            block_size: block_size(),
+            kv_cache_mib: kv_cache_mib(),
+            max_num_seqs_ceiling: seqs_ceiling(),
+            max_num_seqs: None,
+            max_batched_tokens: batched_tokens(),
+            threads: None,
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingSpec {
+    /// When true the operator owns `spec.replicas`; leave false to drive the scale
+    /// subresource from HPA/KEDA or `kubectl scale`.
+    #[serde(default)]
+    pub enabled: bool,
+    /// An AutoscalingPolicy in the same namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_ref: Option<String>,
+    /// An inline policy (used when no policyRef is given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<AutoscalingPolicySpec>,
+}
+
+/// Latency objectives the autoscaler keeps.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Slo {
+    /// Time to first token, p99, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub ttft_p99_ms: Option<i32>,
+    /// Inter-token latency, p99, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub itl_p99_ms: Option<i32>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarSettings {
+    /// Run the pressure sidecar next to each engine (the fast guard and the operator's
+    /// pressure source).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Device backend: auto, nvml or cgroup.
+    #[serde(default = "device_auto")]
+    #[schemars(regex(pattern = "^(auto|nvml|cgroup)$"))]
+    pub device: String,
+}
+
+fn yes() -> bool {
+    true
+}
+fn device_auto() -> String {
+    "auto".into()
+}
+
+impl Default for SidecarSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            image: None,
+            device: device_auto(),
+        }
+    }
+}
+
+/// How an InferenceService scales; reusable across services.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "redline.dev",
+    version = "v1alpha1",
+    kind = "AutoscalingPolicy",
+    namespaced,
+    shortname = "rlpolicy",
+    category = "redline"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingPolicySpec {
+    /// KV-cache usage (0..1) the pods are steered towards.
+    #[serde(default = "target_kv")]
+    #[schemars(range(min = 0.05, max = 0.99))]
+    pub target_kv_usage: f64,
+    /// How far ahead pressure is forecast, seconds (roughly a new pod's time to Ready).
+    #[serde(default = "horizon")]
+    #[schemars(range(min = 1, max = 600))]
+    pub forecast_horizon_seconds: i32,
+    /// Window over which growth rates are estimated, seconds.
+    #[serde(default = "window")]
+    #[schemars(range(min = 1, max = 600))]
+    pub window_seconds: i32,
+    /// No scale-up sooner than this after the last scale-up, seconds.
+    #[serde(default = "up_cooldown")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_up_cooldown_seconds: i32,
+    /// No scale-down sooner than this after the last change, seconds.
+    #[serde(default = "down_cooldown")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_down_cooldown_seconds: i32,
+    /// Most replicas added or removed in one decision.
+    #[serde(default = "max_step")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_step: i32,
+    /// Sidecar guard: KV usage at which a pod stops admitting (0..1).
+    #[serde(default = "guard_kv")]
+    #[schemars(range(min = 0.1, max = 1.0))]
+    pub guard_kv_usage: f64,
+}
+
+fn target_kv() -> f64 {
+    0.7
+}
+fn horizon() -> i32 {
+    30
+}
+fn window() -> i32 {
+    20
+}
+fn up_cooldown() -> i32 {
+    15
+}
+fn down_cooldown() -> i32 {
+    120
+}
+fn max_step() -> i32 {
+    2
+}
+fn guard_kv() -> f64 {
+    0.9
+}
+
+impl Default for AutoscalingPolicySpec {
+    fn default() -> Self {
+        Self {
+            target_kv_usage: target_kv(),
+            forecast_horizon_seconds: horizon(),
+            window_seconds: window(),
+            scale_up_cooldown_seconds: up_cooldown(),
+            scale_down_cooldown_seconds: down_cooldown(),
+            max_step: max_step(),
+            guard_kv_usage: guard_kv(),
+        }
+    }
+}
+
+/// Observed state, written by the operator (server-side apply on the status subresource).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InferenceServiceStatus {
+    #[serde(default)]
+    pub replicas: i32,
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Label selector of the pods, for the scale subresource (HPA/KEDA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready, Progressing, Degraded and NearRedline, in Kubernetes' condition format.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_model: Option<String>,
+    /// Mean KV-cache usage across ready pods, as a percentage string for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_usage: Option<String>,
+    /// Live limits per pod.
+    #[serde(default)]
+    pub pod_limits: Vec<PodLimits>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_decision: Option<Decision>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodLimits {
+    pub pod: String,
+    pub max_num_seqs: i32,
+    pub max_batched_tokens: i32,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Decision {
+    /// e.g. "scale 2->3", "hold", "limits 64->48".
+    pub summary: String,
+    pub reason: String,
+    /// RFC 3339.
+    pub time: String,
+}

@@ -1,0 +1,180 @@
+//! Leader election on a coordination.k8s.io Lease, so two operator replicas never reconcile at
+//! once. Optimistic concurrency (resourceVersion) decides races; a leader that cannot renew
+//! within the lease duration stops (the process exits and its Deployment restarts it).
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::PostParams;
+use kube::Api;
+use tracing::{info, warn};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Decision {
+    /// Free or expired (or already ours): take or renew it.
+    Take,
+    /// Held by someone else whose lease is still valid.
+    Wait,
+}
+
+/// Pure: whether `me` may hold the lease at `now`.
+pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> Decision {
+    let Some(s) = spec else { return Decision::Take };
+    let holder = s.holder_identity.as_deref().unwrap_or("");
+    if holder.is_empty() || holder == me {
+        return Decision::Take;
+    }
+    let duration = SignedDuration::from_secs(s.lease_duration_seconds.unwrap_or(15) as i64);
+    match s.renew_time.as_ref() {
+        Some(MicroTime(t)) if *t + duration > now => Decision::Wait,
+        _ => Decision::Take,
+    }
+}
+
+pub struct LeaseLock {
+    pub api: Api<Lease>,
+    pub name: String,
+    pub identity: String,
+    pub duration: Duration,
+}
+
+impl LeaseLock {
+    /// One attempt; Ok(true) when we hold the lease afterwards.
+    pub async fn try_acquire(&self) -> Result<bool, kube::Error> {
+        let now = Timestamp::now();
+        let current = self.api.get_opt(&self.name).await?;
+        if decide(
+            current.as_ref().and_then(|l| l.spec.as_ref()),
+            &self.identity,
+            now,
+        ) == Decision::Wait
+        {
+            return Ok(false);
+        }
+        let transitions = current
+            .as_ref()
+            .and_then(|l| l.spec.as_ref())
+            .map(|s| {
+                let ours = s.holder_identity.as_deref() == Some(&self.identity);
+                s.lease_transitions.unwrap_or(0) + i32::from(!ours)
+            })
+            .unwrap_or(0);
+        let spec = LeaseSpec {
+            holder_identity: Some(self.identity.clone()),
+            lease_duration_seconds: Some(self.duration.as_secs() as i32),
+            renew_time: Some(MicroTime(now)),
+            acquire_time: current
+                .as_ref()
+                .and_then(|l| l.spec.as_ref())
+                .filter(|s| s.holder_identity.as_deref() == Some(&self.identity))
+                .and_then(|s| s.acquire_time.clone())
+                .or(Some(MicroTime(now))),
+            lease_transitions: Some(transitions),
+            ..Default::default()
+        };
+        let r = match current {
+            None => {
+                let lease = Lease {
+                    metadata: ObjectMeta {
+                        name: Some(self.name.clone()),
+                        ..Default::default()
+                    },
+                    spec: Some(spec),
+                };
+                self.api
+                    .create(&PostParams::default(), &lease)
+                    .await
+                    .map(|_| ())
+            }
+            Some(mut lease) => {
+                // replace carries resourceVersion: a concurrent writer makes this a 409.
+                lease.spec = Some(spec);
+                self.api
+                    .replace(&self.name, &PostParams::default(), &lease)
+                    .await
+                    .map(|_| ())
+            }
+        };
+        match r {
+            Ok(()) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Blocks until this instance is the leader.
+    pub async fn acquire(&self) {
+        let mut waiting_logged = false;
+        loop {
+            match self.try_acquire().await {
+                Ok(true) => {
+                    info!(lease = %self.name, identity = %self.identity, "became leader");
+                    return;
+                }
+                Ok(false) if !waiting_logged => {
+                    info!(lease = %self.name, "another instance leads; waiting");
+                    waiting_logged = true;
+                }
+                Ok(false) => {}
+                Err(e) => warn!(lease = %self.name, "leader election: {e}"),
+            }
+            tokio::time::sleep(self.duration / 3).await;
+        }
+    }
+
+    /// Renews until leadership is lost (returns then). API errors are retried until the lease
+    /// would have expired.
+    pub async fn hold(&self) {
+        let mut last_ok = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(self.duration / 3).await;
+            match self.try_acquire().await {
+                Ok(true) => last_ok = tokio::time::Instant::now(),
+                Ok(false) => {
+                    warn!(lease = %self.name, "leadership lost to another instance");
+                    return;
+                }
+                Err(e) => {
+                    if last_ok.elapsed() >= self.duration {
+                        warn!(lease = %self.name, "could not renew the lease within {:?}: {e}", self.duration);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(holder: &str, renewed: i64, secs: i32) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: Some(holder.into()),
+            renew_time: Some(MicroTime(Timestamp::from_second(renewed).unwrap())),
+            lease_duration_seconds: Some(secs),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn decisions() {
+        let now = Timestamp::from_second(100).unwrap();
+        assert_eq!(decide(None, "a", now), Decision::Take);
+        assert_eq!(decide(Some(&spec("a", 99, 15)), "a", now), Decision::Take);
+        assert_eq!(decide(Some(&spec("b", 90, 15)), "a", now), Decision::Wait);
+        assert_eq!(
+            decide(Some(&spec("b", 80, 15)), "a", now),
+            Decision::Take,
+            "expired"
+        );
+        assert_eq!(
+            decide(Some(&spec("", 99, 15)), "a", now),
+            Decision::Take,
+            "released"
+        );
+    }
+}

@@ -1,0 +1,25 @@
+//! redline's operator: reconciles `InferenceService` custom resources into GPU Deployments
+//! (engine + pressure sidecar), with status, Events, the scale subresource and leader election.
+
+pub mod children;
+pub mod conditions;
+pub mod controller;
+pub mod crd;
+pub mod leader;
+pub mod metrics;
+pub mod validate;
+
+/// The CRDs as YAML documents, in the order `redline-operator crd` prints them.
+pub fn crd_yaml() -> Vec<(&'static str, String)> {
+    use kube::CustomResourceExt;
+    vec![
+        (
+            "inferenceservices.redline.dev.yaml",
+            serde_yaml::to_string(&crd::InferenceService::crd()).expect("CRD serializes"),
+        ),
+        (
+            "autoscalingpolicies.redline.dev.yaml",
+            serde_yaml::to_string(&crd::AutoscalingPolicy::crd()).expect("CRD serializes"),
+        ),
+    ]
+}

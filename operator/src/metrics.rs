@@ -1,0 +1,70 @@
+//! The operator's own Prometheus metrics (prefix `redline_operator_`).
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub reconciles: IntCounter,
+    pub errors: IntCounterVec,
+    pub duration: Histogram,
+    pub events: IntCounterVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let registry = Registry::new();
+        let reconciles =
+            IntCounter::new("redline_operator_reconciles_total", "Reconciliations run").unwrap();
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "redline_operator_reconcile_errors_total",
+                "Failed reconciliations by error kind",
+            ),
+            &["kind"],
+        )
+        .unwrap();
+        let duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "redline_operator_reconcile_duration_seconds",
+                "Duration of one reconciliation",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+        )
+        .unwrap();
+        let events = IntCounterVec::new(
+            Opts::new(
+                "redline_operator_events_total",
+                "Events published by reason",
+            ),
+            &["reason"],
+        )
+        .unwrap();
+        for c in [
+            Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(errors.clone()),
+            Box::new(duration.clone()),
+            Box::new(events.clone()),
+        ] {
+            registry.register(c).unwrap();
+        }
+        Self {
+            registry,
+            reconciles,
+            errors,
+            duration,
+            events,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn render(&self) -> String {
+        let mut buf = String::new();
+        prometheus::TextEncoder::new()
+            .encode_utf8(&self.registry.gather(), &mut buf)
+            .unwrap_or_default();
+        buf
+    }
+}

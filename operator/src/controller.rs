@@ -127,6 +127,11 @@ pub async fn reconcile(isvc: Arc<InferenceService>, ctx: Arc<Context>) -> Result
 async fn reconcile_inner(isvc: &InferenceService, ctx: &Context) -> Result<Action, Error> {
     let ns = isvc.namespace().ok_or(Error::MissingKey("namespace"))?;
     let name = isvc.name_any();
+    if isvc.metadata.deletion_timestamp.is_some() {
+        // Being deleted (foreground: the garbage collector is removing the children):
+        // re-applying them now would resurrect what is being collected.
+        return Ok(Action::await_change());
+    }
     let isvcs: Api<InferenceService> = Api::namespaced(ctx.client.clone(), &ns);
     let previous = isvc.status.clone().unwrap_or_default();
     let generation = isvc.metadata.generation;

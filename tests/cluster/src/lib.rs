@@ -11,3 +11,4 @@ pub mod control_plane;
 pub mod layout;
 pub mod pki;
 pub mod process;
+pub mod testing;

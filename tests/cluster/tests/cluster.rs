@@ -7,79 +7,18 @@
 //! brings the local cluster up with `redline-cluster up` (idempotent; `down` stops it).
 
 use std::collections::BTreeSet;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{DeleteParams, ListParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config};
+use kube::{Api, Client};
+use redline_testcluster::testing::{self, client, is_ready, TestNs};
 use serde_json::json;
 
 fn testpod_image() -> String {
     std::env::var("REDLINE_TESTPOD_IMAGE").unwrap_or_else(|_| "ghcr.io/redline/testpod:dev".into())
-}
-
-fn kubeconfig_path() -> &'static str {
-    static PATH: OnceLock<String> = OnceLock::new();
-    PATH.get_or_init(|| {
-        if let Ok(k) = std::env::var("KUBECONFIG") {
-            return k;
-        }
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_redline-cluster"))
-            .arg("up")
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .expect("running redline-cluster up");
-        assert!(out.status.success(), "redline-cluster up failed");
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    })
-}
-
-async fn client() -> Client {
-    let kc = Kubeconfig::read_from(kubeconfig_path()).expect("kubeconfig");
-    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .expect("kubeconfig");
-    Client::try_from(cfg).unwrap()
-}
-
-/// A namespace of its own per test, deleted at the end (also when the test fails).
-struct TestNs {
-    name: String,
-}
-
-impl TestNs {
-    async fn new(client: &Client, prefix: &str) -> Self {
-        let name = format!("{prefix}-{}", std::process::id() % 100_000);
-        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
-        Api::<Namespace>::all(client.clone())
-            .create(&PostParams::default(), &ns)
-            .await
-            .expect("creating the test namespace");
-        Self { name }
-    }
-    fn pods(&self, client: &Client) -> Api<Pod> {
-        Api::namespaced(client.clone(), &self.name)
-    }
-}
-
-impl Drop for TestNs {
-    fn drop(&mut self) {
-        let n = self.name.clone();
-        // Drop cannot await, and the test's client is served by the test's (now blocked)
-        // runtime: delete from a fresh runtime with a fresh client.
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Runtime::new().unwrap().block_on(async {
-                let _ = Api::<Namespace>::all(client().await)
-                    .delete(&n, &DeleteParams::default())
-                    .await;
-            })
-        })
-        .join();
-    }
 }
 
 /// The ServiceAccount admission of a 1.20 server refuses pods until the account's token
@@ -124,13 +63,6 @@ fn testpod(name: &str, extra_env: serde_json::Value) -> serde_json::Value {
     })
 }
 
-fn is_ready(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
 fn restarts(p: &Pod) -> i32 {
     p.status
         .as_ref()
@@ -165,8 +97,7 @@ async fn wait_pod(
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Calls the pod's port 8080 through the API server's pod proxy (works on any cluster, also
-/// where the test host cannot route to pod IPs).
+/// Calls the testpod's port 8080 through the API server's pod proxy.
 async fn pod_http(
     client: &Client,
     ns: &str,
@@ -174,13 +105,7 @@ async fn pod_http(
     method: &str,
     path_and_query: &str,
 ) -> Result<String, String> {
-    let uri = format!("/api/v1/namespaces/{ns}/pods/{pod}:8080/proxy{path_and_query}");
-    let req = http::Request::builder()
-        .method(method)
-        .uri(uri)
-        .body(Vec::new())
-        .unwrap();
-    client.request_text(req).await.map_err(|e| e.to_string())
+    testing::pod_http(client, ns, pod, 8080, method, path_and_query, None).await
 }
 
 #[tokio::test]

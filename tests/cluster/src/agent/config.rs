@@ -165,11 +165,18 @@ impl AgentConfig {
 impl ImageConfig {
     /// Places the image's files in its directory (once; later calls find them there).
     pub fn pull(&self) -> anyhow::Result<()> {
+        use std::os::unix::fs::MetadataExt;
         use std::os::unix::fs::PermissionsExt;
         for (rel, src) in &self.files {
             let dst = self.dir.join(rel);
-            if dst.exists() {
-                continue;
+            let s = std::fs::metadata(src).map_err(|e| anyhow::anyhow!("image file {src}: {e}"))?;
+            // Up to date: the same file (hard link), or a copy at least as new (a rebuilt
+            // binary is a new file, so the next pod gets it, as a new image tag would).
+            if let Ok(d) = std::fs::metadata(&dst) {
+                let same = d.ino() == s.ino() && d.dev() == s.dev();
+                if same || (d.len() == s.len() && d.mtime() >= s.mtime()) {
+                    continue;
+                }
             }
             let parent = dst.parent().unwrap_or(&self.dir);
             std::fs::create_dir_all(parent)?;

@@ -1,0 +1,359 @@
+//! The operator end to end on a real cluster: `helm install` runs it as a pod under its
+//! ServiceAccount (so the chart's RBAC is what is tested); the example InferenceService becomes
+//! Ready engine pods that answer a completion; the scale subresource resizes the Deployment;
+//! invalid services are refused by the API server or marked Degraded while valid ones keep
+//! reconciling; deleting a service garbage-collects its children.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+};
+use kube::{Api, Client};
+use redline_operator::crd::InferenceService;
+use redline_testcluster::testing::{self, client, is_ready, wait_for, TestNs};
+use serde_json::json;
+
+const RELEASE_NS: &str = "redline-e2e";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn helm() -> String {
+    if let Ok(h) = std::env::var("REDLINE_HELM") {
+        return h;
+    }
+    let out = Command::new(repo().join("scripts/fetch-helm.sh"))
+        .output()
+        .expect("fetch-helm.sh");
+    assert!(
+        out.status.success(),
+        "fetch-helm.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn run_helm(args: &[&str]) -> String {
+    let out = Command::new(helm())
+        .args(args)
+        .env("KUBECONFIG", testing::kubeconfig_path())
+        .output()
+        .expect("running helm");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "helm {args:?} failed:\n{text}");
+    text
+}
+
+fn example() -> InferenceService {
+    let text = std::fs::read_to_string(repo().join("examples/smollm2.yaml")).unwrap();
+    serde_yaml::from_str(&text).expect("examples/smollm2.yaml is an InferenceService")
+}
+
+async fn wait_ready_replicas(
+    api: &Api<InferenceService>,
+    name: &str,
+    want: i32,
+) -> InferenceService {
+    wait_for(
+        &format!("{name} with {want} ready replicas"),
+        Duration::from_secs(120),
+        || async {
+            let i = api.get(name).await.map_err(|e| e.to_string())?;
+            let st = i.status.clone().unwrap_or_default();
+            let ready = st
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            if st.ready_replicas == want && ready && st.observed_generation == i.metadata.generation
+            {
+                Ok(i)
+            } else {
+                Err(format!("{:?}", i.status))
+            }
+        },
+    )
+    .await
+}
+
+async fn engine_pods(client: &Client, ns: &str, name: &str) -> Vec<Pod> {
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels(&format!("redline.dev/inference-service={name}")))
+        .await
+        .unwrap()
+        .items
+}
+
+#[tokio::test]
+async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
+    let client = client().await;
+    let lint = run_helm(&["lint", repo().join("charts/redline").to_str().unwrap()]);
+    assert!(lint.contains("0 chart(s) failed"), "{lint}");
+    run_helm(&[
+        "upgrade",
+        "--install",
+        "redline",
+        repo().join("charts/redline").to_str().unwrap(),
+        "--namespace",
+        RELEASE_NS,
+        "--create-namespace",
+        "--wait",
+        "--timeout",
+        "120s",
+    ]);
+    // The operator runs as a pod with the chart's ServiceAccount.
+    let op_pods = Api::<Pod>::namespaced(client.clone(), RELEASE_NS);
+    let op = wait_for(
+        "the operator pod Ready",
+        Duration::from_secs(60),
+        || async {
+            let pods = op_pods
+                .list(&ListParams::default().labels("app.kubernetes.io/name=redline-operator"))
+                .await
+                .map_err(|e| e.to_string())?;
+            pods.items
+                .into_iter()
+                .find(is_ready)
+                .ok_or("no ready operator pod".to_string())
+        },
+    )
+    .await;
+    assert_eq!(
+        op.spec.as_ref().unwrap().service_account_name.as_deref(),
+        Some("redline-operator")
+    );
+
+    let ns = TestNs::new(&client, "rl-e2e").await;
+    let isvcs: Api<InferenceService> = Api::namespaced(client.clone(), &ns.name);
+    let isvc = isvcs
+        .create(&PostParams::default(), &example())
+        .await
+        .unwrap();
+    let name = isvc.metadata.name.clone().unwrap();
+    let ready = wait_ready_replicas(&isvcs, &name, 1).await;
+    assert_eq!(
+        ready.status.as_ref().unwrap().selector.as_deref(),
+        Some("redline.dev/inference-service=smollm2")
+    );
+
+    // The engine pod answers a completion (through the pod proxy: works on any cluster).
+    let pods = engine_pods(&client, &ns.name, &name).await;
+    assert_eq!(pods.len(), 1);
+    let pod = pods[0].metadata.name.clone().unwrap();
+    let answer = testing::pod_http(
+        &client,
+        &ns.name,
+        &pod,
+        8000,
+        "POST",
+        "/v1/completions",
+        Some(json!({"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0})),
+    )
+    .await
+    .unwrap();
+    let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(answer["usage"]["completion_tokens"], 8, "{answer}");
+    assert!(
+        answer["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("Paris"),
+        "{answer}"
+    );
+
+    // The scale subresource (what `kubectl scale`, HPA and KEDA use) resizes the Deployment.
+    isvcs
+        .patch_scale(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 2}})),
+        )
+        .await
+        .unwrap();
+    wait_ready_replicas(&isvcs, &name, 2).await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    assert_eq!(
+        deployments.get(&name).await.unwrap().spec.unwrap().replicas,
+        Some(2)
+    );
+    // Beyond maxReplicas (3) is clamped.
+    isvcs
+        .patch_scale(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 7}})),
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "Deployment clamped to maxReplicas",
+        Duration::from_secs(30),
+        || async {
+            let r = deployments
+                .get(&name)
+                .await
+                .map_err(|e| e.to_string())?
+                .spec
+                .unwrap()
+                .replicas;
+            if r == Some(3) {
+                Ok(())
+            } else {
+                Err(format!("{r:?}"))
+            }
+        },
+    )
+    .await;
+    isvcs
+        .patch_scale(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 1}})),
+        )
+        .await
+        .unwrap();
+
+    // Invalid services: refused by the API server's schema (raw JSON, as kubectl would send)...
+    let raw: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &ns.name,
+        &ApiResource::erase::<InferenceService>(&()),
+    );
+    let example_json = || {
+        let mut v = serde_json::to_value(example()).unwrap();
+        v["metadata"]["name"] = json!("bad");
+        v
+    };
+    for (what, edit) in [
+        (
+            "negative size",
+            Box::new(|v: &mut serde_json::Value| v["spec"]["engine"]["kvCacheMib"] = json!(-1))
+                as Box<dyn Fn(&mut serde_json::Value)>,
+        ),
+        (
+            "missing model",
+            Box::new(|v: &mut serde_json::Value| {
+                v["spec"].as_object_mut().unwrap().remove("model");
+            }),
+        ),
+        (
+            "wrong type",
+            Box::new(|v: &mut serde_json::Value| v["spec"]["maxReplicas"] = json!("many")),
+        ),
+    ] {
+        let mut v = example_json();
+        edit(&mut v);
+        let obj: DynamicObject = serde_json::from_value(v).unwrap();
+        let err = raw
+            .create(&PostParams::default(), &obj)
+            .await
+            .expect_err(what);
+        assert!(
+            err.to_string().contains("Invalid") || err.to_string().contains("Required"),
+            "{what}: {err}"
+        );
+    }
+    // An unknown field is pruned by the structural schema (a 1.20 server prunes rather than
+    // rejects; strict field validation is 1.25+), so it can never reach the operator.
+    let mut v = example_json();
+    v["metadata"]["name"] = json!("pruned");
+    v["spec"]["sidecar"]["enabled"] = json!(false);
+    v["spec"]["replicas"] = json!(0);
+    v["spec"]["minReplicas"] = json!(0);
+    v["spec"]["bogusField"] = json!(1);
+    let created = raw
+        .create(&PostParams::default(), &serde_json::from_value(v).unwrap())
+        .await
+        .unwrap();
+    assert!(
+        created.data["spec"].get("bogusField").is_none(),
+        "unknown field kept: {:?}",
+        created.data
+    );
+    // ...or marked Degraded by the operator, while a valid one created after it reconciles.
+    let mut inverted = example();
+    inverted.metadata.name = Some("inverted".into());
+    inverted.spec.min_replicas = 3;
+    inverted.spec.max_replicas = 1;
+    isvcs
+        .create(&PostParams::default(), &inverted)
+        .await
+        .unwrap();
+    let mut other = example();
+    other.metadata.name = Some("other".into());
+    other.spec.replicas = Some(0);
+    other.spec.min_replicas = 0;
+    isvcs.create(&PostParams::default(), &other).await.unwrap();
+    let degraded = wait_for("inverted Degraded", Duration::from_secs(30), || async {
+        let i = isvcs.get("inverted").await.map_err(|e| e.to_string())?;
+        let c = i
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded").cloned());
+        match c {
+            Some(c) if c.status == "True" => Ok(c),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(degraded.reason, "InvalidSpec");
+    assert!(
+        degraded
+            .message
+            .contains("minReplicas (3) is greater than maxReplicas (1)"),
+        "{}",
+        degraded.message
+    );
+    assert!(
+        deployments.get_opt("inverted").await.unwrap().is_none(),
+        "no children for an invalid spec"
+    );
+    wait_for("other's Deployment", Duration::from_secs(30), || async {
+        deployments
+            .get_opt("other")
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("absent".to_string())
+    })
+    .await;
+
+    // Deleting the service garbage-collects its Deployment and Service (owner references).
+    isvcs
+        .delete(&name, &DeleteParams::foreground())
+        .await
+        .unwrap();
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns.name);
+    wait_for(
+        "children garbage-collected",
+        Duration::from_secs(60),
+        || async {
+            let d = deployments
+                .get_opt(&name)
+                .await
+                .map_err(|e| e.to_string())?;
+            let s = services.get_opt(&name).await.map_err(|e| e.to_string())?;
+            let p = engine_pods(&client, &ns.name, &name).await;
+            if d.is_none() && s.is_none() && p.is_empty() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "deployment {}, service {}, {} pods",
+                    d.is_some(),
+                    s.is_some(),
+                    p.len()
+                ))
+            }
+        },
+    )
+    .await;
+    run_helm(&["uninstall", "redline", "--namespace", RELEASE_NS, "--wait"]);
+}

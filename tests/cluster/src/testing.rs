@@ -1,0 +1,141 @@
+//! Helpers for tests that run on a cluster (this crate's and the operator's): the cluster from
+//! `$KUBECONFIG` when set, otherwise the local one (`redline-cluster up`, idempotent); a
+//! namespace per test; waiting with a deadline that reports what was last seen; HTTP to pods
+//! through the API server's pod proxy (works where the test host cannot route to pod IPs).
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{DeleteParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+
+/// `$KUBECONFIG`, or the local cluster's admin kubeconfig after `redline-cluster up`.
+pub fn kubeconfig_path() -> &'static str {
+    static PATH: OnceLock<String> = OnceLock::new();
+    PATH.get_or_init(|| {
+        if let Ok(k) = std::env::var("KUBECONFIG") {
+            return k;
+        }
+        // Test executables live in target/<profile>/deps; the binaries one level up.
+        let exe = std::env::current_exe().expect("test executable path");
+        let bin = exe
+            .parent()
+            .and_then(|d| d.parent())
+            .expect("target dir")
+            .join("redline-cluster");
+        let out = std::process::Command::new(&bin)
+            .arg("up")
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "running {} up: {e} (cargo build --workspace --bins first)",
+                    bin.display()
+                )
+            });
+        assert!(out.status.success(), "redline-cluster up failed");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    })
+}
+
+pub async fn client() -> Client {
+    let kc = Kubeconfig::read_from(kubeconfig_path()).expect("kubeconfig");
+    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig");
+    Client::try_from(cfg).unwrap()
+}
+
+/// A namespace of its own per test, deleted at the end (also when the test fails).
+pub struct TestNs {
+    pub name: String,
+}
+
+impl TestNs {
+    pub async fn new(client: &Client, prefix: &str) -> Self {
+        let name = format!("{prefix}-{}", std::process::id() % 100_000);
+        let ns: Namespace =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("creating the test namespace");
+        Self { name }
+    }
+    pub fn pods(&self, client: &Client) -> Api<Pod> {
+        Api::namespaced(client.clone(), &self.name)
+    }
+}
+
+impl Drop for TestNs {
+    fn drop(&mut self) {
+        let n = self.name.clone();
+        // Drop cannot await, and the test's client is served by the test's (now blocked)
+        // runtime: delete from a fresh runtime with a fresh client.
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Runtime::new().unwrap().block_on(async {
+                let _ = Api::<Namespace>::all(client().await)
+                    .delete(&n, &DeleteParams::default())
+                    .await;
+            })
+        })
+        .join();
+    }
+}
+
+/// Polls `probe` until it returns Some; panics with `what` and the last observation's debug
+/// text after `timeout`.
+pub async fn wait_for<T, S: std::fmt::Debug, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    mut probe: F,
+) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, S>>,
+{
+    let start = Instant::now();
+    let mut last = None;
+    while start.elapsed() < timeout {
+        match probe().await {
+            Ok(v) => return v,
+            Err(s) => last = Some(s),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("not {what} after {timeout:?}; last seen: {last:#?}");
+}
+
+pub fn is_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// An HTTP request to `pod`'s `port` through the API server's pod proxy.
+pub async fn pod_http(
+    client: &Client,
+    ns: &str,
+    pod: &str,
+    port: u16,
+    method: &str,
+    path_and_query: &str,
+    body: Option<serde_json::Value>,
+) -> Result<String, String> {
+    let uri = format!("/api/v1/namespaces/{ns}/pods/{pod}:{port}/proxy{path_and_query}");
+    let mut req = http::Request::builder().method(method).uri(uri);
+    let bytes = match body {
+        Some(b) => {
+            req = req.header("content-type", "application/json");
+            serde_json::to_vec(&b).unwrap()
+        }
+        None => Vec::new(),
+    };
+    client
+        .request_text(req.body(bytes).unwrap())
+        .await
+        .map_err(|e| e.to_string())
+}

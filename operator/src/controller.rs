@@ -22,7 +22,7 @@ use tracing::{info, warn};
 
 use crate::children::{self, Defaults};
 use crate::conditions::{self, Cond, DEGRADED, NEAR_REDLINE, PROGRESSING, READY};
-use crate::crd::{InferenceService, InferenceServiceStatus};
+use crate::crd::{AutoscalingPolicy, InferenceService, InferenceServiceStatus};
 use crate::metrics::Metrics;
 use crate::validate;
 
@@ -192,6 +192,23 @@ async fn reconcile_inner(isvc: &InferenceService, ctx: &Context) -> Result<Actio
         return Ok(Action::requeue(Duration::from_secs(600)));
     }
 
+    // A referenced AutoscalingPolicy must exist (the autoscaler reads it); its absence is
+    // reported, the children are still applied (they do not depend on it).
+    let mut missing_policy = None;
+    if let Some(r) = isvc
+        .spec
+        .autoscaling
+        .as_ref()
+        .and_then(|a| a.policy_ref.as_ref())
+    {
+        let policies: Api<AutoscalingPolicy> = Api::namespaced(ctx.client.clone(), &ns);
+        if policies.get_opt(r).await?.is_none() {
+            missing_policy = Some(format!(
+                "AutoscalingPolicy {r:?} not found in namespace {ns}"
+            ));
+        }
+    }
+
     // Children.
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     let before = deployments.get_opt(&name).await?;
@@ -300,11 +317,19 @@ async fn reconcile_inner(isvc: &InferenceService, ctx: &Context) -> Result<Actio
             },
             message: format!("{updated} updated, {total} total, {ready} ready of {desired}"),
         },
-        Cond {
-            type_: DEGRADED,
-            ok: Some(false),
-            reason: "AsExpected",
-            message: String::new(),
+        match &missing_policy {
+            Some(m) => Cond {
+                type_: DEGRADED,
+                ok: Some(true),
+                reason: "PolicyNotFound",
+                message: m.clone(),
+            },
+            None => Cond {
+                type_: DEGRADED,
+                ok: Some(false),
+                reason: "AsExpected",
+                message: "children applied".into(),
+            },
         },
         Cond {
             type_: NEAR_REDLINE,
@@ -427,7 +452,30 @@ pub async fn run(
     let client = ctx.client.clone();
     let isvcs: Api<InferenceService> = Api::all(client.clone());
     let cfg = watcher::Config::default();
-    Controller::new(isvcs, cfg.clone())
+    let controller = Controller::new(isvcs, cfg.clone());
+    // A policy change (or creation) wakes the services that reference it.
+    let store = controller.store();
+    controller
+        .watches(
+            Api::<AutoscalingPolicy>::all(client.clone()),
+            cfg.clone(),
+            move |policy| {
+                let (ns, name) = (policy.namespace(), policy.name_any());
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|i| {
+                        i.namespace() == ns
+                            && i.spec
+                                .autoscaling
+                                .as_ref()
+                                .and_then(|a| a.policy_ref.as_deref())
+                                == Some(name.as_str())
+                    })
+                    .map(|i| kube::runtime::reflector::ObjectRef::from_obj(&*i))
+                    .collect::<Vec<_>>()
+            },
+        )
         .owns(
             Api::<Deployment>::all(client.clone()),
             cfg.clone()

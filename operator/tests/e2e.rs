@@ -14,7 +14,7 @@ use kube::api::{
     ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
 };
 use kube::{Api, Client};
-use redline_operator::crd::InferenceService;
+use redline_operator::crd::{AutoscalingPolicy, AutoscalingSpec, InferenceService};
 use redline_testcluster::testing::{self, client, is_ready, wait_for, TestNs};
 use serde_json::json;
 
@@ -91,6 +91,20 @@ async fn engine_pods(client: &Client, ns: &str, name: &str) -> Vec<Pod> {
         .await
         .unwrap()
         .items
+}
+
+async fn replicasets(client: &Client, ns: &str, name: &str) -> Vec<String> {
+    let mut names: Vec<String> =
+        Api::<k8s_openapi::api::apps::v1::ReplicaSet>::namespaced(client.clone(), ns)
+            .list(&ListParams::default().labels(&format!("redline.dev/inference-service={name}")))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter_map(|r| r.metadata.name)
+            .collect();
+    names.sort();
+    names
 }
 
 #[tokio::test]
@@ -292,6 +306,11 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
     other.metadata.name = Some("other".into());
     other.spec.replicas = Some(0);
     other.spec.min_replicas = 0;
+    other.spec.autoscaling = Some(AutoscalingSpec {
+        enabled: false,
+        policy_ref: Some("shared".into()),
+        policy: None,
+    });
     isvcs.create(&PostParams::default(), &other).await.unwrap();
     let degraded = wait_for("inverted Degraded", Duration::from_secs(30), || async {
         let i = isvcs.get("inverted").await.map_err(|e| e.to_string())?;
@@ -325,6 +344,105 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
             .ok_or("absent".to_string())
     })
     .await;
+
+    // A missing AutoscalingPolicy is reported; creating it clears that (the policy watch).
+    let degraded_reason = |i: InferenceService| {
+        i.status
+            .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Degraded"))
+            .map(|c| (c.status, c.reason))
+    };
+    wait_for("other: PolicyNotFound", Duration::from_secs(30), || async {
+        let r = degraded_reason(isvcs.get("other").await.map_err(|e| e.to_string())?);
+        if r == Some(("True".into(), "PolicyNotFound".into())) {
+            Ok(())
+        } else {
+            Err(format!("{r:?}"))
+        }
+    })
+    .await;
+    let policy: AutoscalingPolicy = serde_json::from_value(json!({
+        "apiVersion": "redline.dev/v1alpha1", "kind": "AutoscalingPolicy",
+        "metadata": {"name": "shared"}, "spec": {"targetKvUsage": 0.6}
+    }))
+    .unwrap();
+    Api::<AutoscalingPolicy>::namespaced(client.clone(), &ns.name)
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+    wait_for("other: policy found", Duration::from_secs(30), || async {
+        let r = degraded_reason(isvcs.get("other").await.map_err(|e| e.to_string())?);
+        if r == Some(("False".into(), "AsExpected".into())) {
+            Ok(())
+        } else {
+            Err(format!("{r:?}"))
+        }
+    })
+    .await;
+
+    // The API server restarts (local cluster only: a kind control plane is not ours to
+    // restart): the operator recovers without crashing, reconciles a service created afterwards,
+    // and leaves exactly the children it had.
+    if testing::is_local_cluster() {
+        let rs_before = replicasets(&client, &ns.name, &name).await;
+        testing::redline_cluster(&["restart-apiserver", "--down-seconds", "3"]);
+        let mut after = example();
+        after.metadata.name = Some("after-restart".into());
+        after.spec.replicas = Some(0);
+        after.spec.min_replicas = 0;
+        wait_for(
+            "creating a service after the restart",
+            Duration::from_secs(30),
+            || async {
+                isvcs
+                    .create(&PostParams::default(), &after)
+                    .await
+                    .map_err(|e| e.to_string())
+            },
+        )
+        .await;
+        wait_for(
+            "after-restart reconciled",
+            Duration::from_secs(60),
+            || async {
+                let i = isvcs
+                    .get("after-restart")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let seen = i.status.as_ref().and_then(|s| s.observed_generation);
+                if seen == i.metadata.generation
+                    && deployments
+                        .get_opt("after-restart")
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .is_some()
+                {
+                    Ok(())
+                } else {
+                    Err(format!("{:?}", i.status))
+                }
+            },
+        )
+        .await;
+        wait_ready_replicas(&isvcs, &name, 1).await;
+        assert_eq!(
+            replicasets(&client, &ns.name, &name).await,
+            rs_before,
+            "no new ReplicaSets: children unchanged"
+        );
+        let op = op_pods
+            .get(op.metadata.name.as_deref().unwrap())
+            .await
+            .unwrap();
+        let restarts: i32 = op
+            .status
+            .unwrap()
+            .container_statuses
+            .unwrap()
+            .iter()
+            .map(|c| c.restart_count)
+            .sum();
+        assert_eq!(restarts, 0, "the operator recovered in place");
+    }
 
     // Deleting the service garbage-collects its Deployment and Service (owner references).
     isvcs

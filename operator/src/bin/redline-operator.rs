@@ -13,7 +13,7 @@ use redline_operator::children::Defaults;
 use redline_operator::controller::{self, Context};
 use redline_operator::leader::LeaseLock;
 use redline_operator::metrics::Metrics;
-use tracing::info;
+use tracing::{info, warn};
 
 #[derive(Parser)]
 #[command(about = "redline's Kubernetes operator")]
@@ -135,33 +135,46 @@ async fn run(args: RunArgs) -> Result<()> {
         identity: identity.clone(),
         duration: Duration::from_secs(15),
     });
-    if let Some(l) = &lock {
-        l.acquire().await;
-    }
-    ready.store(true, std::sync::atomic::Ordering::SeqCst);
-    let ctx = Arc::new(Context::new(client, defaults, metrics, identity));
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let shutdown = async move {
-        let _ = stop_rx.await;
-    };
-    let controller = tokio::spawn(controller::run(ctx, shutdown));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let lost = async {
-        match &lock {
-            Some(l) => l.hold().await,
-            None => std::future::pending().await,
+    // Lead, reconcile until leadership is lost (e.g. the API server was unreachable for longer
+    // than the lease), then stop reconciling and campaign again, in the same process.
+    loop {
+        if let Some(l) = &lock {
+            tokio::select! {
+                _ = l.acquire() => {}
+                _ = term.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+            }
         }
-    };
-    let exit_code = tokio::select! {
-        _ = term.recv() => { info!("SIGTERM: stopping"); 0 }
-        _ = tokio::signal::ctrl_c() => 0,
-        _ = lost => 1,
-    };
-    let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
-    http.abort();
-    if exit_code != 0 {
-        anyhow::bail!("leadership lost; exiting so that a fresh instance campaigns again");
+        ready.store(true, std::sync::atomic::Ordering::SeqCst);
+        let ctx = Arc::new(Context::new(
+            client.clone(),
+            defaults.clone(),
+            metrics.clone(),
+            identity.clone(),
+        ));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let controller = tokio::spawn(controller::run(ctx, async move {
+            let _ = stop_rx.await;
+        }));
+        let lost = async {
+            match &lock {
+                Some(l) => l.hold().await,
+                None => std::future::pending().await,
+            }
+        };
+        let stopping = tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: stopping"); true }
+            _ = tokio::signal::ctrl_c() => true,
+            _ = lost => { warn!("not the leader any more: reconciling stops until re-elected"); false }
+        };
+        ready.store(false, std::sync::atomic::Ordering::SeqCst);
+        let _ = stop_tx.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+        if stopping {
+            break;
+        }
     }
+    http.abort();
     Ok(())
 }

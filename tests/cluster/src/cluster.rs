@@ -349,6 +349,20 @@ fn stray_processes(l: &Layout) -> Vec<(u32, String)> {
     found
 }
 
+/// Stops the API server, waits `down`, starts it with the same flags and waits for `/readyz`.
+/// Returns the time from stop to ready.
+pub async fn restart_apiserver(l: &Layout, down: Duration) -> Result<Duration> {
+    let t0 = Instant::now();
+    if !process::stop(&l.pids(), cp::APISERVER, Duration::from_secs(5))? {
+        bail!("kube-apiserver is not running (is the cluster up?)");
+    }
+    tokio::time::sleep(down).await;
+    let bin = crate::layout::k8s_bin_dir().join(cp::APISERVER);
+    process::spawn(&l.pids(), &l.logs(), &cp::apiserver(l, &bin))?;
+    cp::wait_readyz(l, Duration::from_secs(60)).await?;
+    Ok(t0.elapsed())
+}
+
 pub async fn status(l: &Layout) -> Result<bool> {
     let mut all = true;
     for d in DAEMONS {

@@ -40,6 +40,27 @@ pub fn kubeconfig_path() -> &'static str {
     })
 }
 
+/// Whether the tests run on the local cluster (which they may restart parts of), not on a
+/// cluster `$KUBECONFIG` names.
+pub fn is_local_cluster() -> bool {
+    std::path::Path::new(kubeconfig_path()) == crate::layout::Layout::from_env().admin_kubeconfig()
+}
+
+/// Runs `redline-cluster` (built next to the test executable) with `args`.
+pub fn redline_cluster(args: &[&str]) {
+    let exe = std::env::current_exe().expect("test executable path");
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("redline-cluster");
+    let status = std::process::Command::new(&bin)
+        .args(args)
+        .status()
+        .unwrap_or_else(|e| panic!("running {}: {e}", bin.display()));
+    assert!(status.success(), "redline-cluster {args:?} failed");
+}
+
 pub async fn client() -> Client {
     let kc = Kubeconfig::read_from(kubeconfig_path()).expect("kubeconfig");
     let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())

@@ -200,7 +200,10 @@ async fn dispatch(
         });
         return;
     }
-    if deleted || done.contains(&uid) {
+    if deleted {
+        return;
+    }
+    if done.contains(&uid) && pod.metadata.deletion_timestamp.is_none() {
         return;
     }
     let terminal = pod

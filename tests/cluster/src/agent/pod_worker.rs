@@ -170,10 +170,28 @@ pub async fn run(
             }),
             ..Default::default()
         };
-        match w.api.delete(&w.name, &dp).await {
-            Ok(_) => info!(pod = %w.key, "deleted"),
-            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
-            Err(e) => warn!(pod = %w.key, "final delete failed: {e}"),
+        // The processes are gone; the object must go too, even across an API server restart.
+        let mut delay = Duration::from_millis(500);
+        let mut logged = false;
+        let since = tokio::time::Instant::now();
+        // Bounded, so that an agent shutting down with the API server gone still stops; a pod
+        // left Terminating is finished by the next agent (see `dispatch`).
+        while since.elapsed() < Duration::from_secs(120) {
+            match w.api.delete(&w.name, &dp).await {
+                Ok(_) => {
+                    info!(pod = %w.key, "deleted");
+                    break;
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => break,
+                Err(e) => {
+                    if !logged {
+                        warn!(pod = %w.key, "final delete failed (retrying): {e}");
+                        logged = true;
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
         }
     }
 }

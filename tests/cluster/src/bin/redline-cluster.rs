@@ -27,6 +27,12 @@ enum Cmd {
     Down,
     /// What runs, and the nodes. Exit status 1 when the cluster is not up.
     Status,
+    /// Stop the API server and start it again (for tests of clients that must recover).
+    RestartApiserver {
+        /// Seconds to stay down.
+        #[arg(long, default_value_t = 2)]
+        down_seconds: u64,
+    },
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -51,6 +57,14 @@ async fn main() -> Result<()> {
         Cmd::Down => {
             eprintln!("==> stopping the cluster in {}", l.root.display());
             cluster::down(&l, true).await?;
+        }
+        Cmd::RestartApiserver { down_seconds } => {
+            let t = cluster::restart_apiserver(&l, std::time::Duration::from_secs(down_seconds))
+                .await?;
+            eprintln!(
+                "==> kube-apiserver ready again {:.1}s after it stopped",
+                t.as_secs_f64()
+            );
         }
         Cmd::Status => {
             if !cluster::status(&l).await? {

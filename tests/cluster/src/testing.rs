@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{DeleteParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config};
+use kube::{Api, Client};
 
 /// `$KUBECONFIG`, or the local cluster's admin kubeconfig after `redline-cluster up`.
 pub fn kubeconfig_path() -> &'static str {
@@ -18,13 +17,7 @@ pub fn kubeconfig_path() -> &'static str {
         if let Ok(k) = std::env::var("KUBECONFIG") {
             return k;
         }
-        // Test executables live in target/<profile>/deps; the binaries one level up.
-        let exe = std::env::current_exe().expect("test executable path");
-        let bin = exe
-            .parent()
-            .and_then(|d| d.parent())
-            .expect("target dir")
-            .join("redline-cluster");
+        let bin = redline_cluster_bin();
         let out = std::process::Command::new(&bin)
             .arg("up")
             .stderr(std::process::Stdio::inherit())
@@ -46,14 +39,19 @@ pub fn is_local_cluster() -> bool {
     std::path::Path::new(kubeconfig_path()) == crate::layout::Layout::from_env().admin_kubeconfig()
 }
 
-/// Runs `redline-cluster` (built next to the test executable) with `args`.
-pub fn redline_cluster(args: &[&str]) {
+/// `redline-cluster` of this build: test executables live in target/<profile>/deps, the
+/// binaries one level up.
+fn redline_cluster_bin() -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let bin = exe
-        .parent()
+    exe.parent()
         .and_then(|d| d.parent())
         .expect("target dir")
-        .join("redline-cluster");
+        .join("redline-cluster")
+}
+
+/// Runs `redline-cluster` with `args`.
+pub fn redline_cluster(args: &[&str]) {
+    let bin = redline_cluster_bin();
     let status = std::process::Command::new(&bin)
         .args(args)
         .status()
@@ -62,11 +60,9 @@ pub fn redline_cluster(args: &[&str]) {
 }
 
 pub async fn client() -> Client {
-    let kc = Kubeconfig::read_from(kubeconfig_path()).expect("kubeconfig");
-    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+    crate::cluster::client(std::path::Path::new(kubeconfig_path()))
         .await
-        .expect("kubeconfig");
-    Client::try_from(cfg).unwrap()
+        .expect("a client from the kubeconfig")
 }
 
 /// A namespace of its own per test, deleted at the end (also when the test fails).

@@ -120,26 +120,27 @@ impl AgentConfig {
         Ok(c)
     }
 
-    /// Kubernetes' command/args semantics over the image's entrypoint/cmd: `command` replaces
-    /// the entrypoint (its program must be the image's own, named by path or file name), `args`
-    /// replaces cmd. Returns the program on this machine and its arguments.
+    /// The image-map entry an image reference matches.
     pub fn image(&self, image: &str) -> Result<&ImageConfig, ImageError> {
         self.images
             .iter()
             .find(|i| glob::Pattern::new(&i.image).is_ok_and(|p| p.matches(image)))
             .ok_or_else(|| ImageError::Unknown(image.into()))
     }
+}
 
+impl ImageConfig {
+    /// Kubernetes' command/args semantics over the image's entrypoint/cmd: `command` replaces
+    /// the entrypoint (its program must be the image's own, named by path or file name), `args`
+    /// replaces cmd. Returns the program on this machine and its arguments.
     pub fn resolve(
         &self,
-        image: &str,
         command: &[String],
         args: Option<&[String]>,
     ) -> Result<(PathBuf, Vec<String>), ImageError> {
-        let entry = self.image(image)?;
-        let Some((program, fixed)) = entry.entrypoint.split_first() else {
+        let Some((program, fixed)) = self.entrypoint.split_first() else {
             return Err(ImageError::EmptyEntrypoint {
-                image: image.into(),
+                image: self.image.clone(),
             });
         };
         let mut argv: Vec<String> = Vec::new();
@@ -147,7 +148,7 @@ impl AgentConfig {
             let name = |p: &str| Path::new(p).file_name().map(|f| f.to_owned());
             if name(cmd0) != name(program) {
                 return Err(ImageError::UnknownCommand {
-                    image: image.into(),
+                    image: self.image.clone(),
                     command: cmd0.clone(),
                     entrypoint: program.clone(),
                 });
@@ -156,13 +157,11 @@ impl AgentConfig {
             argv.extend(args.unwrap_or_default().iter().cloned());
         } else {
             argv.extend(fixed.iter().cloned());
-            argv.extend(args.unwrap_or(&entry.cmd).iter().cloned());
+            argv.extend(args.unwrap_or(&self.cmd).iter().cloned());
         }
         Ok((PathBuf::from(program), argv))
     }
-}
 
-impl ImageConfig {
     /// Places the image's files in its directory (once; later calls find them there).
     pub fn pull(&self) -> anyhow::Result<()> {
         use std::os::unix::fs::MetadataExt;
@@ -236,22 +235,29 @@ mod tests {
         let prog = PathBuf::from("/opt/target/redline-engine");
         // Neither: entrypoint + cmd.
         assert_eq!(
-            c.resolve(img, &[], None).unwrap(),
+            c.image(img).unwrap().resolve(&[], None).unwrap(),
             (prog.clone(), s(&["serve", "--port", "8000"]))
         );
         // args only: entrypoint + args.
         assert_eq!(
-            c.resolve(img, &[], Some(&s(&["--port", "9"]))).unwrap(),
+            c.image(img)
+                .unwrap()
+                .resolve(&[], Some(&s(&["--port", "9"])))
+                .unwrap(),
             (prog.clone(), s(&["serve", "--port", "9"]))
         );
         // command: replaces the entrypoint and drops cmd.
         assert_eq!(
-            c.resolve(img, &s(&["/usr/local/bin/redline-engine", "bench"]), None)
+            c.image(img)
+                .unwrap()
+                .resolve(&s(&["/usr/local/bin/redline-engine", "bench"]), None)
                 .unwrap(),
             (prog.clone(), s(&["bench"]))
         );
         assert_eq!(
-            c.resolve(img, &s(&["redline-engine"]), Some(&s(&["x"])))
+            c.image(img)
+                .unwrap()
+                .resolve(&s(&["redline-engine"]), Some(&s(&["x"])))
                 .unwrap(),
             (prog, s(&["x"]))
         );
@@ -261,11 +267,13 @@ mod tests {
     fn unknown_images_and_commands_are_errors() {
         let c = config();
         assert_eq!(
-            c.resolve("nginx:1", &[], None),
+            c.image("nginx:1").map(|_| ()),
             Err(ImageError::Unknown("nginx:1".into()))
         );
         assert!(matches!(
-            c.resolve("ghcr.io/redline/engine:1", &s(&["sh"]), None),
+            c.image("ghcr.io/redline/engine:1")
+                .unwrap()
+                .resolve(&s(&["sh"]), None),
             Err(ImageError::UnknownCommand { .. })
         ));
     }

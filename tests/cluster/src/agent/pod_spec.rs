@@ -381,6 +381,28 @@ fn project(
     Ok(())
 }
 
+/// Downward-API items (fieldRef only) as files.
+fn downward_files(
+    pod: &Pod,
+    facts: &PodFacts,
+    items: Option<&[k8s_openapi::api::core::v1::DownwardAPIVolumeFile]>,
+    mode: u32,
+    files: &mut BTreeMap<PathBuf, (Vec<u8>, u32)>,
+) -> Result<(), SpecError> {
+    for it in items.unwrap_or_default() {
+        let f = it
+            .field_ref
+            .as_ref()
+            .ok_or_else(|| SpecError::Unsupported("downwardAPI resourceFieldRef".into()))?;
+        let m = it.mode.map_or(mode, |m| m as u32);
+        files.insert(
+            checked_rel(&it.path)?,
+            (field_value(pod, facts, f)?.into_bytes(), m),
+        );
+    }
+    Ok(())
+}
+
 /// The contents of every volume of the pod.
 pub fn volume_contents(
     pod: &Pod,
@@ -449,16 +471,7 @@ pub fn volume_contents(
                         &mut files,
                     )?;
                 } else if let Some(d) = &src.downward_api {
-                    for it in d.items.iter().flatten() {
-                        let f = it.field_ref.as_ref().ok_or_else(|| {
-                            SpecError::Unsupported("downwardAPI resourceFieldRef".into())
-                        })?;
-                        let m = it.mode.map_or(mode, |m| m as u32);
-                        files.insert(
-                            checked_rel(&it.path)?,
-                            (field_value(pod, facts, f)?.into_bytes(), m),
-                        );
-                    }
+                    downward_files(pod, facts, d.items.as_deref(), mode, &mut files)?;
                 } else {
                     return Err(SpecError::Unsupported(format!(
                         "projected volume {:?} source (serviceAccountToken)",
@@ -469,17 +482,7 @@ pub fn volume_contents(
             VolumeContent::Files(files)
         } else if let Some(d) = &v.downward_api {
             let mode = d.default_mode.map_or(0o644, |m| m as u32);
-            for it in d.items.iter().flatten() {
-                let f = it
-                    .field_ref
-                    .as_ref()
-                    .ok_or_else(|| SpecError::Unsupported("downwardAPI resourceFieldRef".into()))?;
-                let m = it.mode.map_or(mode, |m| m as u32);
-                files.insert(
-                    checked_rel(&it.path)?,
-                    (field_value(pod, facts, f)?.into_bytes(), m),
-                );
-            }
+            downward_files(pod, facts, d.items.as_deref(), mode, &mut files)?;
             VolumeContent::Files(files)
         } else {
             return Err(SpecError::Unsupported(format!(

@@ -293,14 +293,7 @@ impl Worker {
     }
 
     async fn start(&mut self) -> Result<(), StepError> {
-        let retry = |reason: &str| {
-            let reason = reason.to_string();
-            move |e: String| StepError::Retry(reason, e)
-        };
-        let lookups = self
-            .lookups()
-            .await
-            .map_err(|e| StepError::Retry("CreateContainerConfigError".into(), e.to_string()))?;
+        let lookups = self.lookups().await.map_err(config_error)?;
         let sb = self.sandbox.clone().expect("sandbox before start");
         let facts = PodFacts {
             pod_ip: sb.ip.to_string(),
@@ -311,8 +304,8 @@ impl Worker {
             api_port: self.ctx.api_port,
         };
         let spec = self.pod.spec.clone().unwrap_or_default();
-        let volumes = pod_spec::volume_contents(&self.pod, &facts, &lookups)
-            .map_err(|e| StepError::Retry("CreateContainerConfigError".into(), e.to_string()))?;
+        let volumes =
+            pod_spec::volume_contents(&self.pod, &facts, &lookups).map_err(config_error)?;
         // Resolve every container before starting any: a pod starts whole or not at all.
         let mut launches = Vec::new();
         let volume_dirs: BTreeMap<String, PathBuf> = volumes
@@ -328,31 +321,25 @@ impl Worker {
             image
                 .pull()
                 .map_err(|e| StepError::Retry("ErrImagePull".into(), format!("{e:#}")))?;
-            let env = pod_spec::container_env(&self.pod, c, &image.env, &facts, &lookups).map_err(
-                |e| StepError::Retry("CreateContainerConfigError".into(), e.to_string()),
-            )?;
+            let env = pod_spec::container_env(&self.pod, c, &image.env, &facts, &lookups)
+                .map_err(config_error)?;
             let env_map: BTreeMap<String, String> = env.iter().cloned().collect();
             let expand = |v: &Vec<String>| -> Vec<String> {
                 v.iter().map(|a| pod_spec::expand(a, &env_map)).collect()
             };
             let command = c.command.as_ref().map(expand).unwrap_or_default();
             let args = c.args.as_ref().map(expand);
-            let (program, argv) = self
-                .ctx
-                .config
-                .resolve(c.image.as_deref().unwrap_or(""), &command, args.as_deref())
+            let (program, argv) = image
+                .resolve(&command, args.as_deref())
                 .map_err(|e| StepError::Retry("ErrImagePull".into(), e.to_string()))?;
-            let binds = pod_spec::container_binds(c, &volume_dirs).map_err(|e| {
-                StepError::Retry("CreateContainerConfigError".into(), e.to_string())
-            })?;
+            let binds = pod_spec::container_binds(c, &volume_dirs).map_err(config_error)?;
             let sc = c.security_context.clone().unwrap_or_default();
             let psc = spec.security_context.clone().unwrap_or_default();
             let uid = sc.run_as_user.or(psc.run_as_user).map(|u| u as u32);
             let gid = sc.run_as_group.or(psc.run_as_group).map(|g| g as u32);
             if sc.run_as_non_root.or(psc.run_as_non_root) == Some(true) && uid.unwrap_or(0) == 0 {
-                return Err(StepError::Retry(
-                    "CreateContainerConfigError".into(),
-                    "container has runAsNonRoot and would run as root (set runAsUser)".into(),
+                return Err(config_error(
+                    "container has runAsNonRoot and would run as root (set runAsUser)",
                 ));
             }
             launches.push((
@@ -375,11 +362,11 @@ impl Worker {
             ));
         }
         self.materialize(&volumes, &volume_dirs, uid_of(&spec))
-            .map_err(|e| retry("CreateContainerConfigError")(format!("{e:#}")))?;
+            .map_err(|e| config_error(format!("{e:#}")))?;
         for (_, l) in &launches {
             self.ctx
                 .ensure_mount_points(&l.helper.binds)
-                .map_err(|e| retry("CreateContainerConfigError")(format!("{e:#}")))?;
+                .map_err(|e| config_error(format!("{e:#}")))?;
         }
         let restart_policy = spec
             .restart_policy
@@ -483,6 +470,11 @@ impl Worker {
         self.ctx.gpus.lock().unwrap().release(&self.uid);
         let _ = std::fs::remove_dir_all(self.dir.join("volumes"));
     }
+}
+
+/// The kubelet's reason for a pod whose config cannot be resolved yet.
+fn config_error(e: impl ToString) -> StepError {
+    StepError::Retry("CreateContainerConfigError".into(), e.to_string())
 }
 
 fn uid_of(spec: &k8s_openapi::api::core::v1::PodSpec) -> Option<u32> {

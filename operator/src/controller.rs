@@ -444,6 +444,22 @@ pub fn error_policy(isvc: Arc<InferenceService>, err: &Error, ctx: Arc<Context>)
     })
 }
 
+/// The controller's watches share one backoff: every watch error (and after an API server
+/// restart each watch fails at least twice: connection refused, then 410 Gone) lengthens it.
+/// kube's client-go-like default (0.8 s doubling to 30 s, reset only after 120 s quiet) then
+/// keeps every watch paused for half a minute after a 10 s outage; capping it at 5 s and
+/// resetting after 15 s quiet recovers within seconds and is still gentle on a struggling server.
+fn trigger_backoff() -> impl kube::runtime::utils::Backoff {
+    let exp: watcher::ExponentialBackoff = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(Duration::from_secs(5))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .into();
+    kube::runtime::utils::ResetTimerBackoff::new(exp, Duration::from_secs(15))
+}
+
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(
     ctx: Arc<Context>,
@@ -452,7 +468,7 @@ pub async fn run(
     let client = ctx.client.clone();
     let isvcs: Api<InferenceService> = Api::all(client.clone());
     let cfg = watcher::Config::default();
-    let controller = Controller::new(isvcs, cfg.clone());
+    let controller = Controller::new(isvcs, cfg.clone()).trigger_backoff(trigger_backoff());
     // A policy change (or creation) wakes the services that reference it.
     let store = controller.store();
     controller

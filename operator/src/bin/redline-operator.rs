@@ -154,7 +154,7 @@ async fn run(args: RunArgs) -> Result<()> {
             identity.clone(),
         ));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let controller = tokio::spawn(controller::run(ctx, async move {
+        let mut controller = tokio::spawn(controller::run(ctx, async move {
             let _ = stop_rx.await;
         }));
         let lost = async {
@@ -170,7 +170,13 @@ async fn run(args: RunArgs) -> Result<()> {
         };
         ready.store(false, std::sync::atomic::Ordering::SeqCst);
         let _ = stop_tx.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+        // A reconcile stuck on an unreachable API server must not outlive our leadership.
+        if tokio::time::timeout(Duration::from_secs(10), &mut controller)
+            .await
+            .is_err()
+        {
+            controller.abort();
+        }
         if stopping {
             break;
         }

@@ -156,3 +156,45 @@ pub async fn pod_http(
         .await
         .map_err(|e| e.to_string())
 }
+
+/// Prints the last lines of every container log of the pods in `namespace` whose names start
+/// with `pod_prefix` when dropped during a panic: a failed cluster test then shows what the
+/// component under test said. Local cluster only (the agent keeps logs as files).
+pub struct LogsOnPanic {
+    pub namespace: String,
+    pub pod_prefix: String,
+}
+
+impl Drop for LogsOnPanic {
+    fn drop(&mut self) {
+        if !std::thread::panicking() || !is_local_cluster() {
+            return;
+        }
+        let pods = crate::layout::Layout::from_env().pods();
+        let prefix = format!("{}_{}", self.namespace, self.pod_prefix);
+        let Ok(dirs) = std::fs::read_dir(&pods) else {
+            return;
+        };
+        for dir in dirs.flatten() {
+            if !dir.file_name().to_string_lossy().starts_with(&prefix) {
+                continue;
+            }
+            for f in std::fs::read_dir(dir.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let path = f.path();
+                if path.extension().is_some_and(|e| e == "log") {
+                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    let lines: Vec<&str> = text.lines().collect();
+                    let tail = &lines[lines.len().saturating_sub(80)..];
+                    eprintln!("---- {} (last {} lines)", path.display(), tail.len());
+                    for l in tail {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
+    }
+}

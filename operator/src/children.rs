@@ -265,8 +265,8 @@ pub fn deployment(isvc: &InferenceService, d: &Defaults) -> Deployment {
                 protocol: Some("TCP".into()),
                 ..Default::default()
             }]),
-            readiness_probe: Some(http_probe("/healthz", "pressure", 5, 3)),
-            liveness_probe: Some(http_probe("/healthz", "pressure", 10, 3)),
+            readiness_probe: Some(http_probe("/health", "pressure", 5, 3)),
+            liveness_probe: Some(http_probe("/health", "pressure", 10, 3)),
             security_context: Some(hardened()),
             volume_mounts: Some(vec![VolumeMount {
                 name: "sidecar-token".into(),

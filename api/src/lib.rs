@@ -1,0 +1,204 @@
+//! What the sidecar reports (`GET /v1/pressure`) and what the operator sets
+//! (`PUT /v1/limits`). Plain data, shared by both programs so the contract is defined once.
+//!
+//! Units are in the field names (`_bytes`, `_ratio` in 0..=1, `_seconds`, `_per_second`).
+//! `None` means "not known" (the backend cannot measure it, or no sample yet), never zero.
+
+use serde::{Deserialize, Serialize};
+
+/// `GET /v1/pressure`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PressureReport {
+    pub device: DeviceReading,
+    /// The engine's last successful scrape; `None` before the first one.
+    pub engine: Option<EngineReading>,
+    pub derived: Derived,
+    pub limits: LimitsStatus,
+    /// Seconds since the last successful engine scrape; grows while the engine is unreachable, so
+    /// the operator can tell stale data from a quiet pod. `None` before the first scrape.
+    pub sample_age_seconds: Option<f64>,
+    /// Whether the last scrape attempt succeeded.
+    pub engine_reachable: bool,
+}
+
+/// Memory and health of the device the engine runs on (a GPU through NVML, or the pod's cgroup).
+/// Device memory is an out-of-memory headroom signal, not a load signal: engines preallocate
+/// their KV pool, so it stays flat under load.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeviceReading {
+    /// `nvml`, `cgroup` or `none`.
+    pub backend: String,
+    pub name: Option<String>,
+    pub memory_used_bytes: Option<u64>,
+    pub memory_total_bytes: Option<u64>,
+    pub utilization_ratio: Option<f64>,
+    pub temperature_celsius: Option<f64>,
+    pub power_watts: Option<f64>,
+    /// cgroup PSI `memory.pressure` "some avg10" (percent of time stalled on memory).
+    pub memory_stall_percent: Option<f64>,
+    pub health: DeviceHealth,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeviceHealth {
+    /// XID errors seen since the sidecar started (NVML critical-error events).
+    pub xid_errors: Option<u64>,
+    pub last_xid: Option<u64>,
+    /// Uncorrected ECC errors since the driver loaded (volatile counter).
+    pub ecc_uncorrected: Option<u64>,
+}
+
+/// Which metric names the engine exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineFlavor {
+    /// redline-engine: full metrics, live limits.
+    Redline,
+    /// vLLM: observation only (its limits cannot change at run time).
+    Vllm,
+}
+
+/// One scrape of the engine's `/metrics`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EngineReading {
+    pub flavor: EngineFlavor,
+    pub kv_usage_ratio: f64,
+    pub kv_blocks_total: Option<u64>,
+    pub kv_blocks_used: Option<u64>,
+    pub requests_running: u64,
+    pub requests_waiting: u64,
+    pub preemptions_total: u64,
+    /// The engine's live admission limits (redline-engine only).
+    pub limits: Option<Limits>,
+}
+
+/// Pressure, derived by the sidecar's model from the readings over a window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Derived {
+    /// 1 - KV usage (the tighter of the KV pool and device memory when both are known).
+    pub headroom_ratio: f64,
+    /// KV usage growth, ratio of the pool per second (least squares over the window).
+    pub kv_growth_per_second: f64,
+    /// Predicted seconds until KV usage reaches the redline ratio; `None` when not rising.
+    pub seconds_to_redline: Option<f64>,
+    /// Predicted seconds until device memory is full; `None` when not rising or not known.
+    pub device_seconds_to_full: Option<f64>,
+    pub preemptions_per_second: f64,
+    pub level: Level,
+}
+
+impl Default for Derived {
+    fn default() -> Self {
+        Self {
+            headroom_ratio: 1.0,
+            kv_growth_per_second: 0.0,
+            seconds_to_redline: None,
+            device_seconds_to_full: None,
+            preemptions_per_second: 0.0,
+            level: Level::Ok,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Ok,
+    Elevated,
+    Critical,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Ok => "ok",
+            Level::Elevated => "elevated",
+            Level::Critical => "critical",
+        }
+    }
+}
+
+/// An engine's admission limits (the engine's `/admin/limits` body).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    pub max_num_seqs: u32,
+    pub max_batched_tokens: u32,
+}
+
+/// `PUT /v1/limits`: the operator's target for this pod. The guard moves the engine's limits
+/// inside `[min, target]`; a target of `max_num_seqs: 0` drains the pod (admits nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsRequest {
+    pub max_num_seqs: u32,
+    pub max_batched_tokens: u32,
+    /// The guard never goes below these (defaults: 1 sequence, one KV block's worth of tokens).
+    #[serde(default)]
+    pub min_num_seqs: Option<u32>,
+    #[serde(default)]
+    pub min_batched_tokens: Option<u32>,
+    #[serde(default)]
+    pub guard: Option<GuardSettings>,
+}
+
+/// The fast guard's thresholds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardSettings {
+    pub enabled: bool,
+    /// Act when the KV pool is predicted to reach the redline within this many seconds.
+    pub horizon_seconds: f64,
+    /// KV usage ratio treated as redlined.
+    pub redline_ratio: f64,
+}
+
+impl Default for GuardSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            horizon_seconds: 5.0,
+            redline_ratio: 0.9,
+        }
+    }
+}
+
+/// The limits part of the report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LimitsStatus {
+    /// The operator's target (or the sidecar's start-up default).
+    pub target: Limits,
+    pub min_num_seqs: u32,
+    pub min_batched_tokens: u32,
+    /// What the guard last asked the engine for; `None` until it first acts.
+    pub guard_limits: Option<Limits>,
+    /// Why the guard last changed the limits.
+    pub guard_reason: Option<String>,
+    pub guard: GuardSettings,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_request_defaults_and_rejects_unknown_fields() {
+        let r: LimitsRequest =
+            serde_json::from_str(r#"{"max_num_seqs": 8, "max_batched_tokens": 256}"#).unwrap();
+        assert_eq!(r.min_num_seqs, None);
+        assert!(r.guard.is_none());
+        let e = serde_json::from_str::<LimitsRequest>(
+            r#"{"max_num_seqs": 8, "max_batched_tokens": 256, "max_seqs": 3}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn levels_order_and_serialize_lowercase() {
+        assert!(Level::Critical > Level::Elevated && Level::Elevated > Level::Ok);
+        assert_eq!(
+            serde_json::to_string(&Level::Elevated).unwrap(),
+            "\"elevated\""
+        );
+    }
+}

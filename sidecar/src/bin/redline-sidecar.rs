@@ -1,0 +1,115 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use redline_api::GuardSettings;
+use redline_sidecar::device::{self, DeviceKind};
+use redline_sidecar::guard::GuardConfig;
+use redline_sidecar::pressure::ModelConfig;
+use redline_sidecar::{server, sidecar};
+
+/// Watches an inference engine's KV pressure and device memory, guards it locally, and reports
+/// to the redline operator.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    engine_url: String,
+    /// The engine's admin API (localhost only), where the guard sets limits.
+    #[arg(long, default_value = "http://127.0.0.1:8001")]
+    engine_admin_url: String,
+    #[arg(long, value_enum, default_value_t = DeviceKind::Auto)]
+    device: DeviceKind,
+    /// GPU index or UUID (default: the first of NVIDIA_VISIBLE_DEVICES, else 0).
+    #[arg(long)]
+    gpu: Option<String>,
+    #[arg(long, default_value = "0.0.0.0")]
+    host: String,
+    #[arg(long, default_value_t = 8090)]
+    port: u16,
+    /// File holding the bearer token for /v1/pressure and /v1/limits (the mounted Secret).
+    #[arg(long, env = "REDLINE_SIDECAR_TOKEN_FILE")]
+    token_file: PathBuf,
+    /// Scrape and guard interval, milliseconds.
+    #[arg(long, default_value_t = 250)]
+    interval_ms: u64,
+    /// Guard horizon: act when the KV pool is forecast to redline within this many seconds.
+    #[arg(long, default_value_t = 5.0)]
+    guard_horizon_seconds: f64,
+    /// KV usage ratio treated as redlined.
+    #[arg(long, default_value_t = 0.9)]
+    redline_ratio: f64,
+    /// Observe and report only; never change the engine's limits.
+    #[arg(long)]
+    no_guard: bool,
+    /// Seconds of samples the KV growth rate is fitted over.
+    #[arg(long, default_value_t = 3.0)]
+    window_seconds: f64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let a = Args::parse();
+    anyhow::ensure!(
+        a.redline_ratio > 0.0 && a.redline_ratio <= 1.0,
+        "--redline-ratio must be in (0, 1]"
+    );
+    anyhow::ensure!(a.interval_ms >= 10, "--interval-ms must be at least 10");
+    // Fail at start, not on the first request, when the Secret is not mounted.
+    let token = std::fs::read_to_string(&a.token_file)
+        .with_context(|| format!("reading the token file {}", a.token_file.display()))?;
+    anyhow::ensure!(
+        !token.trim().is_empty(),
+        "the token file {} is empty",
+        a.token_file.display()
+    );
+    let interval = Duration::from_millis(a.interval_ms);
+    let cfg = sidecar::Config {
+        engine_url: a.engine_url,
+        engine_admin_url: a.engine_admin_url,
+        interval,
+        token_file: a.token_file,
+        guard: GuardSettings {
+            enabled: !a.no_guard,
+            horizon_seconds: a.guard_horizon_seconds,
+            redline_ratio: a.redline_ratio,
+        },
+        model: ModelConfig {
+            window_seconds: a.window_seconds,
+            ..Default::default()
+        },
+        guard_config: GuardConfig::default(),
+    };
+    let dev = device::open(a.device, a.gpu.as_deref(), interval)?;
+    let shared = Arc::new(sidecar::Shared::new(&cfg));
+    let addr: SocketAddr = format!("{}:{}", a.host, a.port)
+        .parse()
+        .context("--host/--port")?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    tracing::info!(%addr, engine = %cfg.engine_url, guard = cfg.guard.enabled, "serving /v1/pressure /v1/limits /metrics /health");
+    let app = server::router(shared.clone());
+    let mut fast_loop = tokio::spawn(sidecar::run(shared, dev, cfg));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    });
+    // Serving stale numbers without the loop would be worse than restarting: exit if it dies.
+    tokio::select! {
+        r = serve => r?,
+        r = &mut fast_loop => anyhow::bail!("the pressure loop stopped: {r:?}"),
+    }
+    Ok(())
+}

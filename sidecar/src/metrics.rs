@@ -1,0 +1,148 @@
+//! The sidecar's own Prometheus metrics (prefix `redline_sidecar_`), for people and dashboards;
+//! neither control loop needs a Prometheus server.
+
+use prometheus::{
+    Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+use redline_api::{DeviceReading, PressureReport};
+
+pub struct Metrics {
+    registry: Registry,
+    kv_usage: Gauge,
+    headroom: Gauge,
+    growth: Gauge,
+    seconds_to_redline: Gauge,
+    level: IntGauge,
+    sample_age: Gauge,
+    engine_up: IntGauge,
+    preemption_rate: Gauge,
+    device_used: Gauge,
+    device_total: Gauge,
+    device_util: Gauge,
+    device_temp: Gauge,
+    device_power: Gauge,
+    limit_seqs: IntGauge,
+    limit_tokens: IntGauge,
+    pub guard_actions: IntCounterVec,
+    pub scrape_errors: IntCounter,
+    pub unauthorized: IntCounter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let registry = Registry::new();
+        let opts = |n: &str, h: &str| Opts::new(format!("redline_sidecar_{n}"), h);
+        let g = |n: &str, h: &str| {
+            let g = Gauge::with_opts(opts(n, h)).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let ig = |n: &str, h: &str| {
+            let g = IntGauge::with_opts(opts(n, h)).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let c = |n: &str, h: &str| {
+            let c = IntCounter::with_opts(opts(n, h)).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let guard_actions = IntCounterVec::new(
+            opts("guard_actions_total", "Limit changes by the fast guard."),
+            &["direction", "reason"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(guard_actions.clone()))
+            .expect("unique metric");
+        Self {
+            kv_usage: g("kv_usage_ratio", "The engine's KV-cache usage (0..1)."),
+            headroom: g(
+                "headroom_ratio",
+                "1 - the tighter of KV and device memory usage.",
+            ),
+            growth: g(
+                "kv_growth_per_second",
+                "KV usage growth (ratio of the pool per second).",
+            ),
+            seconds_to_redline: g(
+                "seconds_to_redline",
+                "Predicted seconds until KV usage reaches the redline (+Inf when not rising).",
+            ),
+            level: ig("level", "Pressure level: 0 ok, 1 elevated, 2 critical."),
+            sample_age: g(
+                "sample_age_seconds",
+                "Seconds since the last successful engine scrape.",
+            ),
+            engine_up: ig("engine_up", "1 when the last engine scrape succeeded."),
+            preemption_rate: g("preemptions_per_second", "The engine's preemption rate."),
+            device_used: g("device_memory_used_bytes", "Device memory in use."),
+            device_total: g("device_memory_total_bytes", "Device memory in total."),
+            device_util: g("device_utilization_ratio", "Device utilization (0..1)."),
+            device_temp: g("device_temperature_celsius", "Device temperature."),
+            device_power: g("device_power_watts", "Device power draw."),
+            limit_seqs: ig(
+                "max_num_seqs",
+                "The engine's admission limit as the guard holds it.",
+            ),
+            limit_tokens: ig(
+                "max_batched_tokens",
+                "The engine's token budget as the guard holds it.",
+            ),
+            guard_actions,
+            scrape_errors: c("scrape_errors_total", "Failed engine scrapes."),
+            unauthorized: c(
+                "unauthorized_requests_total",
+                "Requests refused for a wrong or missing token.",
+            ),
+            registry,
+        }
+    }
+}
+
+fn set_opt(g: &Gauge, v: Option<f64>) {
+    g.set(v.unwrap_or(f64::NAN));
+}
+
+impl Metrics {
+    pub fn record(&self, r: &PressureReport) {
+        if let Some(e) = &r.engine {
+            self.kv_usage.set(e.kv_usage_ratio);
+        }
+        self.headroom.set(r.derived.headroom_ratio);
+        self.growth.set(r.derived.kv_growth_per_second);
+        self.seconds_to_redline
+            .set(r.derived.seconds_to_redline.unwrap_or(f64::INFINITY));
+        self.level.set(r.derived.level as i64);
+        set_opt(&self.sample_age, r.sample_age_seconds);
+        self.engine_up.set(i64::from(r.engine_reachable));
+        self.preemption_rate.set(r.derived.preemptions_per_second);
+        self.record_device(&r.device);
+        if let Some(l) = r.limits.guard_limits {
+            self.limit_seqs.set(l.max_num_seqs.into());
+            self.limit_tokens.set(l.max_batched_tokens.into());
+        }
+    }
+
+    fn record_device(&self, d: &DeviceReading) {
+        set_opt(&self.device_used, d.memory_used_bytes.map(|v| v as f64));
+        set_opt(&self.device_total, d.memory_total_bytes.map(|v| v as f64));
+        set_opt(&self.device_util, d.utilization_ratio);
+        set_opt(&self.device_temp, d.temperature_celsius);
+        set_opt(&self.device_power, d.power_watts);
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding");
+        String::from_utf8(buf).expect("utf-8 metrics")
+    }
+}

@@ -1,0 +1,356 @@
+//! The pressure model: from a stream of readings to headroom, growth, a time-to-redline
+//! forecast and a level. Pure (time is an argument), so it is proptested here and reused as is
+//! by the simulator.
+//!
+//! Growth is a least-squares slope over a sliding window, so one noisy scrape does not move the
+//! forecast much. The level goes up at once and comes down only after the pressure has stayed
+//! under the lower (exit) thresholds for `calm_seconds`: a pod hovering at a threshold does not
+//! flap between levels.
+
+use std::collections::VecDeque;
+
+use redline_api::{Derived, DeviceReading, EngineReading, GuardSettings, Level};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelConfig {
+    /// Seconds of samples the growth slope is fitted over.
+    pub window_seconds: f64,
+    /// How far under the redline KV usage becomes elevated, and how far under it must fall to
+    /// return to ok (ratios of the pool).
+    pub elevated_margin: f64,
+    pub elevated_exit_margin: f64,
+    /// How far under the redline (as a ratio of the pool) usage must fall to leave critical.
+    pub critical_exit_margin: f64,
+    /// Forecast horizons are widened by this factor to leave a level (hysteresis on time).
+    pub horizon_exit_factor: f64,
+    pub calm_seconds: f64,
+    pub guard: GuardSettings,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            window_seconds: 3.0,
+            elevated_margin: 0.2,
+            elevated_exit_margin: 0.3,
+            critical_exit_margin: 0.1,
+            horizon_exit_factor: 1.5,
+            calm_seconds: 2.0,
+            guard: GuardSettings::default(),
+        }
+    }
+}
+
+/// Least-squares slope of `points` (x, y); `None` with fewer than two distinct x.
+pub fn slope(points: impl Iterator<Item = (f64, f64)> + Clone) -> Option<f64> {
+    let (mut n, mut sx, mut sy) = (0.0, 0.0, 0.0);
+    for (x, y) in points.clone() {
+        n += 1.0;
+        sx += x;
+        sy += y;
+    }
+    if n < 2.0 {
+        return None;
+    }
+    let (mx, my) = (sx / n, sy / n);
+    let (mut sxx, mut sxy) = (0.0, 0.0);
+    for (x, y) in points {
+        sxx += (x - mx) * (x - mx);
+        sxy += (x - mx) * (y - my);
+    }
+    (sxx > 1e-12).then(|| sxy / sxx)
+}
+
+/// Seconds until `value` growing at `rate` per second reaches `limit`; `Some(0)` at or past it,
+/// `None` when it is not rising (noise-level slopes count as not rising).
+pub fn seconds_until(value: f64, rate: f64, limit: f64) -> Option<f64> {
+    if value >= limit {
+        return Some(0.0);
+    }
+    (rate > 1e-4).then(|| (limit - value) / rate)
+}
+
+/// The sliding windows and the level with its hysteresis state.
+#[derive(Debug, Clone)]
+pub struct PressureModel {
+    cfg: ModelConfig,
+    kv: VecDeque<(f64, f64)>,
+    device: VecDeque<(f64, f64)>,
+    preemptions: VecDeque<(f64, u64)>,
+    level: Level,
+    /// Since when the pressure has been below the current level's exit thresholds.
+    calm_since: Option<f64>,
+}
+
+impl PressureModel {
+    pub fn new(cfg: ModelConfig) -> Self {
+        Self {
+            cfg,
+            kv: VecDeque::new(),
+            device: VecDeque::new(),
+            preemptions: VecDeque::new(),
+            level: Level::Ok,
+            calm_since: None,
+        }
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn set_guard(&mut self, g: GuardSettings) {
+        self.cfg.guard = g;
+    }
+
+    pub fn level(&self) -> Level {
+        self.level
+    }
+
+    /// Feeds one scrape taken at `now` (seconds, monotonic) and returns what it implies.
+    pub fn observe(&mut self, now: f64, engine: &EngineReading, device: &DeviceReading) -> Derived {
+        let horizon = self.cfg.window_seconds;
+        let keep = |q: &mut VecDeque<(f64, f64)>| {
+            while q.front().is_some_and(|(t, _)| now - t > horizon) {
+                q.pop_front();
+            }
+        };
+        let usage = engine.kv_usage_ratio.clamp(0.0, 1.0);
+        self.kv.push_back((now, usage));
+        keep(&mut self.kv);
+
+        // A counter that went down means the engine restarted: start the rate afresh.
+        if self
+            .preemptions
+            .back()
+            .is_some_and(|&(_, c)| c > engine.preemptions_total)
+        {
+            self.preemptions.clear();
+        }
+        self.preemptions.push_back((now, engine.preemptions_total));
+        while self
+            .preemptions
+            .front()
+            .is_some_and(|(t, _)| now - t > horizon)
+        {
+            self.preemptions.pop_front();
+        }
+
+        let device_ratio = match (device.memory_used_bytes, device.memory_total_bytes) {
+            (Some(u), Some(t)) if t > 0 => Some((u as f64 / t as f64).clamp(0.0, 1.0)),
+            _ => None,
+        };
+        if let Some(r) = device_ratio {
+            self.device.push_back((now, r));
+        }
+        keep(&mut self.device);
+
+        let growth = slope(self.kv.iter().copied()).unwrap_or(0.0);
+        let seconds_to_redline = seconds_until(usage, growth, self.cfg.guard.redline_ratio);
+        let device_seconds_to_full = device_ratio.and_then(|r| {
+            slope(self.device.iter().copied()).and_then(|s| seconds_until(r, s, 1.0))
+        });
+        let preemptions_per_second = match (self.preemptions.front(), self.preemptions.back()) {
+            (Some(&(t0, c0)), Some(&(t1, c1))) if t1 > t0 => (c1 - c0) as f64 / (t1 - t0),
+            _ => 0.0,
+        };
+        let headroom_ratio = (1.0 - usage).min(device_ratio.map_or(1.0, |r| 1.0 - r));
+        let level = self.next_level(now, usage, seconds_to_redline, preemptions_per_second);
+        Derived {
+            headroom_ratio,
+            kv_growth_per_second: growth,
+            seconds_to_redline,
+            device_seconds_to_full,
+            preemptions_per_second,
+            level,
+        }
+    }
+
+    /// The level the pressure calls for: `exit` applies the wider (leaving) thresholds.
+    fn classify(&self, usage: f64, ttr: Option<f64>, preempting: bool, exit: bool) -> Level {
+        let c = &self.cfg;
+        let (h, redline, elevated) = if exit {
+            (
+                c.guard.horizon_seconds * c.horizon_exit_factor,
+                c.guard.redline_ratio - c.critical_exit_margin,
+                c.guard.redline_ratio - c.elevated_exit_margin,
+            )
+        } else {
+            (
+                c.guard.horizon_seconds,
+                c.guard.redline_ratio,
+                c.guard.redline_ratio - c.elevated_margin,
+            )
+        };
+        let within = |secs: f64| ttr.is_some_and(|t| t < secs);
+        if preempting || usage >= redline || within(h) {
+            Level::Critical
+        } else if usage >= elevated || within(3.0 * h) {
+            Level::Elevated
+        } else {
+            Level::Ok
+        }
+    }
+
+    fn next_level(&mut self, now: f64, usage: f64, ttr: Option<f64>, preempt_rate: f64) -> Level {
+        let preempting = preempt_rate > 0.0;
+        let enter = self.classify(usage, ttr, preempting, false);
+        if enter >= self.level {
+            if enter > self.level {
+                self.level = enter;
+            }
+            self.calm_since = None;
+            return self.level;
+        }
+        let exit = self.classify(usage, ttr, preempting, true);
+        if exit >= self.level {
+            self.calm_since = None;
+            return self.level;
+        }
+        let since = *self.calm_since.get_or_insert(now);
+        if now - since >= self.cfg.calm_seconds {
+            self.level = exit;
+            self.calm_since = None;
+        }
+        self.level
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use redline_api::EngineFlavor;
+
+    fn engine(usage: f64, preemptions: u64) -> EngineReading {
+        EngineReading {
+            flavor: EngineFlavor::Redline,
+            kv_usage_ratio: usage,
+            kv_blocks_total: Some(100),
+            kv_blocks_used: Some((usage * 100.0) as u64),
+            requests_running: 1,
+            requests_waiting: 0,
+            preemptions_total: preemptions,
+            limits: None,
+        }
+    }
+
+    fn none() -> DeviceReading {
+        DeviceReading {
+            backend: "none".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_steady_climb_is_forecast_and_goes_critical_inside_the_horizon() {
+        let mut m = PressureModel::new(ModelConfig::default());
+        let mut d = Derived::default();
+        // 5% of the pool per second from 10%.
+        for i in 0..=10 {
+            let t = i as f64 * 0.25;
+            d = m.observe(t, &engine(0.10 + 0.05 * t, 0), &none());
+        }
+        assert!((d.kv_growth_per_second - 0.05).abs() < 1e-9);
+        let ttr = d.seconds_to_redline.unwrap();
+        // At t=2.5 usage is 0.225: (0.9 - 0.225) / 0.05 = 13.5 s.
+        assert!((ttr - 13.5).abs() < 1e-6, "{ttr}");
+        assert_eq!(
+            d.level,
+            Level::Elevated,
+            "13.5 s is inside 3x the 5 s horizon"
+        );
+        for i in 11..=60 {
+            let t = i as f64 * 0.25;
+            d = m.observe(t, &engine(0.10 + 0.05 * t, 0), &none());
+        }
+        assert_eq!(d.level, Level::Critical);
+    }
+
+    #[test]
+    fn flat_usage_has_no_forecast_and_preemptions_are_critical() {
+        let mut m = PressureModel::new(ModelConfig::default());
+        let mut d = Derived::default();
+        for i in 0..8 {
+            d = m.observe(i as f64 * 0.25, &engine(0.3, 0), &none());
+        }
+        assert_eq!(d.seconds_to_redline, None);
+        assert_eq!(d.level, Level::Ok);
+        d = m.observe(2.0, &engine(0.3, 2), &none());
+        assert!(d.preemptions_per_second > 0.0);
+        assert_eq!(d.level, Level::Critical);
+    }
+
+    #[test]
+    fn an_engine_restart_does_not_make_a_negative_preemption_rate() {
+        let mut m = PressureModel::new(ModelConfig::default());
+        m.observe(0.0, &engine(0.3, 50), &none());
+        let d = m.observe(0.25, &engine(0.0, 0), &none());
+        assert_eq!(d.preemptions_per_second, 0.0);
+    }
+
+    #[test]
+    fn device_memory_gives_headroom_and_its_own_forecast() {
+        let mut m = PressureModel::new(ModelConfig::default());
+        let dev = |used: u64| DeviceReading {
+            backend: "nvml".into(),
+            memory_used_bytes: Some(used),
+            memory_total_bytes: Some(1000),
+            ..Default::default()
+        };
+        m.observe(0.0, &engine(0.1, 0), &dev(800));
+        let d = m.observe(1.0, &engine(0.1, 0), &dev(900));
+        assert!((d.headroom_ratio - 0.1).abs() < 1e-9);
+        assert!((d.device_seconds_to_full.unwrap() - 1.0).abs() < 1e-9);
+    }
+
+    proptest! {
+        #[test]
+        fn slope_recovers_a_line(a in -1.0f64..1.0, b in -5.0f64..5.0, n in 2usize..40) {
+            let pts: Vec<(f64, f64)> = (0..n).map(|i| (i as f64 * 0.25, a + b * i as f64 * 0.25)).collect();
+            let s = slope(pts.iter().copied()).unwrap();
+            prop_assert!((s - b).abs() < 1e-6);
+        }
+
+        #[test]
+        fn forecasts_are_never_negative_and_headroom_stays_in_range(
+            usages in proptest::collection::vec(0.0f64..1.2, 1..60),
+            preempt in proptest::collection::vec(0u64..5, 1..60),
+        ) {
+            let mut m = PressureModel::new(ModelConfig::default());
+            let mut total = 0;
+            for (i, u) in usages.iter().enumerate() {
+                total += preempt[i % preempt.len()];
+                let d = m.observe(i as f64 * 0.25, &engine(*u, total), &none());
+                prop_assert!((0.0..=1.0).contains(&d.headroom_ratio));
+                prop_assert!(d.seconds_to_redline.is_none_or(|t| t >= 0.0));
+                prop_assert!(d.preemptions_per_second >= 0.0);
+            }
+        }
+
+        /// Hysteresis: the level never drops without `calm_seconds` of calm before it, and it
+        /// never sits below what the entering thresholds call for.
+        #[test]
+        fn the_level_only_drops_after_a_calm_period(
+            usages in proptest::collection::vec(0.0f64..1.0, 2..120),
+        ) {
+            let cfg = ModelConfig::default();
+            let mut m = PressureModel::new(cfg);
+            let mut last = Level::Ok;
+            let mut last_raise = f64::NEG_INFINITY;
+            for (i, u) in usages.iter().enumerate() {
+                let t = i as f64 * 0.25;
+                let d = m.observe(t, &engine(*u, 0), &none());
+                if d.level > last {
+                    last_raise = t;
+                }
+                if d.level < last {
+                    prop_assert!(t - last_raise >= cfg.calm_seconds, "dropped at {t}, raised at {last_raise}");
+                }
+                if *u >= cfg.guard.redline_ratio {
+                    prop_assert_eq!(d.level, Level::Critical);
+                }
+                last = d.level;
+            }
+        }
+    }
+}

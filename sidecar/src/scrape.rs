@@ -1,0 +1,161 @@
+//! Reading an engine's Prometheus `/metrics` into an [`EngineReading`]. Engine-agnostic:
+//! redline-engine's own names first, vLLM's otherwise (a vLLM pod is observed, not steered).
+
+use openmetrics_parser::{MetricsExposition, PrometheusType, PrometheusValue};
+use redline_api::{EngineFlavor, EngineReading, Limits};
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ScrapeError {
+    #[error("the metrics text does not parse: {0}")]
+    Parse(String),
+    #[error(
+        "no KV-cache usage metric (neither redline_engine_kv_cache_usage_ratio nor \
+         vllm:kv_cache_usage_perc): is this an inference engine's /metrics?"
+    )]
+    NotAnEngine,
+}
+
+type Exposition = MetricsExposition<PrometheusType, PrometheusValue>;
+
+/// The values of every sample (label set) of the family `name`; counters may be keyed with or
+/// without their `_total` suffix.
+fn values<'a>(e: &'a Exposition, name: &str) -> impl Iterator<Item = f64> + 'a {
+    let family = e
+        .families
+        .get(name)
+        .or_else(|| name.strip_suffix("_total").and_then(|n| e.families.get(n)));
+    family.into_iter().flat_map(|f| {
+        f.iter_samples().filter_map(|s| match &s.value {
+            PrometheusValue::Gauge(n) | PrometheusValue::Unknown(n) => Some(n.as_f64()),
+            PrometheusValue::Counter(c) => Some(c.value.as_f64()),
+            _ => None,
+        })
+    })
+}
+
+/// Sum over label sets (vLLM labels per model and engine); `None` when absent.
+fn sum(e: &Exposition, name: &str) -> Option<f64> {
+    values(e, name).reduce(|a, b| a + b)
+}
+
+/// The fullest KV pool when several engines report (data-parallel vLLM).
+fn max(e: &Exposition, name: &str) -> Option<f64> {
+    values(e, name).reduce(f64::max)
+}
+
+pub fn parse(text: &str) -> Result<EngineReading, ScrapeError> {
+    let scrape = openmetrics_parser::prometheus::parse_prometheus(text)
+        .map_err(|e| ScrapeError::Parse(format!("{e:?}")))?;
+    let count = |name: &str| sum(&scrape, name).unwrap_or(0.0).max(0.0) as u64;
+    if let Some(usage) = max(&scrape, "redline_engine_kv_cache_usage_ratio") {
+        let limits = match (
+            max(&scrape, "redline_engine_max_num_seqs"),
+            max(&scrape, "redline_engine_max_batched_tokens"),
+        ) {
+            // Zero tokens: the engine is still loading and has no limits yet.
+            (Some(s), Some(t)) if t >= 1.0 => Some(Limits {
+                max_num_seqs: s as u32,
+                max_batched_tokens: t as u32,
+            }),
+            _ => None,
+        };
+        return Ok(EngineReading {
+            flavor: EngineFlavor::Redline,
+            kv_usage_ratio: usage,
+            kv_blocks_total: sum(&scrape, "redline_engine_kv_blocks_total").map(|v| v as u64),
+            kv_blocks_used: sum(&scrape, "redline_engine_kv_blocks_used").map(|v| v as u64),
+            requests_running: count("redline_engine_requests_running"),
+            requests_waiting: count("redline_engine_requests_waiting"),
+            preemptions_total: count("redline_engine_preemptions_total"),
+            limits,
+        });
+    }
+    // vLLM renamed gpu_cache_usage_perc to kv_cache_usage_perc; accept both.
+    let usage = max(&scrape, "vllm:kv_cache_usage_perc")
+        .or_else(|| max(&scrape, "vllm:gpu_cache_usage_perc"))
+        .ok_or(ScrapeError::NotAnEngine)?;
+    Ok(EngineReading {
+        flavor: EngineFlavor::Vllm,
+        kv_usage_ratio: usage,
+        kv_blocks_total: None,
+        kv_blocks_used: None,
+        requests_running: count("vllm:num_requests_running"),
+        requests_waiting: count("vllm:num_requests_waiting"),
+        preemptions_total: count("vllm:num_preemptions_total").max(count("vllm:num_preemptions")),
+        limits: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_redline_engine_metrics() {
+        let text = "\
+# HELP redline_engine_kv_cache_usage_ratio KV usage
+# TYPE redline_engine_kv_cache_usage_ratio gauge
+redline_engine_kv_cache_usage_ratio 0.25
+# TYPE redline_engine_kv_blocks_total gauge
+redline_engine_kv_blocks_total 128
+# TYPE redline_engine_kv_blocks_used gauge
+redline_engine_kv_blocks_used 32
+# TYPE redline_engine_requests_running gauge
+redline_engine_requests_running 3
+# TYPE redline_engine_requests_waiting gauge
+redline_engine_requests_waiting 7
+# TYPE redline_engine_preemptions_total counter
+redline_engine_preemptions_total 2
+# TYPE redline_engine_max_num_seqs gauge
+redline_engine_max_num_seqs 16
+# TYPE redline_engine_max_batched_tokens gauge
+redline_engine_max_batched_tokens 256
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc 0.25
+";
+        let r = parse(text).unwrap();
+        assert_eq!(r.flavor, EngineFlavor::Redline);
+        assert_eq!(r.kv_usage_ratio, 0.25);
+        assert_eq!((r.kv_blocks_total, r.kv_blocks_used), (Some(128), Some(32)));
+        assert_eq!((r.requests_running, r.requests_waiting), (3, 7));
+        assert_eq!(r.preemptions_total, 2);
+        assert_eq!(
+            r.limits,
+            Some(Limits {
+                max_num_seqs: 16,
+                max_batched_tokens: 256
+            })
+        );
+    }
+
+    #[test]
+    fn reads_vllm_metrics_with_labels() {
+        // As vLLM 0.10 prints them (two data-parallel engines).
+        let text = r#"# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 4.0
+vllm:num_requests_running{engine="1",model_name="m"} 2.0
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="m"} 1.0
+vllm:num_requests_waiting{engine="1",model_name="m"} 0.0
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.5
+vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.75
+# TYPE vllm:num_preemptions_total counter
+vllm:num_preemptions_total{engine="0",model_name="m"} 3.0
+vllm:num_preemptions_total{engine="1",model_name="m"} 1.0
+"#;
+        let r = parse(text).unwrap();
+        assert_eq!(r.flavor, EngineFlavor::Vllm);
+        assert_eq!(r.kv_usage_ratio, 0.75);
+        assert_eq!((r.requests_running, r.requests_waiting), (6, 1));
+        assert_eq!(r.preemptions_total, 4);
+        assert_eq!(r.limits, None);
+    }
+
+    #[test]
+    fn something_else_is_a_clear_error() {
+        let e = parse("# TYPE up gauge\nup 1\n").unwrap_err();
+        assert_eq!(e, ScrapeError::NotAnEngine);
+    }
+}

@@ -1,0 +1,329 @@
+//! The fast loop: every interval read the device, scrape the engine, update the pressure model,
+//! let the guard decide, and apply its limits through the engine's localhost admin API. State
+//! the HTTP API reads lives in [`Shared`].
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use redline_api::{
+    Derived, DeviceReading, EngineFlavor, EngineReading, GuardSettings, Limits, LimitsRequest,
+    LimitsStatus, PressureReport,
+};
+use tracing::{info, warn};
+
+use crate::device::Device;
+use crate::guard::{Bounds, Guard, GuardConfig, Observation};
+use crate::metrics::Metrics;
+use crate::pressure::{ModelConfig, PressureModel};
+use crate::scrape;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub engine_url: String,
+    pub engine_admin_url: String,
+    pub interval: Duration,
+    pub token_file: PathBuf,
+    pub guard: GuardSettings,
+    pub model: ModelConfig,
+    pub guard_config: GuardConfig,
+}
+
+/// Defaults for the guard's floor when the operator gives none.
+const MIN_SEQS: u32 = 1;
+const MIN_TOKENS: u32 = 64;
+
+struct State {
+    model: PressureModel,
+    guard: Option<Guard>,
+    /// The operator's target; until it sets one, the limits the engine started with.
+    target: Option<Limits>,
+    min_seqs: Option<u32>,
+    min_tokens: Option<u32>,
+    settings: GuardSettings,
+    device: DeviceReading,
+    engine: Option<EngineReading>,
+    derived: Derived,
+    last_ok: Option<Instant>,
+    reachable: bool,
+    guard_reason: Option<String>,
+    /// The last error logged, so a persisting one is logged once.
+    last_error: Option<String>,
+}
+
+pub struct Shared {
+    state: Mutex<State>,
+    pub metrics: Metrics,
+    pub token_file: PathBuf,
+    started: Instant,
+}
+
+impl Shared {
+    pub fn new(cfg: &Config) -> Self {
+        let mut model_cfg = cfg.model;
+        model_cfg.guard = cfg.guard;
+        Self {
+            state: Mutex::new(State {
+                model: PressureModel::new(model_cfg),
+                guard: None,
+                target: None,
+                min_seqs: None,
+                min_tokens: None,
+                settings: cfg.guard,
+                device: DeviceReading::default(),
+                engine: None,
+                derived: Derived::default(),
+                last_ok: None,
+                reachable: false,
+                guard_reason: None,
+                last_error: None,
+            }),
+            metrics: Metrics::default(),
+            token_file: cfg.token_file.clone(),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn report(&self) -> PressureReport {
+        let st = self.state.lock().unwrap();
+        report(&st)
+    }
+
+    /// `PUT /v1/limits`: validated by the caller; applied by the loop's next tick.
+    pub fn set_limits(&self, r: LimitsRequest) -> LimitsStatus {
+        let mut st = self.state.lock().unwrap();
+        st.target = Some(Limits {
+            max_num_seqs: r.max_num_seqs,
+            max_batched_tokens: r.max_batched_tokens,
+        });
+        st.min_seqs = r.min_num_seqs;
+        st.min_tokens = r.min_batched_tokens;
+        if let Some(g) = r.guard {
+            st.settings = g;
+            st.model.set_guard(g);
+        }
+        info!(
+            max_num_seqs = r.max_num_seqs,
+            max_batched_tokens = r.max_batched_tokens,
+            guard = st.settings.enabled,
+            "operator set the limits"
+        );
+        limits_status(&st)
+    }
+
+    /// Logs `msg` unless it is the error already logged last.
+    fn log_once(st: &mut State, msg: String) {
+        if st.last_error.as_deref() != Some(msg.as_str()) {
+            warn!("{msg}");
+            st.last_error = Some(msg);
+        }
+    }
+}
+
+fn bounds(st: &State, target: Limits) -> Bounds {
+    Bounds::new(
+        Limits {
+            max_num_seqs: st.min_seqs.unwrap_or(MIN_SEQS),
+            max_batched_tokens: st.min_tokens.unwrap_or(MIN_TOKENS),
+        },
+        target,
+    )
+}
+
+fn limits_status(st: &State) -> LimitsStatus {
+    let target = st.target.unwrap_or(Limits {
+        max_num_seqs: 0,
+        max_batched_tokens: 0,
+    });
+    let b = bounds(st, target);
+    LimitsStatus {
+        target,
+        min_num_seqs: b.min.max_num_seqs,
+        min_batched_tokens: b.min.max_batched_tokens,
+        guard_limits: st.guard.as_ref().map(Guard::current),
+        guard_reason: st.guard_reason.clone(),
+        guard: st.settings,
+    }
+}
+
+fn report(st: &State) -> PressureReport {
+    PressureReport {
+        device: st.device.clone(),
+        engine: st.engine.clone(),
+        derived: st.derived.clone(),
+        limits: limits_status(st),
+        sample_age_seconds: st.last_ok.map(|t| t.elapsed().as_secs_f64()),
+        engine_reachable: st.reachable,
+    }
+}
+
+async fn scrape_engine(http: &reqwest::Client, url: &str) -> Result<EngineReading, String> {
+    let resp = http
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| format!("engine metrics at {url} unreachable: {e}"))?;
+    if !resp.status().is_success() {
+        return Err(format!("engine metrics at {url}: HTTP {}", resp.status()));
+    }
+    let text = resp
+        .text()
+        .await
+        .map_err(|e| format!("engine metrics at {url}: {e}"))?;
+    scrape::parse(&text).map_err(|e| format!("engine metrics at {url}: {e}"))
+}
+
+/// What the engine accepted (it clamps to its capacity envelope).
+async fn put_engine_limits(
+    http: &reqwest::Client,
+    admin: &str,
+    l: Limits,
+) -> Result<Limits, String> {
+    let url = format!("{admin}/admin/limits");
+    // A loaded engine answers between steps: give it longer than a scrape.
+    let resp = http
+        .put(&url)
+        .timeout(Duration::from_secs(5))
+        .json(&l)
+        .send()
+        .await
+        .map_err(|e| format!("engine admin API at {url} unreachable: {e}"))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body = resp.text().await.unwrap_or_default();
+        return Err(format!(
+            "engine refused limits {l:?}: HTTP {status}: {body}"
+        ));
+    }
+    resp.json::<Limits>()
+        .await
+        .map_err(|e| format!("engine admin API at {url}: {e}"))
+}
+
+/// What one tick decided to send to the engine.
+struct Apply {
+    limits: Limits,
+    /// Set when the guard changed its mind (vs. re-applying after an engine restart).
+    reason: Option<crate::guard::Reason>,
+    from: Limits,
+}
+
+fn tick_state(
+    st: &mut State,
+    now: f64,
+    scraped: Result<EngineReading, String>,
+    gcfg: GuardConfig,
+) -> Option<Apply> {
+    let reading = match scraped {
+        Ok(r) => r,
+        Err(e) => {
+            st.reachable = false;
+            Shared::log_once(st, e);
+            return None;
+        }
+    };
+    if !st.reachable {
+        info!("engine metrics reachable");
+        st.last_error = None;
+    }
+    st.reachable = true;
+    st.last_ok = Some(Instant::now());
+    let derived = st.model.observe(now, &reading, &st.device);
+    let running = reading.requests_running;
+    let waiting = reading.requests_waiting;
+    let usage = reading.kv_usage_ratio;
+    let engine_limits = reading.limits;
+    let flavor = reading.flavor;
+    st.engine = Some(reading);
+    st.derived = derived.clone();
+    // vLLM (or an engine without live limits): observe, never steer.
+    let (EngineFlavor::Redline, Some(live)) = (flavor, engine_limits) else {
+        return None;
+    };
+    let target = *st.target.get_or_insert(live);
+    let b = bounds(st, target);
+    let settings = st.settings;
+    let guard = st.guard.get_or_insert_with(|| Guard::new(gcfg, live));
+    let from = guard.current();
+    let obs = Observation {
+        derived: &derived,
+        kv_usage: usage,
+        running,
+        waiting,
+    };
+    if let Some(c) = guard.step(now, obs, b, &settings) {
+        return Some(Apply {
+            limits: c.limits,
+            reason: Some(c.reason),
+            from,
+        });
+    }
+    // The engine restarted (or a PUT was lost): hold it at the guard's limits.
+    (live != guard.current()).then(|| Apply {
+        limits: guard.current(),
+        reason: None,
+        from: live,
+    })
+}
+
+pub async fn run(shared: std::sync::Arc<Shared>, device: Box<dyn Device>, cfg: Config) {
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(1).max(cfg.interval * 2))
+        .build()
+        .expect("an HTTP client");
+    let metrics_url = format!("{}/metrics", cfg.engine_url.trim_end_matches('/'));
+    let admin = cfg.engine_admin_url.trim_end_matches('/').to_owned();
+    let mut tick = tokio::time::interval(cfg.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        let dev = device.read();
+        let scraped = scrape_engine(&http, &metrics_url).await;
+        if scraped.is_err() {
+            shared.metrics.scrape_errors.inc();
+        }
+        let now = shared.started.elapsed().as_secs_f64();
+        let apply = {
+            let mut st = shared.state.lock().unwrap();
+            st.device = dev;
+            tick_state(&mut st, now, scraped, cfg.guard_config)
+        };
+        if let Some(a) = apply {
+            let result = put_engine_limits(&http, &admin, a.limits).await;
+            let mut st = shared.state.lock().unwrap();
+            match result {
+                Ok(accepted) => {
+                    if let Some(g) = st.guard.as_mut() {
+                        g.sync(accepted);
+                    }
+                    if let Some(r) = a.reason {
+                        let direction = if r.is_decrease() { "down" } else { "up" };
+                        info!(
+                            from_seqs = a.from.max_num_seqs,
+                            to_seqs = accepted.max_num_seqs,
+                            from_tokens = a.from.max_batched_tokens,
+                            to_tokens = accepted.max_batched_tokens,
+                            "guard: limits {direction}: {r}"
+                        );
+                        shared
+                            .metrics
+                            .guard_actions
+                            .with_label_values(&[direction, r.kind()])
+                            .inc();
+                        st.guard_reason = Some(r.to_string());
+                    } else {
+                        info!(
+                            max_num_seqs = accepted.max_num_seqs,
+                            max_batched_tokens = accepted.max_batched_tokens,
+                            "guard: re-applied limits to the engine"
+                        );
+                    }
+                }
+                Err(e) => Shared::log_once(&mut st, e),
+            }
+        }
+        let r = shared.report();
+        shared.metrics.record(&r);
+    }
+}

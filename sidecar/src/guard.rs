@@ -141,7 +141,6 @@ pub struct Observation<'a> {
     pub derived: &'a Derived,
     pub kv_usage: f64,
     pub running: u64,
-    pub waiting: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -247,12 +246,12 @@ impl Guard {
             }
             return None;
         }
-        // Raise only a limit that binds (requests wait because of it): raising an idle limit
-        // gains nothing and leaves room for the next burst to overshoot.
-        let binding = obs.waiting > 0 && running >= cur.max_num_seqs;
+        // Back up one additive step per interval once calm, whether or not requests wait: a
+        // limit left low after a burst would throttle the next one from its first request,
+        // and the forecast catches that burst anyway.
         let calm = now - self.last_decrease >= self.cfg.calm_before_increase_seconds
             && now - self.last_increase >= self.cfg.increase_interval_seconds;
-        if binding && calm && cur != bounds.target {
+        if calm && cur != bounds.target {
             let step = ((bounds.target.max_batched_tokens as f64
                 * self.cfg.increase_tokens_fraction)
                 .ceil() as u32)
@@ -300,7 +299,6 @@ mod tests {
             derived: &d,
             kv_usage: 0.5,
             running: 6,
-            waiting: 0,
         };
         let c = g
             .step(10.0, obs, bounds(), &GuardSettings::default())
@@ -316,38 +314,29 @@ mod tests {
     }
 
     #[test]
-    fn recovery_is_additive_after_a_calm_period_and_only_where_the_limit_binds() {
+    fn recovery_is_additive_one_step_per_interval_after_a_calm_period() {
         let mut g = Guard::new(GuardConfig::default(), lim(32, 512));
         let hot = derived(Level::Critical, None, 1.0);
-        let obs = |d, running, waiting| Observation {
+        let obs = |d, running| Observation {
             derived: d,
             kv_usage: 0.5,
             running,
-            waiting,
         };
         let s = GuardSettings::default();
-        g.step(0.0, obs(&hot, 4, 3), bounds(), &s).unwrap();
+        g.step(0.0, obs(&hot, 4), bounds(), &s).unwrap();
         assert_eq!(g.current(), lim(2, 256));
         let ok = derived(Level::Ok, None, 0.0);
-        assert_eq!(
-            g.step(2.0, obs(&ok, 2, 3), bounds(), &s),
-            None,
-            "not calm yet"
-        );
-        assert_eq!(
-            g.step(3.0, obs(&ok, 1, 0), bounds(), &s),
-            None,
-            "nobody waits"
-        );
-        let c = g.step(3.0, obs(&ok, 2, 3), bounds(), &s).unwrap();
+        assert_eq!(g.step(2.0, obs(&ok, 2), bounds(), &s), None, "not calm yet");
+        // Whether or not anybody waits: the next burst should not start throttled.
+        let c = g.step(3.0, obs(&ok, 0), bounds(), &s).unwrap();
         assert_eq!((c.limits, c.reason), (lim(3, 320), Reason::Recovered));
         assert_eq!(
-            g.step(3.5, obs(&ok, 3, 3), bounds(), &s),
+            g.step(3.5, obs(&ok, 3), bounds(), &s),
             None,
             "one step per interval"
         );
         let elevated = derived(Level::Elevated, Some(12.0), 0.0);
-        assert_eq!(g.step(5.0, obs(&elevated, 3, 3), bounds(), &s), None);
+        assert_eq!(g.step(5.0, obs(&elevated, 3), bounds(), &s), None);
     }
 
     #[test]
@@ -358,7 +347,6 @@ mod tests {
             derived: &elevated,
             kv_usage: 0.75,
             running: 5,
-            waiting: 9,
         };
         let c = g
             .step(0.0, obs, bounds(), &GuardSettings::default())
@@ -375,7 +363,6 @@ mod tests {
             derived: &d,
             kv_usage: 0.1,
             running: 0,
-            waiting: 0,
         };
         let drain = Bounds::new(lim(1, 64), lim(0, 256));
         let c = g.step(0.0, obs, drain, &GuardSettings::default()).unwrap();
@@ -394,18 +381,18 @@ mod tests {
         #[test]
         fn limits_stay_in_bounds_and_move_the_right_way(
             steps in proptest::collection::vec(
-                (0u8..3, proptest::option::of(0.0f64..20.0), 0.0f64..2.0, 0u64..40, 0.0f64..1.0, 0u32..40, 0u32..1024, 0u32..8, 0u32..128, 0u64..5),
+                (0u8..3, proptest::option::of(0.0f64..20.0), 0.0f64..2.0, 0u64..40, 0.0f64..1.0, 0u32..40, 0u32..1024, 0u32..8, 0u32..128),
                 1..80,
             ),
         ) {
             let mut g = Guard::new(GuardConfig::default(), lim(16, 256));
             let settings = GuardSettings::default();
-            for (i, (lv, ttr, pre, running, usage, tseqs, ttok, mseqs, mtok, waiting)) in steps.into_iter().enumerate() {
+            for (i, (lv, ttr, pre, running, usage, tseqs, ttok, mseqs, mtok)) in steps.into_iter().enumerate() {
                 let level = [Level::Ok, Level::Elevated, Level::Critical][lv as usize];
                 let d = derived(level, ttr, if pre > 1.5 { pre } else { 0.0 });
                 let b = Bounds::new(lim(mseqs, mtok), lim(tseqs, ttok));
                 let before = g.current();
-                let obs = Observation { derived: &d, kv_usage: usage, running, waiting };
+                let obs = Observation { derived: &d, kv_usage: usage, running };
                 if let Some(c) = g.step(i as f64 * 0.25, obs, b, &settings) {
                     prop_assert_eq!(c.limits, b.clamp(c.limits));
                     if c.reason.is_decrease() {

@@ -70,9 +70,22 @@ pub fn validate(r: &LimitsRequest) -> Result<(), String> {
 }
 
 async fn limits(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
-    let r: LimitsRequest = match serde_json::from_slice(&body) {
+    // The path names the offending field (`max_num_seqs: invalid value ...`).
+    let de = &mut serde_json::Deserializer::from_slice(&body);
+    let r: LimitsRequest = match serde_path_to_error::deserialize(de) {
         Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid limits body: {e}")),
+        Err(e) => {
+            let path = e.path().to_string();
+            let at = if path == "." {
+                String::new()
+            } else {
+                format!("{path}: ")
+            };
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid limits body: {at}{}", e.inner()),
+            );
+        }
     };
     if let Err(e) = validate(&r) {
         return error(StatusCode::BAD_REQUEST, e);

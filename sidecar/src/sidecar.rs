@@ -230,7 +230,6 @@ fn tick_state(
     st.last_ok = Some(Instant::now());
     let derived = st.model.observe(now, &reading, &st.device);
     let running = reading.requests_running;
-    let waiting = reading.requests_waiting;
     let usage = reading.kv_usage_ratio;
     let engine_limits = reading.limits;
     let flavor = reading.flavor;
@@ -249,7 +248,6 @@ fn tick_state(
         derived: &derived,
         kv_usage: usage,
         running,
-        waiting,
     };
     if let Some(c) = guard.step(now, obs, b, &settings) {
         return Some(Apply {

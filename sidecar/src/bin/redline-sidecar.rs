@@ -31,8 +31,12 @@ struct Args {
     #[arg(long, default_value_t = 8090)]
     port: u16,
     /// File holding the bearer token for /v1/pressure and /v1/limits (the mounted Secret).
-    #[arg(long, env = "REDLINE_SIDECAR_TOKEN_FILE")]
-    token_file: PathBuf,
+    #[arg(
+        long,
+        env = "REDLINE_SIDECAR_TOKEN_FILE",
+        required_unless_present = "probe_device"
+    )]
+    token_file: Option<PathBuf>,
     /// Scrape and guard interval, milliseconds.
     #[arg(long, default_value_t = 250)]
     interval_ms: u64,
@@ -48,6 +52,9 @@ struct Args {
     /// Seconds of samples the KV growth rate is fitted over.
     #[arg(long, default_value_t = 3.0)]
     window_seconds: f64,
+    /// Print one device reading as JSON and exit (checks the backend; needs no engine or token).
+    #[arg(long)]
+    probe_device: bool,
 }
 
 #[tokio::main]
@@ -63,20 +70,26 @@ async fn main() -> anyhow::Result<()> {
         "--redline-ratio must be in (0, 1]"
     );
     anyhow::ensure!(a.interval_ms >= 10, "--interval-ms must be at least 10");
+    let interval = Duration::from_millis(a.interval_ms);
+    if a.probe_device {
+        let dev = device::open(a.device, a.gpu.as_deref(), interval)?;
+        println!("{}", serde_json::to_string_pretty(&dev.read())?);
+        return Ok(());
+    }
+    let token_file = a.token_file.expect("clap requires --token-file");
     // Fail at start, not on the first request, when the Secret is not mounted.
-    let token = std::fs::read_to_string(&a.token_file)
-        .with_context(|| format!("reading the token file {}", a.token_file.display()))?;
+    let token = std::fs::read_to_string(&token_file)
+        .with_context(|| format!("reading the token file {}", token_file.display()))?;
     anyhow::ensure!(
         !token.trim().is_empty(),
         "the token file {} is empty",
-        a.token_file.display()
+        token_file.display()
     );
-    let interval = Duration::from_millis(a.interval_ms);
     let cfg = sidecar::Config {
         engine_url: a.engine_url,
         engine_admin_url: a.engine_admin_url,
         interval,
-        token_file: a.token_file,
+        token_file,
         guard: GuardSettings {
             enabled: !a.no_guard,
             horizon_seconds: a.guard_horizon_seconds,

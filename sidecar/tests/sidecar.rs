@@ -1,0 +1,566 @@
+//! The sidecar against a real `redline-engine` on the default model, as processes talking HTTP.
+//!
+//! - The guard contrast: the same trace-shaped burst (tests/data, Azure code trace) against an
+//!   engine whose KV pool is too small for it, once with the guard on and once off, in one test.
+//! - An engine killed and restarted: the sample age shows the gap, the sidecar keeps serving and
+//!   resumes, and the limits the operator set are re-applied to the new engine.
+//! - The API: bearer token, malformed bodies, limits followed by the engine.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use redline_api::{Level, PressureReport};
+use serde_json::{json, Value};
+
+const TOKEN: &str = "s3cret-test-token";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `redline-engine` of this build. Test executables live in target/<profile>/deps; cargo
+/// builds only this package's binaries for its tests, so build the engine's here (a no-op when
+/// `cargo build --workspace --bins` already did, as scripts/test does).
+fn engine_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap().to_owned();
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args([
+        "build",
+        "--quiet",
+        "-p",
+        "redline-engine",
+        "--bin",
+        "redline-engine",
+    ]);
+    if dir.ends_with("release") {
+        cmd.arg("--release");
+    }
+    let status = cmd
+        .status()
+        .expect("running cargo build for redline-engine");
+    assert!(status.success(), "cargo build -p redline-engine failed");
+    dir.join("redline-engine")
+}
+
+fn log_file(name: &str) -> (std::fs::File, PathBuf) {
+    let path = std::env::temp_dir().join(format!("redline-sidecar-test-{name}.log"));
+    (std::fs::File::create(&path).unwrap(), path)
+}
+
+async fn wait_http(url: &str, what: &str, log: &Path, secs: u64) {
+    let c = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if let Ok(r) = c.get(url).send().await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "{what} not up at {url} after {secs} s; see {}",
+        log.display()
+    );
+}
+
+/// A real engine on fixed ports (so it can be restarted in place), killed on drop.
+struct Engine {
+    child: Child,
+    port: u16,
+    admin_port: u16,
+    args: Vec<String>,
+    name: String,
+}
+
+impl Engine {
+    async fn start(name: &str, args: &[&str]) -> Engine {
+        let mut e = Engine {
+            child: Command::new("true").spawn().unwrap(),
+            port: free_port(),
+            admin_port: free_port(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            name: name.to_owned(),
+        };
+        e.spawn().await;
+        e
+    }
+
+    async fn spawn(&mut self) {
+        let (log, path) = log_file(&format!("engine-{}", self.name));
+        self.child = Command::new(engine_bin())
+            .args(["serve", "--host", "127.0.0.1", "--threads", "2"])
+            .args(["--port", &self.port.to_string()])
+            .args(["--admin-port", &self.admin_port.to_string()])
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start redline-engine");
+        wait_http(&self.url("/ready"), "engine", &path, 120).await;
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn admin(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin_port)
+    }
+
+    async fn metrics(&self) -> String {
+        reqwest::get(self.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    async fn limits(&self) -> Value {
+        reqwest::get(format!("{}/admin/limits", self.admin()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            (k == name).then(|| v.parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no metric {name}"))
+}
+
+struct Sidecar {
+    child: Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Sidecar {
+    async fn start(name: &str, engine: &Engine, extra: &[&str]) -> Sidecar {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+        let port = free_port();
+        let (log, path) = log_file(&format!("sidecar-{name}"));
+        let child = Command::new(env!("CARGO_BIN_EXE_redline-sidecar"))
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--engine-url", &engine.url("")])
+            .args(["--engine-admin-url", &engine.admin()])
+            .args(["--device", "auto", "--interval-ms", "250"])
+            .arg("--token-file")
+            .arg(&token)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start redline-sidecar");
+        let base = format!("http://127.0.0.1:{port}");
+        wait_http(&format!("{base}/health"), "sidecar", &path, 30).await;
+        Sidecar {
+            child,
+            base,
+            _dir: dir,
+        }
+    }
+
+    async fn pressure(&self) -> PressureReport {
+        let r = reqwest::Client::new()
+            .get(format!("{}/v1/pressure", self.base))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json().await.unwrap()
+    }
+
+    async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.base))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, or panics after `secs`.
+async fn eventually<T, F, Fut>(secs: u64, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "not {what} after {secs} s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The guard contrast.
+
+/// One request of the trace excerpt, scaled for this CPU.
+struct Request {
+    at: Duration,
+    prompt: Vec<u32>,
+    max_tokens: u32,
+}
+
+/// Prompts are cut by this factor (the trace's coding prompts average ~2,000 tokens; the 135M
+/// model on 2 cores prefills ~300 tokens/s), arrivals stretched by `TIME_STRETCH`; output lengths
+/// are kept as they are.
+const PROMPT_SCALE: u32 = 32;
+const TIME_STRETCH: f64 = 4.0;
+
+fn trace_burst() -> Vec<Request> {
+    let text = include_str!("data/azure-code-burst.csv");
+    let mut rng = 0x9e3779b97f4a7c15u64;
+    let mut next = move || {
+        // xorshift64: distinct prompts, so no request rides on another's prefix cache.
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut t0 = None;
+    text.lines()
+        .skip(1)
+        .map(|line| {
+            let f: Vec<&str> = line.split(',').collect();
+            let (hms, ctx, gen) = (f[0].split(' ').nth(1).unwrap(), f[1], f[2]);
+            let secs: f64 = hms
+                .split(':')
+                .map(|p| p.parse::<f64>().unwrap())
+                .fold(0.0, |a, p| a * 60.0 + p);
+            let t0 = *t0.get_or_insert(secs);
+            let prompt_len = (ctx.parse::<u32>().unwrap() / PROMPT_SCALE).max(16);
+            Request {
+                at: Duration::from_secs_f64((secs - t0) * TIME_STRETCH),
+                prompt: (0..prompt_len)
+                    .map(|_| 1000 + (next() % 40_000) as u32)
+                    .collect(),
+                max_tokens: gen.parse::<u32>().unwrap().max(1),
+            }
+        })
+        .collect()
+}
+
+#[derive(Debug)]
+struct Outcome {
+    preemptions: f64,
+    peak_kv: f64,
+    seconds: f64,
+    guard_actions: u64,
+    worst_level: Level,
+}
+
+/// Replays the burst against `engine` (watched by `sidecar`) and measures what happened.
+async fn replay(engine: &Engine, sidecar: &Sidecar) -> Outcome {
+    let before = metric(&engine.metrics().await, "redline_engine_preemptions_total");
+    let http = reqwest::Client::new();
+    let start = Instant::now();
+    let url = engine.url("/v1/completions");
+    let clients: Vec<_> = trace_burst()
+        .into_iter()
+        .map(|r| {
+            let (http, url) = (http.clone(), url.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep_until(tokio::time::Instant::from_std(start + r.at)).await;
+                let body = json!({"prompt": r.prompt, "max_tokens": r.max_tokens,
+                    "temperature": 0, "ignore_eos": true});
+                let resp = http.post(&url).json(&body).send().await.unwrap();
+                assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+                let v: Value = resp.json().await.unwrap();
+                assert_eq!(v["usage"]["completion_tokens"], r.max_tokens);
+            })
+        })
+        .collect();
+    let n = clients.len();
+    let done = futures_join(clients);
+    tokio::pin!(done);
+    let (mut peak_kv, mut worst_level) = (0.0f64, Level::Ok);
+    loop {
+        tokio::select! {
+            _ = &mut done => break,
+            _ = tokio::time::sleep(Duration::from_millis(40)) => {
+                let m = engine.metrics().await;
+                peak_kv = peak_kv.max(metric(&m, "redline_engine_kv_cache_usage_ratio"));
+                worst_level = worst_level.max(sidecar.pressure().await.derived.level);
+            }
+        }
+    }
+    let m = engine.metrics().await;
+    let sm = sidecar.metrics().await;
+    let guard_actions = sm
+        .lines()
+        .filter(|l| l.starts_with("redline_sidecar_guard_actions_total{"))
+        .map(|l| l.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap() as u64)
+        .sum();
+    let o = Outcome {
+        preemptions: metric(&m, "redline_engine_preemptions_total") - before,
+        peak_kv,
+        seconds: start.elapsed().as_secs_f64(),
+        guard_actions,
+        worst_level,
+    };
+    eprintln!("{n} requests: {o:?}");
+    o
+}
+
+/// Awaits every task, failing on the first that panicked.
+async fn futures_join(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for t in tasks {
+        t.await.expect("a client request failed");
+    }
+}
+
+/// The pool: 72 blocks of 16 tokens, a quarter of what the burst would hold at once.
+const ENGINE_ARGS: &[&str] = &[
+    "--num-blocks",
+    "72",
+    "--block-size",
+    "16",
+    "--max-num-seqs-ceiling",
+    "16",
+    "--max-batched-tokens",
+    "256",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guard_prevents_the_preemptions_a_trace_burst_causes_without_it() {
+    let redline = 0.9;
+    let off = {
+        let engine = Engine::start("guard-off", ENGINE_ARGS).await;
+        let sidecar = Sidecar::start("guard-off", &engine, &["--no-guard"]).await;
+        replay(&engine, &sidecar).await
+    };
+    let on = {
+        let engine = Engine::start("guard-on", ENGINE_ARGS).await;
+        let sidecar = Sidecar::start("guard-on", &engine, &[]).await;
+        let o = replay(&engine, &sidecar).await;
+        // Once the burst is over, the guard gives the engine its limits back.
+        eventually(30, "limits restored after the burst", || async {
+            let l = engine.limits().await;
+            (l["max_num_seqs"] == 16 && l["max_batched_tokens"] == 256).then_some(())
+        })
+        .await;
+        o
+    };
+    eprintln!(
+        "guard off: {} preemptions, peak KV {:.2}, {:.1} s | guard on: {} preemptions, peak KV \
+         {:.2}, {:.1} s, {} guard actions",
+        off.preemptions,
+        off.peak_kv,
+        off.seconds,
+        on.preemptions,
+        on.peak_kv,
+        on.seconds,
+        on.guard_actions
+    );
+    assert!(
+        off.preemptions > 0.0,
+        "without the guard the burst must overrun the pool (else the test proves nothing): {off:?}"
+    );
+    assert_eq!(off.guard_actions, 0, "--no-guard never touches the limits");
+    assert_eq!(
+        on.preemptions, 0.0,
+        "the guard let the engine preempt: {on:?}"
+    );
+    assert!(
+        on.peak_kv < redline,
+        "KV usage peaked at {:.2}, above the {redline} redline",
+        on.peak_kv
+    );
+    assert!(on.guard_actions > 0, "the guard never acted: {on:?}");
+    assert!(on.worst_level >= Level::Elevated, "{on:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Engine restarts.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_restart_shows_as_stale_samples_and_the_sidecar_resumes_and_reapplies_limits() {
+    let mut engine = Engine::start("restart", &["--kv-cache-mib", "16"]).await;
+    let sidecar = Sidecar::start("restart", &engine, &[]).await;
+    let http = reqwest::Client::new();
+    let r = http
+        .put(format!("{}/v1/limits", sidecar.base))
+        .bearer_auth(TOKEN)
+        .json(&json!({"max_num_seqs": 5, "max_batched_tokens": 128}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    eventually(10, "engine at the operator's limits", || async {
+        let l = engine.limits().await;
+        (l["max_num_seqs"] == 5 && l["max_batched_tokens"] == 128).then_some(())
+    })
+    .await;
+    let fresh = sidecar.pressure().await;
+    assert!(fresh.engine_reachable);
+    assert!(fresh.sample_age_seconds.unwrap() < 1.0, "{fresh:?}");
+
+    engine.kill();
+    let stale = eventually(10, "stale for 2 s", || async {
+        let p = sidecar.pressure().await;
+        (!p.engine_reachable && p.sample_age_seconds.unwrap() > 2.0).then_some(p)
+    })
+    .await;
+    // The last good reading is kept, with its age: nothing is made up while the engine is away.
+    assert!(stale.engine.is_some());
+    assert_eq!(
+        metric(&sidecar.metrics().await, "redline_sidecar_engine_up"),
+        0.0
+    );
+
+    // Same ports, fresh process: it starts at its own default limits (64 sequences) ...
+    engine.spawn().await;
+    eventually(10, "fresh samples again", || async {
+        let p = sidecar.pressure().await;
+        (p.engine_reachable && p.sample_age_seconds.unwrap() < 1.0).then_some(())
+    })
+    .await;
+    // ... and the sidecar puts the operator's limits back.
+    eventually(10, "limits re-applied after the restart", || async {
+        let l = engine.limits().await;
+        (l["max_num_seqs"] == 5 && l["max_batched_tokens"] == 128).then_some(())
+    })
+    .await;
+    let errors = metric(
+        &sidecar.metrics().await,
+        "redline_sidecar_scrape_errors_total",
+    );
+    assert!(errors >= 1.0, "the failed scrapes are counted");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The API.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_needs_the_token_and_rejects_malformed_bodies() {
+    let engine = Engine::start("api", &["--kv-cache-mib", "16"]).await;
+    let sidecar = Sidecar::start("api", &engine, &[]).await;
+    let http = reqwest::Client::new();
+    let pressure = format!("{}/v1/pressure", sidecar.base);
+    let limits = format!("{}/v1/limits", sidecar.base);
+
+    let r = http.get(&pressure).send().await.unwrap();
+    assert_eq!(r.status(), 401, "no token");
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    let r = http
+        .get(&pressure)
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "wrong token");
+    let r = http
+        .get(&pressure)
+        .bearer_auth(format!("{TOKEN}x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "a token with the right prefix");
+    let r = http
+        .put(&limits)
+        .bearer_auth("wrong")
+        .json(&json!({"max_num_seqs": 1, "max_batched_tokens": 16}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    for (body, needle) in [
+        ("{", "invalid limits body"),
+        (r#"{"max_num_seqs": 4}"#, "max_batched_tokens"),
+        (
+            r#"{"max_num_seqs": -1, "max_batched_tokens": 16}"#,
+            "max_num_seqs",
+        ),
+        (
+            r#"{"max_num_seqs": 4, "max_batched_tokens": 0}"#,
+            "max_batched_tokens",
+        ),
+        (
+            r#"{"max_num_seqs": 4, "max_batched_tokens": 16, "bogus": 1}"#,
+            "unknown field",
+        ),
+        (
+            r#"{"max_num_seqs": 4, "max_batched_tokens": 16, "guard": {"enabled": true, "horizon_seconds": 5, "redline_ratio": 2}}"#,
+            "redline_ratio",
+        ),
+    ] {
+        let r = http
+            .put(&limits)
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+        let v: Value = r.json().await.unwrap();
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(needle), "{body}: {msg}");
+    }
+    // None of that changed anything (the target is still the engine's start-up limits, 64
+    // sequences by default); a valid body does.
+    let p = eventually(10, "a first scrape", || async {
+        let p = sidecar.pressure().await;
+        p.engine_reachable.then_some(p)
+    })
+    .await;
+    assert_eq!(p.limits.target.max_num_seqs, 64, "{p:?}");
+    let r = http
+        .put(&limits)
+        .bearer_auth(TOKEN)
+        .json(&json!({"max_num_seqs": 3, "max_batched_tokens": 64}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    eventually(10, "engine following the new target", || async {
+        let l = engine.limits().await;
+        (l["max_num_seqs"] == 3 && l["max_batched_tokens"] == 64).then_some(())
+    })
+    .await;
+    // The open endpoints hold no secrets.
+    let m = sidecar.metrics().await;
+    assert!(!m.contains(TOKEN));
+    assert!(metric(&m, "redline_sidecar_unauthorized_requests_total") >= 4.0);
+}

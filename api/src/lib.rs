@@ -165,8 +165,10 @@ impl Default for GuardSettings {
 /// The limits part of the report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LimitsStatus {
-    /// The operator's target (or the sidecar's start-up default).
-    pub target: Limits,
+    /// The operator's target; until it sets one, the limits the engine started with. `None`
+    /// before either is known (and always for engines without live limits, such as vLLM).
+    pub target: Option<Limits>,
+    /// The guard's floor (the operator's, else 1 sequence and 64 tokens), capped by the target.
     pub min_num_seqs: u32,
     pub min_batched_tokens: u32,
     /// What the guard last asked the engine for; `None` until it first acts.

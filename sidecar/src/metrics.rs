@@ -24,6 +24,7 @@ pub struct Metrics {
     limit_seqs: IntGauge,
     limit_tokens: IntGauge,
     pub guard_actions: IntCounterVec,
+    pub scrapes: IntCounter,
     pub scrape_errors: IntCounter,
     pub unauthorized: IntCounter,
 }
@@ -96,6 +97,10 @@ impl Default for Metrics {
                 "The engine's token budget as the guard holds it.",
             ),
             guard_actions,
+            scrapes: c(
+                "scrapes_total",
+                "Engine scrapes attempted (one per loop tick).",
+            ),
             scrape_errors: c("scrape_errors_total", "Failed engine scrapes."),
             unauthorized: c(
                 "unauthorized_requests_total",

@@ -131,13 +131,16 @@ fn bounds(st: &State, target: Limits) -> Bounds {
 }
 
 fn limits_status(st: &State) -> LimitsStatus {
-    let target = st.target.unwrap_or(Limits {
-        max_num_seqs: 0,
-        max_batched_tokens: 0,
-    });
-    let b = bounds(st, target);
+    // Without a target the floor is reported as configured.
+    let b = bounds(
+        st,
+        st.target.unwrap_or(Limits {
+            max_num_seqs: u32::MAX,
+            max_batched_tokens: u32::MAX,
+        }),
+    );
     LimitsStatus {
-        target,
+        target: st.target,
         min_num_seqs: b.min.max_num_seqs,
         min_batched_tokens: b.min.max_batched_tokens,
         guard_limits: st.guard.as_ref().map(Guard::current),
@@ -278,6 +281,7 @@ pub async fn run(shared: std::sync::Arc<Shared>, device: Box<dyn Device>, cfg: C
         tick.tick().await;
         let dev = device.read();
         let scraped = scrape_engine(&http, &metrics_url).await;
+        shared.metrics.scrapes.inc();
         if scraped.is_err() {
             shared.metrics.scrape_errors.inc();
         }

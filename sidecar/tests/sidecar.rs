@@ -6,214 +6,13 @@
 //!   resumes, and the limits the operator set are re-applied to the new engine.
 //! - The API: bearer token, malformed bodies, limits followed by the engine.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::time::{Duration, Instant};
 
-use redline_api::{Level, PressureReport};
+use common::{metric, Engine, Sidecar, TOKEN};
+use redline_api::Level;
 use serde_json::{json, Value};
-
-const TOKEN: &str = "s3cret-test-token";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `redline-engine` of this build. Test executables live in target/<profile>/deps; cargo
-/// builds only this package's binaries for its tests, so build the engine's here (a no-op when
-/// `cargo build --workspace --bins` already did, as scripts/test does).
-fn engine_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap().to_owned();
-    let mut cmd = Command::new(env!("CARGO"));
-    cmd.args([
-        "build",
-        "--quiet",
-        "-p",
-        "redline-engine",
-        "--bin",
-        "redline-engine",
-    ]);
-    if dir.ends_with("release") {
-        cmd.arg("--release");
-    }
-    let status = cmd
-        .status()
-        .expect("running cargo build for redline-engine");
-    assert!(status.success(), "cargo build -p redline-engine failed");
-    dir.join("redline-engine")
-}
-
-fn log_file(name: &str) -> (std::fs::File, PathBuf) {
-    let path = std::env::temp_dir().join(format!("redline-sidecar-test-{name}.log"));
-    (std::fs::File::create(&path).unwrap(), path)
-}
-
-async fn wait_http(url: &str, what: &str, log: &Path, secs: u64) {
-    let c = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if let Ok(r) = c.get(url).send().await {
-            if r.status().is_success() {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!(
-        "{what} not up at {url} after {secs} s; see {}",
-        log.display()
-    );
-}
-
-/// A real engine on fixed ports (so it can be restarted in place), killed on drop.
-struct Engine {
-    child: Child,
-    port: u16,
-    admin_port: u16,
-    args: Vec<String>,
-    name: String,
-}
-
-impl Engine {
-    async fn start(name: &str, args: &[&str]) -> Engine {
-        let mut e = Engine {
-            child: Command::new("true").spawn().unwrap(),
-            port: free_port(),
-            admin_port: free_port(),
-            args: args.iter().map(|s| s.to_string()).collect(),
-            name: name.to_owned(),
-        };
-        e.spawn().await;
-        e
-    }
-
-    async fn spawn(&mut self) {
-        let (log, path) = log_file(&format!("engine-{}", self.name));
-        self.child = Command::new(engine_bin())
-            .args(["serve", "--host", "127.0.0.1", "--threads", "2"])
-            .args(["--port", &self.port.to_string()])
-            .args(["--admin-port", &self.admin_port.to_string()])
-            .args(&self.args)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start redline-engine");
-        wait_http(&self.url("/ready"), "engine", &path, 120).await;
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    fn admin(&self) -> String {
-        format!("http://127.0.0.1:{}", self.admin_port)
-    }
-
-    async fn metrics(&self) -> String {
-        reqwest::get(self.url("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    }
-
-    async fn limits(&self) -> Value {
-        reqwest::get(format!("{}/admin/limits", self.admin()))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            (k == name).then(|| v.parse().unwrap())
-        })
-        .unwrap_or_else(|| panic!("no metric {name}"))
-}
-
-struct Sidecar {
-    child: Child,
-    base: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Sidecar {
-    async fn start(name: &str, engine: &Engine, extra: &[&str]) -> Sidecar {
-        let dir = tempfile::tempdir().unwrap();
-        let token = dir.path().join("token");
-        std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
-        let port = free_port();
-        let (log, path) = log_file(&format!("sidecar-{name}"));
-        let child = Command::new(env!("CARGO_BIN_EXE_redline-sidecar"))
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--engine-url", &engine.url("")])
-            .args(["--engine-admin-url", &engine.admin()])
-            .args(["--device", "auto", "--interval-ms", "250"])
-            .arg("--token-file")
-            .arg(&token)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start redline-sidecar");
-        let base = format!("http://127.0.0.1:{port}");
-        wait_http(&format!("{base}/health"), "sidecar", &path, 30).await;
-        Sidecar {
-            child,
-            base,
-            _dir: dir,
-        }
-    }
-
-    async fn pressure(&self) -> PressureReport {
-        let r = reqwest::Client::new()
-            .get(format!("{}/v1/pressure", self.base))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        r.json().await.unwrap()
-    }
-
-    async fn metrics(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.base))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Polls `f` every 100 ms until it returns `Some`, or panics after `secs`.
 async fn eventually<T, F, Fut>(secs: u64, what: &str, mut f: F) -> T
@@ -229,6 +28,15 @@ where
         assert!(Instant::now() < deadline, "not {what} after {secs} s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Waits until the engine's live limits are `seqs` / `tokens`.
+async fn engine_at_limits(engine: &Engine, seqs: u32, tokens: u32, secs: u64, what: &str) {
+    eventually(secs, what, || async {
+        let l = engine.limits().await;
+        (l["max_num_seqs"] == seqs && l["max_batched_tokens"] == tokens).then_some(())
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -374,11 +182,7 @@ async fn the_guard_prevents_the_preemptions_a_trace_burst_causes_without_it() {
         let sidecar = Sidecar::start("guard-on", &engine, &[]).await;
         let o = replay(&engine, &sidecar).await;
         // Once the burst is over, the guard gives the engine its limits back.
-        eventually(30, "limits restored after the burst", || async {
-            let l = engine.limits().await;
-            (l["max_num_seqs"] == 16 && l["max_batched_tokens"] == 256).then_some(())
-        })
-        .await;
+        engine_at_limits(&engine, 16, 256, 30, "limits restored after the burst").await;
         o
     };
     eprintln!(
@@ -426,11 +230,7 @@ async fn an_engine_restart_shows_as_stale_samples_and_the_sidecar_resumes_and_re
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    eventually(10, "engine at the operator's limits", || async {
-        let l = engine.limits().await;
-        (l["max_num_seqs"] == 5 && l["max_batched_tokens"] == 128).then_some(())
-    })
-    .await;
+    engine_at_limits(&engine, 5, 128, 10, "engine at the operator's limits").await;
     let fresh = sidecar.pressure().await;
     assert!(fresh.engine_reachable);
     assert!(fresh.sample_age_seconds.unwrap() < 1.0, "{fresh:?}");
@@ -456,11 +256,7 @@ async fn an_engine_restart_shows_as_stale_samples_and_the_sidecar_resumes_and_re
     })
     .await;
     // ... and the sidecar puts the operator's limits back.
-    eventually(10, "limits re-applied after the restart", || async {
-        let l = engine.limits().await;
-        (l["max_num_seqs"] == 5 && l["max_batched_tokens"] == 128).then_some(())
-    })
-    .await;
+    engine_at_limits(&engine, 5, 128, 10, "limits re-applied after the restart").await;
     let errors = metric(
         &sidecar.metrics().await,
         "redline_sidecar_scrape_errors_total",
@@ -545,7 +341,7 @@ async fn the_api_needs_the_token_and_rejects_malformed_bodies() {
         p.engine_reachable.then_some(p)
     })
     .await;
-    assert_eq!(p.limits.target.max_num_seqs, 64, "{p:?}");
+    assert_eq!(p.limits.target.unwrap().max_num_seqs, 64, "{p:?}");
     let r = http
         .put(&limits)
         .bearer_auth(TOKEN)
@@ -554,11 +350,7 @@ async fn the_api_needs_the_token_and_rejects_malformed_bodies() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    eventually(10, "engine following the new target", || async {
-        let l = engine.limits().await;
-        (l["max_num_seqs"] == 3 && l["max_batched_tokens"] == 64).then_some(())
-    })
-    .await;
+    engine_at_limits(&engine, 3, 64, 10, "engine following the new target").await;
     // The open endpoints hold no secrets.
     let m = sidecar.metrics().await;
     assert!(!m.contains(TOKEN));

@@ -57,7 +57,9 @@ struct Args {
     probe_device: bool,
 }
 
-#[tokio::main]
+// Two workers: the loop and the API never wait on each other, and a sidecar on a 16-core GPU
+// node does not start 16 threads.
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(

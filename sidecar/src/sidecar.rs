@@ -47,6 +47,9 @@ struct State {
     last_ok: Option<Instant>,
     reachable: bool,
     guard_reason: Option<String>,
+    /// The engine's capacity envelope as far as its clamping showed it: a target above it
+    /// would make the guard "raise" into the clamp every interval.
+    ceiling: Option<Limits>,
     /// The last error logged, so a persisting one is logged once.
     last_error: Option<String>,
 }
@@ -76,6 +79,7 @@ impl Shared {
                 last_ok: None,
                 reachable: false,
                 guard_reason: None,
+                ceiling: None,
                 last_error: None,
             }),
             metrics: Metrics::default(),
@@ -121,6 +125,13 @@ impl Shared {
 }
 
 fn bounds(st: &State, target: Limits) -> Bounds {
+    let target = match st.ceiling {
+        Some(c) => Limits {
+            max_num_seqs: target.max_num_seqs.min(c.max_num_seqs),
+            max_batched_tokens: target.max_batched_tokens.min(c.max_batched_tokens),
+        },
+        None => target,
+    };
     Bounds::new(
         Limits {
             max_num_seqs: st.min_seqs.unwrap_or(MIN_SEQS),
@@ -128,6 +139,31 @@ fn bounds(st: &State, target: Limits) -> Bounds {
         },
         target,
     )
+}
+
+/// The envelope learned from one PUT: a field the engine accepted below what was asked is its
+/// ceiling.
+fn learn_ceiling(known: Option<Limits>, asked: Limits, accepted: Limits) -> Option<Limits> {
+    let field = |asked: u32, accepted: u32, known: Option<u32>| {
+        if accepted < asked {
+            accepted
+        } else {
+            known.unwrap_or(u32::MAX)
+        }
+    };
+    let c = Limits {
+        max_num_seqs: field(
+            asked.max_num_seqs,
+            accepted.max_num_seqs,
+            known.map(|k| k.max_num_seqs),
+        ),
+        max_batched_tokens: field(
+            asked.max_batched_tokens,
+            accepted.max_batched_tokens,
+            known.map(|k| k.max_batched_tokens),
+        ),
+    };
+    (c.max_num_seqs < u32::MAX || c.max_batched_tokens < u32::MAX).then_some(c)
 }
 
 fn limits_status(st: &State) -> LimitsStatus {
@@ -228,6 +264,8 @@ fn tick_state(
     if !st.reachable {
         info!("engine metrics reachable");
         st.last_error = None;
+        // Possibly a new engine process, with an envelope of its own.
+        st.ceiling = None;
     }
     st.reachable = true;
     st.last_ok = Some(Instant::now());
@@ -296,6 +334,7 @@ pub async fn run(shared: std::sync::Arc<Shared>, device: Box<dyn Device>, cfg: C
             let mut st = shared.state.lock().unwrap();
             match result {
                 Ok(accepted) => {
+                    st.ceiling = learn_ceiling(st.ceiling, a.limits, accepted);
                     if let Some(g) = st.guard.as_mut() {
                         g.sync(accepted);
                     }
@@ -327,5 +366,39 @@ pub async fn run(shared: std::sync::Arc<Shared>, device: Box<dyn Device>, cfg: C
         }
         let r = shared.report();
         shared.metrics.record(&r);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lim(s: u32, t: u32) -> Limits {
+        Limits {
+            max_num_seqs: s,
+            max_batched_tokens: t,
+        }
+    }
+
+    #[test]
+    fn a_clamped_put_teaches_the_ceiling_and_caps_the_target() {
+        assert_eq!(learn_ceiling(None, lim(8, 256), lim(8, 256)), None);
+        let c = learn_ceiling(None, lim(40, 256), lim(32, 256));
+        assert_eq!(c, Some(lim(32, u32::MAX)));
+        let c = learn_ceiling(c, lim(20, 4096), lim(20, 2048));
+        assert_eq!(c, Some(lim(32, 2048)));
+        let cfg = Config {
+            engine_url: String::new(),
+            engine_admin_url: String::new(),
+            interval: Duration::from_millis(250),
+            token_file: PathBuf::new(),
+            guard: GuardSettings::default(),
+            model: ModelConfig::default(),
+            guard_config: GuardConfig::default(),
+        };
+        let shared = Shared::new(&cfg);
+        let mut st = shared.state.lock().unwrap();
+        st.ceiling = c;
+        assert_eq!(bounds(&st, lim(64, 1024)).target, lim(32, 1024));
     }
 }

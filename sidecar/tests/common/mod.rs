@@ -164,7 +164,7 @@ impl Sidecar {
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--engine-url", &engine.url("")])
             .args(["--engine-admin-url", &engine.admin()])
-            .args(["--device", "auto", "--interval-ms", "250"])
+            .args(["--device", "auto"])
             .arg("--token-file")
             .arg(&token)
             .args(extra)

@@ -42,6 +42,9 @@ impl Error {
         match self {
             Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
             Error::Kube(kube::Error::Api(s)) if s.code == 429 || s.code >= 500 => "server",
+            // Usually final, but also what a restarted API server answers until its RBAC
+            // caches are filled: retried sooner than other rejections.
+            Error::Kube(kube::Error::Api(s)) if s.code == 403 => "forbidden",
             Error::Kube(kube::Error::Api(_)) => "rejected",
             Error::Kube(_) => "transport",
             Error::MissingKey(_) => "invalid_object",
@@ -440,24 +443,28 @@ pub fn error_policy(isvc: Arc<InferenceService>, err: &Error, ctx: Arc<Context>)
     Action::requeue(match kind {
         "conflict" => Duration::from_millis(500),
         "server" | "transport" => Duration::from_secs(5),
+        "forbidden" => Duration::from_secs(15),
         _ => Duration::from_secs(60),
     })
 }
 
-/// The controller's watches share one backoff: every watch error (and after an API server
-/// restart each watch fails at least twice: connection refused, then 410 Gone) lengthens it.
-/// kube's client-go-like default (0.8 s doubling to 30 s, reset only after 120 s quiet) then
-/// keeps every watch paused for half a minute after a 10 s outage; capping it at 5 s and
-/// resetting after 15 s quiet recovers within seconds and is still gentle on a struggling server.
+/// The controller's watches share one backoff, and it pauses all of them at once: kube applies
+/// it to the merged trigger stream, so every error of any watch (after an API server restart
+/// each watch fails several times: connection refused, 403 until the new server's RBAC caches
+/// fill, 410 Gone) sleeps every watch. kube's client-go-like default (0.8 s doubling to 30 s,
+/// reset only after 120 s quiet) then keeps the controller deaf for minutes; even a 5 s cap
+/// cost ~35 s per recovery on a loaded machine (4 watches x a few errors x 5 s). A 1 s cap
+/// recovers within seconds and is at most one request per second per watch on a struggling
+/// server.
 fn trigger_backoff() -> impl kube::runtime::utils::Backoff {
     let exp: watcher::ExponentialBackoff = backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(250))
-        .with_max_delay(Duration::from_secs(5))
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(1))
         .with_factor(2.0)
         .with_jitter()
         .without_max_times()
         .into();
-    kube::runtime::utils::ResetTimerBackoff::new(exp, Duration::from_secs(15))
+    kube::runtime::utils::ResetTimerBackoff::new(exp, Duration::from_secs(5))
 }
 
 /// Runs the controller until `shutdown` resolves.

@@ -193,6 +193,40 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
         "{answer}"
     );
 
+    // The pressure sidecar next to it reads the engine over the pod's localhost; its pressure
+    // API needs the token from the operator's Secret.
+    let sidecar_metrics = wait_for(
+        "the sidecar scraping the engine",
+        Duration::from_secs(30),
+        || async {
+            let m =
+                testing::pod_http(&client, &ns.name, &pod, 8090, "GET", "/metrics", None).await?;
+            if m.lines().any(|l| l == "redline_sidecar_engine_up 1") {
+                Ok(m)
+            } else {
+                Err(m)
+            }
+        },
+    )
+    .await;
+    assert!(
+        sidecar_metrics.contains("redline_sidecar_kv_usage_ratio"),
+        "{sidecar_metrics}"
+    );
+    // Through the proxy (whose Authorization header is the API server's) the pressure API
+    // refuses, and the sidecar counts the refusal.
+    let unauthorized =
+        testing::pod_http(&client, &ns.name, &pod, 8090, "GET", "/v1/pressure", None).await;
+    assert!(unauthorized.is_err(), "{unauthorized:?}");
+    let m = testing::pod_http(&client, &ns.name, &pod, 8090, "GET", "/metrics", None)
+        .await
+        .unwrap();
+    assert!(
+        m.lines()
+            .any(|l| l == "redline_sidecar_unauthorized_requests_total 1"),
+        "{m}"
+    );
+
     // The scale subresource (what `kubectl scale`, HPA and KEDA use) resizes the Deployment.
     isvcs
         .patch_scale(

@@ -125,6 +125,15 @@ pub struct Limits {
     pub max_batched_tokens: u32,
 }
 
+impl Limits {
+    pub const fn new(max_num_seqs: u32, max_batched_tokens: u32) -> Self {
+        Self {
+            max_num_seqs,
+            max_batched_tokens,
+        }
+    }
+}
+
 /// `PUT /v1/limits`: the operator's target for this pod. The guard moves the engine's limits
 /// inside `[min, target]`; a target of `max_num_seqs: 0` drains the pod (admits nothing).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -596,11 +596,15 @@ async fn put_limits(
         max_batched_tokens: b.max_batched_tokens,
     };
     match l.engine.set_limits(want).await {
-        Some(applied) => Json(json!({
-            "max_num_seqs": applied.max_num_seqs,
-            "max_batched_tokens": applied.max_batched_tokens,
-            "clamped": applied != want,
-        }))
+        Some(applied) => {
+            let env = l.engine.shared.envelope;
+            Json(json!({
+                "max_num_seqs": applied.max_num_seqs,
+                "max_batched_tokens": applied.max_batched_tokens,
+                "clamped": applied != want,
+                "ceiling": {"max_num_seqs": env.max_num_seqs, "max_batched_tokens": env.max_batched_tokens},
+            }))
+        }
         .into_response(),
         None => engine_failed("the engine stopped".into()).into_response(),
     }

@@ -226,7 +226,7 @@ async fn live_limits_gate_admission_without_evicting_and_drain_finishes_in_fligh
             .unwrap();
         assert_eq!(r.status(), 400, "{bad}");
     }
-    // Above the ceiling is clamped into the envelope, and says so.
+    // Above the ceiling is clamped into the envelope, and says so (with the envelope).
     let r: Value = c
         .put(admin("/admin/limits"))
         .json(&json!({"max_num_seqs": 99, "max_batched_tokens": 128}))
@@ -240,6 +240,7 @@ async fn live_limits_gate_admission_without_evicting_and_drain_finishes_in_fligh
         (r["max_num_seqs"].as_u64(), r["clamped"].as_bool()),
         (Some(8), Some(true))
     );
+    assert_eq!(r["ceiling"]["max_num_seqs"], 8, "{r}");
 
     // Three running, then the limit drops to 1: nobody is evicted, a fourth request waits.
     let spawn = |n| {

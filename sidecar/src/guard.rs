@@ -271,13 +271,6 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn lim(s: u32, t: u32) -> Limits {
-        Limits {
-            max_num_seqs: s,
-            max_batched_tokens: t,
-        }
-    }
-
     fn derived(level: Level, ttr: Option<f64>, preempt: f64) -> Derived {
         Derived {
             seconds_to_redline: ttr,
@@ -288,12 +281,12 @@ mod tests {
     }
 
     fn bounds() -> Bounds {
-        Bounds::new(lim(1, 64), lim(32, 512))
+        Bounds::new(Limits::new(1, 64), Limits::new(32, 512))
     }
 
     #[test]
     fn a_forecast_inside_the_horizon_halves_what_is_running() {
-        let mut g = Guard::new(GuardConfig::default(), lim(32, 512));
+        let mut g = Guard::new(GuardConfig::default(), Limits::new(32, 512));
         let d = derived(Level::Critical, Some(2.0), 0.0);
         let obs = Observation {
             derived: &d,
@@ -303,19 +296,19 @@ mod tests {
         let c = g
             .step(10.0, obs, bounds(), &GuardSettings::default())
             .unwrap();
-        assert_eq!(c.limits, lim(3, 256));
+        assert_eq!(c.limits, Limits::new(3, 256));
         assert!(matches!(c.reason, Reason::Forecast { .. }));
         // Cooldown: no second cut within a second, one after it.
         assert_eq!(g.step(10.5, obs, bounds(), &GuardSettings::default()), None);
         let c = g
             .step(11.0, obs, bounds(), &GuardSettings::default())
             .unwrap();
-        assert_eq!(c.limits, lim(1, 128));
+        assert_eq!(c.limits, Limits::new(1, 128));
     }
 
     #[test]
     fn recovery_is_additive_one_step_per_interval_after_a_calm_period() {
-        let mut g = Guard::new(GuardConfig::default(), lim(32, 512));
+        let mut g = Guard::new(GuardConfig::default(), Limits::new(32, 512));
         let hot = derived(Level::Critical, None, 1.0);
         let obs = |d, running| Observation {
             derived: d,
@@ -324,12 +317,15 @@ mod tests {
         };
         let s = GuardSettings::default();
         g.step(0.0, obs(&hot, 4), bounds(), &s).unwrap();
-        assert_eq!(g.current(), lim(2, 256));
+        assert_eq!(g.current(), Limits::new(2, 256));
         let ok = derived(Level::Ok, None, 0.0);
         assert_eq!(g.step(2.0, obs(&ok, 2), bounds(), &s), None, "not calm yet");
         // Whether or not anybody waits: the next burst should not start throttled.
         let c = g.step(3.0, obs(&ok, 0), bounds(), &s).unwrap();
-        assert_eq!((c.limits, c.reason), (lim(3, 320), Reason::Recovered));
+        assert_eq!(
+            (c.limits, c.reason),
+            (Limits::new(3, 320), Reason::Recovered)
+        );
         assert_eq!(
             g.step(3.5, obs(&ok, 3), bounds(), &s),
             None,
@@ -341,7 +337,7 @@ mod tests {
 
     #[test]
     fn elevated_pressure_holds_admission_at_what_runs() {
-        let mut g = Guard::new(GuardConfig::default(), lim(32, 512));
+        let mut g = Guard::new(GuardConfig::default(), Limits::new(32, 512));
         let elevated = derived(Level::Elevated, Some(12.0), 0.0);
         let obs = Observation {
             derived: &elevated,
@@ -351,20 +347,20 @@ mod tests {
         let c = g
             .step(0.0, obs, bounds(), &GuardSettings::default())
             .unwrap();
-        assert_eq!((c.limits, c.reason), (lim(5, 512), Reason::Hold));
+        assert_eq!((c.limits, c.reason), (Limits::new(5, 512), Reason::Hold));
         assert_eq!(g.step(2.0, obs, bounds(), &GuardSettings::default()), None);
     }
 
     #[test]
     fn drain_and_disable_follow_the_operator() {
-        let mut g = Guard::new(GuardConfig::default(), lim(8, 256));
+        let mut g = Guard::new(GuardConfig::default(), Limits::new(8, 256));
         let d = derived(Level::Ok, None, 0.0);
         let obs = Observation {
             derived: &d,
             kv_usage: 0.1,
             running: 0,
         };
-        let drain = Bounds::new(lim(1, 64), lim(0, 256));
+        let drain = Bounds::new(Limits::new(1, 64), Limits::new(0, 256));
         let c = g.step(0.0, obs, drain, &GuardSettings::default()).unwrap();
         assert_eq!(c.limits.max_num_seqs, 0);
         let off = GuardSettings {
@@ -372,7 +368,7 @@ mod tests {
             ..Default::default()
         };
         let c = g.step(1.0, obs, bounds(), &off).unwrap();
-        assert_eq!((c.limits, c.reason), (lim(32, 512), Reason::Bounds));
+        assert_eq!((c.limits, c.reason), (Limits::new(32, 512), Reason::Bounds));
     }
 
     proptest! {
@@ -385,12 +381,12 @@ mod tests {
                 1..80,
             ),
         ) {
-            let mut g = Guard::new(GuardConfig::default(), lim(16, 256));
+            let mut g = Guard::new(GuardConfig::default(), Limits::new(16, 256));
             let settings = GuardSettings::default();
             for (i, (lv, ttr, pre, running, usage, tseqs, ttok, mseqs, mtok)) in steps.into_iter().enumerate() {
                 let level = [Level::Ok, Level::Elevated, Level::Critical][lv as usize];
                 let d = derived(level, ttr, if pre > 1.5 { pre } else { 0.0 });
-                let b = Bounds::new(lim(mseqs, mtok), lim(tseqs, ttok));
+                let b = Bounds::new(Limits::new(mseqs, mtok), Limits::new(tseqs, ttok));
                 let before = g.current();
                 let obs = Observation { derived: &d, kv_usage: usage, running };
                 if let Some(c) = g.step(i as f64 * 0.25, obs, b, &settings) {

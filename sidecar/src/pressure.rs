@@ -24,7 +24,6 @@ pub struct ModelConfig {
     /// Forecast horizons are widened by this factor to leave a level (hysteresis on time).
     pub horizon_exit_factor: f64,
     pub calm_seconds: f64,
-    pub guard: GuardSettings,
 }
 
 impl Default for ModelConfig {
@@ -36,7 +35,6 @@ impl Default for ModelConfig {
             critical_exit_margin: 0.1,
             horizon_exit_factor: 1.5,
             calm_seconds: 2.0,
-            guard: GuardSettings::default(),
         }
     }
 }
@@ -98,16 +96,19 @@ impl PressureModel {
         &self.cfg
     }
 
-    pub fn set_guard(&mut self, g: GuardSettings) {
-        self.cfg.guard = g;
-    }
-
     pub fn level(&self) -> Level {
         self.level
     }
 
-    /// Feeds one scrape taken at `now` (seconds, monotonic) and returns what it implies.
-    pub fn observe(&mut self, now: f64, engine: &EngineReading, device: &DeviceReading) -> Derived {
+    /// Feeds one scrape taken at `now` (seconds, monotonic) and returns what it implies, against
+    /// the guard's current horizon and redline (the operator may change them at any time).
+    pub fn observe(
+        &mut self,
+        now: f64,
+        engine: &EngineReading,
+        device: &DeviceReading,
+        guard: &GuardSettings,
+    ) -> Derived {
         let horizon = self.cfg.window_seconds;
         let keep = |q: &mut VecDeque<(f64, f64)>| {
             while q.front().is_some_and(|(t, _)| now - t > horizon) {
@@ -145,7 +146,7 @@ impl PressureModel {
         keep(&mut self.device);
 
         let growth = slope(self.kv.iter().copied()).unwrap_or(0.0);
-        let seconds_to_redline = seconds_until(usage, growth, self.cfg.guard.redline_ratio);
+        let seconds_to_redline = seconds_until(usage, growth, guard.redline_ratio);
         let device_seconds_to_full = device_ratio.and_then(|r| {
             slope(self.device.iter().copied()).and_then(|s| seconds_until(r, s, 1.0))
         });
@@ -154,7 +155,13 @@ impl PressureModel {
             _ => 0.0,
         };
         let headroom_ratio = (1.0 - usage).min(device_ratio.map_or(1.0, |r| 1.0 - r));
-        let level = self.next_level(now, usage, seconds_to_redline, preemptions_per_second);
+        let level = self.next_level(
+            now,
+            guard,
+            usage,
+            seconds_to_redline,
+            preemptions_per_second,
+        );
         Derived {
             headroom_ratio,
             kv_growth_per_second: growth,
@@ -166,19 +173,26 @@ impl PressureModel {
     }
 
     /// The level the pressure calls for: `exit` applies the wider (leaving) thresholds.
-    fn classify(&self, usage: f64, ttr: Option<f64>, preempting: bool, exit: bool) -> Level {
+    fn classify(
+        &self,
+        g: &GuardSettings,
+        usage: f64,
+        ttr: Option<f64>,
+        preempting: bool,
+        exit: bool,
+    ) -> Level {
         let c = &self.cfg;
         let (h, redline, elevated) = if exit {
             (
-                c.guard.horizon_seconds * c.horizon_exit_factor,
-                c.guard.redline_ratio - c.critical_exit_margin,
-                c.guard.redline_ratio - c.elevated_exit_margin,
+                g.horizon_seconds * c.horizon_exit_factor,
+                g.redline_ratio - c.critical_exit_margin,
+                g.redline_ratio - c.elevated_exit_margin,
             )
         } else {
             (
-                c.guard.horizon_seconds,
-                c.guard.redline_ratio,
-                c.guard.redline_ratio - c.elevated_margin,
+                g.horizon_seconds,
+                g.redline_ratio,
+                g.redline_ratio - c.elevated_margin,
             )
         };
         let within = |secs: f64| ttr.is_some_and(|t| t < secs);
@@ -191,9 +205,16 @@ impl PressureModel {
         }
     }
 
-    fn next_level(&mut self, now: f64, usage: f64, ttr: Option<f64>, preempt_rate: f64) -> Level {
+    fn next_level(
+        &mut self,
+        now: f64,
+        g: &GuardSettings,
+        usage: f64,
+        ttr: Option<f64>,
+        preempt_rate: f64,
+    ) -> Level {
         let preempting = preempt_rate > 0.0;
-        let enter = self.classify(usage, ttr, preempting, false);
+        let enter = self.classify(g, usage, ttr, preempting, false);
         if enter >= self.level {
             if enter > self.level {
                 self.level = enter;
@@ -201,7 +222,7 @@ impl PressureModel {
             self.calm_since = None;
             return self.level;
         }
-        let exit = self.classify(usage, ttr, preempting, true);
+        let exit = self.classify(g, usage, ttr, preempting, true);
         if exit >= self.level {
             self.calm_since = None;
             return self.level;
@@ -248,7 +269,12 @@ mod tests {
         // 5% of the pool per second from 10%.
         for i in 0..=10 {
             let t = i as f64 * 0.25;
-            d = m.observe(t, &engine(0.10 + 0.05 * t, 0), &none());
+            d = m.observe(
+                t,
+                &engine(0.10 + 0.05 * t, 0),
+                &none(),
+                &GuardSettings::default(),
+            );
         }
         assert!((d.kv_growth_per_second - 0.05).abs() < 1e-9);
         let ttr = d.seconds_to_redline.unwrap();
@@ -261,7 +287,12 @@ mod tests {
         );
         for i in 11..=60 {
             let t = i as f64 * 0.25;
-            d = m.observe(t, &engine(0.10 + 0.05 * t, 0), &none());
+            d = m.observe(
+                t,
+                &engine(0.10 + 0.05 * t, 0),
+                &none(),
+                &GuardSettings::default(),
+            );
         }
         assert_eq!(d.level, Level::Critical);
     }
@@ -271,11 +302,16 @@ mod tests {
         let mut m = PressureModel::new(ModelConfig::default());
         let mut d = Derived::default();
         for i in 0..8 {
-            d = m.observe(i as f64 * 0.25, &engine(0.3, 0), &none());
+            d = m.observe(
+                i as f64 * 0.25,
+                &engine(0.3, 0),
+                &none(),
+                &GuardSettings::default(),
+            );
         }
         assert_eq!(d.seconds_to_redline, None);
         assert_eq!(d.level, Level::Ok);
-        d = m.observe(2.0, &engine(0.3, 2), &none());
+        d = m.observe(2.0, &engine(0.3, 2), &none(), &GuardSettings::default());
         assert!(d.preemptions_per_second > 0.0);
         assert_eq!(d.level, Level::Critical);
     }
@@ -283,8 +319,8 @@ mod tests {
     #[test]
     fn an_engine_restart_does_not_make_a_negative_preemption_rate() {
         let mut m = PressureModel::new(ModelConfig::default());
-        m.observe(0.0, &engine(0.3, 50), &none());
-        let d = m.observe(0.25, &engine(0.0, 0), &none());
+        m.observe(0.0, &engine(0.3, 50), &none(), &GuardSettings::default());
+        let d = m.observe(0.25, &engine(0.0, 0), &none(), &GuardSettings::default());
         assert_eq!(d.preemptions_per_second, 0.0);
     }
 
@@ -297,8 +333,8 @@ mod tests {
             memory_total_bytes: Some(1000),
             ..Default::default()
         };
-        m.observe(0.0, &engine(0.1, 0), &dev(800));
-        let d = m.observe(1.0, &engine(0.1, 0), &dev(900));
+        m.observe(0.0, &engine(0.1, 0), &dev(800), &GuardSettings::default());
+        let d = m.observe(1.0, &engine(0.1, 0), &dev(900), &GuardSettings::default());
         assert!((d.headroom_ratio - 0.1).abs() < 1e-9);
         assert!((d.device_seconds_to_full.unwrap() - 1.0).abs() < 1e-9);
     }
@@ -320,7 +356,7 @@ mod tests {
             let mut total = 0;
             for (i, u) in usages.iter().enumerate() {
                 total += preempt[i % preempt.len()];
-                let d = m.observe(i as f64 * 0.25, &engine(*u, total), &none());
+                let d = m.observe(i as f64 * 0.25, &engine(*u, total), &none(), &GuardSettings::default());
                 prop_assert!((0.0..=1.0).contains(&d.headroom_ratio));
                 prop_assert!(d.seconds_to_redline.is_none_or(|t| t >= 0.0));
                 prop_assert!(d.preemptions_per_second >= 0.0);
@@ -339,14 +375,14 @@ mod tests {
             let mut last_raise = f64::NEG_INFINITY;
             for (i, u) in usages.iter().enumerate() {
                 let t = i as f64 * 0.25;
-                let d = m.observe(t, &engine(*u, 0), &none());
+                let d = m.observe(t, &engine(*u, 0), &none(), &GuardSettings::default());
                 if d.level > last {
                     last_raise = t;
                 }
                 if d.level < last {
                     prop_assert!(t - last_raise >= cfg.calm_seconds, "dropped at {t}, raised at {last_raise}");
                 }
-                if *u >= cfg.guard.redline_ratio {
+                if *u >= GuardSettings::default().redline_ratio {
                     prop_assert_eq!(d.level, Level::Critical);
                 }
                 last = d.level;

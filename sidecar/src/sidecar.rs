@@ -47,7 +47,7 @@ struct State {
     last_ok: Option<Instant>,
     reachable: bool,
     guard_reason: Option<String>,
-    /// The engine's capacity envelope as far as its clamping showed it: a target above it
+    /// The engine's capacity envelope, from its answer to the last PUT: a target above it
     /// would make the guard "raise" into the clamp every interval.
     ceiling: Option<Limits>,
     /// The last error logged, so a persisting one is logged once.
@@ -63,11 +63,9 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(cfg: &Config) -> Self {
-        let mut model_cfg = cfg.model;
-        model_cfg.guard = cfg.guard;
         Self {
             state: Mutex::new(State {
-                model: PressureModel::new(model_cfg),
+                model: PressureModel::new(cfg.model),
                 guard: None,
                 target: None,
                 min_seqs: None,
@@ -96,15 +94,11 @@ impl Shared {
     /// `PUT /v1/limits`: validated by the caller; applied by the loop's next tick.
     pub fn set_limits(&self, r: LimitsRequest) -> LimitsStatus {
         let mut st = self.state.lock().unwrap();
-        st.target = Some(Limits {
-            max_num_seqs: r.max_num_seqs,
-            max_batched_tokens: r.max_batched_tokens,
-        });
+        st.target = Some(Limits::new(r.max_num_seqs, r.max_batched_tokens));
         st.min_seqs = r.min_num_seqs;
         st.min_tokens = r.min_batched_tokens;
         if let Some(g) = r.guard {
             st.settings = g;
-            st.model.set_guard(g);
         }
         info!(
             max_num_seqs = r.max_num_seqs,
@@ -124,61 +118,35 @@ impl Shared {
     }
 }
 
-fn bounds(st: &State, target: Limits) -> Bounds {
-    let target = match st.ceiling {
-        Some(c) => Limits {
-            max_num_seqs: target.max_num_seqs.min(c.max_num_seqs),
-            max_batched_tokens: target.max_batched_tokens.min(c.max_batched_tokens),
-        },
-        None => target,
-    };
-    Bounds::new(
-        Limits {
-            max_num_seqs: st.min_seqs.unwrap_or(MIN_SEQS),
-            max_batched_tokens: st.min_tokens.unwrap_or(MIN_TOKENS),
-        },
-        target,
+/// The guard's floor: the operator's, else one sequence and 64 tokens.
+fn floor(st: &State) -> Limits {
+    Limits::new(
+        st.min_seqs.unwrap_or(MIN_SEQS),
+        st.min_tokens.unwrap_or(MIN_TOKENS),
     )
 }
 
-/// The envelope learned from one PUT: a field the engine accepted below what was asked is its
-/// ceiling.
-fn learn_ceiling(known: Option<Limits>, asked: Limits, accepted: Limits) -> Option<Limits> {
-    let field = |asked: u32, accepted: u32, known: Option<u32>| {
-        if accepted < asked {
-            accepted
-        } else {
-            known.unwrap_or(u32::MAX)
-        }
-    };
-    let c = Limits {
-        max_num_seqs: field(
-            asked.max_num_seqs,
-            accepted.max_num_seqs,
-            known.map(|k| k.max_num_seqs),
+/// `[floor, target]`, the target capped by the engine's envelope where known.
+fn bounds(st: &State, target: Limits) -> Bounds {
+    let target = match st.ceiling {
+        Some(c) => Limits::new(
+            target.max_num_seqs.min(c.max_num_seqs),
+            target.max_batched_tokens.min(c.max_batched_tokens),
         ),
-        max_batched_tokens: field(
-            asked.max_batched_tokens,
-            accepted.max_batched_tokens,
-            known.map(|k| k.max_batched_tokens),
-        ),
+        None => target,
     };
-    (c.max_num_seqs < u32::MAX || c.max_batched_tokens < u32::MAX).then_some(c)
+    Bounds::new(floor(st), target)
 }
 
 fn limits_status(st: &State) -> LimitsStatus {
-    // Without a target the floor is reported as configured.
-    let b = bounds(
-        st,
-        st.target.unwrap_or(Limits {
-            max_num_seqs: u32::MAX,
-            max_batched_tokens: u32::MAX,
-        }),
-    );
+    let min = match st.target {
+        Some(t) => bounds(st, t).min,
+        None => floor(st),
+    };
     LimitsStatus {
         target: st.target,
-        min_num_seqs: b.min.max_num_seqs,
-        min_batched_tokens: b.min.max_batched_tokens,
+        min_num_seqs: min.max_num_seqs,
+        min_batched_tokens: min.max_batched_tokens,
         guard_limits: st.guard.as_ref().map(Guard::current),
         guard_reason: st.guard_reason.clone(),
         guard: st.settings,
@@ -212,12 +180,20 @@ async fn scrape_engine(http: &reqwest::Client, url: &str) -> Result<EngineReadin
     scrape::parse(&text).map_err(|e| format!("engine metrics at {url}: {e}"))
 }
 
-/// What the engine accepted (it clamps to its capacity envelope).
+/// The engine's answer to `PUT /admin/limits`: what it applied (clamped into its envelope) and
+/// the envelope itself.
+#[derive(serde::Deserialize)]
+struct Applied {
+    #[serde(flatten)]
+    limits: Limits,
+    ceiling: Option<Limits>,
+}
+
 async fn put_engine_limits(
     http: &reqwest::Client,
     admin: &str,
     l: Limits,
-) -> Result<Limits, String> {
+) -> Result<Applied, String> {
     let url = format!("{admin}/admin/limits");
     // A loaded engine answers between steps: give it longer than a scrape.
     let resp = http
@@ -234,7 +210,7 @@ async fn put_engine_limits(
             "engine refused limits {l:?}: HTTP {status}: {body}"
         ));
     }
-    resp.json::<Limits>()
+    resp.json::<Applied>()
         .await
         .map_err(|e| format!("engine admin API at {url}: {e}"))
 }
@@ -269,7 +245,7 @@ fn tick_state(
     }
     st.reachable = true;
     st.last_ok = Some(Instant::now());
-    let derived = st.model.observe(now, &reading, &st.device);
+    let derived = st.model.observe(now, &reading, &st.device, &st.settings);
     let running = reading.requests_running;
     let usage = reading.kv_usage_ratio;
     let engine_limits = reading.limits;
@@ -333,8 +309,11 @@ pub async fn run(shared: std::sync::Arc<Shared>, device: Box<dyn Device>, cfg: C
             let result = put_engine_limits(&http, &admin, a.limits).await;
             let mut st = shared.state.lock().unwrap();
             match result {
-                Ok(accepted) => {
-                    st.ceiling = learn_ceiling(st.ceiling, a.limits, accepted);
+                Ok(Applied {
+                    limits: accepted,
+                    ceiling,
+                }) => {
+                    st.ceiling = ceiling.or(st.ceiling);
                     if let Some(g) = st.guard.as_mut() {
                         g.sync(accepted);
                     }
@@ -373,20 +352,8 @@ pub async fn run(shared: std::sync::Arc<Shared>, device: Box<dyn Device>, cfg: C
 mod tests {
     use super::*;
 
-    fn lim(s: u32, t: u32) -> Limits {
-        Limits {
-            max_num_seqs: s,
-            max_batched_tokens: t,
-        }
-    }
-
     #[test]
-    fn a_clamped_put_teaches_the_ceiling_and_caps_the_target() {
-        assert_eq!(learn_ceiling(None, lim(8, 256), lim(8, 256)), None);
-        let c = learn_ceiling(None, lim(40, 256), lim(32, 256));
-        assert_eq!(c, Some(lim(32, u32::MAX)));
-        let c = learn_ceiling(c, lim(20, 4096), lim(20, 2048));
-        assert_eq!(c, Some(lim(32, 2048)));
+    fn the_engines_ceiling_caps_the_target_and_the_floor_is_reported_without_one() {
         let cfg = Config {
             engine_url: String::new(),
             engine_admin_url: String::new(),
@@ -398,7 +365,35 @@ mod tests {
         };
         let shared = Shared::new(&cfg);
         let mut st = shared.state.lock().unwrap();
-        st.ceiling = c;
-        assert_eq!(bounds(&st, lim(64, 1024)).target, lim(32, 1024));
+        let s = limits_status(&st);
+        assert_eq!(
+            (s.target, s.min_num_seqs, s.min_batched_tokens),
+            (None, 1, 64)
+        );
+        st.ceiling = Some(Limits::new(32, 2048));
+        assert_eq!(
+            bounds(&st, Limits::new(64, 1024)).target,
+            Limits::new(32, 1024)
+        );
+        // A floor above the target is capped by it (a target of 0 sequences drains).
+        st.target = Some(Limits::new(0, 32));
+        let s = limits_status(&st);
+        assert_eq!((s.min_num_seqs, s.min_batched_tokens), (0, 32));
+    }
+
+    #[test]
+    fn the_engines_put_answer_parses_with_and_without_a_ceiling() {
+        let a: Applied = serde_json::from_str(
+            r#"{"max_num_seqs": 8, "max_batched_tokens": 256, "clamped": true,
+                "ceiling": {"max_num_seqs": 8, "max_batched_tokens": 2048}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (a.limits, a.ceiling),
+            (Limits::new(8, 256), Some(Limits::new(8, 2048)))
+        );
+        let a: Applied =
+            serde_json::from_str(r#"{"max_num_seqs": 8, "max_batched_tokens": 256}"#).unwrap();
+        assert_eq!(a.ceiling, None);
     }
 }

@@ -40,11 +40,12 @@ fn find<'n>(nvml: &'n Nvml, sel: &str) -> Result<NvmlGpu<'n>, NvmlError> {
     }
 }
 
-fn sample(gpu: &NvmlGpu<'_>, health: &DeviceHealth) -> DeviceReading {
+/// One reading; `name` is read once at start (it does not change).
+fn sample(gpu: &NvmlGpu<'_>, name: &Option<String>, health: &DeviceHealth) -> DeviceReading {
     let mem = gpu.memory_info().ok();
     DeviceReading {
         backend: "nvml".into(),
-        name: gpu.name().ok(),
+        name: name.clone(),
         memory_used_bytes: mem.as_ref().map(|m| m.used),
         memory_total_bytes: mem.as_ref().map(|m| m.total),
         utilization_ratio: gpu.utilization_rates().ok().map(|u| u.gpu as f64 / 100.0),
@@ -99,7 +100,8 @@ impl NvmlDevice {
                 if events.is_ok() {
                     health.xid_errors = Some(0);
                 }
-                let first = sample(&gpu, &health);
+                let name = gpu.name().ok();
+                let first = sample(&gpu, &name, &health);
                 let _ = tx.send(Ok(format!(
                     "{} ({})",
                     first.name.clone().unwrap_or_default(),
@@ -123,7 +125,7 @@ impl NvmlDevice {
                         },
                         Err(_) => std::thread::sleep(interval),
                     }
-                    *shared.lock().unwrap() = sample(&gpu, &health);
+                    *shared.lock().unwrap() = sample(&gpu, &name, &health);
                 }
             })
             .map_err(|e| DeviceError::Nvml(format!("starting the NVML thread: {e}")))?;

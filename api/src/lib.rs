@@ -70,6 +70,15 @@ pub struct EngineReading {
     pub preemptions_total: u64,
     /// The engine's live admission limits (redline-engine only).
     pub limits: Option<Limits>,
+    /// Prompt tokens of requests as they arrive, queued or not: the demand, which the admitted
+    /// count hides once the engine saturates (vLLM: its processed prompt tokens).
+    #[serde(default)]
+    pub prompt_tokens_received_total: Option<u64>,
+    #[serde(default)]
+    pub generation_tokens_total: Option<u64>,
+    /// Prompt tokens of the requests waiting for admission: the backlog.
+    #[serde(default)]
+    pub waiting_prompt_tokens: Option<u64>,
 }
 
 /// Pressure, derived by the sidecar's model from the readings over a window.
@@ -85,6 +94,12 @@ pub struct Derived {
     pub device_seconds_to_full: Option<f64>,
     pub preemptions_per_second: f64,
     pub level: Level,
+    /// Arriving prompt tokens and generated tokens per second over the window; `None` when the
+    /// engine does not export them or there is no window yet.
+    #[serde(default)]
+    pub prompt_tokens_per_second: Option<f64>,
+    #[serde(default)]
+    pub generation_tokens_per_second: Option<f64>,
 }
 
 impl Default for Derived {
@@ -96,6 +111,8 @@ impl Default for Derived {
             device_seconds_to_full: None,
             preemptions_per_second: 0.0,
             level: Level::Ok,
+            prompt_tokens_per_second: None,
+            generation_tokens_per_second: None,
         }
     }
 }

@@ -81,6 +81,8 @@ pub struct Stats {
     pub waiting: usize,
     pub preemptions_total: u64,
     pub prefix_hit_tokens: u64,
+    pub prompt_tokens_received: u64,
+    pub waiting_tokens: u64,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -207,6 +209,8 @@ impl Engine {
             waiting: self.sched.num_waiting(),
             preemptions_total: self.sched.preemptions_total(),
             prefix_hit_tokens: self.sched.prefix_hit_tokens(),
+            prompt_tokens_received: self.sched.prompt_tokens_received(),
+            waiting_tokens: self.sched.waiting_tokens(),
         }
     }
 

@@ -18,6 +18,8 @@ pub struct Metrics {
     preemptions: IntCounter,
     prefix_hit_tokens: IntCounter,
     pub prompt_tokens: IntCounter,
+    pub prompt_tokens_received: IntCounter,
+    pub waiting_prompt_tokens: IntGauge,
     pub generation_tokens: IntCounter,
     max_num_seqs: IntGauge,
     max_batched_tokens: IntGauge,
@@ -102,6 +104,14 @@ impl Metrics {
                 p("prompt_tokens_total"),
                 "Prompt tokens admitted.",
             )),
+            prompt_tokens_received: counter(Opts::new(
+                p("prompt_tokens_received_total"),
+                "Prompt tokens of requests as they arrive, admitted or still waiting (demand).",
+            )),
+            waiting_prompt_tokens: int_gauge(
+                p("waiting_prompt_tokens"),
+                "Tokens the waiting requests must compute when admitted (backlog).",
+            ),
             generation_tokens: counter(Opts::new(
                 p("generation_tokens_total"),
                 "Tokens generated.",
@@ -195,6 +205,11 @@ impl Metrics {
             .prefix_hit_tokens
             .saturating_sub(self.prefix_hit_tokens.get());
         self.prefix_hit_tokens.inc_by(new_hits);
+        let new_received = s
+            .prompt_tokens_received
+            .saturating_sub(self.prompt_tokens_received.get());
+        self.prompt_tokens_received.inc_by(new_received);
+        self.waiting_prompt_tokens.set(s.waiting_tokens as i64);
         self.max_num_seqs.set(l.max_num_seqs as i64);
         self.max_batched_tokens.set(l.max_batched_tokens as i64);
     }

@@ -60,6 +60,7 @@ pub struct Scheduler {
     /// Sorted by arrival: the newest is last and is the one preempted first.
     running: Vec<SeqId>,
     next_arrival: u64,
+    prompt_tokens_received: u64,
     preemptions_total: u64,
     prefix_hit_tokens: u64,
     watermark_blocks: usize,
@@ -77,6 +78,7 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             next_arrival: 0,
+            prompt_tokens_received: 0,
             preemptions_total: 0,
             prefix_hit_tokens: 0,
             watermark_blocks,
@@ -104,6 +106,19 @@ impl Scheduler {
     pub fn preemptions_total(&self) -> u64 {
         self.preemptions_total
     }
+    /// Prompt tokens of every sequence ever queued: the demand, counted on arrival.
+    pub fn prompt_tokens_received(&self) -> u64 {
+        self.prompt_tokens_received
+    }
+    /// Tokens the waiting sequences will have to compute when admitted (a preempted one
+    /// recomputes its whole context): the backlog.
+    pub fn waiting_tokens(&self) -> u64 {
+        self.waiting
+            .iter()
+            .filter_map(|id| self.seqs.get(id))
+            .map(|s| (s.tokens.len() - s.num_computed) as u64)
+            .sum()
+    }
     /// Prompt tokens whose KV came from the prefix cache instead of being computed.
     pub fn prefix_hit_tokens(&self) -> u64 {
         self.prefix_hit_tokens
@@ -121,6 +136,7 @@ impl Scheduler {
         assert!(!self.seqs.contains_key(&id), "duplicate sequence id");
         let arrival = self.next_arrival;
         self.next_arrival += 1;
+        self.prompt_tokens_received += prompt.len() as u64;
         self.seqs.insert(
             id,
             SeqState {
@@ -323,6 +339,17 @@ mod tests {
         let o = step(&mut s);
         assert_eq!((o.scheduled[0].start, o.scheduled[0].len), (20, 1));
         s.check_invariants();
+    }
+
+    #[test]
+    fn demand_is_counted_on_arrival_and_the_backlog_is_what_waits() {
+        let mut s = sched(64, 1, 64);
+        s.add(1, vec![1; 10]);
+        s.add(2, vec![2; 6]);
+        assert_eq!((s.prompt_tokens_received(), s.waiting_tokens()), (16, 16));
+        step(&mut s);
+        // Only one sequence may run: the other's prompt is still the backlog.
+        assert_eq!((s.prompt_tokens_received(), s.waiting_tokens()), (16, 6));
     }
 
     #[test]

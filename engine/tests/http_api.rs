@@ -394,6 +394,8 @@ async fn chat_non_streaming_usage_models_and_metric_names() {
         "redline_engine_requests_waiting",
         "redline_engine_preemptions_total",
         "redline_engine_prompt_tokens_total",
+        "redline_engine_prompt_tokens_received_total",
+        "redline_engine_waiting_prompt_tokens",
         "redline_engine_generation_tokens_total",
         "redline_engine_max_num_seqs",
         "redline_engine_max_batched_tokens",
@@ -413,5 +415,11 @@ async fn chat_non_streaming_usage_models_and_metric_names() {
         );
     }
     assert!(s.metric("redline_engine_generation_tokens_total").await >= 1.0);
+    // Everything admitted was received first; nothing waits once the requests are done.
+    let received = s
+        .metric("redline_engine_prompt_tokens_received_total")
+        .await;
+    assert!(received >= s.metric("redline_engine_prompt_tokens_total").await && received > 0.0);
+    assert_eq!(s.metric("redline_engine_waiting_prompt_tokens").await, 0.0);
     assert!(s.metric("redline_engine_kv_blocks_total").await > 0.0);
 }

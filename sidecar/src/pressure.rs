@@ -15,6 +15,9 @@ use redline_api::{Derived, DeviceReading, EngineReading, GuardSettings, Level};
 pub struct ModelConfig {
     /// Seconds of samples the growth slope is fitted over.
     pub window_seconds: f64,
+    /// Seconds token rates are averaged over: at least the operator's decision interval, so
+    /// every arrival between two decisions is seen.
+    pub rate_window_seconds: f64,
     /// How far under the redline KV usage becomes elevated, and how far under it must fall to
     /// return to ok (ratios of the pool).
     pub elevated_margin: f64,
@@ -30,6 +33,7 @@ impl Default for ModelConfig {
     fn default() -> Self {
         Self {
             window_seconds: 3.0,
+            rate_window_seconds: 10.0,
             elevated_margin: 0.2,
             elevated_exit_margin: 0.3,
             critical_exit_margin: 0.1,
@@ -68,6 +72,35 @@ pub fn seconds_until(value: f64, rate: f64, limit: f64) -> Option<f64> {
     (rate > 1e-4).then(|| (limit - value) / rate)
 }
 
+/// A monotonic counter's samples over the window, for its rate.
+#[derive(Debug, Clone, Default)]
+struct Counter {
+    samples: VecDeque<(f64, u64)>,
+}
+
+impl Counter {
+    /// The rate over the last `window` seconds; `None` when the engine does not export the
+    /// counter or there is only one sample. A counter that went down (an engine restart) starts
+    /// the window afresh.
+    fn rate(&mut self, now: f64, window: f64, value: Option<u64>) -> Option<f64> {
+        let Some(v) = value else {
+            self.samples.clear();
+            return None;
+        };
+        if self.samples.back().is_some_and(|&(_, c)| c > v) {
+            self.samples.clear();
+        }
+        self.samples.push_back((now, v));
+        while self.samples.front().is_some_and(|(t, _)| now - t > window) {
+            self.samples.pop_front();
+        }
+        match (self.samples.front(), self.samples.back()) {
+            (Some(&(t0, c0)), Some(&(t1, c1))) if t1 > t0 => Some((c1 - c0) as f64 / (t1 - t0)),
+            _ => None,
+        }
+    }
+}
+
 /// The sliding windows and the level with its hysteresis state.
 #[derive(Debug, Clone)]
 pub struct PressureModel {
@@ -75,6 +108,8 @@ pub struct PressureModel {
     kv: VecDeque<(f64, f64)>,
     device: VecDeque<(f64, f64)>,
     preemptions: VecDeque<(f64, u64)>,
+    prompt_tokens: Counter,
+    generation_tokens: Counter,
     level: Level,
     /// Since when the pressure has been below the current level's exit thresholds.
     calm_since: Option<f64>,
@@ -87,6 +122,8 @@ impl PressureModel {
             kv: VecDeque::new(),
             device: VecDeque::new(),
             preemptions: VecDeque::new(),
+            prompt_tokens: Counter::default(),
+            generation_tokens: Counter::default(),
             level: Level::Ok,
             calm_since: None,
         }
@@ -154,6 +191,16 @@ impl PressureModel {
             (Some(&(t0, c0)), Some(&(t1, c1))) if t1 > t0 => (c1 - c0) as f64 / (t1 - t0),
             _ => 0.0,
         };
+        let prompt_tokens_per_second = self.prompt_tokens.rate(
+            now,
+            self.cfg.rate_window_seconds,
+            engine.prompt_tokens_received_total,
+        );
+        let generation_tokens_per_second = self.generation_tokens.rate(
+            now,
+            self.cfg.rate_window_seconds,
+            engine.generation_tokens_total,
+        );
         let headroom_ratio = (1.0 - usage).min(device_ratio.map_or(1.0, |r| 1.0 - r));
         let level = self.next_level(
             now,
@@ -169,6 +216,8 @@ impl PressureModel {
             device_seconds_to_full,
             preemptions_per_second,
             level,
+            prompt_tokens_per_second,
+            generation_tokens_per_second,
         }
     }
 
@@ -252,6 +301,9 @@ mod tests {
             requests_waiting: 0,
             preemptions_total: preemptions,
             limits: None,
+            prompt_tokens_received_total: None,
+            generation_tokens_total: None,
+            waiting_prompt_tokens: None,
         }
     }
 
@@ -314,6 +366,36 @@ mod tests {
         d = m.observe(2.0, &engine(0.3, 2), &none(), &GuardSettings::default());
         assert!(d.preemptions_per_second > 0.0);
         assert_eq!(d.level, Level::Critical);
+    }
+
+    #[test]
+    fn token_rates_come_from_the_counters_and_survive_an_engine_restart() {
+        let mut m = PressureModel::new(ModelConfig::default());
+        let g = GuardSettings::default();
+        let at = |prompt: u64, gen: u64| EngineReading {
+            prompt_tokens_received_total: Some(prompt),
+            generation_tokens_total: Some(gen),
+            ..engine(0.1, 0)
+        };
+        assert_eq!(
+            m.observe(0.0, &at(0, 0), &none(), &g)
+                .prompt_tokens_per_second,
+            None
+        );
+        m.observe(1.0, &at(1000, 50), &none(), &g);
+        let d = m.observe(2.0, &at(3000, 100), &none(), &g);
+        assert_eq!(d.prompt_tokens_per_second, Some(1500.0));
+        assert_eq!(d.generation_tokens_per_second, Some(50.0));
+        let d = m.observe(2.5, &at(10, 0), &none(), &g);
+        assert_eq!(
+            d.prompt_tokens_per_second, None,
+            "restarted: one sample, no rate yet"
+        );
+        let d = m.observe(3.0, &engine(0.1, 0), &none(), &g);
+        assert_eq!(
+            d.generation_tokens_per_second, None,
+            "not exported: unknown, not zero"
+        );
     }
 
     #[test]

@@ -47,6 +47,7 @@ pub fn parse(text: &str) -> Result<EngineReading, ScrapeError> {
     let scrape = openmetrics_parser::prometheus::parse_prometheus(text)
         .map_err(|e| ScrapeError::Parse(format!("{e:?}")))?;
     let count = |name: &str| sum(&scrape, name).unwrap_or(0.0).max(0.0) as u64;
+    let whole = |name: &str| sum(&scrape, name).map(|v| v.max(0.0) as u64);
     if let Some(usage) = max(&scrape, "redline_engine_kv_cache_usage_ratio") {
         let limits = match (
             max(&scrape, "redline_engine_max_num_seqs"),
@@ -68,6 +69,9 @@ pub fn parse(text: &str) -> Result<EngineReading, ScrapeError> {
             requests_waiting: count("redline_engine_requests_waiting"),
             preemptions_total: count("redline_engine_preemptions_total"),
             limits,
+            prompt_tokens_received_total: whole("redline_engine_prompt_tokens_received_total"),
+            generation_tokens_total: whole("redline_engine_generation_tokens_total"),
+            waiting_prompt_tokens: whole("redline_engine_waiting_prompt_tokens"),
         });
     }
     // vLLM renamed gpu_cache_usage_perc to kv_cache_usage_perc; accept both.
@@ -83,6 +87,11 @@ pub fn parse(text: &str) -> Result<EngineReading, ScrapeError> {
         requests_waiting: count("vllm:num_requests_waiting"),
         preemptions_total: count("vllm:num_preemptions_total").max(count("vllm:num_preemptions")),
         limits: None,
+        // vLLM counts prompt tokens when it processes them, not on arrival: under saturation
+        // this undercounts demand, and its queue (`requests_waiting`) has to tell the rest.
+        prompt_tokens_received_total: whole("vllm:prompt_tokens_total"),
+        generation_tokens_total: whole("vllm:generation_tokens_total"),
+        waiting_prompt_tokens: None,
     })
 }
 
@@ -110,6 +119,12 @@ redline_engine_preemptions_total 2
 redline_engine_max_num_seqs 16
 # TYPE redline_engine_max_batched_tokens gauge
 redline_engine_max_batched_tokens 256
+# TYPE redline_engine_prompt_tokens_received_total counter
+redline_engine_prompt_tokens_received_total 5000
+# TYPE redline_engine_generation_tokens_total counter
+redline_engine_generation_tokens_total 700
+# TYPE redline_engine_waiting_prompt_tokens gauge
+redline_engine_waiting_prompt_tokens 1200
 # TYPE vllm:kv_cache_usage_perc gauge
 vllm:kv_cache_usage_perc 0.25
 ";
@@ -119,6 +134,9 @@ vllm:kv_cache_usage_perc 0.25
         assert_eq!((r.kv_blocks_total, r.kv_blocks_used), (Some(128), Some(32)));
         assert_eq!((r.requests_running, r.requests_waiting), (3, 7));
         assert_eq!(r.preemptions_total, 2);
+        assert_eq!(r.prompt_tokens_received_total, Some(5000));
+        assert_eq!(r.generation_tokens_total, Some(700));
+        assert_eq!(r.waiting_prompt_tokens, Some(1200));
         assert_eq!(
             r.limits,
             Some(Limits {

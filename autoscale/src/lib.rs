@@ -1,0 +1,13 @@
+//! redline's autoscaling policy, as plain data and functions: no I/O, no clock of its own.
+//! The operator feeds it the sidecars' pressure reports every few seconds; the simulator feeds
+//! it the same reports from its model engines. Same code, same decisions.
+//!
+//! - [`demand`]: per-pod signals to "replicas needed at the target utilization".
+//! - [`policy`]: demand over time to a replica count, a pod to drain, per-pod limits and a
+//!   reason.
+
+pub mod demand;
+pub mod policy;
+
+pub use demand::{Demand, PodSignals, ReplicaCapacity};
+pub use policy::{Action, Decision, Observation, PodPhase, PodView, Policy, PolicyConfig};

@@ -1,0 +1,524 @@
+//! The slow loop's decision: replicas, a pod to drain, per-pod limit targets, and why.
+//!
+//! Every few seconds the caller hands [`Policy::decide`] what it sees (pods, their phase and
+//! pressure, the desired replicas, the time) and gets one [`Decision`]. The policy keeps only the
+//! demand history it needs for its forecast and windows; it has no clock and does no I/O, so
+//! the operator and the simulator run the same decisions from the same inputs.
+//!
+//! - **Up early.** The forecast over the horizon (at least a pod's cold start) is the larger of
+//!   the recent peak (bursts recur) and the current demand plus its trend. Pods still starting
+//!   count as capacity, so a burst does not add a replica per tick while the first ones load.
+//! - **Down late and safe.** Only when the peak demand over the whole scale-down window fits
+//!   on fewer replicas with a margin (at most `max_step` at once), with every pod reporting fresh data
+//!   for that whole window, nothing starting, and not within the window after a scale-up.
+//! - **Down through drain.** The chosen pod takes no new requests and finishes what it holds;
+//!   the replica count drops only once it is empty (or the drain timed out; the
+//!   engine's SIGTERM drain finishes the rest). If demand comes back first, the drain is
+//!   cancelled: no cold start paid for a pod that was still there.
+//! - **Capacity-aware.** Pods the scheduler cannot place are reported, not piled onto.
+
+use std::collections::VecDeque;
+
+use redline_api::{Level, Limits};
+
+use crate::demand::{demand, Demand, DemandConfig, PodSignals, ReplicaCapacity};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PolicyConfig {
+    pub min_replicas: u32,
+    pub max_replicas: u32,
+    pub capacity: ReplicaCapacity,
+    pub target_utilization: f64,
+    pub target_kv_usage: f64,
+    /// How far ahead demand is forecast; at least a new pod's time to Ready.
+    pub forecast_horizon_seconds: f64,
+    /// Window the demand trend is fitted over.
+    pub trend_window_seconds: f64,
+    /// Demand is averaged over this window: a burst shorter than the TTFT objective allows
+    /// waits in the queue instead of buying replicas.
+    pub demand_smoothing_seconds: f64,
+    /// No scale-up sooner than this after the last scaling action of either direction.
+    pub scale_up_cooldown_seconds: f64,
+    /// Demand must fit on N-1 replicas for this long before one is drained; also the least
+    /// time between a scale-up and the next scale-down.
+    pub scale_down_window_seconds: f64,
+    /// Most replicas added, or drained, in one decision.
+    pub max_step: u32,
+    /// Reports older than this are stale.
+    pub stale_after_seconds: f64,
+    pub backlog_drain_seconds: f64,
+    /// After this long a drain gives way: the pod goes, its own SIGTERM drain finishes it.
+    pub drain_timeout_seconds: f64,
+    /// The limits each serving pod runs under (the sidecar's guard moves below them).
+    pub pod_limits: Limits,
+}
+
+impl PolicyConfig {
+    fn demand_config(&self) -> DemandConfig {
+        DemandConfig {
+            capacity: self.capacity,
+            target_utilization: self.target_utilization,
+            target_kv_usage: self.target_kv_usage,
+            backlog_drain_seconds: self.backlog_drain_seconds,
+        }
+    }
+}
+
+/// Scale-down margin: N-1 replicas must carry the peak at this share of their target, so the
+/// scale-up threshold is not met again by the same load.
+const DOWN_MARGIN: f64 = 0.85;
+/// Most the trend may add to the current demand, as a share of it.
+const MAX_TREND_GAIN: f64 = 0.5;
+/// Scale-up tolerance: demand must exceed the replicas by this share (no flapping on noise).
+const UP_TOLERANCE: f64 = 0.05;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodPhase {
+    /// Scheduled, loading the model, not Ready yet.
+    Starting,
+    /// The scheduler cannot place it (no GPU left, say).
+    Unschedulable,
+    Ready,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodView {
+    pub name: String,
+    pub phase: PodPhase,
+    /// `None` when the pod has no sidecar report (unreachable, or none yet).
+    pub signals: Option<PodSignals>,
+}
+
+/// What the caller sees at `now` (seconds on any monotonic clock).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    pub now: f64,
+    /// The replicas asked for now (the Deployment's spec).
+    pub desired: u32,
+    pub pods: Vec<PodView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Hold,
+    ScaleUp {
+        from: u32,
+        to: u32,
+    },
+    /// The pods stop taking requests; replicas unchanged until they are empty.
+    Drain {
+        pods: Vec<String>,
+    },
+    CancelDrain {
+        pods: Vec<String>,
+    },
+    /// Drained pods are empty (or timed out): remove them.
+    ScaleDown {
+        from: u32,
+        to: u32,
+        pods: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub replicas: u32,
+    pub action: Action,
+    /// Limit targets per pod.
+    pub limits: Vec<(String, Limits)>,
+    /// The pods being drained: they take no new requests (not Ready, out of the Service) and
+    /// finish the ones they hold, queued included.
+    pub draining: Vec<String>,
+    pub reason: String,
+    pub demand: Demand,
+    /// Demand forecast over the horizon, in replicas.
+    pub forecast: f64,
+    pub unschedulable: u32,
+    /// Some pod is at or forecast to reach its KV redline, or preempting.
+    pub near_redline: bool,
+}
+
+impl Decision {
+    /// A short line for `kubectl get` and events.
+    pub fn summary(&self) -> String {
+        match &self.action {
+            Action::Hold => format!("hold {}", self.replicas),
+            Action::ScaleUp { from, to } => format!("scale {from}->{to}"),
+            Action::Drain { pods } => format!("drain {}", pods.join(",")),
+            Action::CancelDrain { pods } => format!("keep {}", pods.join(",")),
+            Action::ScaleDown { from, to, .. } => format!("scale {from}->{to}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Sample {
+    t: f64,
+    /// Demand in replicas as measured, and averaged over the smoothing window.
+    raw: f64,
+    smoothed: f64,
+    /// Every pod that should report did, with fresh data.
+    complete: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Draining {
+    pod: String,
+    since: f64,
+}
+
+/// The policy and the little it remembers between decisions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    cfg: PolicyConfig,
+    history: VecDeque<Sample>,
+    last_up: Option<f64>,
+    last_down: Option<f64>,
+    draining: Vec<Draining>,
+}
+
+impl Policy {
+    pub fn new(cfg: PolicyConfig) -> Self {
+        Self {
+            cfg,
+            history: VecDeque::new(),
+            last_up: None,
+            last_down: None,
+            draining: Vec::new(),
+        }
+    }
+
+    pub fn config(&self) -> &PolicyConfig {
+        &self.cfg
+    }
+
+    /// Takes a new configuration (an edited AutoscalingPolicy) and keeps the history.
+    pub fn set_config(&mut self, cfg: PolicyConfig) {
+        self.cfg = cfg;
+    }
+
+    /// The pods being drained.
+    pub fn draining(&self) -> impl Iterator<Item = &str> {
+        self.draining.iter().map(|d| d.pod.as_str())
+    }
+
+    pub fn decide(&mut self, obs: &Observation) -> Decision {
+        let cfg = self.cfg;
+        let now = obs.now;
+        let (min, max) = (cfg.min_replicas, cfg.max_replicas.max(cfg.min_replicas));
+        // A drain whose pod is gone (deleted by someone else) is over.
+        self.draining
+            .retain(|d| obs.pods.iter().any(|p| p.name == d.pod));
+        let stale = cfg.stale_after_seconds;
+        let fresh = |p| fresh(p, stale);
+        let reporting: Vec<&PodSignals> = obs
+            .pods
+            .iter()
+            .filter(|p| p.phase == PodPhase::Ready)
+            .filter_map(fresh)
+            .collect();
+        let complete = obs
+            .pods
+            .iter()
+            .filter(|p| p.phase == PodPhase::Ready)
+            .all(|p| fresh(p).is_some());
+        let d = demand(reporting.iter().copied(), &cfg.demand_config());
+        let smoothed = self.remember(now, d.replicas, complete);
+        let forecast = self.forecast(now, smoothed);
+
+        let starting = count(obs, PodPhase::Starting);
+        let unschedulable = count(obs, PodPhase::Unschedulable);
+        let near_redline = reporting.iter().any(|s| {
+            s.level == Level::Critical || s.preemptions_per_second > 0.0 || s.kv_usage >= 0.95
+        });
+
+        let mut out = Decision {
+            replicas: obs.desired,
+            action: Action::Hold,
+            limits: Vec::new(),
+            draining: Vec::new(),
+            reason: String::new(),
+            demand: d,
+            forecast,
+            unschedulable,
+            near_redline,
+        };
+        let desired = obs.desired;
+
+        // Bounds first: the spec may have changed under us.
+        if desired < min || desired > max {
+            let to = desired.clamp(min, max);
+            out.replicas = to;
+            out.reason = format!("outside [{min}, {max}]");
+            if to > desired {
+                self.last_up = Some(now);
+                out.action = Action::ScaleUp { from: desired, to };
+            } else {
+                self.last_down = Some(now);
+                self.draining.clear();
+            }
+            return self.with_limits(out, obs);
+        }
+
+        let serving = desired.saturating_sub(self.draining.len() as u32);
+        let wanted = needed(forecast);
+        let since = |t: Option<f64>| t.map_or(f64::INFINITY, |t| now - t);
+
+        // Demand came back while pods drain: keep them (still there, warm, no cold start).
+        if !self.draining.is_empty() && wanted > serving {
+            let pods: Vec<String> = self.draining.drain(..).map(|d| d.pod).collect();
+            out.reason =
+                format!("demand forecast {forecast:.2} replicas needs {wanted}: drain cancelled");
+            out.action = Action::CancelDrain { pods };
+            return self.with_limits(out, obs);
+        }
+
+        if wanted > desired {
+            if unschedulable > 0 {
+                out.reason = format!(
+                    "demand forecast {forecast:.2} needs {wanted} replicas, but {unschedulable} \
+                     pod(s) cannot be scheduled: not adding more"
+                );
+                return self.with_limits(out, obs);
+            }
+            let cooldown = since(self.last_up).min(since(self.last_down));
+            if desired < max && cooldown >= cfg.scale_up_cooldown_seconds {
+                let to = wanted.min(desired + cfg.max_step.max(1)).min(max);
+                self.last_up = Some(now);
+                out.replicas = to;
+                out.action = Action::ScaleUp { from: desired, to };
+                out.reason = format!(
+                    "demand forecast {forecast:.2} replicas over {:.0}s (now {:.2}, kv {:.0}%), \
+                     {starting} starting",
+                    cfg.forecast_horizon_seconds,
+                    smoothed,
+                    d.kv_usage * 100.0
+                );
+                return self.with_limits(out, obs);
+            }
+            out.reason = if desired >= max {
+                format!("demand forecast {forecast:.2} needs {wanted}, at maxReplicas {max}")
+            } else {
+                format!("demand forecast {forecast:.2} needs {wanted}: cooling down")
+            };
+            return self.with_limits(out, obs);
+        }
+
+        // Drains in progress: remove the pods that are empty or out of time.
+        if !self.draining.is_empty() {
+            let timeout = cfg.drain_timeout_seconds;
+            let (done, left): (Vec<Draining>, Vec<Draining>) =
+                self.draining.drain(..).partition(|dr| {
+                    let empty = obs
+                        .pods
+                        .iter()
+                        .find(|p| p.name == dr.pod)
+                        .and_then(fresh)
+                        .is_some_and(|s| s.running == 0 && s.waiting == 0);
+                    empty || now - dr.since >= timeout
+                });
+            self.draining = left;
+            if done.is_empty() {
+                out.reason = format!("draining {}", self.draining_names().join(", "));
+                return self.with_limits(out, obs);
+            }
+            let to = desired - done.len() as u32;
+            let pods: Vec<String> = done.into_iter().map(|d| d.pod).collect();
+            self.last_down = Some(now);
+            out.replicas = to;
+            out.reason = format!("{} drained", pods.join(", "));
+            out.action = Action::ScaleDown {
+                from: desired,
+                to,
+                pods,
+            };
+            return self.with_limits(out, obs);
+        }
+
+        if desired > min {
+            match self.down_blocker(now, desired, starting + unschedulable) {
+                Err(why) => out.reason = why,
+                Ok(peak) => {
+                    // The fewest replicas that carry the window's peak with the margin.
+                    let fit = ((peak / DOWN_MARGIN).ceil() as u32).max(min);
+                    let k = desired.saturating_sub(fit).min(cfg.max_step.max(1));
+                    let pods = pick_drain(obs, stale, k as usize);
+                    if pods.is_empty() {
+                        out.reason = "no pod to drain".into();
+                    } else {
+                        self.draining = pods
+                            .iter()
+                            .map(|p| Draining {
+                                pod: p.clone(),
+                                since: now,
+                            })
+                            .collect();
+                        out.reason = format!(
+                            "peak demand {peak:.2} over {:.0}s fits on {} replicas",
+                            cfg.scale_down_window_seconds,
+                            desired - pods.len() as u32
+                        );
+                        out.action = Action::Drain { pods };
+                    }
+                }
+            }
+            return self.with_limits(out, obs);
+        }
+        out.reason = format!("demand {smoothed:.2} replicas, at minReplicas {min}");
+        self.with_limits(out, obs)
+    }
+
+    fn draining_names(&self) -> Vec<String> {
+        self.draining.iter().map(|d| d.pod.clone()).collect()
+    }
+
+    /// Why not scale down now, or `None` when it is safe.
+    /// The window's peak demand when scaling down is safe now, else why not.
+    fn down_blocker(&self, now: f64, desired: u32, not_ready: u32) -> Result<f64, String> {
+        let cfg = &self.cfg;
+        let w = cfg.scale_down_window_seconds;
+        if not_ready > 0 {
+            return Err(format!("{not_ready} pod(s) not ready"));
+        }
+        if self.last_up.is_some_and(|t| now - t < w) {
+            return Err("within the scale-down window of a scale-up".into());
+        }
+        if self
+            .last_down
+            .is_some_and(|t| now - t < cfg.scale_up_cooldown_seconds)
+        {
+            return Err("a scale-down just happened".into());
+        }
+        let Some(first) = self.history.front() else {
+            return Err("no data yet".into());
+        };
+        if now - first.t < w {
+            return Err(format!("{:.0}s of data, need {w:.0}s", now - first.t));
+        }
+        let window = self.history.iter().filter(|s| now - s.t <= w);
+        if window.clone().any(|s| !s.complete) {
+            return Err("missing or stale pressure reports in the window".into());
+        }
+        let peak = window.map(|s| s.smoothed).fold(0.0, f64::max);
+        let fits = (desired - 1) as f64 * DOWN_MARGIN;
+        if peak > fits {
+            return Err(format!(
+                "peak demand {peak:.2} over {w:.0}s needs {desired}"
+            ));
+        }
+        Ok(peak)
+    }
+
+    /// Records a raw demand sample and returns the smoothed demand.
+    fn remember(&mut self, now: f64, raw: f64, complete: bool) -> f64 {
+        // Time going backwards (a reset clock) would break every window: start afresh.
+        if self.history.back().is_some_and(|s| s.t > now) {
+            self.history.clear();
+        }
+        let w = self.cfg.demand_smoothing_seconds;
+        let (sum, n) = self
+            .history
+            .iter()
+            .filter(|s| now - s.t < w)
+            .fold((raw, 1.0), |(a, n), s| (a + s.raw, n + 1.0));
+        let smoothed = sum / n;
+        self.history.push_back(Sample {
+            t: now,
+            raw,
+            smoothed,
+            complete,
+        });
+        let keep = self
+            .cfg
+            .scale_down_window_seconds
+            .max(self.cfg.demand_smoothing_seconds)
+            .max(self.cfg.forecast_horizon_seconds)
+            .max(self.cfg.trend_window_seconds);
+        while self.history.front().is_some_and(|s| now - s.t > keep) {
+            self.history.pop_front();
+        }
+        smoothed
+    }
+
+    fn peak(&self, now: f64, window: f64) -> f64 {
+        self.history
+            .iter()
+            .filter(|s| now - s.t <= window)
+            .map(|s| s.smoothed)
+            .fold(0.0, f64::max)
+    }
+
+    /// The larger of the recent peak (bursts recur within a horizon) and the current demand
+    /// carried forward by its trend. The trend's gain is capped at half the current demand: a
+    /// burst's first seconds have a steep slope that says little about the next minute.
+    fn forecast(&self, now: f64, current: f64) -> f64 {
+        let cfg = &self.cfg;
+        let pts = self
+            .history
+            .iter()
+            .filter(|s| now - s.t <= cfg.trend_window_seconds)
+            .map(|s| (s.t, s.smoothed));
+        let trend = slope(pts).unwrap_or(0.0).max(0.0);
+        let projected =
+            current + (trend * cfg.forecast_horizon_seconds).min(current * MAX_TREND_GAIN);
+        projected.max(self.peak(now, cfg.forecast_horizon_seconds))
+    }
+
+    fn with_limits(&self, mut out: Decision, obs: &Observation) -> Decision {
+        out.draining = self.draining_names();
+        out.limits = obs
+            .pods
+            .iter()
+            .filter(|p| p.phase != PodPhase::Unschedulable)
+            .map(|p| (p.name.clone(), self.cfg.pod_limits))
+            .collect();
+        out
+    }
+}
+
+fn count(obs: &Observation, phase: PodPhase) -> u32 {
+    obs.pods.iter().filter(|p| p.phase == phase).count() as u32
+}
+
+/// Replicas that carry `forecast` (in replicas at target) with the scale-up tolerance.
+fn needed(forecast: f64) -> u32 {
+    (forecast / (1.0 + UP_TOLERANCE)).ceil().max(0.0) as u32
+}
+
+/// A pod's signals if they are recent enough to act on.
+fn fresh(p: &PodView, stale_after: f64) -> Option<&PodSignals> {
+    p.signals
+        .as_ref()
+        .filter(|s| s.sample_age_seconds <= stale_after)
+}
+
+/// The `k` ready pods with the least work in flight (ties: the name, for determinism).
+fn pick_drain(obs: &Observation, stale_after: f64, k: usize) -> Vec<String> {
+    let mut pods: Vec<(u64, &String)> = obs
+        .pods
+        .iter()
+        .filter(|p| p.phase == PodPhase::Ready)
+        .filter_map(|p| fresh(p, stale_after).map(|s| (s.running + s.waiting, &p.name)))
+        .collect();
+    pods.sort();
+    pods.into_iter().take(k).map(|(_, n)| n.clone()).collect()
+}
+
+/// Least-squares slope of (x, y); `None` with fewer than two distinct x.
+fn slope(points: impl Iterator<Item = (f64, f64)> + Clone) -> Option<f64> {
+    let n = points.clone().count() as f64;
+    if n < 2.0 {
+        return None;
+    }
+    let (sx, sy) = points
+        .clone()
+        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y));
+    let (mx, my) = (sx / n, sy / n);
+    let (sxx, sxy) = points.fold((0.0, 0.0), |(a, b), (x, y)| {
+        (a + (x - mx) * (x - mx), b + (x - mx) * (y - my))
+    });
+    (sxx > 1e-12).then(|| sxy / sxx)
+}
+
+#[cfg(test)]
+mod tests;

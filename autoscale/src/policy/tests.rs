@@ -1,0 +1,334 @@
+use super::*;
+use proptest::prelude::*;
+
+fn cfg() -> PolicyConfig {
+    PolicyConfig {
+        min_replicas: 1,
+        max_replicas: 8,
+        capacity: ReplicaCapacity {
+            prompt_tokens_per_second: 1000.0,
+            generation_tokens_per_second: 100.0,
+        },
+        target_utilization: 0.5,
+        target_kv_usage: 0.7,
+        forecast_horizon_seconds: 60.0,
+        trend_window_seconds: 20.0,
+        demand_smoothing_seconds: 10.0,
+        scale_up_cooldown_seconds: 15.0,
+        scale_down_window_seconds: 120.0,
+        max_step: 2,
+        stale_after_seconds: 10.0,
+        backlog_drain_seconds: 10.0,
+        drain_timeout_seconds: 60.0,
+        pod_limits: Limits::new(32, 512),
+    }
+}
+
+fn signals(prompt_tps: f64, running: u64) -> PodSignals {
+    PodSignals {
+        sample_age_seconds: 0.5,
+        kv_usage: 0.1,
+        running,
+        waiting: 0,
+        waiting_tokens: Some(0),
+        prompt_tokens_per_second: Some(prompt_tps),
+        generation_tokens_per_second: Some(0.0),
+        preemptions_per_second: 0.0,
+        level: Level::Ok,
+    }
+}
+
+/// `n` ready pods sharing `total_tps` prompt tokens per second.
+fn obs(now: f64, desired: u32, n: u32, total_tps: f64) -> Observation {
+    Observation {
+        now,
+        desired,
+        pods: (0..n)
+            .map(|i| PodView {
+                name: format!("p{i}"),
+                phase: PodPhase::Ready,
+                signals: Some(signals(total_tps / n as f64, 1)),
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn scales_up_to_the_demand_in_steps_and_counts_starting_pods() {
+    let mut p = Policy::new(cfg());
+    // 2000 tokens/s at 1000 per replica and 50% target: 4 replicas.
+    let d = p.decide(&obs(0.0, 1, 1, 2000.0));
+    assert_eq!(d.action, Action::ScaleUp { from: 1, to: 3 }, "{}", d.reason);
+    // Two pods starting, demand unchanged: one more step after the cooldown, not before.
+    let mut o = obs(5.0, 3, 1, 2000.0);
+    for i in 0..2 {
+        o.pods.push(PodView {
+            name: format!("new{i}"),
+            phase: PodPhase::Starting,
+            signals: None,
+        });
+    }
+    assert_eq!(p.decide(&o).action, Action::Hold);
+    o.now = 15.0;
+    let d = p.decide(&o);
+    assert_eq!(d.action, Action::ScaleUp { from: 3, to: 4 }, "{}", d.reason);
+    o.desired = 4;
+    o.now = 40.0;
+    assert_eq!(p.decide(&o).action, Action::Hold, "4 carry the demand");
+}
+
+#[test]
+fn scales_down_only_through_a_drain_after_the_window() {
+    let mut p = Policy::new(cfg());
+    // 3 pods, light load (0.4 replicas of demand) from t=0.
+    let mut t = 0.0;
+    let mut last = None;
+    while t <= 130.0 {
+        let d = p.decide(&obs(t, 3, 3, 200.0));
+        if d.action != Action::Hold {
+            last = Some((t, d));
+            break;
+        }
+        t += 5.0;
+    }
+    let (t, d) = last.expect("a drain within the window");
+    assert!(t >= 120.0, "not before a full window of data: {t}");
+    let Action::Drain { pods } = d.action.clone() else {
+        panic!("{:?}", d.action)
+    };
+    // 0.4 replicas of demand fit on one: both others drain at once (max_step 2).
+    assert_eq!(pods.len(), 2, "{pods:?}");
+    assert_eq!(d.replicas, 3, "replicas drop only once the pods are empty");
+    assert_eq!(d.draining, pods);
+    let pod = pods[0].clone();
+    // Still busy: hold. Empty: scale down.
+    let mut o = obs(t + 5.0, 3, 3, 200.0);
+    assert_eq!(p.decide(&o).action, Action::Hold);
+    for v in &mut o.pods {
+        if v.name == pod {
+            v.signals.as_mut().unwrap().running = 0;
+        }
+    }
+    let busy = pods[1].clone();
+    for v in &mut o.pods {
+        if v.name == busy {
+            v.signals.as_mut().unwrap().waiting = 3;
+        }
+    }
+    o.now = t + 10.0;
+    let d = p.decide(&o);
+    assert_eq!(
+        d.action,
+        Action::ScaleDown {
+            from: 3,
+            to: 2,
+            pods: vec![pod.clone()]
+        },
+        "the empty one goes, the one with a queue keeps draining"
+    );
+    assert_eq!((d.replicas, d.draining.clone()), (2, vec![busy]));
+}
+
+#[test]
+fn demand_coming_back_cancels_a_drain() {
+    let mut p = Policy::new(cfg());
+    let mut t = 0.0;
+    let pods = loop {
+        if let Action::Drain { pods } = p.decide(&obs(t, 3, 3, 200.0)).action {
+            break pods;
+        }
+        t += 5.0;
+        assert!(t < 300.0);
+    };
+    let d = p.decide(&obs(t + 5.0, 3, 3, 1500.0));
+    assert_eq!(d.action, Action::CancelDrain { pods });
+    assert!(d.draining.is_empty());
+    assert!(d.limits.iter().all(|(_, l)| l.max_num_seqs == 32));
+}
+
+#[test]
+fn a_stale_report_blocks_scale_down_for_a_whole_window() {
+    let mut p = Policy::new(cfg());
+    for i in 0..=60 {
+        let mut o = obs(i as f64 * 5.0, 3, 3, 100.0);
+        if i == 20 {
+            o.pods[1].signals.as_mut().unwrap().sample_age_seconds = 30.0;
+        }
+        let d = p.decide(&o);
+        let t = o.now;
+        if matches!(d.action, Action::Drain { .. }) {
+            assert!(
+                t >= 100.0 + 120.0,
+                "drained at {t}, the stale sample was at 100"
+            );
+            return;
+        }
+    }
+    panic!("never drained");
+}
+
+#[test]
+fn unschedulable_pods_are_reported_not_piled_up() {
+    let mut p = Policy::new(cfg());
+    let mut o = obs(0.0, 3, 2, 4000.0);
+    o.pods.push(PodView {
+        name: "pending".into(),
+        phase: PodPhase::Unschedulable,
+        signals: None,
+    });
+    let d = p.decide(&o);
+    assert_eq!(d.action, Action::Hold);
+    assert_eq!(d.unschedulable, 1);
+    assert!(d.reason.contains("cannot be scheduled"), "{}", d.reason);
+}
+
+#[test]
+fn the_replicas_are_brought_back_inside_min_and_max() {
+    let mut p = Policy::new(cfg());
+    let d = p.decide(&obs(0.0, 12, 12, 0.0));
+    assert_eq!(d.replicas, 8);
+    let d = p.decide(&obs(1.0, 0, 0, 0.0));
+    assert_eq!(
+        (d.replicas, d.action),
+        (1, Action::ScaleUp { from: 0, to: 1 })
+    );
+}
+
+/// A random run: per tick the load, whether each pod's report is missing or stale, and how
+/// many of the desired pods are still starting.
+#[derive(Debug, Clone)]
+struct Tick {
+    tps: f64,
+    missing: bool,
+    stale: bool,
+    starting: u32,
+    dt: f64,
+}
+
+fn tick() -> impl Strategy<Value = Tick> {
+    (
+        0.0f64..20_000.0,
+        prop::bool::weighted(0.1),
+        prop::bool::weighted(0.1),
+        0u32..3,
+        1.0f64..10.0,
+    )
+        .prop_map(|(tps, missing, stale, starting, dt)| Tick {
+            tps,
+            missing,
+            stale,
+            starting,
+            dt,
+        })
+}
+
+fn observe(t: f64, desired: u32, k: &Tick) -> Observation {
+    let starting = k.starting.min(desired);
+    let ready = desired - starting;
+    let mut pods: Vec<PodView> = (0..ready)
+        .map(|i| {
+            let mut s = signals(k.tps / ready.max(1) as f64, (i % 3) as u64);
+            if k.stale && i == 0 {
+                s.sample_age_seconds = 60.0;
+            }
+            PodView {
+                name: format!("p{i}"),
+                phase: PodPhase::Ready,
+                signals: (!(k.missing && i == 0)).then_some(s),
+            }
+        })
+        .collect();
+    pods.extend((0..starting).map(|i| PodView {
+        name: format!("s{i}"),
+        phase: PodPhase::Starting,
+        signals: None,
+    }));
+    Observation {
+        now: t,
+        desired,
+        pods,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Never outside [min, max]; never a drain or a scale-down on a tick with missing or
+    /// stale data; never a scale-down within the window of a scale-up, nor a scale-up within
+    /// the cooldown of a scale-down; only one replica removed at a time, and only after a
+    /// drain of that same pod.
+    #[test]
+    fn invariants_hold_on_any_load(
+        ticks in prop::collection::vec(tick(), 1..200),
+        min in 0u32..3,
+        span in 0u32..6,
+        start in 0u32..10,
+    ) {
+        let mut c = cfg();
+        c.min_replicas = min;
+        c.max_replicas = min + span;
+        let mut p = Policy::new(c);
+        let mut t = 0.0;
+        let mut desired = start;
+        let (mut last_up, mut last_down): (Option<f64>, Option<f64>) = (None, None);
+        let mut drained: Vec<String> = Vec::new();
+        for k in &ticks {
+            t += k.dt;
+            let o = observe(t, desired, k);
+            let d = p.decide(&o);
+            prop_assert!(d.replicas >= c.min_replicas && d.replicas <= c.max_replicas,
+                "{} outside [{}, {}]", d.replicas, c.min_replicas, c.max_replicas);
+            let bad_data = k.missing || k.stale;
+            let in_bounds = (c.min_replicas..=c.max_replicas).contains(&desired);
+            match &d.action {
+                Action::ScaleUp { from, to } => {
+                    prop_assert!(to > from);
+                    if in_bounds {
+                        prop_assert!(to - from <= c.max_step);
+                        prop_assert!(last_down.is_none_or(|x| t - x >= c.scale_up_cooldown_seconds),
+                            "up at {t} after a down at {last_down:?}");
+                    }
+                    last_up = Some(t);
+                }
+                Action::Drain { pods } => {
+                    prop_assert!(!bad_data, "drain on missing/stale data at {t}");
+                    prop_assert!(last_up.is_none_or(|x| t - x >= c.scale_down_window_seconds),
+                        "drain at {t} within the window of an up at {last_up:?}");
+                    prop_assert!(!pods.is_empty() && pods.len() as u32 <= c.max_step);
+                    prop_assert!(desired - pods.len() as u32 >= c.min_replicas);
+                    drained = pods.clone();
+                }
+                Action::ScaleDown { from, to, pods } => {
+                    prop_assert_eq!(*to + pods.len() as u32, *from);
+                    for p in pods {
+                        prop_assert!(drained.contains(p), "removed {p}, which it did not drain");
+                    }
+                    prop_assert!(last_up.is_none_or(|x| t - x >= c.scale_down_window_seconds));
+                    drained.retain(|d| !pods.contains(d));
+                    last_down = Some(t);
+                }
+                Action::CancelDrain { .. } => drained.clear(),
+                Action::Hold => {}
+            }
+            if d.replicas < desired && !matches!(d.action, Action::ScaleDown { .. }) {
+                // Only the bounds may lower replicas without a drain.
+                prop_assert!(desired > c.max_replicas);
+            }
+            desired = d.replicas;
+        }
+    }
+
+    /// Same inputs, same decisions: the operator and the simulator agree.
+    #[test]
+    fn decisions_are_deterministic(ticks in prop::collection::vec(tick(), 1..60)) {
+        let (mut a, mut b) = (Policy::new(cfg()), Policy::new(cfg()));
+        let (mut t, mut desired) = (0.0, 1);
+        for k in &ticks {
+            t += k.dt;
+            let o = observe(t, desired, k);
+            let (da, db) = (a.decide(&o), b.decide(&o));
+            prop_assert_eq!(&da, &db);
+            desired = da.replicas;
+        }
+    }
+}

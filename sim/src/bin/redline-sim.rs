@@ -1,0 +1,161 @@
+//! `redline-sim`: replay a request trace against redline's policy and today's autoscalers, print
+//! one table, write one PNG.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use indicatif::MultiProgress;
+use redline_sim::compare::{compare, Setup};
+use redline_sim::fleet::Slo;
+use redline_sim::profile::EngineProfile;
+use redline_sim::report::table;
+use redline_sim::trace::{self, Replay};
+
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Trace CSV in the Azure format (TIMESTAMP,ContextTokens,GeneratedTokens).
+    #[arg(long, default_value = "sim/traces/azure-llm-2023-code.csv")]
+    trace: PathBuf,
+    /// Engine profile: gpu-8b (Llama-3.1-8B on an H100 under vLLM) or cpu-smollm2 (our engine).
+    #[arg(long, default_value = "gpu-8b")]
+    profile: String,
+    /// Divide arrival times by this (4: an hour in 15 minutes).
+    #[arg(long, default_value_t = 1.0)]
+    time_compression: f64,
+    /// Multiply prompt and output lengths by this.
+    #[arg(long, default_value_t = 1.0)]
+    token_scale: f64,
+    /// Replay only the first this-many seconds (after compression).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Seconds from pod creation to Ready (model load).
+    #[arg(long, default_value_t = 60.0)]
+    cold_start: f64,
+    #[arg(long, default_value_t = 2.0)]
+    ttft_slo: f64,
+    /// Per-request mean inter-token latency objective, seconds.
+    #[arg(long, default_value_t = 0.1)]
+    itl_slo: f64,
+    /// Two by default: a service people depend on does not run on one pod.
+    #[arg(long, default_value_t = 2)]
+    min_replicas: u32,
+    #[arg(long, default_value_t = 16)]
+    max_replicas: u32,
+    /// Share of each replica's measured capacity redline plans to use.
+    #[arg(long, default_value_t = 0.6)]
+    target_utilization: f64,
+    /// How long the peak demand must fit on one replica fewer before one is drained.
+    #[arg(long, default_value_t = 300.0)]
+    scale_down_window: f64,
+    /// Demand is averaged over this many seconds (bursts shorter wait in the queue).
+    #[arg(long, default_value_t = 10.0)]
+    demand_smoothing: f64,
+    /// Window the demand trend is fitted over (0: no trend term).
+    #[arg(long, default_value_t = 20.0)]
+    trend_window: f64,
+    /// The queued backlog counts as the rate that clears it in this many seconds.
+    #[arg(long, default_value_t = 60.0)]
+    backlog_drain: f64,
+    /// The operator's decision interval, seconds.
+    #[arg(long, default_value_t = 5.0)]
+    policy_interval: f64,
+    #[arg(long, default_value_t = 60.0)]
+    oracle_window: f64,
+    /// Where the PNG goes.
+    #[arg(long, default_value = "target/redline-sim.png")]
+    plot: PathBuf,
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    let Some(profile) = EngineProfile::by_name(&a.profile) else {
+        bail!("unknown profile {:?}: gpu-8b or cpu-smollm2", a.profile);
+    };
+    let trace = trace::read(
+        &a.trace,
+        Replay {
+            time_compression: a.time_compression,
+            token_scale: a.token_scale,
+            duration: a.duration,
+        },
+    )?;
+    if trace.is_empty() {
+        bail!("no requests in {} within the duration", a.trace.display());
+    }
+    let capacity = profile.capacity();
+    let slo = Slo {
+        ttft_seconds: a.ttft_slo,
+        itl_seconds: a.itl_slo,
+    };
+    let mut setup = Setup::new(
+        profile.clone(),
+        a.cold_start,
+        slo,
+        a.min_replicas,
+        a.max_replicas,
+    );
+    let p = &mut setup.policy;
+    p.target_utilization = a.target_utilization;
+    p.scale_down_window_seconds = a.scale_down_window;
+    p.trend_window_seconds = a.trend_window;
+    p.demand_smoothing_seconds = a.demand_smoothing;
+    p.backlog_drain_seconds = a.backlog_drain;
+    setup.policy_interval_seconds = a.policy_interval;
+    setup.oracle_window_seconds = a.oracle_window;
+    let span = trace.last().map_or(0.0, |r| r.arrival);
+    println!(
+        "{} requests over {:.0} s from {} (x{} time, x{} tokens); profile {}: {:.0} prompt + {:.0} generated tokens/s per replica, {} KV tokens; cold start {} s; SLO TTFT <= {} s, ITL <= {} ms",
+        trace.len(),
+        span,
+        a.trace.display(),
+        a.time_compression,
+        a.token_scale,
+        profile.name,
+        capacity.prompt_tokens_per_second,
+        capacity.generation_tokens_per_second,
+        profile.kv_tokens(),
+        a.cold_start,
+        a.ttft_slo,
+        a.itl_slo * 1000.0,
+    );
+    let mp = MultiProgress::new();
+    let c = compare(&trace, &setup, Some(&mp));
+    let oracle = c.rows.last().map(|r| r.replica_seconds);
+    println!();
+    print!("{}", table(&c.rows, oracle));
+    println!(
+        "\nbest static: {} replicas; oracle per {:.0} s window: {:?}",
+        c.static_replicas, setup.oracle_window_seconds, c.oracle_schedule
+    );
+    for o in &c.outcomes {
+        let mut by_minute = std::collections::BTreeMap::<u32, u32>::new();
+        for r in &o.requests {
+            if !r.ttft().is_some_and(|t| t <= a.ttft_slo) {
+                *by_minute.entry((r.arrival / 60.0) as u32).or_default() += 1;
+            }
+        }
+        if !by_minute.is_empty() {
+            let list: Vec<String> = by_minute.iter().map(|(m, n)| format!("{m}:{n}")).collect();
+            println!("{}: TTFT misses by minute {}", o.name, list.join(" "));
+        }
+    }
+    if let Some(dir) = a.plot.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let runs: Vec<_> = c.outcomes.iter().collect();
+    redline_sim::plot::write(
+        &a.plot,
+        &format!(
+            "{} on {}, cold start {} s",
+            profile.name,
+            a.trace.file_name().unwrap_or_default().to_string_lossy(),
+            a.cold_start
+        ),
+        &trace,
+        &runs,
+    )?;
+    println!("plot: {}", a.plot.display());
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! Every policy on the same trace, in one invocation: redline, the baselines, the best static
+//! replica count and the clairvoyant oracle.
+
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use redline_api::GuardSettings;
+use redline_autoscale::PolicyConfig;
+
+use crate::fleet::{simulate, Autoscaler, Outcome, SimConfig, Slo};
+use crate::profile::EngineProfile;
+use crate::report::{summarize, Summary};
+use crate::scalers::{HpaQueue, Kpa, Oracle, Redline, Static};
+use crate::trace::Request;
+
+#[derive(Debug, Clone)]
+pub struct Setup {
+    pub sim: SimConfig,
+    pub policy: PolicyConfig,
+    pub policy_interval_seconds: f64,
+    pub oracle_window_seconds: f64,
+    /// Share of requests that must meet the SLO (static N and the oracle are sized to it).
+    pub attainment_target: f64,
+}
+
+impl Setup {
+    /// The comparison with the defaults `redline-sim` documents (its flags change them).
+    pub fn new(profile: EngineProfile, cold_start: f64, slo: Slo, min: u32, max: u32) -> Self {
+        let policy = PolicyConfig {
+            min_replicas: min,
+            max_replicas: max,
+            capacity: profile.capacity(),
+            target_utilization: 0.6,
+            target_kv_usage: 0.7,
+            forecast_horizon_seconds: cold_start.max(30.0),
+            trend_window_seconds: 20.0,
+            demand_smoothing_seconds: 10.0,
+            scale_up_cooldown_seconds: 10.0,
+            scale_down_window_seconds: 300.0,
+            max_step: 4,
+            stale_after_seconds: 10.0,
+            backlog_drain_seconds: 60.0,
+            drain_timeout_seconds: 120.0,
+            pod_limits: profile.limits,
+        };
+        Self {
+            sim: SimConfig {
+                profile,
+                cold_start_seconds: cold_start,
+                slo,
+                initial_replicas: min.max(1),
+                cluster_replicas: max,
+                termination_grace_seconds: 30.0,
+                sidecar_interval_seconds: 0.25,
+                sample_interval_seconds: 5.0,
+                tail_seconds: 300.0,
+                guard: GuardSettings::default(),
+            },
+            policy,
+            policy_interval_seconds: 5.0,
+            oracle_window_seconds: 60.0,
+            attainment_target: 0.99,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Comparison {
+    /// redline, HPA, KPA, best static, oracle.
+    pub rows: Vec<Summary>,
+    pub outcomes: Vec<Outcome>,
+    pub static_replicas: u32,
+    pub oracle_schedule: Vec<u32>,
+}
+
+fn bar(mp: Option<&MultiProgress>, len: usize, name: &str) -> Option<ProgressBar> {
+    let mp = mp?;
+    let pb = mp.add(ProgressBar::new(len as u64));
+    pb.set_style(
+        ProgressStyle::with_template("{msg:>14} [{bar:40}] {pos}/{len} requests ({elapsed})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(name.to_string());
+    Some(pb)
+}
+
+fn run(
+    trace: &[Request],
+    cfg: &SimConfig,
+    s: &mut dyn Autoscaler,
+    mp: Option<&MultiProgress>,
+) -> Outcome {
+    let pb = bar(mp, trace.len(), &s.name());
+    let o = simulate(trace, cfg, s, pb.as_ref());
+    if let Some(pb) = pb {
+        pb.finish();
+    }
+    o
+}
+
+fn meets(o: &Outcome, setup: &Setup) -> bool {
+    let s = summarize(o, &setup.sim.slo);
+    s.ttft_attainment >= setup.attainment_target && s.itl_attainment >= setup.attainment_target
+}
+
+/// The fewest replicas, fixed for the whole trace, that meet the attainment target.
+pub fn best_static(trace: &[Request], setup: &Setup) -> (u32, Outcome) {
+    let max = setup.policy.max_replicas.max(1);
+    let mut last = None;
+    for n in setup.policy.min_replicas.max(1)..=max {
+        let cfg = SimConfig {
+            initial_replicas: n,
+            ..setup.sim.clone()
+        };
+        let o = simulate(trace, &cfg, &mut Static(n), None);
+        if meets(&o, setup) {
+            return (n, o);
+        }
+        last = Some((n, o));
+    }
+    last.expect("at least one replica count tried")
+}
+
+/// Per window, the fewest replicas that serve the requests arriving in it within the SLO,
+/// simulated alone on warm replicas.
+pub fn oracle_schedule(trace: &[Request], setup: &Setup) -> Vec<u32> {
+    let w = setup.oracle_window_seconds;
+    let end = trace.last().map_or(0.0, |r| r.arrival);
+    let windows = (end / w).floor() as usize + 1;
+    let min = setup.policy.min_replicas.max(1);
+    (0..windows)
+        .map(|i| {
+            let t0 = i as f64 * w;
+            let slice: Vec<Request> = trace
+                .iter()
+                .filter(|r| r.arrival >= t0 && r.arrival < t0 + w)
+                .map(|r| Request {
+                    arrival: r.arrival - t0,
+                    ..*r
+                })
+                .collect();
+            if slice.is_empty() {
+                return min;
+            }
+            (min..=setup.policy.max_replicas.max(min))
+                .find(|&n| {
+                    let cfg = SimConfig {
+                        initial_replicas: n,
+                        tail_seconds: 120.0,
+                        ..setup.sim.clone()
+                    };
+                    meets(&simulate(&slice, &cfg, &mut Static(n), None), setup)
+                })
+                .unwrap_or(setup.policy.max_replicas.max(min))
+        })
+        .collect()
+}
+
+pub fn compare(trace: &[Request], setup: &Setup, mp: Option<&MultiProgress>) -> Comparison {
+    let pb = bar(mp, 1, "oracle windows");
+    let schedule = oracle_schedule(trace, setup);
+    if let Some(pb) = pb {
+        pb.finish();
+    }
+    let oracle = Oracle {
+        window_seconds: setup.oracle_window_seconds,
+        cold_start_seconds: setup.sim.cold_start_seconds,
+        schedule: schedule.clone(),
+    };
+    // Every policy starts with a fleet sized for the first cold start's load, as one that was
+    // already running when the trace begins: no policy can know the load before its first
+    // sample, and a cold first burst would swamp the comparison.
+    let initial = oracle
+        .need(0.0, setup.sim.cold_start_seconds)
+        .max(setup.policy.min_replicas)
+        .max(1);
+    let start = SimConfig {
+        initial_replicas: initial,
+        ..setup.sim.clone()
+    };
+    let mut outcomes = vec![
+        run(
+            trace,
+            &start,
+            &mut Redline::new(setup.policy, setup.policy_interval_seconds),
+            mp,
+        ),
+        run(
+            trace,
+            &start,
+            &mut HpaQueue::new(setup.policy.min_replicas, setup.policy.max_replicas),
+            mp,
+        ),
+        run(
+            trace,
+            &start,
+            &mut Kpa::new(setup.policy.min_replicas, setup.policy.max_replicas),
+            mp,
+        ),
+    ];
+    let pb = bar(mp, 1, "static N");
+    let (static_replicas, mut best) = best_static(trace, setup);
+    best.name = format!("best static ({static_replicas})");
+    outcomes.push(best);
+    if let Some(pb) = pb {
+        pb.finish();
+    }
+    let mut oracle = oracle;
+    outcomes.push(run(trace, &start, &mut oracle, mp));
+    Comparison {
+        rows: outcomes
+            .iter()
+            .map(|o| summarize(o, &setup.sim.slo))
+            .collect(),
+        outcomes,
+        static_replicas,
+        oracle_schedule: schedule,
+    }
+}

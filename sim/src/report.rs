@@ -1,0 +1,109 @@
+//! From simulated outcomes to the numbers that matter: SLO attainment, replica-seconds against
+//! the oracle, redline events, failed requests, scaling actions and reversals.
+
+use crate::fleet::{Outcome, Slo};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    pub name: String,
+    pub requests: usize,
+    /// Shares of all requests (refused and failed ones miss).
+    pub ttft_attainment: f64,
+    pub itl_attainment: f64,
+    pub ttft_p99_seconds: f64,
+    pub replica_seconds: f64,
+    /// Preemptions for lack of KV blocks plus requests refused for memory.
+    pub redline_events: u64,
+    pub failed: usize,
+    pub scale_actions: u32,
+    pub reversals: u32,
+    pub reversals_per_10_min: f64,
+    pub peak_kv_usage: f64,
+    pub guard_actions: u64,
+}
+
+fn quantile(mut v: Vec<f64>, q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+pub fn summarize(o: &Outcome, slo: &Slo) -> Summary {
+    let n = o.requests.len();
+    let share = |k: usize| if n == 0 { 1.0 } else { k as f64 / n as f64 };
+    let served = |r: &&crate::fleet::RequestRecord| !r.refused && !r.failed;
+    let ttft_ok = o
+        .requests
+        .iter()
+        .filter(served)
+        .filter(|r| r.ttft().is_some_and(|t| t <= slo.ttft_seconds))
+        .count();
+    let itl_ok = o
+        .requests
+        .iter()
+        .filter(served)
+        .filter(|r| r.mean_itl().is_some_and(|t| t <= slo.itl_seconds))
+        .count();
+    let ttfts = o
+        .requests
+        .iter()
+        .map(|r| r.ttft().unwrap_or(f64::INFINITY))
+        .collect();
+    let refused = o.requests.iter().filter(|r| r.refused).count();
+    let failed = o
+        .requests
+        .iter()
+        .filter(|r| r.failed || (!r.refused && r.finish.is_none()))
+        .count();
+    Summary {
+        name: o.name.clone(),
+        requests: n,
+        ttft_attainment: share(ttft_ok),
+        itl_attainment: share(itl_ok),
+        ttft_p99_seconds: quantile(ttfts, 0.99),
+        replica_seconds: o.replica_seconds,
+        redline_events: o.preemptions + refused as u64,
+        failed,
+        scale_actions: o.scale_actions,
+        reversals: o.reversals,
+        reversals_per_10_min: o.reversals as f64 / (o.duration_seconds / 600.0).max(1e-9),
+        peak_kv_usage: o.series.iter().map(|s| s.max_kv_usage).fold(0.0, f64::max),
+        guard_actions: o.guard_actions,
+    }
+}
+
+/// One markdown table, ratios against `reference` (the oracle's replica-seconds).
+pub fn table(rows: &[Summary], reference: Option<f64>) -> String {
+    let mut s = String::from(
+        "| policy | TTFT SLO | ITL SLO | TTFT p99 | replica-s | vs oracle | redline events | failed | scalings | reversals /10 min | peak KV | guard actions |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        let ratio = reference.map_or("-".to_string(), |o| {
+            format!("{:.2}x", r.replica_seconds / o.max(1e-9))
+        });
+        let p99 = if r.ttft_p99_seconds.is_finite() {
+            format!("{:.2} s", r.ttft_p99_seconds)
+        } else {
+            "never".into()
+        };
+        s += &format!(
+            "| {} | {:.2}% | {:.2}% | {} | {:.0} | {} | {} | {} | {} | {:.2} | {:.0}% | {} |\n",
+            r.name,
+            r.ttft_attainment * 100.0,
+            r.itl_attainment * 100.0,
+            p99,
+            r.replica_seconds,
+            ratio,
+            r.redline_events,
+            r.failed,
+            r.scale_actions,
+            r.reversals_per_10_min,
+            r.peak_kv_usage * 100.0,
+            r.guard_actions,
+        );
+    }
+    s
+}

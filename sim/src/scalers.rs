@@ -1,0 +1,286 @@
+//! The autoscalers compared: redline's policy (the operator's own code), and the baselines as
+//! their projects configure them.
+
+use std::collections::VecDeque;
+
+use redline_autoscale::{Observation, PodPhase, PodView, Policy, PolicyConfig};
+
+use crate::fleet::{Autoscaler, Command, FleetView};
+
+/// redline: the operator's policy every `interval`, the sidecars' guard every 250 ms.
+pub struct Redline {
+    policy: Policy,
+    interval: f64,
+    guard: bool,
+}
+
+impl Redline {
+    pub fn new(cfg: PolicyConfig, interval: f64) -> Self {
+        Self {
+            policy: Policy::new(cfg),
+            interval,
+            guard: true,
+        }
+    }
+
+    /// The slow loop alone, to see what the sidecars' guard adds.
+    pub fn without_guard(mut self) -> Self {
+        self.guard = false;
+        self
+    }
+}
+
+impl Autoscaler for Redline {
+    fn name(&self) -> String {
+        if self.guard {
+            "redline".into()
+        } else {
+            "redline, no guard".into()
+        }
+    }
+    fn interval_seconds(&self) -> f64 {
+        self.interval
+    }
+    fn uses_guard(&self) -> bool {
+        self.guard
+    }
+    fn decide(&mut self, now: f64, view: &FleetView) -> Command {
+        let obs = Observation {
+            now,
+            desired: view.desired,
+            pods: view
+                .pods
+                .iter()
+                .map(|p| PodView {
+                    name: p.name.clone(),
+                    phase: p.phase,
+                    signals: p.signals.clone(),
+                })
+                .collect(),
+        };
+        let d = self.policy.decide(&obs);
+        let remove = match &d.action {
+            redline_autoscale::Action::ScaleDown { pods, .. } => pods.clone(),
+            _ => Vec::new(),
+        };
+        Command {
+            replicas: d.replicas,
+            drain: d.draining,
+            remove,
+            limits: d.limits,
+        }
+    }
+}
+
+/// A fixed number of replicas.
+pub struct Static(pub u32);
+
+impl Autoscaler for Static {
+    fn name(&self) -> String {
+        format!("static {}", self.0)
+    }
+    fn interval_seconds(&self) -> f64 {
+        60.0
+    }
+    fn decide(&mut self, _: f64, _: &FleetView) -> Command {
+        Command {
+            replicas: self.0,
+            ..Default::default()
+        }
+    }
+}
+
+fn ready(view: &FleetView) -> impl Iterator<Item = &crate::fleet::PodInfo> {
+    view.pods
+        .iter()
+        .filter(|p| p.phase == PodPhase::Ready && !p.draining)
+}
+
+/// HPA (or KEDA, which drives one) on `vllm:num_requests_waiting` with an average target of 5
+/// per pod, as vLLM's production stack recipe sets it: polled every 15 s, scale-down
+/// stabilized over 360 s (the recipe's cooldown), HPA's 10% tolerance and scale-up limit
+/// (double, or +4 pods, per period).
+pub struct HpaQueue {
+    pub min: u32,
+    pub max: u32,
+    pub target_waiting: f64,
+    pub poll_seconds: f64,
+    pub cooldown_seconds: f64,
+    recommendations: VecDeque<(f64, u32)>,
+}
+
+impl HpaQueue {
+    pub fn new(min: u32, max: u32) -> Self {
+        Self {
+            min,
+            max,
+            target_waiting: 5.0,
+            poll_seconds: 15.0,
+            cooldown_seconds: 360.0,
+            recommendations: VecDeque::new(),
+        }
+    }
+}
+
+impl Autoscaler for HpaQueue {
+    fn name(&self) -> String {
+        "HPA queue>5".into()
+    }
+    fn interval_seconds(&self) -> f64 {
+        self.poll_seconds
+    }
+    fn decide(&mut self, now: f64, view: &FleetView) -> Command {
+        let current = view.desired;
+        let pods: Vec<_> = ready(view).filter_map(|p| p.signals.as_ref()).collect();
+        let mut rec = current;
+        if !pods.is_empty() {
+            let avg = pods.iter().map(|s| s.waiting as f64).sum::<f64>() / pods.len() as f64;
+            let ratio = avg / self.target_waiting;
+            if (ratio - 1.0).abs() > 0.1 {
+                rec = (pods.len() as f64 * ratio).ceil() as u32;
+            }
+        }
+        rec = rec.clamp(self.min, self.max);
+        self.recommendations.push_back((now, rec));
+        while self
+            .recommendations
+            .front()
+            .is_some_and(|(t, _)| now - t > self.cooldown_seconds)
+        {
+            self.recommendations.pop_front();
+        }
+        let replicas = if rec > current {
+            rec.min((current * 2).max(current + 4))
+        } else {
+            // Scale down to the highest recommendation of the stabilization window.
+            self.recommendations
+                .iter()
+                .map(|r| r.1)
+                .max()
+                .unwrap_or(rec)
+                .min(current)
+        };
+        Command {
+            replicas: replicas.clamp(self.min, self.max),
+            ..Default::default()
+        }
+    }
+}
+
+/// AIBrix's KPA (Knative's algorithm) on KV-cache usage with a target of 0.5 per pod: a 60 s
+/// stable window, a 6 s panic window (10% of it), panic when the panic window asks for twice
+/// the ready pods, no scale-down while panicking or for 60 s after.
+pub struct Kpa {
+    pub min: u32,
+    pub max: u32,
+    pub target: f64,
+    pub stable_seconds: f64,
+    pub panic_seconds: f64,
+    samples: VecDeque<(f64, f64)>,
+    panic_until: Option<f64>,
+}
+
+impl Kpa {
+    pub fn new(min: u32, max: u32) -> Self {
+        Self {
+            min,
+            max,
+            target: 0.5,
+            stable_seconds: 60.0,
+            panic_seconds: 6.0,
+            samples: VecDeque::new(),
+            panic_until: None,
+        }
+    }
+
+    fn mean(&self, now: f64, window: f64) -> f64 {
+        let v: Vec<f64> = self
+            .samples
+            .iter()
+            .filter(|(t, _)| now - t <= window)
+            .map(|s| s.1)
+            .collect();
+        if v.is_empty() {
+            0.0
+        } else {
+            v.iter().sum::<f64>() / v.len() as f64
+        }
+    }
+}
+
+impl Autoscaler for Kpa {
+    fn name(&self) -> String {
+        "KPA kv>0.5".into()
+    }
+    fn interval_seconds(&self) -> f64 {
+        2.0
+    }
+    fn decide(&mut self, now: f64, view: &FleetView) -> Command {
+        let ready_pods = ready(view).count() as u32;
+        let total: f64 = ready(view)
+            .filter_map(|p| p.signals.as_ref())
+            .map(|s| s.kv_usage)
+            .sum();
+        self.samples.push_back((now, total));
+        while self
+            .samples
+            .front()
+            .is_some_and(|(t, _)| now - t > self.stable_seconds)
+        {
+            self.samples.pop_front();
+        }
+        let stable = (self.mean(now, self.stable_seconds) / self.target).ceil() as u32;
+        let panic = (self.mean(now, self.panic_seconds) / self.target).ceil() as u32;
+        if ready_pods > 0 && panic >= 2 * ready_pods {
+            self.panic_until = Some(now + self.stable_seconds);
+        }
+        let current = view.desired;
+        let replicas = if self.panic_until.is_some_and(|t| now < t) {
+            current.max(panic.max(stable))
+        } else {
+            self.panic_until = None;
+            stable
+        };
+        Command {
+            replicas: replicas.clamp(self.min, self.max),
+            ..Default::default()
+        }
+    }
+}
+
+/// The clairvoyant oracle: per window, the fewest replicas that meet the SLO for the requests
+/// arriving in it (found by simulating the window alone), each started one cold start ahead of
+/// its window and kept through it.
+pub struct Oracle {
+    pub window_seconds: f64,
+    pub cold_start_seconds: f64,
+    pub schedule: Vec<u32>,
+}
+
+impl Oracle {
+    /// The most any window overlapping [from, to] needs.
+    pub fn need(&self, from: f64, to: f64) -> u32 {
+        let w = |t: f64| (t.max(0.0) / self.window_seconds) as usize;
+        (w(from)..=w(to))
+            .filter_map(|i| self.schedule.get(i).copied())
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+impl Autoscaler for Oracle {
+    fn name(&self) -> String {
+        "oracle".into()
+    }
+    fn interval_seconds(&self) -> f64 {
+        1.0
+    }
+    fn decide(&mut self, now: f64, _: &FleetView) -> Command {
+        // What any window from now until a pod started now is Ready needs.
+        let replicas = self.need(now, now + self.cold_start_seconds).max(1);
+        Command {
+            replicas,
+            ..Default::default()
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! The simulator on the real Azure code trace (copied into sim/traces with its attribution):
+//! the comparison is deterministic, redline keeps its SLO where the reactive baselines do not,
+//! drains instead of killing, and its guard keeps a small KV pool from preempting.
+
+use std::path::PathBuf;
+
+use redline_sim::compare::{compare, Setup};
+use redline_sim::fleet::{simulate, SimConfig, Slo};
+use redline_sim::profile::EngineProfile;
+use redline_sim::report::summarize;
+use redline_sim::scalers::{HpaQueue, Redline};
+use redline_sim::trace::{read, Replay, Request};
+
+fn trace(replay: Replay) -> Vec<Request> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("traces/azure-llm-2023-code.csv");
+    read(&path, replay).expect("the bundled trace")
+}
+
+const SLO: Slo = Slo {
+    ttft_seconds: 2.0,
+    itl_seconds: 0.1,
+};
+
+#[test]
+fn on_the_code_trace_redline_keeps_the_slo_for_less_than_static_and_beats_the_queue_hpa() {
+    let t = trace(Replay::default());
+    let setup = Setup::new(EngineProfile::gpu_8b(), 60.0, SLO, 2, 16);
+    let c = compare(&t, &setup, None);
+    let [redline, hpa, kpa, stat, oracle] = &c.rows[..] else {
+        panic!("five rows: {:?}", c.rows)
+    };
+    println!(
+        "{}",
+        redline_sim::report::table(&c.rows, Some(oracle.replica_seconds))
+    );
+    assert_eq!(redline.requests, t.len());
+    assert!(redline.ttft_attainment >= 0.99, "{redline:?}");
+    assert!(redline.itl_attainment >= 0.99, "{redline:?}");
+    assert_eq!((redline.redline_events, redline.failed), (0, 0));
+    // Cheaper than the fewest fixed replicas that keep the SLO...
+    assert!(stat.ttft_attainment >= 0.99);
+    assert!(
+        redline.replica_seconds < stat.replica_seconds,
+        "{redline:?} vs {stat:?}"
+    );
+    // ...and better served than the reactive baselines, which miss the bursts.
+    assert!(
+        hpa.ttft_attainment < redline.ttft_attainment - 0.02,
+        "{hpa:?}"
+    );
+    assert!(
+        kpa.ttft_attainment < redline.ttft_attainment - 0.02,
+        "{kpa:?}"
+    );
+    // The oracle is the floor nobody beats without knowing the future.
+    assert!(oracle.ttft_attainment >= 0.99);
+    assert!(oracle.replica_seconds < redline.replica_seconds);
+}
+
+#[test]
+fn the_same_trace_gives_the_same_numbers() {
+    let t = trace(Replay {
+        duration: Some(900.0),
+        ..Replay::default()
+    });
+    let setup = Setup::new(EngineProfile::gpu_8b(), 60.0, SLO, 1, 8);
+    let (a, b) = (compare(&t, &setup, None), compare(&t, &setup, None));
+    assert_eq!(a.rows, b.rows);
+    assert_eq!(a.oracle_schedule, b.oracle_schedule);
+}
+
+/// Kubernetes removes a pod with SIGTERM and kills what is left after the grace period;
+/// redline drains the pod and removes it once it is empty. With no grace at all, the queue HPA
+/// loses requests on every scale-down, redline none.
+#[test]
+fn scale_down_through_drain_loses_nothing_where_a_plain_scale_down_does() {
+    let t = trace(Replay {
+        time_compression: 4.0,
+        ..Replay::default()
+    });
+    let mut setup = Setup::new(EngineProfile::gpu_8b(), 60.0, SLO, 1, 16);
+    setup.sim.termination_grace_seconds = 0.0;
+    setup.policy.scale_down_window_seconds = 60.0;
+    let cfg = SimConfig {
+        initial_replicas: 4,
+        ..setup.sim.clone()
+    };
+    let r = simulate(&t, &cfg, &mut Redline::new(setup.policy, 5.0), None);
+    let h = simulate(&t, &cfg, &mut HpaQueue::new(1, 16), None);
+    let (r, h) = (summarize(&r, &SLO), summarize(&h, &SLO));
+    assert!(r.scale_actions >= 4 && h.scale_actions >= 4, "{r:?} {h:?}");
+    assert_eq!(r.failed, 0, "{r:?}");
+    assert!(h.failed > 0, "{h:?}");
+}
+
+/// A pool too small for the bursts: without the guard the engines admit what arrives and
+/// preempt; with the sidecars' guard they hold admission before the pool runs out.
+#[test]
+fn the_guard_keeps_a_small_kv_pool_from_preempting() {
+    let t = trace(Replay {
+        duration: Some(1200.0),
+        ..Replay::default()
+    });
+    let profile = EngineProfile {
+        kv_blocks: 2_500,
+        ..EngineProfile::gpu_8b()
+    };
+    let setup = Setup::new(profile, 60.0, SLO, 3, 3);
+    let cfg = SimConfig {
+        initial_replicas: 3,
+        ..setup.sim.clone()
+    };
+    let on = simulate(&t, &cfg, &mut Redline::new(setup.policy, 5.0), None);
+    let off = simulate(
+        &t,
+        &cfg,
+        &mut Redline::new(setup.policy, 5.0).without_guard(),
+        None,
+    );
+    let (on, off) = (summarize(&on, &SLO), summarize(&off, &SLO));
+    println!("guard on: {on:?}\nguard off: {off:?}");
+    assert!(
+        off.redline_events > 0,
+        "the pool must be too small: {off:?}"
+    );
+    assert!(on.guard_actions > 0);
+    assert!(
+        on.redline_events * 4 <= off.redline_events,
+        "{on:?} vs {off:?}"
+    );
+    assert_eq!((on.failed, off.failed), (0, 0));
+}

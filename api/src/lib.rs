@@ -79,6 +79,9 @@ pub struct EngineReading {
     /// Prompt tokens of the requests waiting for admission: the backlog.
     #[serde(default)]
     pub waiting_prompt_tokens: Option<u64>,
+    /// Whether the engine is draining (refusing new requests, finishing what it holds).
+    #[serde(default)]
+    pub draining: Option<bool>,
 }
 
 /// Pressure, derived by the sidecar's model from the readings over a window.
@@ -165,6 +168,11 @@ pub struct LimitsRequest {
     pub min_batched_tokens: Option<u32>,
     #[serde(default)]
     pub guard: Option<GuardSettings>,
+    /// Drain the pod: the engine refuses new requests (and reports not ready, so the Service
+    /// stops sending them) and finishes the ones it holds, queued included. The operator's
+    /// scale-down: the pod is removed once it is empty. `false` cancels a drain.
+    #[serde(default)]
+    pub drain: bool,
 }
 
 /// The fast guard's thresholds.
@@ -202,6 +210,9 @@ pub struct LimitsStatus {
     /// Why the guard last changed the limits.
     pub guard_reason: Option<String>,
     pub guard: GuardSettings,
+    /// The operator asked this pod to drain.
+    #[serde(default)]
+    pub drain: bool,
 }
 
 #[cfg(test)]
@@ -213,7 +224,7 @@ mod tests {
         let r: LimitsRequest =
             serde_json::from_str(r#"{"max_num_seqs": 8, "max_batched_tokens": 256}"#).unwrap();
         assert_eq!(r.min_num_seqs, None);
-        assert!(r.guard.is_none());
+        assert!(r.guard.is_none() && !r.drain);
         let e = serde_json::from_str::<LimitsRequest>(
             r#"{"max_num_seqs": 8, "max_batched_tokens": 256, "max_seqs": 3}"#,
         )

@@ -304,6 +304,7 @@ mod tests {
             prompt_tokens_received_total: None,
             generation_tokens_total: None,
             waiting_prompt_tokens: None,
+            draining: None,
         }
     }
 

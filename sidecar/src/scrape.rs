@@ -72,6 +72,7 @@ pub fn parse(text: &str) -> Result<EngineReading, ScrapeError> {
             prompt_tokens_received_total: whole("redline_engine_prompt_tokens_received_total"),
             generation_tokens_total: whole("redline_engine_generation_tokens_total"),
             waiting_prompt_tokens: whole("redline_engine_waiting_prompt_tokens"),
+            draining: sum(&scrape, "redline_engine_draining").map(|v| v > 0.0),
         });
     }
     // vLLM renamed gpu_cache_usage_perc to kv_cache_usage_perc; accept both.
@@ -92,6 +93,7 @@ pub fn parse(text: &str) -> Result<EngineReading, ScrapeError> {
         prompt_tokens_received_total: whole("vllm:prompt_tokens_total"),
         generation_tokens_total: whole("vllm:generation_tokens_total"),
         waiting_prompt_tokens: None,
+        draining: None,
     })
 }
 
@@ -125,6 +127,8 @@ redline_engine_prompt_tokens_received_total 5000
 redline_engine_generation_tokens_total 700
 # TYPE redline_engine_waiting_prompt_tokens gauge
 redline_engine_waiting_prompt_tokens 1200
+# TYPE redline_engine_draining gauge
+redline_engine_draining 1
 # TYPE vllm:kv_cache_usage_perc gauge
 vllm:kv_cache_usage_perc 0.25
 ";
@@ -137,6 +141,7 @@ vllm:kv_cache_usage_perc 0.25
         assert_eq!(r.prompt_tokens_received_total, Some(5000));
         assert_eq!(r.generation_tokens_total, Some(700));
         assert_eq!(r.waiting_prompt_tokens, Some(1200));
+        assert_eq!(r.draining, Some(true));
         assert_eq!(
             r.limits,
             Some(Limits {

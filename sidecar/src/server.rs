@@ -119,6 +119,7 @@ mod tests {
             min_num_seqs: None,
             min_batched_tokens: None,
             guard: None,
+            drain: false,
         };
         assert!(validate(&r).unwrap_err().contains("max_batched_tokens"));
         r.max_batched_tokens = 64;

@@ -52,6 +52,11 @@ struct State {
     ceiling: Option<Limits>,
     /// The last error logged, so a persisting one is logged once.
     last_error: Option<String>,
+    /// The operator asked for a drain.
+    drain: bool,
+    /// The engine is draining because this sidecar asked it to (so only such a drain is ever
+    /// cancelled: one started by SIGTERM is the pod ending).
+    drained_by_us: bool,
 }
 
 pub struct Shared {
@@ -79,6 +84,8 @@ impl Shared {
                 guard_reason: None,
                 ceiling: None,
                 last_error: None,
+                drain: false,
+                drained_by_us: false,
             }),
             metrics: Metrics::default(),
             token_file: cfg.token_file.clone(),
@@ -100,10 +107,12 @@ impl Shared {
         if let Some(g) = r.guard {
             st.settings = g;
         }
+        st.drain = r.drain;
         info!(
             max_num_seqs = r.max_num_seqs,
             max_batched_tokens = r.max_batched_tokens,
             guard = st.settings.enabled,
+            drain = r.drain,
             "operator set the limits"
         );
         limits_status(&st)
@@ -150,6 +159,7 @@ fn limits_status(st: &State) -> LimitsStatus {
         guard_limits: st.guard.as_ref().map(Guard::current),
         guard_reason: st.guard_reason.clone(),
         guard: st.settings,
+        drain: st.drain,
     }
 }
 
@@ -213,6 +223,39 @@ async fn put_engine_limits(
     resp.json::<Applied>()
         .await
         .map_err(|e| format!("engine admin API at {url}: {e}"))
+}
+
+/// Starts (`POST`) or cancels (`DELETE`) the engine's drain.
+async fn set_engine_drain(http: &reqwest::Client, admin: &str, on: bool) -> Result<(), String> {
+    let url = format!("{admin}/admin/drain");
+    let req = if on {
+        http.post(&url)
+    } else {
+        http.delete(&url)
+    };
+    let resp = req
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .map_err(|e| format!("engine admin API at {url} unreachable: {e}"))?;
+    if !resp.status().is_success() {
+        return Err(format!("engine drain at {url}: HTTP {}", resp.status()));
+    }
+    Ok(())
+}
+
+/// What to tell the engine about draining, re-checked every tick (so a restarted engine is
+/// drained again): start a drain the operator wants, cancel only one this sidecar started.
+fn drain_to_apply(st: &State) -> Option<bool> {
+    let e = st
+        .engine
+        .as_ref()
+        .filter(|e| e.flavor == EngineFlavor::Redline)?;
+    match (st.drain, e.draining?) {
+        (true, false) => Some(true),
+        (false, true) if st.drained_by_us => Some(false),
+        _ => None,
+    }
 }
 
 /// What one tick decided to send to the engine.
@@ -300,11 +343,27 @@ pub async fn run(shared: std::sync::Arc<Shared>, device: Box<dyn Device>, cfg: C
             shared.metrics.scrape_errors.inc();
         }
         let now = shared.started.elapsed().as_secs_f64();
-        let apply = {
+        let (apply, drain) = {
             let mut st = shared.state.lock().unwrap();
             st.device = dev;
-            tick_state(&mut st, now, scraped, cfg.guard_config)
+            let apply = tick_state(&mut st, now, scraped, cfg.guard_config);
+            (apply, drain_to_apply(&st))
         };
+        if let Some(on) = drain {
+            let result = set_engine_drain(&http, &admin, on).await;
+            let mut st = shared.state.lock().unwrap();
+            match result {
+                Ok(()) => {
+                    st.drained_by_us = on;
+                    if on {
+                        info!("draining the engine for the operator's scale-down");
+                    } else {
+                        info!("drain cancelled: the engine admits requests again");
+                    }
+                }
+                Err(e) => Shared::log_once(&mut st, e),
+            }
+        }
         if let Some(a) = apply {
             let result = put_engine_limits(&http, &admin, a.limits).await;
             let mut st = shared.state.lock().unwrap();
@@ -379,6 +438,47 @@ mod tests {
         st.target = Some(Limits::new(0, 32));
         let s = limits_status(&st);
         assert_eq!((s.min_num_seqs, s.min_batched_tokens), (0, 32));
+    }
+
+    #[test]
+    fn drains_what_the_operator_asks_and_cancels_only_its_own() {
+        let cfg = Config {
+            engine_url: String::new(),
+            engine_admin_url: String::new(),
+            interval: Duration::from_millis(250),
+            token_file: PathBuf::new(),
+            guard: GuardSettings::default(),
+            model: ModelConfig::default(),
+            guard_config: GuardConfig::default(),
+        };
+        let shared = Shared::new(&cfg);
+        let mut st = shared.state.lock().unwrap();
+        let engine = |draining| EngineReading {
+            flavor: EngineFlavor::Redline,
+            kv_usage_ratio: 0.0,
+            kv_blocks_total: None,
+            kv_blocks_used: None,
+            requests_running: 0,
+            requests_waiting: 0,
+            preemptions_total: 0,
+            limits: None,
+            prompt_tokens_received_total: None,
+            generation_tokens_total: None,
+            waiting_prompt_tokens: None,
+            draining: Some(draining),
+        };
+        st.engine = Some(engine(false));
+        assert_eq!(drain_to_apply(&st), None);
+        st.drain = true;
+        assert_eq!(drain_to_apply(&st), Some(true));
+        st.drained_by_us = true;
+        st.engine = Some(engine(true));
+        assert_eq!(drain_to_apply(&st), None, "done");
+        st.drain = false;
+        assert_eq!(drain_to_apply(&st), Some(false), "cancel our own drain");
+        // Draining on SIGTERM: the pod is ending, not ours to cancel.
+        st.drained_by_us = false;
+        assert_eq!(drain_to_apply(&st), None);
     }
 
     #[test]

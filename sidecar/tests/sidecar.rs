@@ -351,6 +351,32 @@ async fn the_api_needs_the_token_and_rejects_malformed_bodies() {
         .unwrap();
     assert_eq!(r.status(), 200);
     engine_at_limits(&engine, 3, 64, 10, "engine following the new target").await;
+
+    // The operator's drain: the engine stops being ready (the Service stops sending), and
+    // takes requests again once the drain is cancelled.
+    let ready = || async {
+        http.get(engine.url("/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(ready().await, 200);
+    for (drain, status) in [(true, 503), (false, 200)] {
+        let r = http
+            .put(&limits)
+            .bearer_auth(TOKEN)
+            .json(&json!({"max_num_seqs": 3, "max_batched_tokens": 64, "drain": drain}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.json::<Value>().await.unwrap()["drain"], drain);
+        eventually(10, "the engine following the drain", || async {
+            (ready().await == status).then_some(())
+        })
+        .await;
+    }
     // The open endpoints hold no secrets.
     let m = sidecar.metrics().await;
     assert!(!m.contains(TOKEN));

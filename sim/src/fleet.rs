@@ -350,6 +350,7 @@ impl<'a> Sim<'a> {
                 prompt_tokens_received_total: Some(e.prompt_tokens_received_total),
                 generation_tokens_total: Some(e.generation_tokens_total),
                 waiting_prompt_tokens: Some(e.waiting_tokens()),
+                draining: Some(pod.phase == Phase::Draining),
             };
             let device = DeviceReading {
                 backend: "none".into(),
@@ -383,6 +384,7 @@ impl<'a> Sim<'a> {
                     guard_limits: Some(pod.engine.limits),
                     guard_reason: None,
                     guard: cfg.guard,
+                    drain: pod.phase == Phase::Draining,
                 },
                 sample_age_seconds: Some(0.0),
                 engine_reachable: true,

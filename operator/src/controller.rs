@@ -82,7 +82,7 @@ impl Context {
         }
     }
 
-    async fn event(
+    pub(crate) async fn event(
         &self,
         isvc: &InferenceService,
         type_: EventType,
@@ -157,38 +157,35 @@ async fn reconcile_inner(isvc: &InferenceService, ctx: &Context) -> Result<Actio
         }
         let status = InferenceServiceStatus {
             observed_generation: generation,
-            conditions: conditions::merge(
-                &previous.conditions,
-                now,
-                generation,
-                vec![
-                    Cond {
-                        type_: READY,
-                        ok: Some(false),
-                        reason: "InvalidSpec",
-                        message: "the spec is invalid; see Degraded".into(),
-                    },
-                    Cond {
-                        type_: PROGRESSING,
-                        ok: Some(false),
-                        reason: "InvalidSpec",
-                        message: String::new(),
-                    },
-                    Cond {
-                        type_: DEGRADED,
-                        ok: Some(true),
-                        reason: "InvalidSpec",
-                        message,
-                    },
-                    Cond {
-                        type_: NEAR_REDLINE,
-                        ok: None,
-                        reason: "InvalidSpec",
-                        message: String::new(),
-                    },
-                ],
+            conditions: with_near_redline(
+                conditions::merge(
+                    &previous.conditions,
+                    now,
+                    generation,
+                    vec![
+                        Cond {
+                            type_: READY,
+                            ok: Some(false),
+                            reason: "InvalidSpec",
+                            message: "the spec is invalid; see Degraded".into(),
+                        },
+                        Cond {
+                            type_: PROGRESSING,
+                            ok: Some(false),
+                            reason: "InvalidSpec",
+                            message: String::new(),
+                        },
+                        Cond {
+                            type_: DEGRADED,
+                            ok: Some(true),
+                            reason: "InvalidSpec",
+                            message,
+                        },
+                    ],
+                ),
+                &previous,
             ),
-            ..previous
+            ..reconciler_fields(&previous)
         };
         write_status(&isvcs, &name, &status).await?;
         // Nothing to do until the spec changes (which triggers a reconcile by itself).
@@ -334,23 +331,20 @@ async fn reconcile_inner(isvc: &InferenceService, ctx: &Context) -> Result<Actio
                 message: "children applied".into(),
             },
         },
-        Cond {
-            type_: NEAR_REDLINE,
-            ok: None,
-            reason: "NoPressureData",
-            message: "no pressure reports yet (autoscaling loop not running)".into(),
-        },
     ];
     let status = InferenceServiceStatus {
         replicas: total,
         ready_replicas: ready,
         selector: Some(children::selector_string(isvc)),
         observed_generation: generation,
-        conditions: conditions::merge(&previous.conditions, now, generation, conds),
+        conditions: with_near_redline(
+            conditions::merge(&previous.conditions, now, generation, conds),
+            &previous,
+        ),
         served_model: Some(children::served_model(isvc)),
-        ..previous.clone()
+        ..reconciler_fields(&previous)
     };
-    if status != previous {
+    if status != reconciler_fields(&previous) {
         write_status(&isvcs, &name, &status).await?;
     }
     // Children changes wake us through the owned-object watches; the requeue is a safety net.
@@ -359,6 +353,28 @@ async fn reconcile_inner(isvc: &InferenceService, ctx: &Context) -> Result<Actio
     } else {
         Duration::from_secs(10)
     }))
+}
+
+/// The part of the status this reconciler writes. The autoscaling loop writes `kvUsage`,
+/// `podLimits` and `lastDecision` (never sent here, so a server-side apply leaves them alone)
+/// and the NearRedline condition, which is passed through as found: a 1.20 API server treats
+/// the conditions list as one value, whatever the schema says.
+fn reconciler_fields(s: &InferenceServiceStatus) -> InferenceServiceStatus {
+    InferenceServiceStatus {
+        kv_usage: None,
+        pod_limits: Vec::new(),
+        last_decision: None,
+        ..s.clone()
+    }
+}
+
+/// `conds` plus the NearRedline condition found in `previous`.
+fn with_near_redline(
+    mut conds: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    previous: &InferenceServiceStatus,
+) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    conds.extend(conditions::find(&previous.conditions, NEAR_REDLINE).cloned());
+    conds
 }
 
 async fn write_status(
@@ -467,9 +483,10 @@ fn trigger_backoff() -> impl kube::runtime::utils::Backoff {
     kube::runtime::utils::ResetTimerBackoff::new(exp, Duration::from_secs(5))
 }
 
-/// Runs the controller until `shutdown` resolves.
+/// Runs the controller, and the autoscaling loop every `interval`, until `shutdown` resolves.
 pub async fn run(
     ctx: Arc<Context>,
+    interval: Duration,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
@@ -478,7 +495,8 @@ pub async fn run(
     let controller = Controller::new(isvcs, cfg.clone()).trigger_backoff(trigger_backoff());
     // A policy change (or creation) wakes the services that reference it.
     let store = controller.store();
-    controller
+    let scaler = crate::autoscaler::Autoscaler::new(ctx.clone()).run(store.clone(), interval);
+    let controller = controller
         .watches(
             Api::<AutoscalingPolicy>::all(client.clone()),
             cfg.clone(),
@@ -515,6 +533,10 @@ pub async fn run(
             if let Err(e) = r {
                 tracing::debug!("controller: {e}");
             }
-        })
-        .await;
+        });
+    // The loop runs as long as the controller (it stops with leadership).
+    tokio::select! {
+        _ = controller => {}
+        _ = scaler => {}
+    }
 }

@@ -229,7 +229,8 @@ impl Default for SidecarSettings {
     }
 }
 
-/// How an InferenceService scales; reusable across services.
+/// How an InferenceService scales; reusable across services. The policy is redline's
+/// (`autoscale/`, the same code `redline-sim` runs; docs/autoscaling.md).
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "redline.dev",
@@ -241,53 +242,108 @@ impl Default for SidecarSettings {
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AutoscalingPolicySpec {
+    /// Share of a replica's capacity (`replicaCapacity`) the policy plans to use; the rest
+    /// absorbs bursts while new replicas start.
+    #[serde(default = "target_utilization")]
+    #[schemars(range(min = 0.05, max = 1.0))]
+    pub target_utilization: f64,
     /// KV-cache usage (0..1) the pods are steered towards.
     #[serde(default = "target_kv")]
     #[schemars(range(min = 0.05, max = 0.99))]
     pub target_kv_usage: f64,
-    /// How far ahead pressure is forecast, seconds (roughly a new pod's time to Ready).
+    /// What one replica sustains within the SLO (measure with `redline-engine bench`; the
+    /// default is the default model on 2 CPU cores).
+    #[serde(default)]
+    pub replica_capacity: ReplicaCapacity,
+    /// How far ahead demand is forecast, seconds: at least a new pod's time to Ready.
     #[serde(default = "horizon")]
     #[schemars(range(min = 1, max = 600))]
     pub forecast_horizon_seconds: i32,
-    /// Window over which growth rates are estimated, seconds.
-    #[serde(default = "window")]
+    /// Window the demand trend is fitted over, seconds (0: no trend).
+    #[serde(default = "trend_window")]
+    #[schemars(range(min = 0, max = 600))]
+    pub trend_window_seconds: i32,
+    /// Demand is averaged over this window, seconds: bursts shorter wait in the queue.
+    #[serde(default = "smoothing")]
     #[schemars(range(min = 1, max = 600))]
-    pub window_seconds: i32,
-    /// No scale-up sooner than this after the last scale-up, seconds.
+    pub demand_smoothing_seconds: i32,
+    /// No scale-up sooner than this after the last scaling action, seconds.
     #[serde(default = "up_cooldown")]
     #[schemars(range(min = 0, max = 3600))]
     pub scale_up_cooldown_seconds: i32,
-    /// No scale-down sooner than this after the last change, seconds.
-    #[serde(default = "down_cooldown")]
+    /// Demand must fit on fewer replicas for this long before pods are drained, seconds; also
+    /// the least time from a scale-up to the next scale-down.
+    #[serde(default = "down_window")]
     #[schemars(range(min = 0, max = 3600))]
-    pub scale_down_cooldown_seconds: i32,
-    /// Most replicas added or removed in one decision.
+    pub scale_down_window_seconds: i32,
+    /// Most replicas added, or drained, in one decision.
     #[serde(default = "max_step")]
     #[schemars(range(min = 1, max = 100))]
     pub max_step: i32,
-    /// Sidecar guard: KV usage at which a pod stops admitting (0..1).
+    /// A drained pod is removed after this long even if not empty (its own SIGTERM drain
+    /// finishes it), seconds.
+    #[serde(default = "drain_timeout")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub drain_timeout_seconds: i32,
+    /// Sidecar guard: KV usage treated as the redline (0..1).
     #[serde(default = "guard_kv")]
     #[schemars(range(min = 0.1, max = 1.0))]
     pub guard_kv_usage: f64,
 }
 
+/// Tokens per second one replica sustains.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaCapacity {
+    #[serde(default = "cap_prompt")]
+    #[schemars(range(min = 0.001))]
+    pub prompt_tokens_per_second: f64,
+    #[serde(default = "cap_generation")]
+    #[schemars(range(min = 0.001))]
+    pub generation_tokens_per_second: f64,
+}
+
+impl Default for ReplicaCapacity {
+    fn default() -> Self {
+        Self {
+            prompt_tokens_per_second: cap_prompt(),
+            generation_tokens_per_second: cap_generation(),
+        }
+    }
+}
+
+fn target_utilization() -> f64 {
+    0.6
+}
 fn target_kv() -> f64 {
     0.7
 }
-fn horizon() -> i32 {
-    30
+fn cap_prompt() -> f64 {
+    230.0
 }
-fn window() -> i32 {
+fn cap_generation() -> f64 {
+    200.0
+}
+fn horizon() -> i32 {
+    60
+}
+fn trend_window() -> i32 {
     20
 }
-fn up_cooldown() -> i32 {
-    15
+fn smoothing() -> i32 {
+    10
 }
-fn down_cooldown() -> i32 {
-    120
+fn up_cooldown() -> i32 {
+    10
+}
+fn down_window() -> i32 {
+    300
 }
 fn max_step() -> i32 {
     2
+}
+fn drain_timeout() -> i32 {
+    120
 }
 fn guard_kv() -> f64 {
     0.9
@@ -296,12 +352,16 @@ fn guard_kv() -> f64 {
 impl Default for AutoscalingPolicySpec {
     fn default() -> Self {
         Self {
+            target_utilization: target_utilization(),
             target_kv_usage: target_kv(),
+            replica_capacity: ReplicaCapacity::default(),
             forecast_horizon_seconds: horizon(),
-            window_seconds: window(),
+            trend_window_seconds: trend_window(),
+            demand_smoothing_seconds: smoothing(),
             scale_up_cooldown_seconds: up_cooldown(),
-            scale_down_cooldown_seconds: down_cooldown(),
+            scale_down_window_seconds: down_window(),
             max_step: max_step(),
+            drain_timeout_seconds: drain_timeout(),
             guard_kv_usage: guard_kv(),
         }
     }
@@ -320,16 +380,20 @@ pub struct InferenceServiceStatus {
     pub selector: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Ready, Progressing, Degraded and NearRedline, in Kubernetes' condition format.
+    /// Ready, Progressing, Degraded and NearRedline, in Kubernetes' condition format. A map
+    /// keyed by type for server-side apply: the reconciler owns the first three, the
+    /// autoscaling loop NearRedline.
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub served_model: Option<String>,
-    /// Mean KV-cache usage across ready pods, as a percentage string for `kubectl get`.
+    /// Mean KV-cache usage across ready pods, as a percentage string for `kubectl get`
+    /// (written by the autoscaling loop, like podLimits and lastDecision).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_usage: Option<String>,
-    /// Live limits per pod.
-    #[serde(default)]
+    /// Live limits per pod, as its sidecar's guard holds them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pod_limits: Vec<PodLimits>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_decision: Option<Decision>,
@@ -341,12 +405,15 @@ pub struct PodLimits {
     pub pod: String,
     pub max_num_seqs: i32,
     pub max_batched_tokens: i32,
+    /// The pod is draining for a scale-down.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Decision {
-    /// e.g. "scale 2->3", "hold", "limits 64->48".
+    /// e.g. "scale 2->3", "drain smollm2-x", "hold 2".
     pub summary: String,
     pub reason: String,
     /// RFC 3339.

@@ -1,6 +1,8 @@
 //! redline's operator: reconciles `InferenceService` custom resources into GPU Deployments
-//! (engine + pressure sidecar), with status, Events, the scale subresource and leader election.
+//! (engine + pressure sidecar), with status, Events, the scale subresource and leader election,
+//! and scales them from their sidecars' pressure (`autoscaler`).
 
+pub mod autoscaler;
 pub mod children;
 pub mod conditions;
 pub mod controller;

@@ -8,6 +8,8 @@ pub struct Metrics {
     pub errors: IntCounterVec,
     pub duration: Histogram,
     pub events: IntCounterVec,
+    pub pressure_reads: IntCounterVec,
+    pub scaling_decisions: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -41,11 +43,29 @@ impl Default for Metrics {
             &["reason"],
         )
         .unwrap();
+        let pressure_reads = IntCounterVec::new(
+            Opts::new(
+                "redline_operator_pressure_reads_total",
+                "Sidecar pressure reports read, by result",
+            ),
+            &["result"],
+        )
+        .unwrap();
+        let scaling_decisions = IntCounterVec::new(
+            Opts::new(
+                "redline_operator_scaling_decisions_total",
+                "Autoscaling actions taken, by action",
+            ),
+            &["action"],
+        )
+        .unwrap();
         for c in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),
             Box::new(duration.clone()),
             Box::new(events.clone()),
+            Box::new(pressure_reads.clone()),
+            Box::new(scaling_decisions.clone()),
         ] {
             registry.register(c).unwrap();
         }
@@ -55,6 +75,8 @@ impl Default for Metrics {
             errors,
             duration,
             events,
+            pressure_reads,
+            scaling_decisions,
         }
     }
 }

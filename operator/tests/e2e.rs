@@ -1,6 +1,8 @@
 //! The operator end to end on a real cluster: `helm install` runs it as a pod under its
 //! ServiceAccount (so the chart's RBAC is what is tested); the example InferenceService becomes
-//! Ready engine pods that answer a completion; the scale subresource resizes the Deployment;
+//! Ready engine pods that answer a completion; the operator reads their sidecars' pressure into
+//! status; the scale subresource resizes the Deployment; with autoscaling on, idle spare pods
+//! are drained and removed;
 //! invalid services are refused by the API server or marked Degraded while valid ones keep
 //! reconciling; deleting a service garbage-collects its children.
 
@@ -227,6 +229,37 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
         "{m}"
     );
 
+    // The operator, in its own pod, reads that pressure API at the pod IP with the token, and
+    // reports it in status (autoscaling is off: it observes, scales nothing).
+    let observed = wait_for(
+        "status from the sidecars' pressure",
+        Duration::from_secs(60),
+        || async {
+            let i = isvcs.get(&name).await.map_err(|e| e.to_string())?;
+            let st = i.status.clone().unwrap_or_default();
+            let near = st.conditions.iter().find(|c| c.type_ == "NearRedline");
+            match (&st.kv_usage, near) {
+                (Some(_), Some(c)) if c.status == "False" && c.reason == "BelowRedline" => Ok(st),
+                _ => Err(format!("{st:?}")),
+            }
+        },
+    )
+    .await;
+    assert!(observed.kv_usage.as_deref().unwrap().ends_with('%'));
+    assert_eq!(observed.pod_limits.len(), 1, "{observed:?}");
+    assert_eq!(observed.pod_limits[0].pod, pod);
+    assert!(
+        observed.last_decision.is_none(),
+        "nothing decided while off"
+    );
+    // The reconciler's conditions and the loop's live side by side (a map keyed by type).
+    for t in ["Ready", "Progressing", "Degraded", "NearRedline"] {
+        assert!(
+            observed.conditions.iter().any(|c| c.type_ == t),
+            "{t}: {observed:?}"
+        );
+    }
+
     // The scale subresource (what `kubectl scale`, HPA and KEDA use) resizes the Deployment.
     isvcs
         .patch_scale(
@@ -270,11 +303,62 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
         },
     )
     .await;
+    wait_ready_replicas(&isvcs, &name, 3).await;
+
+    // redline's own autoscaling on, idle pods: after its (here 10 s) window it drains the two
+    // spare pods through their sidecars and scales 3 -> 1 once they are empty.
     isvcs
-        .patch_scale(
+        .patch(
             &name,
             &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"replicas": 1}})),
+            &Patch::Merge(json!({"spec": {"autoscaling": {"enabled": true, "policy": {
+                "scaleDownWindowSeconds": 10, "forecastHorizonSeconds": 10}}}})),
+        )
+        .await
+        .unwrap();
+    let scaled = wait_for(
+        "the autoscaler draining and scaling down to minReplicas",
+        Duration::from_secs(120),
+        || async {
+            let i = isvcs.get(&name).await.map_err(|e| e.to_string())?;
+            let st = i.status.clone().unwrap_or_default();
+            match &st.last_decision {
+                Some(d) if d.summary == "scale 3->1" && i.spec.replicas == Some(1) => Ok(st),
+                _ => Err(format!("replicas {:?}, {st:?}", i.spec.replicas)),
+            }
+        },
+    )
+    .await;
+    assert!(scaled.last_decision.unwrap().reason.contains("drained"));
+    wait_ready_replicas(&isvcs, &name, 1).await;
+    wait_for("the drained pods gone", Duration::from_secs(60), || async {
+        let n = engine_pods(&client, &ns.name, &name).await.len();
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(format!("{n} pods"))
+        }
+    })
+    .await;
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), &ns.name)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    for reason in ["Draining", "ScaledDown"] {
+        assert!(
+            events
+                .items
+                .iter()
+                .any(|e| e.reason.as_deref() == Some(reason)
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name.as_str())),
+            "no {reason} event"
+        );
+    }
+    isvcs
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"autoscaling": {"enabled": false}}})),
         )
         .await
         .unwrap();

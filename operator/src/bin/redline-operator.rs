@@ -50,6 +50,9 @@ struct RunArgs {
     lease_namespace: String,
     #[arg(long, default_value = "redline-operator")]
     lease_name: String,
+    /// Seconds between two passes of the autoscaling loop (pressure reads and decisions).
+    #[arg(long, default_value_t = 5.0)]
+    autoscale_interval_seconds: f64,
     /// This instance's identity in the Lease and in Events.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -154,7 +157,8 @@ async fn run(args: RunArgs) -> Result<()> {
             identity.clone(),
         ));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let mut controller = tokio::spawn(controller::run(ctx, async move {
+        let interval = Duration::from_secs_f64(args.autoscale_interval_seconds.max(0.5));
+        let mut controller = tokio::spawn(controller::run(ctx, interval, async move {
             let _ = stop_rx.await;
         }));
         let lost = async {

@@ -1,0 +1,674 @@
+//! The slow loop: every few seconds, for each InferenceService whose pods run the sidecar,
+//! read every pod's pressure (`GET /v1/pressure` at the pod IP, with the service's token), run
+//! redline's policy (`redline-autoscale`, the code `redline-sim` measures) and apply what it
+//! decides: replicas through the scale subresource, drains and limit targets through the
+//! sidecars (`PUT /v1/limits`), the drained pod deleted once empty; an Event per action; status
+//! (`kvUsage`, `podLimits`, `lastDecision`, the `NearRedline` condition) by a merge patch
+//! under its own field manager, written only when it differs from the object.
+//!
+//! With `autoscaling.enabled` false the loop only observes: status is written, nothing scaled.
+//! The policy's memory (demand history, drains) is per service and in memory: a new leader
+//! starts with none, so it scales down only after a full window of fresh data.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::Store;
+use kube::{Api, ResourceExt};
+use redline_api::{GuardSettings, Level, Limits, LimitsRequest, PressureReport};
+use redline_autoscale::{
+    Action, Decision as PolicyDecision, Observation, PodPhase, PodSignals, PodView, Policy,
+    PolicyConfig, ReplicaCapacity,
+};
+use serde_json::json;
+use tracing::{debug, info, warn};
+
+use crate::children::{self, SIDECAR_PORT};
+use crate::conditions::{self, Cond, NEAR_REDLINE};
+use crate::controller::{Context, Error};
+use crate::crd::{AutoscalingPolicy, AutoscalingPolicySpec, Decision, InferenceService, PodLimits};
+use crate::validate::effective_replicas;
+
+/// The field manager of everything this loop writes.
+pub const MANAGER: &str = "redline-autoscaler";
+/// Reports older than this are stale (the sidecar reads its engine every 250 ms).
+const STALE_AFTER_SECONDS: f64 = 10.0;
+/// KV usage at which a pod counts as near its redline without the sidecar saying so.
+const NEAR_REDLINE_KV: f64 = 0.95;
+
+/// The policy configuration for a service: the AutoscalingPolicy's numbers, the service's
+/// bounds and limits.
+pub fn policy_config(isvc: &InferenceService, p: &AutoscalingPolicySpec) -> PolicyConfig {
+    let s = &isvc.spec;
+    let (lo, hi) = (s.min_replicas.max(0) as u32, s.max_replicas.max(0) as u32);
+    PolicyConfig {
+        min_replicas: lo.min(hi),
+        max_replicas: hi.max(lo),
+        capacity: ReplicaCapacity {
+            prompt_tokens_per_second: p.replica_capacity.prompt_tokens_per_second,
+            generation_tokens_per_second: p.replica_capacity.generation_tokens_per_second,
+        },
+        target_utilization: p.target_utilization,
+        target_kv_usage: p.target_kv_usage,
+        forecast_horizon_seconds: p.forecast_horizon_seconds as f64,
+        trend_window_seconds: p.trend_window_seconds as f64,
+        demand_smoothing_seconds: p.demand_smoothing_seconds as f64,
+        scale_up_cooldown_seconds: p.scale_up_cooldown_seconds as f64,
+        scale_down_window_seconds: p.scale_down_window_seconds as f64,
+        max_step: p.max_step.max(1) as u32,
+        stale_after_seconds: STALE_AFTER_SECONDS,
+        backlog_drain_seconds: p.forecast_horizon_seconds.max(1) as f64,
+        drain_timeout_seconds: p.drain_timeout_seconds as f64,
+        pod_limits: pod_limits(isvc),
+    }
+}
+
+/// The limits each serving pod runs under: the engine settings' (initial) sequences and token
+/// budget; the sidecar's guard moves below them.
+pub fn pod_limits(isvc: &InferenceService) -> Limits {
+    let e = &isvc.spec.engine;
+    let seqs = e
+        .max_num_seqs
+        .unwrap_or(e.max_num_seqs_ceiling)
+        .clamp(0, e.max_num_seqs_ceiling);
+    Limits::new(seqs.max(0) as u32, e.max_batched_tokens.max(1) as u32)
+}
+
+/// How the policy sees a pod; `None` for one being deleted (it is the ReplicaSet's, not ours).
+pub fn pod_phase(pod: &Pod, draining: bool) -> Option<PodPhase> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let conds = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_deref())
+        .unwrap_or_default();
+    let is = |t: &str, v: &str| conds.iter().any(|c| c.type_ == t && c.status == v);
+    if is("Ready", "True") || draining {
+        // A draining pod turns not ready on purpose: it still holds requests.
+        return Some(PodPhase::Ready);
+    }
+    let unschedulable = conds.iter().any(|c| {
+        c.type_ == "PodScheduled"
+            && c.status == "False"
+            && c.reason.as_deref() == Some("Unschedulable")
+    });
+    Some(if unschedulable {
+        PodPhase::Unschedulable
+    } else {
+        PodPhase::Starting
+    })
+}
+
+/// The KV usage shown by `kubectl get` and whether the service is near its redline; `None`
+/// without any report.
+pub fn pressure_summary(reports: &[&PressureReport]) -> Option<(f64, f64, bool)> {
+    let engines: Vec<_> = reports
+        .iter()
+        .filter_map(|r| r.engine.as_ref().map(|e| (r, e)))
+        .collect();
+    if engines.is_empty() {
+        return None;
+    }
+    let mean = engines.iter().map(|(_, e)| e.kv_usage_ratio).sum::<f64>() / engines.len() as f64;
+    let max = engines
+        .iter()
+        .map(|(_, e)| e.kv_usage_ratio)
+        .fold(0.0, f64::max);
+    let near = engines.iter().any(|(r, e)| {
+        r.derived.level == Level::Critical
+            || r.derived.preemptions_per_second > 0.0
+            || e.kv_usage_ratio >= NEAR_REDLINE_KV
+    });
+    Some((mean, max, near))
+}
+
+#[derive(Default)]
+struct ServiceState {
+    policy: Option<Policy>,
+    token: Option<String>,
+    /// The last error logged for this service.
+    last_error: Option<String>,
+}
+
+pub struct Autoscaler {
+    ctx: Arc<Context>,
+    http: reqwest::Client,
+    started: Instant,
+    services: HashMap<String, ServiceState>,
+}
+
+impl Autoscaler {
+    pub fn new(ctx: Arc<Context>) -> Self {
+        Self {
+            ctx,
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(2))
+                .build()
+                .expect("an HTTP client"),
+            started: Instant::now(),
+            services: HashMap::new(),
+        }
+    }
+
+    /// Runs one pass over the services every `interval`, forever.
+    pub async fn run(mut self, store: Store<InferenceService>, interval: Duration) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let isvcs = store.state();
+            let keys: Vec<String> = isvcs.iter().map(|i| key(i)).collect();
+            self.services.retain(|k, _| keys.contains(k));
+            for isvc in isvcs {
+                if !isvc.spec.sidecar.enabled || isvc.metadata.deletion_timestamp.is_some() {
+                    continue;
+                }
+                let k = key(&isvc);
+                let r = self.service(&isvc).await;
+                let st = self.services.entry(k.clone()).or_default();
+                match r {
+                    Ok(()) => {
+                        if st.last_error.take().is_some() {
+                            info!(isvc = %k, "autoscaling loop working again");
+                        }
+                    }
+                    Err(e) => {
+                        self.ctx.metrics.errors.with_label_values(&[e.kind()]).inc();
+                        let msg = e.to_string();
+                        if st.last_error.as_deref() != Some(msg.as_str()) {
+                            warn!(isvc = %k, kind = e.kind(), "autoscaling loop: {msg}");
+                            st.last_error = Some(msg);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn token(&mut self, isvc: &InferenceService, ns: &str) -> Result<Option<String>, Error> {
+        let st = self.services.entry(key(isvc)).or_default();
+        if st.token.is_some() {
+            return Ok(st.token.clone());
+        }
+        let secrets: Api<Secret> = Api::namespaced(self.ctx.client.clone(), ns);
+        let token = secrets
+            .get_opt(&children::token_secret_name(isvc))
+            .await?
+            .and_then(|s| s.data)
+            .and_then(|d| d.get("token").cloned())
+            .and_then(|b| String::from_utf8(b.0).ok());
+        st.token = token.clone();
+        Ok(token)
+    }
+
+    async fn policy_spec(
+        &self,
+        isvc: &InferenceService,
+        ns: &str,
+    ) -> Result<Option<AutoscalingPolicySpec>, Error> {
+        let a = isvc.spec.autoscaling.clone().unwrap_or_default();
+        if let Some(r) = &a.policy_ref {
+            let policies: Api<AutoscalingPolicy> = Api::namespaced(self.ctx.client.clone(), ns);
+            // Missing: the reconciler reports it (Degraded); nothing to scale by meanwhile.
+            return Ok(policies.get_opt(r).await?.map(|p| p.spec));
+        }
+        Ok(Some(a.policy.unwrap_or_default()))
+    }
+
+    async fn pressure(&self, ip: &str, token: &str) -> Option<PressureReport> {
+        let url = format!("http://{ip}:{SIDECAR_PORT}/v1/pressure");
+        let r = self.http.get(&url).bearer_auth(token).send().await;
+        let ok = match r {
+            Ok(resp) if resp.status().is_success() => resp.json::<PressureReport>().await.ok(),
+            Ok(resp) => {
+                debug!(%url, status = %resp.status(), "pressure report refused");
+                None
+            }
+            Err(e) => {
+                debug!(%url, "pressure report: {e}");
+                None
+            }
+        };
+        self.ctx
+            .metrics
+            .pressure_reads
+            .with_label_values(&[if ok.is_some() { "ok" } else { "error" }])
+            .inc();
+        ok
+    }
+
+    async fn put_limits(&self, ip: &str, token: &str, body: &LimitsRequest) -> bool {
+        let url = format!("http://{ip}:{SIDECAR_PORT}/v1/limits");
+        match self
+            .http
+            .put(&url)
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => true,
+            Ok(r) => {
+                warn!(%url, status = %r.status(), "sidecar refused the limits");
+                false
+            }
+            Err(e) => {
+                debug!(%url, "setting limits: {e}");
+                false
+            }
+        }
+    }
+
+    async fn service(&mut self, isvc: &InferenceService) -> Result<(), Error> {
+        let ns = isvc.namespace().ok_or(Error::MissingKey("namespace"))?;
+        let name = isvc.name_any();
+        let k = key(isvc);
+        let Some(token) = self.token(isvc, &ns).await? else {
+            return Ok(()); // The reconciler has not created it yet.
+        };
+        let enabled = isvc.spec.autoscaling.as_ref().is_some_and(|a| a.enabled);
+        let spec = if enabled {
+            self.policy_spec(isvc, &ns).await?
+        } else {
+            None
+        };
+        let pods_api: Api<Pod> = Api::namespaced(self.ctx.client.clone(), &ns);
+        let pods = pods_api
+            .list(&ListParams::default().labels(&children::selector_string(isvc)))
+            .await?
+            .items;
+        let draining: Vec<String> = self
+            .services
+            .get(&k)
+            .and_then(|s| s.policy.as_ref())
+            .map(|p| p.draining().map(String::from).collect())
+            .unwrap_or_default();
+        // Read every pod's sidecar at once.
+        let views: Vec<(String, PodPhase, Option<String>)> = pods
+            .iter()
+            .filter_map(|p| {
+                let n = p.name_any();
+                let phase = pod_phase(p, draining.contains(&n))?;
+                let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone());
+                Some((n, phase, ip))
+            })
+            .collect();
+        let this = &*self;
+        let reports: Vec<Option<PressureReport>> = join_all(views.iter().map(|(_, phase, ip)| {
+            let token = &token;
+            async move {
+                match (phase, ip) {
+                    (PodPhase::Ready, Some(ip)) => this.pressure(ip, token).await,
+                    _ => None,
+                }
+            }
+        }))
+        .await;
+        if reports.iter().any(Option::is_none)
+            && views.iter().any(|(_, ph, _)| *ph == PodPhase::Ready)
+        {
+            // A 401 may mean the Secret was recreated: read it again next time.
+            if let Some(st) = self.services.get_mut(&k) {
+                st.token = None;
+            }
+        }
+
+        let mut decision = None;
+        if let Some(p) = &spec {
+            let cfg = policy_config(isvc, p);
+            let obs = Observation {
+                now: self.started.elapsed().as_secs_f64(),
+                desired: effective_replicas(&isvc.spec).max(0) as u32,
+                pods: views
+                    .iter()
+                    .zip(&reports)
+                    .map(|((n, ph, _), r)| PodView {
+                        name: n.clone(),
+                        phase: *ph,
+                        signals: r.as_ref().and_then(PodSignals::from_report),
+                    })
+                    .collect(),
+            };
+            let st = self.services.entry(k.clone()).or_default();
+            let mut policy = st.policy.take().unwrap_or_else(|| Policy::new(cfg));
+            if *policy.config() != cfg {
+                policy.set_config(cfg);
+            }
+            let d = policy.decide(&obs);
+            st.policy = Some(policy);
+            self.apply(isvc, &ns, &d, &views, &reports, &token, p)
+                .await?;
+            decision = Some(d);
+        } else if let Some(st) = self.services.get_mut(&k) {
+            st.policy = None;
+        }
+        self.write_status(isvc, &name, &ns, &views, &reports, decision.as_ref())
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn apply(
+        &self,
+        isvc: &InferenceService,
+        ns: &str,
+        d: &PolicyDecision,
+        views: &[(String, PodPhase, Option<String>)],
+        reports: &[Option<PressureReport>],
+        token: &str,
+        p: &AutoscalingPolicySpec,
+    ) -> Result<(), Error> {
+        let name = isvc.name_any();
+        let desired = effective_replicas(&isvc.spec).max(0) as u32;
+        if d.action != Action::Hold {
+            self.ctx
+                .metrics
+                .scaling_decisions
+                .with_label_values(&[action_label(&d.action)])
+                .inc();
+            info!(isvc = %key(isvc), decision = %d.summary(), "{}", d.reason);
+        }
+        // Limits and drains first: a scale-down removes only a pod already empty.
+        let guard = GuardSettings {
+            redline_ratio: p.guard_kv_usage,
+            ..GuardSettings::default()
+        };
+        for ((n, _, ip), r) in views.iter().zip(reports) {
+            let (Some(ip), Some(r)) = (ip, r) else {
+                continue;
+            };
+            let Some(&(_, l)) = d.limits.iter().find(|(pn, _)| pn == n) else {
+                continue;
+            };
+            let drain = d.draining.contains(n);
+            let current = &r.limits;
+            if current.target == Some(l) && current.drain == drain && current.guard == guard {
+                continue;
+            }
+            let body = LimitsRequest {
+                max_num_seqs: l.max_num_seqs,
+                max_batched_tokens: l.max_batched_tokens,
+                min_num_seqs: None,
+                min_batched_tokens: None,
+                guard: Some(guard),
+                drain,
+            };
+            self.put_limits(ip, token, &body).await;
+        }
+        if d.replicas != desired {
+            let isvcs: Api<InferenceService> = Api::namespaced(self.ctx.client.clone(), ns);
+            isvcs
+                .patch_scale(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"replicas": d.replicas}})),
+                )
+                .await?;
+        }
+        if let Action::ScaleDown { pods, .. } = &d.action {
+            // The ReplicaSet would pick a not-ready pod anyway (the drained one); deleting it
+            // makes sure, and it is empty. Gone already is fine.
+            let api: Api<Pod> = Api::namespaced(self.ctx.client.clone(), ns);
+            for pod in pods {
+                match api.delete(pod, &DeleteParams::default()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        let (reason, verb) = match &d.action {
+            Action::Hold => return Ok(()),
+            Action::ScaleUp { .. } => ("ScaledUp", "ScaleUp"),
+            Action::Drain { .. } => ("Draining", "Drain"),
+            Action::CancelDrain { .. } => ("DrainCancelled", "CancelDrain"),
+            Action::ScaleDown { .. } => ("ScaledDown", "ScaleDown"),
+        };
+        self.ctx
+            .event(
+                isvc,
+                EventType::Normal,
+                reason,
+                verb,
+                format!("{}: {}", d.summary(), d.reason),
+            )
+            .await;
+        Ok(())
+    }
+
+    async fn write_status(
+        &mut self,
+        isvc: &InferenceService,
+        name: &str,
+        ns: &str,
+        views: &[(String, PodPhase, Option<String>)],
+        reports: &[Option<PressureReport>],
+        d: Option<&PolicyDecision>,
+    ) -> Result<(), Error> {
+        let got: Vec<&PressureReport> = reports.iter().flatten().collect();
+        let summary = pressure_summary(&got);
+        let cond = match summary {
+            None => Cond {
+                type_: NEAR_REDLINE,
+                ok: None,
+                reason: "NoPressureData",
+                message: "no pod's sidecar has reported yet".into(),
+            },
+            Some((_, max, true)) => Cond {
+                type_: NEAR_REDLINE,
+                ok: Some(true),
+                reason: "KvPressure",
+                message: format!(
+                    "a pod is at or forecast to reach its KV redline, or preempting (highest \
+                     KV usage {:.0}%)",
+                    max * 100.0
+                ),
+            },
+            Some((_, max, false)) => Cond {
+                type_: NEAR_REDLINE,
+                ok: Some(false),
+                reason: "BelowRedline",
+                message: format!("highest KV usage {:.0}%", max * 100.0),
+            },
+        };
+        let current = isvc.status.clone().unwrap_or_default();
+        let near = conditions::merge(
+            &current.conditions,
+            Timestamp::now(),
+            isvc.metadata.generation,
+            vec![cond],
+        );
+        // The reconciler's conditions as they are, ours replaced (the list is one value to a
+        // 1.20 API server).
+        let conds: Vec<_> = current
+            .conditions
+            .iter()
+            .filter(|c| c.type_ != NEAR_REDLINE)
+            .cloned()
+            .chain(near)
+            .collect();
+        let draining = d.map(|d| d.draining.clone()).unwrap_or_default();
+        let pod_limits: Vec<PodLimits> = views
+            .iter()
+            .zip(reports)
+            .filter_map(|((n, _, _), r)| {
+                let r = r.as_ref()?;
+                let l = r
+                    .limits
+                    .guard_limits
+                    .or(r.engine.as_ref().and_then(|e| e.limits))?;
+                Some(PodLimits {
+                    pod: n.clone(),
+                    max_num_seqs: l.max_num_seqs as i32,
+                    max_batched_tokens: l.max_batched_tokens as i32,
+                    draining: draining.contains(n),
+                })
+            })
+            .collect();
+        let last_decision = match d.filter(|d| d.action != Action::Hold) {
+            Some(d) => Some(Decision {
+                summary: d.summary(),
+                reason: d.reason.clone(),
+                time: Timestamp::now().to_string(),
+            }),
+            None => current.last_decision.clone(),
+        };
+        let kv_usage = summary.map(|(mean, _, _)| format!("{:.0}%", mean * 100.0));
+        // Level-based: compared with the object as it is, so a write lost to a race with the
+        // reconciler is made again on the next pass.
+        if kv_usage == current.kv_usage
+            && pod_limits == current.pod_limits
+            && last_decision == current.last_decision
+            && conds == current.conditions
+        {
+            return Ok(());
+        }
+        let patch = json!({"status": {
+            "kvUsage": kv_usage,
+            "podLimits": pod_limits,
+            "lastDecision": last_decision,
+            "conditions": conds,
+        }});
+        let isvcs: Api<InferenceService> = Api::namespaced(self.ctx.client.clone(), ns);
+        let pp = PatchParams {
+            field_manager: Some(MANAGER.into()),
+            ..Default::default()
+        };
+        isvcs.patch_status(name, &pp, &Patch::Merge(&patch)).await?;
+        Ok(())
+    }
+}
+
+fn key(isvc: &InferenceService) -> String {
+    format!(
+        "{}/{}",
+        isvc.namespace().unwrap_or_default(),
+        isvc.name_any()
+    )
+}
+
+fn action_label(a: &Action) -> &'static str {
+    match a {
+        Action::Hold => "hold",
+        Action::ScaleUp { .. } => "scale_up",
+        Action::Drain { .. } => "drain",
+        Action::CancelDrain { .. } => "cancel_drain",
+        Action::ScaleDown { .. } => "scale_down",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn isvc(yaml: &str) -> InferenceService {
+        let v: serde_json::Value = serde_yaml::from_str(yaml).unwrap();
+        serde_json::from_value(v).unwrap()
+    }
+
+    const BASE: &str = "apiVersion: redline.dev/v1alpha1
+kind: InferenceService
+metadata: {name: s, namespace: n}
+spec:
+  model: {default: {}}
+  minReplicas: 1
+  maxReplicas: 4
+  engine: {maxNumSeqsCeiling: 32, maxNumSeqs: 8, maxBatchedTokens: 512}
+";
+
+    #[test]
+    fn the_policy_takes_the_services_bounds_and_limits_and_the_policys_numbers() {
+        let i = isvc(BASE);
+        let p = AutoscalingPolicySpec {
+            target_utilization: 0.5,
+            forecast_horizon_seconds: 90,
+            ..Default::default()
+        };
+        let c = policy_config(&i, &p);
+        assert_eq!((c.min_replicas, c.max_replicas), (1, 4));
+        assert_eq!(c.pod_limits, Limits::new(8, 512));
+        assert_eq!(c.target_utilization, 0.5);
+        assert_eq!(c.forecast_horizon_seconds, 90.0);
+        assert_eq!(c.backlog_drain_seconds, 90.0);
+        assert_eq!(c.capacity.prompt_tokens_per_second, 230.0);
+        // Without an initial value the ceiling is the target; min > max is never inverted.
+        let i = isvc(
+            &BASE
+                .replace("maxNumSeqs: 8, ", "")
+                .replace("maxReplicas: 4", "maxReplicas: 0"),
+        );
+        let c = policy_config(&i, &p);
+        assert_eq!(c.pod_limits.max_num_seqs, 32);
+        assert!(c.min_replicas <= c.max_replicas);
+    }
+
+    fn pod(yaml: &str) -> Pod {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn pods_map_to_phases_and_a_draining_pod_counts_as_serving() {
+        let ready =
+            pod("metadata: {name: a}\nstatus: {conditions: [{type: Ready, status: 'True'}]}");
+        let loading = pod("metadata: {name: b}\nstatus: {conditions: [{type: Ready, status: 'False'}, {type: PodScheduled, status: 'True'}]}");
+        let pending = pod("metadata: {name: c}\nstatus: {conditions: [{type: PodScheduled, status: 'False', reason: Unschedulable}]}");
+        let gone = pod("metadata: {name: d, deletionTimestamp: '2026-01-01T00:00:00Z'}\nstatus: {conditions: [{type: Ready, status: 'True'}]}");
+        assert_eq!(pod_phase(&ready, false), Some(PodPhase::Ready));
+        assert_eq!(pod_phase(&loading, false), Some(PodPhase::Starting));
+        assert_eq!(pod_phase(&loading, true), Some(PodPhase::Ready));
+        assert_eq!(pod_phase(&pending, false), Some(PodPhase::Unschedulable));
+        assert_eq!(pod_phase(&gone, false), None);
+    }
+
+    #[test]
+    fn the_summary_is_the_mean_usage_and_near_means_critical_preempting_or_full() {
+        let report = |usage: f64, level: Level| PressureReport {
+            device: Default::default(),
+            engine: Some(redline_api::EngineReading {
+                flavor: redline_api::EngineFlavor::Redline,
+                kv_usage_ratio: usage,
+                kv_blocks_total: None,
+                kv_blocks_used: None,
+                requests_running: 0,
+                requests_waiting: 0,
+                preemptions_total: 0,
+                limits: None,
+                prompt_tokens_received_total: None,
+                generation_tokens_total: None,
+                waiting_prompt_tokens: None,
+                draining: None,
+            }),
+            derived: redline_api::Derived {
+                level,
+                ..Default::default()
+            },
+            limits: redline_api::LimitsStatus {
+                target: None,
+                min_num_seqs: 1,
+                min_batched_tokens: 64,
+                guard_limits: None,
+                guard_reason: None,
+                guard: GuardSettings::default(),
+                drain: false,
+            },
+            sample_age_seconds: Some(0.1),
+            engine_reachable: true,
+        };
+        assert_eq!(pressure_summary(&[]), None);
+        let (a, b) = (report(0.2, Level::Ok), report(0.6, Level::Elevated));
+        let (mean, max, near) = pressure_summary(&[&a, &b]).unwrap();
+        assert!((mean - 0.4).abs() < 1e-9 && max == 0.6 && !near);
+        let c = report(0.5, Level::Critical);
+        assert!(pressure_summary(&[&a, &c]).unwrap().2);
+        let full = report(0.97, Level::Ok);
+        assert!(pressure_summary(&[&full]).unwrap().2);
+    }
+}

@@ -2,7 +2,8 @@
 //! ServiceAccount (so the chart's RBAC is what is tested); the example InferenceService becomes
 //! Ready engine pods that answer a completion; the operator reads their sidecars' pressure into
 //! status; the scale subresource resizes the Deployment; with autoscaling on, idle spare pods
-//! are drained and removed;
+//! are drained and removed, a client's load scales the service up (no request failing) and its
+//! end back down through a drain;
 //! invalid services are refused by the API server or marked Degraded while valid ones keep
 //! reconciling; deleting a service garbage-collects its children.
 
@@ -354,6 +355,76 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
             "no {reason} event"
         );
     }
+
+    // Load: the policy is told a replica sustains only 20 prompt tokens/s, so a client sending
+    // ~60-token prompts back to back needs more than one. It scales up while the requests keep
+    // succeeding, and back down through a drain once they stop.
+    isvcs
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"autoscaling": {"policy": {
+                "scaleDownWindowSeconds": 15, "forecastHorizonSeconds": 10,
+                "replicaCapacity": {"promptTokensPerSecond": 20}}}}})),
+        )
+        .await
+        .unwrap();
+    let (mut sent, mut failed) = (0, Vec::new());
+    let started = std::time::Instant::now();
+    let up = loop {
+        let i = isvcs.get(&name).await.unwrap();
+        if i.spec.replicas.unwrap_or(1) >= 2 {
+            break i;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "no scale-up under load after {sent} requests: {:?}",
+            i.status
+        );
+        let pod = engine_pods(&client, &ns.name, &name)
+            .await
+            .into_iter()
+            .find(is_ready)
+            .and_then(|p| p.metadata.name)
+            .expect("a ready engine pod");
+        let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(6);
+        let r = testing::pod_http(
+            &client,
+            &ns.name,
+            &pod,
+            8000,
+            "POST",
+            "/v1/completions",
+            Some(json!({"prompt": prompt, "max_tokens": 4, "temperature": 0})),
+        )
+        .await;
+        sent += 1;
+        if let Err(e) = r {
+            failed.push(e);
+        }
+    };
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} failed: {failed:?}",
+        failed.len()
+    );
+    let d = up.status.unwrap().last_decision.unwrap();
+    assert!(d.summary.starts_with("scale 1->"), "{d:?}");
+    assert!(d.reason.contains("demand forecast"), "{d:?}");
+    wait_for(
+        "the load gone, back to one replica through a drain",
+        Duration::from_secs(120),
+        || async {
+            let i = isvcs.get(&name).await.map_err(|e| e.to_string())?;
+            let st = i.status.clone().unwrap_or_default();
+            match &st.last_decision {
+                Some(d) if d.summary.ends_with("->1") && i.spec.replicas == Some(1) => Ok(()),
+                _ => Err(format!("replicas {:?}, {st:?}", i.spec.replicas)),
+            }
+        },
+    )
+    .await;
+    wait_ready_replicas(&isvcs, &name, 1).await;
     isvcs
         .patch(
             &name,

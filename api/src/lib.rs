@@ -84,6 +84,26 @@ pub struct EngineReading {
     pub draining: Option<bool>,
 }
 
+impl EngineReading {
+    /// A reading with only the flavor and KV usage known (nothing running, counters at zero).
+    pub fn new(flavor: EngineFlavor, kv_usage_ratio: f64) -> Self {
+        Self {
+            flavor,
+            kv_usage_ratio,
+            kv_blocks_total: None,
+            kv_blocks_used: None,
+            requests_running: 0,
+            requests_waiting: 0,
+            preemptions_total: 0,
+            limits: None,
+            prompt_tokens_received_total: None,
+            generation_tokens_total: None,
+            waiting_prompt_tokens: None,
+            draining: None,
+        }
+    }
+}
+
 /// Pressure, derived by the sidecar's model from the readings over a window.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Derived {

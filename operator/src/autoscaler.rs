@@ -168,12 +168,26 @@ impl Autoscaler {
             let isvcs = store.state();
             let keys: Vec<String> = isvcs.iter().map(|i| key(i)).collect();
             self.services.retain(|k, _| keys.contains(k));
+            // One list of every engine pod per pass, not one per service: with hundreds of
+            // services (most scaled to zero) the loop must not hammer the API server.
+            let mut pods = match self.engine_pods().await {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!("autoscaling loop: listing engine pods: {e}");
+                    continue;
+                }
+            };
             for isvc in isvcs {
                 if !isvc.spec.sidecar.enabled || isvc.metadata.deletion_timestamp.is_some() {
                     continue;
                 }
                 let k = key(&isvc);
-                let r = self.service(&isvc).await;
+                let mine = pods.remove(&k).unwrap_or_default();
+                let enabled = isvc.spec.autoscaling.as_ref().is_some_and(|a| a.enabled);
+                if mine.is_empty() && !enabled {
+                    continue; // Nothing to read, nothing to decide.
+                }
+                let r = self.service(&isvc, mine).await;
                 let st = self.services.entry(k.clone()).or_default();
                 match r {
                     Ok(()) => {
@@ -192,6 +206,26 @@ impl Autoscaler {
                 }
             }
         }
+    }
+
+    /// Every pod the operator's Deployments run, by service key (`namespace/name`).
+    async fn engine_pods(&self) -> Result<HashMap<String, Vec<Pod>>, Error> {
+        let api: Api<Pod> = Api::all(self.ctx.client.clone());
+        let list = api
+            .list(&ListParams::default().labels("app.kubernetes.io/managed-by=redline-operator"))
+            .await?;
+        let mut by: HashMap<String, Vec<Pod>> = HashMap::new();
+        for p in list.items {
+            let svc = p
+                .labels()
+                .get(children::SERVICE_LABEL)
+                .cloned()
+                .unwrap_or_default();
+            by.entry(format!("{}/{svc}", p.namespace().unwrap_or_default()))
+                .or_default()
+                .push(p);
+        }
+        Ok(by)
     }
 
     async fn token(&mut self, isvc: &InferenceService, ns: &str) -> Result<Option<String>, Error> {
@@ -268,7 +302,7 @@ impl Autoscaler {
         }
     }
 
-    async fn service(&mut self, isvc: &InferenceService) -> Result<(), Error> {
+    async fn service(&mut self, isvc: &InferenceService, pods: Vec<Pod>) -> Result<(), Error> {
         let ns = isvc.namespace().ok_or(Error::MissingKey("namespace"))?;
         let name = isvc.name_any();
         let k = key(isvc);
@@ -281,11 +315,6 @@ impl Autoscaler {
         } else {
             None
         };
-        let pods_api: Api<Pod> = Api::namespaced(self.ctx.client.clone(), &ns);
-        let pods = pods_api
-            .list(&ListParams::default().labels(&children::selector_string(isvc)))
-            .await?
-            .items;
         let draining: Vec<String> = self
             .services
             .get(&k)
@@ -632,20 +661,10 @@ spec:
     fn the_summary_is_the_mean_usage_and_near_means_critical_preempting_or_full() {
         let report = |usage: f64, level: Level| PressureReport {
             device: Default::default(),
-            engine: Some(redline_api::EngineReading {
-                flavor: redline_api::EngineFlavor::Redline,
-                kv_usage_ratio: usage,
-                kv_blocks_total: None,
-                kv_blocks_used: None,
-                requests_running: 0,
-                requests_waiting: 0,
-                preemptions_total: 0,
-                limits: None,
-                prompt_tokens_received_total: None,
-                generation_tokens_total: None,
-                waiting_prompt_tokens: None,
-                draining: None,
-            }),
+            engine: Some(redline_api::EngineReading::new(
+                redline_api::EngineFlavor::Redline,
+                usage,
+            )),
             derived: redline_api::Derived {
                 level,
                 ..Default::default()

@@ -293,18 +293,11 @@ mod tests {
 
     fn engine(usage: f64, preemptions: u64) -> EngineReading {
         EngineReading {
-            flavor: EngineFlavor::Redline,
-            kv_usage_ratio: usage,
             kv_blocks_total: Some(100),
             kv_blocks_used: Some((usage * 100.0) as u64),
             requests_running: 1,
-            requests_waiting: 0,
             preemptions_total: preemptions,
-            limits: None,
-            prompt_tokens_received_total: None,
-            generation_tokens_total: None,
-            waiting_prompt_tokens: None,
-            draining: None,
+            ..EngineReading::new(EngineFlavor::Redline, usage)
         }
     }
 

@@ -411,9 +411,8 @@ pub async fn run(shared: std::sync::Arc<Shared>, device: Box<dyn Device>, cfg: C
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_engines_ceiling_caps_the_target_and_the_floor_is_reported_without_one() {
-        let cfg = Config {
+    fn shared() -> Shared {
+        Shared::new(&Config {
             engine_url: String::new(),
             engine_admin_url: String::new(),
             interval: Duration::from_millis(250),
@@ -421,8 +420,12 @@ mod tests {
             guard: GuardSettings::default(),
             model: ModelConfig::default(),
             guard_config: GuardConfig::default(),
-        };
-        let shared = Shared::new(&cfg);
+        })
+    }
+
+    #[test]
+    fn the_engines_ceiling_caps_the_target_and_the_floor_is_reported_without_one() {
+        let shared = shared();
         let mut st = shared.state.lock().unwrap();
         let s = limits_status(&st);
         assert_eq!(
@@ -442,30 +445,11 @@ mod tests {
 
     #[test]
     fn drains_what_the_operator_asks_and_cancels_only_its_own() {
-        let cfg = Config {
-            engine_url: String::new(),
-            engine_admin_url: String::new(),
-            interval: Duration::from_millis(250),
-            token_file: PathBuf::new(),
-            guard: GuardSettings::default(),
-            model: ModelConfig::default(),
-            guard_config: GuardConfig::default(),
-        };
-        let shared = Shared::new(&cfg);
+        let shared = shared();
         let mut st = shared.state.lock().unwrap();
         let engine = |draining| EngineReading {
-            flavor: EngineFlavor::Redline,
-            kv_usage_ratio: 0.0,
-            kv_blocks_total: None,
-            kv_blocks_used: None,
-            requests_running: 0,
-            requests_waiting: 0,
-            preemptions_total: 0,
-            limits: None,
-            prompt_tokens_received_total: None,
-            generation_tokens_total: None,
-            waiting_prompt_tokens: None,
             draining: Some(draining),
+            ..EngineReading::new(EngineFlavor::Redline, 0.0)
         };
         st.engine = Some(engine(false));
         assert_eq!(drain_to_apply(&st), None);

@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use anyhow::{anyhow, Result};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use crate::fleet::Outcome;
@@ -37,6 +38,32 @@ fn load(trace: &[Request], bin: f64, end: f64) -> Vec<(f64, f64)> {
         .collect()
 }
 
+type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
+type Chart<'a, 'b> =
+    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// One panel over time (minutes) with its caption and mesh drawn.
+fn panel<'a, 'b>(
+    area: &'a Area<'b>,
+    caption: &str,
+    minutes: f64,
+    top: f64,
+) -> Result<Chart<'a, 'b>> {
+    let err = |e: &dyn std::fmt::Display| anyhow!("plotting {caption}: {e}");
+    let mut c = ChartBuilder::on(area)
+        .margin(12)
+        .x_label_area_size(30)
+        .y_label_area_size(80)
+        .caption(caption, ("sans-serif", 20))
+        .build_cartesian_2d(0.0..minutes, 0.0..top)
+        .map_err(|e| err(&e))?;
+    c.configure_mesh()
+        .x_desc("minutes")
+        .draw()
+        .map_err(|e| err(&e))?;
+    Ok(c)
+}
+
 pub fn write(path: &Path, title: &str, trace: &[Request], runs: &[&Outcome]) -> Result<()> {
     font();
     let err = |e: &dyn std::fmt::Display| anyhow!("plotting {}: {e}", path.display());
@@ -51,17 +78,12 @@ pub fn write(path: &Path, title: &str, trace: &[Request], runs: &[&Outcome]) -> 
 
     let l = load(trace, 10.0, end);
     let top = l.iter().map(|p| p.1).fold(1.0, f64::max) * 1.05;
-    let mut c = ChartBuilder::on(&panels[0])
-        .margin(12)
-        .x_label_area_size(30)
-        .y_label_area_size(80)
-        .caption("load: arriving tokens/s (10 s bins)", ("sans-serif", 20))
-        .build_cartesian_2d(0.0..minutes, 0.0..top)
-        .map_err(|e| err(&e))?;
-    c.configure_mesh()
-        .x_desc("minutes")
-        .draw()
-        .map_err(|e| err(&e))?;
+    let mut c = panel(
+        &panels[0],
+        "load: arriving tokens/s (10 s bins)",
+        minutes,
+        top,
+    )?;
     c.draw_series(LineSeries::new(
         l.iter().map(|&(t, v)| (t / 60.0, v)),
         BLACK.stroke_width(1),
@@ -74,17 +96,12 @@ pub fn write(path: &Path, title: &str, trace: &[Request], runs: &[&Outcome]) -> 
         .max()
         .unwrap_or(1) as f64
         + 1.0;
-    let mut c = ChartBuilder::on(&panels[1])
-        .margin(12)
-        .x_label_area_size(30)
-        .y_label_area_size(80)
-        .caption("replicas (starting + ready + draining)", ("sans-serif", 20))
-        .build_cartesian_2d(0.0..minutes, 0.0..max_r)
-        .map_err(|e| err(&e))?;
-    c.configure_mesh()
-        .x_desc("minutes")
-        .draw()
-        .map_err(|e| err(&e))?;
+    let mut c = panel(
+        &panels[1],
+        "replicas (starting + ready + draining)",
+        minutes,
+        max_r,
+    )?;
     for (i, o) in runs.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         c.draw_series(LineSeries::new(
@@ -105,17 +122,12 @@ pub fn write(path: &Path, title: &str, trace: &[Request], runs: &[&Outcome]) -> 
         .draw()
         .map_err(|e| err(&e))?;
 
-    let mut c = ChartBuilder::on(&panels[2])
-        .margin(12)
-        .x_label_area_size(30)
-        .y_label_area_size(80)
-        .caption("highest KV-cache usage of any pod", ("sans-serif", 20))
-        .build_cartesian_2d(0.0..minutes, 0.0..1.05)
-        .map_err(|e| err(&e))?;
-    c.configure_mesh()
-        .x_desc("minutes")
-        .draw()
-        .map_err(|e| err(&e))?;
+    let mut c = panel(
+        &panels[2],
+        "highest KV-cache usage of any pod",
+        minutes,
+        1.05,
+    )?;
     for (i, o) in runs.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         c.draw_series(LineSeries::new(

@@ -56,7 +56,7 @@ pub fn apiserver<'a>(l: &Layout, bin: &'a Path) -> Daemon<'a> {
             format!("--service-account-key-file={}", pki("sa.pub")),
             format!("--service-account-signing-key-file={}", pki("sa.key")),
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-            "--service-cluster-ip-range=10.0.0.0/24".into(),
+            "--service-cluster-ip-range=10.0.0.0/16".into(),
             // No kube-proxy and one API server: nothing would consume the endpoints it writes.
             "--endpoint-reconciler-type=none".into(),
             "--allow-privileged=true".into(),

@@ -235,6 +235,23 @@ pub struct LimitsStatus {
     pub drain: bool,
 }
 
+/// Least-squares slope of `points` (x, y); `None` with fewer than two distinct x. The one
+/// trend fit the sidecar (KV growth) and the autoscaling policy (demand trend) share.
+pub fn slope(points: impl Iterator<Item = (f64, f64)> + Clone) -> Option<f64> {
+    let n = points.clone().count() as f64;
+    if n < 2.0 {
+        return None;
+    }
+    let (sx, sy) = points
+        .clone()
+        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y));
+    let (mx, my) = (sx / n, sy / n);
+    let (sxx, sxy) = points.fold((0.0, 0.0), |(a, b), (x, y)| {
+        (a + (x - mx) * (x - mx), b + (x - mx) * (y - my))
+    });
+    (sxx > 1e-12).then(|| sxy / sxx)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,6 +22,7 @@ use std::collections::VecDeque;
 use redline_api::{Level, Limits};
 
 use crate::demand::{demand, Demand, DemandConfig, PodSignals, ReplicaCapacity};
+use redline_api::slope;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PolicyConfig {
@@ -502,22 +503,6 @@ fn pick_drain(obs: &Observation, stale_after: f64, k: usize) -> Vec<String> {
         .collect();
     pods.sort();
     pods.into_iter().take(k).map(|(_, n)| n.clone()).collect()
-}
-
-/// Least-squares slope of (x, y); `None` with fewer than two distinct x.
-fn slope(points: impl Iterator<Item = (f64, f64)> + Clone) -> Option<f64> {
-    let n = points.clone().count() as f64;
-    if n < 2.0 {
-        return None;
-    }
-    let (sx, sy) = points
-        .clone()
-        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y));
-    let (mx, my) = (sx / n, sy / n);
-    let (sxx, sxy) = points.fold((0.0, 0.0), |(a, b), (x, y)| {
-        (a + (x - mx) * (x - mx), b + (x - mx) * (y - my))
-    });
-    (sxx > 1e-12).then(|| sxy / sxx)
 }
 
 #[cfg(test)]

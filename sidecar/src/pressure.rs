@@ -43,25 +43,7 @@ impl Default for ModelConfig {
     }
 }
 
-/// Least-squares slope of `points` (x, y); `None` with fewer than two distinct x.
-pub fn slope(points: impl Iterator<Item = (f64, f64)> + Clone) -> Option<f64> {
-    let (mut n, mut sx, mut sy) = (0.0, 0.0, 0.0);
-    for (x, y) in points.clone() {
-        n += 1.0;
-        sx += x;
-        sy += y;
-    }
-    if n < 2.0 {
-        return None;
-    }
-    let (mx, my) = (sx / n, sy / n);
-    let (mut sxx, mut sxy) = (0.0, 0.0);
-    for (x, y) in points {
-        sxx += (x - mx) * (x - mx);
-        sxy += (x - mx) * (y - my);
-    }
-    (sxx > 1e-12).then(|| sxy / sxx)
-}
+pub use redline_api::slope;
 
 /// Seconds until `value` growing at `rate` per second reaches `limit`; `Some(0)` at or past it,
 /// `None` when it is not rising (noise-level slopes count as not rising).

@@ -258,11 +258,21 @@ impl Autoscaler {
         Ok(Some(a.policy.unwrap_or_default()))
     }
 
-    async fn pressure(&self, ip: &str, token: &str) -> Option<PressureReport> {
+    /// A pod's report; `Err(true)` when the sidecar refused the token.
+    async fn pressure(&self, ip: &str, token: &str) -> Result<PressureReport, bool> {
         let url = format!("http://{ip}:{SIDECAR_PORT}/v1/pressure");
         let r = self.http.get(&url).bearer_auth(token).send().await;
         let ok = match r {
             Ok(resp) if resp.status().is_success() => resp.json::<PressureReport>().await.ok(),
+            Ok(resp) if resp.status() == reqwest::StatusCode::UNAUTHORIZED => {
+                debug!(%url, "pressure report: token refused");
+                self.ctx
+                    .metrics
+                    .pressure_reads
+                    .with_label_values(&["error"])
+                    .inc();
+                return Err(true);
+            }
             Ok(resp) => {
                 debug!(%url, status = %resp.status(), "pressure report refused");
                 None
@@ -277,7 +287,7 @@ impl Autoscaler {
             .pressure_reads
             .with_label_values(&[if ok.is_some() { "ok" } else { "error" }])
             .inc();
-        ok
+        ok.ok_or(false)
     }
 
     async fn put_limits(&self, ip: &str, token: &str, body: &LimitsRequest) -> bool {
@@ -332,24 +342,25 @@ impl Autoscaler {
             })
             .collect();
         let this = &*self;
-        let reports: Vec<Option<PressureReport>> = join_all(views.iter().map(|(_, phase, ip)| {
-            let token = &token;
-            async move {
-                match (phase, ip) {
-                    (PodPhase::Ready, Some(ip)) => this.pressure(ip, token).await,
-                    _ => None,
+        let reads: Vec<Result<PressureReport, bool>> =
+            join_all(views.iter().map(|(_, phase, ip)| {
+                let token = &token;
+                async move {
+                    match (phase, ip) {
+                        (PodPhase::Ready, Some(ip)) => this.pressure(ip, token).await,
+                        _ => Err(false),
+                    }
                 }
-            }
-        }))
-        .await;
-        if reports.iter().any(Option::is_none)
-            && views.iter().any(|(_, ph, _)| *ph == PodPhase::Ready)
-        {
-            // A 401 may mean the Secret was recreated: read it again next time.
+            }))
+            .await;
+        // A refused token means the Secret was recreated: read it again next pass (only then:
+        // an unreachable pod is no reason to re-read it).
+        if reads.iter().any(|r| r == &Err(true)) {
             if let Some(st) = self.services.get_mut(&k) {
                 st.token = None;
             }
         }
+        let reports: Vec<Option<PressureReport>> = reads.into_iter().map(Result::ok).collect();
 
         let mut decision = None;
         if let Some(p) = &spec {

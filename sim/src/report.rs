@@ -33,19 +33,16 @@ fn quantile(mut v: Vec<f64>, q: f64) -> f64 {
 pub fn summarize(o: &Outcome, slo: &Slo) -> Summary {
     let n = o.requests.len();
     let share = |k: usize| if n == 0 { 1.0 } else { k as f64 / n as f64 };
-    let served = |r: &&crate::fleet::RequestRecord| !r.refused && !r.failed;
-    let ttft_ok = o
-        .requests
-        .iter()
-        .filter(served)
-        .filter(|r| r.ttft().is_some_and(|t| t <= slo.ttft_seconds))
-        .count();
-    let itl_ok = o
-        .requests
-        .iter()
-        .filter(served)
-        .filter(|r| r.mean_itl().is_some_and(|t| t <= slo.itl_seconds))
-        .count();
+    // Served requests whose measure is within its objective (refused and failed ones miss).
+    let within = |measure: fn(&crate::fleet::RequestRecord) -> Option<f64>, limit: f64| {
+        o.requests
+            .iter()
+            .filter(|r| !r.refused && !r.failed)
+            .filter(|r| measure(r).is_some_and(|t| t <= limit))
+            .count()
+    };
+    let ttft_ok = within(crate::fleet::RequestRecord::ttft, slo.ttft_seconds);
+    let itl_ok = within(crate::fleet::RequestRecord::mean_itl, slo.itl_seconds);
     let ttfts = o
         .requests
         .iter()

@@ -435,7 +435,10 @@ impl Policy {
             .max(self.cfg.demand_smoothing_seconds)
             .max(self.cfg.forecast_horizon_seconds)
             .max(self.cfg.trend_window_seconds);
-        while self.history.front().is_some_and(|s| now - s.t > keep) {
+        // Keep the newest sample at least `keep` old: with ticks that are never exactly
+        // periodic, dropping everything older than `keep` would leave less than a whole
+        // scale-down window, and the service would never scale down.
+        while self.history.get(1).is_some_and(|s| now - s.t >= keep) {
             self.history.pop_front();
         }
         smoothed

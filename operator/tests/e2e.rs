@@ -2,13 +2,10 @@
 //! ServiceAccount (so the chart's RBAC is what is tested); the example InferenceService becomes
 //! Ready engine pods that answer a completion; the operator reads their sidecars' pressure into
 //! status; the scale subresource resizes the Deployment; with autoscaling on, idle spare pods
-//! are drained and removed, a client's load scales the service up (no request failing) and its
-//! end back down through a drain;
+//! are drained and removed (load/tests/closed_loop.rs drives the loop with a trace);
 //! invalid services are refused by the API server or marked Degraded while valid ones keep
 //! reconciling; deleting a service garbage-collects its children.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -18,48 +15,22 @@ use kube::api::{
 };
 use kube::{Api, Client};
 use redline_operator::crd::{AutoscalingPolicy, AutoscalingSpec, InferenceService};
-use redline_testcluster::testing::{self, client, is_ready, wait_for, TestNs};
+use redline_testcluster::testing::{self, client, repo, run_helm, wait_for, TestNs};
 use serde_json::json;
 
 const RELEASE_NS: &str = "redline-e2e";
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn helm() -> String {
-    if let Ok(h) = std::env::var("REDLINE_HELM") {
-        return h;
-    }
-    let out = Command::new(repo().join("scripts/fetch-helm.sh"))
-        .output()
-        .expect("fetch-helm.sh");
-    assert!(
-        out.status.success(),
-        "fetch-helm.sh: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-fn run_helm(args: &[&str]) -> String {
-    let out = Command::new(helm())
-        .args(args)
-        .env("KUBECONFIG", testing::kubeconfig_path())
-        .output()
-        .expect("running helm");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "helm {args:?} failed:\n{text}");
-    text
-}
-
 fn example() -> InferenceService {
     let text = std::fs::read_to_string(repo().join("examples/smollm2.yaml")).unwrap();
-    serde_yaml::from_str(&text).expect("examples/smollm2.yaml is an InferenceService")
+    let mut i: InferenceService =
+        serde_yaml::from_str(&text).expect("examples/smollm2.yaml is an InferenceService");
+    // Starts observe-only: the scale subresource is tested before autoscaling is turned on.
+    i.spec
+        .autoscaling
+        .as_mut()
+        .expect("the example autoscales")
+        .enabled = false;
+    i
 }
 
 async fn wait_ready_replicas(
@@ -115,35 +86,9 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
     let client = client().await;
     let lint = run_helm(&["lint", repo().join("charts/redline").to_str().unwrap()]);
     assert!(lint.contains("0 chart(s) failed"), "{lint}");
-    run_helm(&[
-        "upgrade",
-        "--install",
-        "redline",
-        repo().join("charts/redline").to_str().unwrap(),
-        "--namespace",
-        RELEASE_NS,
-        "--create-namespace",
-        "--wait",
-        "--timeout",
-        "120s",
-    ]);
     // The operator runs as a pod with the chart's ServiceAccount.
     let op_pods = Api::<Pod>::namespaced(client.clone(), RELEASE_NS);
-    let op = wait_for(
-        "the operator pod Ready",
-        Duration::from_secs(60),
-        || async {
-            let pods = op_pods
-                .list(&ListParams::default().labels("app.kubernetes.io/name=redline-operator"))
-                .await
-                .map_err(|e| e.to_string())?;
-            pods.items
-                .into_iter()
-                .find(is_ready)
-                .ok_or("no ready operator pod".to_string())
-        },
-    )
-    .await;
+    let op = testing::install_operator(&client, RELEASE_NS).await;
     assert_eq!(
         op.spec.as_ref().unwrap().service_account_name.as_deref(),
         Some("redline-operator")
@@ -356,75 +301,6 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
         );
     }
 
-    // Load: the policy is told a replica sustains only 20 prompt tokens/s, so a client sending
-    // ~60-token prompts back to back needs more than one. It scales up while the requests keep
-    // succeeding, and back down through a drain once they stop.
-    isvcs
-        .patch(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"autoscaling": {"policy": {
-                "scaleDownWindowSeconds": 15, "forecastHorizonSeconds": 10,
-                "replicaCapacity": {"promptTokensPerSecond": 20}}}}})),
-        )
-        .await
-        .unwrap();
-    let (mut sent, mut failed) = (0, Vec::new());
-    let started = std::time::Instant::now();
-    let up = loop {
-        let i = isvcs.get(&name).await.unwrap();
-        if i.spec.replicas.unwrap_or(1) >= 2 {
-            break i;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(90),
-            "no scale-up under load after {sent} requests: {:?}",
-            i.status
-        );
-        let pod = engine_pods(&client, &ns.name, &name)
-            .await
-            .into_iter()
-            .find(is_ready)
-            .and_then(|p| p.metadata.name)
-            .expect("a ready engine pod");
-        let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(6);
-        let r = testing::pod_http(
-            &client,
-            &ns.name,
-            &pod,
-            8000,
-            "POST",
-            "/v1/completions",
-            Some(json!({"prompt": prompt, "max_tokens": 4, "temperature": 0})),
-        )
-        .await;
-        sent += 1;
-        if let Err(e) = r {
-            failed.push(e);
-        }
-    };
-    assert!(
-        failed.is_empty(),
-        "{} of {sent} failed: {failed:?}",
-        failed.len()
-    );
-    let d = up.status.unwrap().last_decision.unwrap();
-    assert!(d.summary.starts_with("scale 1->"), "{d:?}");
-    assert!(d.reason.contains("demand forecast"), "{d:?}");
-    wait_for(
-        "the load gone, back to one replica through a drain",
-        Duration::from_secs(120),
-        || async {
-            let i = isvcs.get(&name).await.map_err(|e| e.to_string())?;
-            let st = i.status.clone().unwrap_or_default();
-            match &st.last_decision {
-                Some(d) if d.summary.ends_with("->1") && i.spec.replicas == Some(1) => Ok(()),
-                _ => Err(format!("replicas {:?}, {st:?}", i.spec.replicas)),
-            }
-        },
-    )
-    .await;
-    wait_ready_replicas(&isvcs, &name, 1).await;
     isvcs
         .patch(
             &name,

@@ -9,7 +9,7 @@ use plotters::prelude::*;
 use crate::fleet::Outcome;
 use crate::trace::Request;
 
-const COLORS: [RGBColor; 6] = [
+pub const COLORS: [RGBColor; 6] = [
     RGBColor(214, 39, 40),
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
@@ -18,7 +18,7 @@ const COLORS: [RGBColor; 6] = [
     RGBColor(127, 127, 127),
 ];
 
-fn font() {
+pub fn font() {
     // Bundled, so the plot has text on a machine without fonts.
     let _ =
         plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular());
@@ -38,12 +38,12 @@ fn load(trace: &[Request], bin: f64, end: f64) -> Vec<(f64, f64)> {
         .collect()
 }
 
-type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
-type Chart<'a, 'b> =
+pub type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
+pub type Chart<'a, 'b> =
     ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
 
 /// One panel over time (minutes) with its caption and mesh drawn.
-fn panel<'a, 'b>(
+pub fn panel<'a, 'b>(
     area: &'a Area<'b>,
     caption: &str,
     minutes: f64,

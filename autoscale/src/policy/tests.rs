@@ -130,6 +130,26 @@ fn scales_down_only_through_a_drain_after_the_window() {
 }
 
 #[test]
+fn jittered_ticks_still_gather_a_whole_scale_down_window() {
+    // A real loop ticks every 5 s plus some milliseconds; with the window equal to every
+    // other horizon the history must still span it.
+    let mut c = cfg();
+    c.scale_down_window_seconds = 30.0;
+    c.forecast_horizon_seconds = 15.0;
+    c.trend_window_seconds = 20.0;
+    let mut p = Policy::new(c);
+    let mut drained = false;
+    for i in 0..30 {
+        let d = p.decide(&obs(i as f64 * 5.013, 3, 3, 0.0));
+        if matches!(d.action, Action::Drain { .. }) {
+            drained = true;
+            break;
+        }
+    }
+    assert!(drained, "an idle service never scaled down");
+}
+
+#[test]
 fn demand_coming_back_cancels_a_drain() {
     let mut p = Policy::new(cfg());
     let mut t = 0.0;

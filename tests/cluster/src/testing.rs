@@ -59,6 +59,79 @@ pub fn redline_cluster(args: &[&str]) {
     assert!(status.success(), "redline-cluster {args:?} failed");
 }
 
+/// The repository's root.
+pub fn repo() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A real `helm`: `$REDLINE_HELM`, or the one `scripts/fetch-helm.sh` fetches and caches.
+pub fn helm() -> String {
+    if let Ok(h) = std::env::var("REDLINE_HELM") {
+        return h;
+    }
+    let out = std::process::Command::new(repo().join("scripts/fetch-helm.sh"))
+        .output()
+        .expect("fetch-helm.sh");
+    assert!(
+        out.status.success(),
+        "fetch-helm.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Runs helm against the test cluster; panics with its output when it fails.
+pub fn run_helm(args: &[&str]) -> String {
+    let out = std::process::Command::new(helm())
+        .args(args)
+        .env("KUBECONFIG", kubeconfig_path())
+        .output()
+        .expect("running helm");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "helm {args:?} failed:\n{text}");
+    text
+}
+
+/// `helm upgrade --install` of the chart into `namespace`, then waits for the operator's pod
+/// to be Ready and returns it.
+pub async fn install_operator(client: &Client, namespace: &str) -> Pod {
+    run_helm(&[
+        "upgrade",
+        "--install",
+        "redline",
+        repo().join("charts/redline").to_str().unwrap(),
+        "--namespace",
+        namespace,
+        "--create-namespace",
+        "--wait",
+        "--timeout",
+        "120s",
+    ]);
+    let pods = Api::<Pod>::namespaced(client.clone(), namespace);
+    wait_for(
+        "the operator pod Ready",
+        Duration::from_secs(60),
+        || async {
+            let list = pods
+                .list(
+                    &kube::api::ListParams::default()
+                        .labels("app.kubernetes.io/name=redline-operator"),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            list.items
+                .into_iter()
+                .find(is_ready)
+                .ok_or("no ready operator pod".to_string())
+        },
+    )
+    .await
+}
+
 pub async fn client() -> Client {
     crate::cluster::client(std::path::Path::new(kubeconfig_path()))
         .await

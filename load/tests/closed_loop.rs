@@ -1,0 +1,169 @@
+//! The closed loop on a real cluster: the operator from the Helm chart, the default model's
+//! engines and their sidecars as pods, and a burst of the Azure code trace replayed against the
+//! ready pods (`workload::CODE_BURST`, the README's main job). The operator must scale 1 -> N
+//! while the burst builds, before the KV pools run out; each sidecar's guard must cut its
+//! engine's limits within a second of the KV redline; after the burst the service must come
+//! back to one replica through drains, with no request failing; the decisions must show as
+//! Events and in status.
+
+use std::time::Duration;
+
+use kube::api::PostParams;
+use kube::Api;
+use redline_load::report::{self, LIVE_HEADER};
+use redline_load::run::{self, Config};
+use redline_load::transport::Transport;
+use redline_load::workload::{self, CODE_BURST, CODE_TRACE};
+use redline_operator::crd::InferenceService;
+use redline_testcluster::testing::{self, client, repo, wait_for, TestNs};
+
+const RELEASE_NS: &str = "redline-loop";
+/// The guard's KV redline in this test: low enough that the burst surely reaches it on some pod
+/// (one 384-token prompt holds a quarter of the 64 MiB pool), so its reaction is measured.
+const GUARD_REDLINE: f64 = 0.4;
+/// Preemptions (a sequence evicted because the KV pool ran out) allowed over the whole burst.
+const MAX_PREEMPTIONS: u64 = 2;
+/// The guard's reaction to a crossing, as seen from outside: its own 250 ms tick plus the
+/// observer's 250 ms sampling fit well inside.
+const GUARD_WITHIN: f64 = 1.0;
+
+#[tokio::test]
+async fn a_trace_burst_scales_up_before_kv_runs_out_and_back_down_through_drains() {
+    let client = client().await;
+    testing::install_operator(&client, RELEASE_NS).await;
+    let ns = TestNs::new(&client, "rl-loop").await;
+    let _operator_logs = testing::LogsOnPanic {
+        namespace: RELEASE_NS.into(),
+        pod_prefix: "redline-operator".into(),
+    };
+    let _engine_logs = testing::LogsOnPanic {
+        namespace: ns.name.clone(),
+        pod_prefix: String::new(),
+    };
+
+    // The README's example, as users apply it, with a shorter scale-down window so the test
+    // sees the way down within minutes.
+    let text = std::fs::read_to_string(repo().join("examples/smollm2.yaml")).unwrap();
+    let mut isvc: InferenceService = serde_yaml::from_str(&text).unwrap();
+    let policy = isvc
+        .spec
+        .autoscaling
+        .as_mut()
+        .and_then(|a| a.policy.as_mut())
+        .expect("the example has an inline policy");
+    policy.guard_kv_usage = GUARD_REDLINE;
+    policy.scale_down_window_seconds = 20;
+    let name = isvc.metadata.name.clone().unwrap();
+    let isvcs: Api<InferenceService> = Api::namespaced(client.clone(), &ns.name);
+    isvcs.create(&PostParams::default(), &isvc).await.unwrap();
+    wait_for("one ready replica", Duration::from_secs(120), || async {
+        let i = isvcs.get(&name).await.map_err(|e| e.to_string())?;
+        let st = i.status.clone().unwrap_or_default();
+        // The sidecar has the operator's limits (and so the guard's redline) once the loop
+        // has listed the pod in status.
+        if st.ready_replicas == 1 && st.pod_limits.len() == 1 {
+            Ok(())
+        } else {
+            Err(format!("{st:?}"))
+        }
+    })
+    .await;
+
+    let (replay, slice) = CODE_BURST;
+    let trace = redline_sim::trace::read(&repo().join(CODE_TRACE), replay).unwrap();
+    let jobs = workload::slice(&trace, &slice);
+    assert!(jobs.len() >= 20, "{} requests in the burst", jobs.len());
+    // The host routes to pod IPs on the local cluster; elsewhere (kind) the pod proxy.
+    let transport = if testing::is_local_cluster() {
+        Transport::pod_ip()
+    } else {
+        Transport::Proxy(client.clone())
+    };
+    let cfg = Config {
+        namespace: ns.name.clone(),
+        service: name.clone(),
+        tick: Duration::from_millis(250),
+        settle_to: Some(1),
+        settle_timeout: Duration::from_secs(180),
+    };
+    eprintln!("{LIVE_HEADER}");
+    let mut shown = -10.0;
+    let result = run::run(client.clone(), transport, &cfg, jobs, |s| {
+        if s.t - shown >= 5.0 {
+            eprintln!("{}", report::live_row(s));
+            shown = s.t;
+        }
+    })
+    .await
+    .unwrap();
+    for e in &result.events {
+        eprintln!("  {:>5.0}s  {:<12} {}", e.t, e.reason, e.note);
+    }
+    let s = report::summarize(&result, 2.0, GUARD_REDLINE);
+    eprintln!("{}", report::table(&s, 2.0));
+    let png = repo().join("target/closed-loop.png");
+    redline_load::plot::write(
+        &png,
+        "closed loop: code-trace burst",
+        &result,
+        GUARD_REDLINE,
+    )
+    .unwrap();
+    eprintln!("plot: {}", png.display());
+
+    // Every request answered in full, drains included.
+    let failures: Vec<&String> = result
+        .requests
+        .iter()
+        .filter_map(|r| r.result.as_ref().err())
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} failed: {failures:?}",
+        failures.len(),
+        s.requests
+    );
+    // Scaled out while the burst built, and the new pods served.
+    assert!(s.peak_desired >= 2 && s.peak_ready >= 2, "{s:?}");
+    assert!(s.scale_ups >= 1, "no ScaledUp event: {:?}", result.events);
+    let pods_used: std::collections::BTreeSet<&str> = result
+        .requests
+        .iter()
+        .filter_map(|r| r.result.as_ref().ok().map(|a| a.pod.as_str()))
+        .collect();
+    assert!(pods_used.len() >= 2, "answered by {pods_used:?} only");
+    // ...before the KV pools ran out.
+    assert!(
+        s.preemptions <= MAX_PREEMPTIONS,
+        "{} preemptions: {s:?}",
+        s.preemptions
+    );
+    assert!(s.kv_peak < 1.0, "a KV pool filled: {s:?}");
+    // The fast loop: the guards cut limits, within a second of every redline crossing.
+    assert!(s.guard_actions >= 1, "the guards never acted: {s:?}");
+    assert!(
+        s.redline_crossings >= 1,
+        "the burst never reached the redline: {s:?}"
+    );
+    let reactions = report::guard_reactions(&result.pods, GUARD_REDLINE);
+    assert!(
+        reactions
+            .iter()
+            .all(|r| r.seconds.is_some_and(|t| t <= GUARD_WITHIN)),
+        "a guard reacted late or not at all: {reactions:?}"
+    );
+    // Back to one replica, through drains, with the decision in status.
+    assert!(
+        result.settled,
+        "not back to one replica: {:?}",
+        result.samples.last()
+    );
+    assert!(s.drains >= 1 && s.scale_downs >= 1, "{:?}", result.events);
+    let isvc = isvcs.get(&name).await.unwrap();
+    let st = isvc.status.unwrap();
+    let last = st.last_decision.expect("a last decision in status");
+    assert!(last.summary.ends_with("->1"), "{last:?}");
+    assert!(last.reason.contains("drained"), "{last:?}");
+    assert_eq!(isvc.spec.replicas, Some(1));
+    testing::run_helm(&["uninstall", "redline", "--namespace", RELEASE_NS, "--wait"]);
+}

@@ -129,7 +129,13 @@ pub fn summarize(run: &Run, ttft_slo: f64, redline: f64) -> Summary {
             replica_seconds += w[0].pods as f64 * (w[1].t.min(run.replay_seconds) - w[0].t);
         }
     }
-    let count = |reason: &str| run.events.iter().filter(|e| e.reason == reason).count();
+    let count = |reason: &str| {
+        run.events
+            .iter()
+            .filter(|e| e.reason == reason)
+            .map(|e| e.count as usize)
+            .sum()
+    };
     Summary {
         requests: run.requests.len(),
         replay_seconds: run.replay_seconds,

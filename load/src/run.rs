@@ -27,12 +27,14 @@ pub struct Config {
     pub settle_timeout: Duration,
 }
 
-/// An Event about the service, `t` seconds after the replay started.
+/// An Event about the service, first seen `t` seconds after the replay started. Kubernetes
+/// folds repeats of a reason into one Event with a count (its note is the first one's).
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventRecord {
     pub t: f64,
     pub reason: String,
     pub note: String,
+    pub count: u32,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -167,6 +169,7 @@ async fn events(client: &Client, ns: &str, name: &str, since_ms: i64) -> Result<
                 t: (at - since_ms) as f64 / 1000.0,
                 reason: e.reason.unwrap_or_default(),
                 note: e.note.unwrap_or_default(),
+                count: e.series.map_or(1, |s| s.count.max(1) as u32),
             })
         })
         .collect();

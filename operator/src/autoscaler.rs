@@ -415,6 +415,9 @@ impl Autoscaler {
                 .with_label_values(&[action_label(&d.action)])
                 .inc();
             info!(isvc = %key(isvc), decision = %d.summary(), "{}", d.reason);
+        } else {
+            // Why nothing happens (e.g. no scale-down yet) is asked often; each pass, on demand.
+            debug!(isvc = %key(isvc), "hold: {}", d.reason);
         }
         // Limits and drains first: a scale-down removes only a pod already empty.
         let guard = GuardSettings {

@@ -491,8 +491,13 @@ pub async fn run(
 ) {
     let client = ctx.client.clone();
     let isvcs: Api<InferenceService> = Api::all(client.clone());
-    let cfg = watcher::Config::default();
-    let controller = Controller::new(isvcs, cfg.clone()).trigger_backoff(trigger_backoff());
+    // Lists in pages of 50 and at most 16 reconciles at once: 500 services created together
+    // then cost a few pages and requests in flight, not all of them in memory at once (the API
+    // server, not the operator, bounds how fast they converge).
+    let cfg = watcher::Config::default().page_size(50);
+    let controller = Controller::new(isvcs, cfg.clone())
+        .with_config(kube::runtime::controller::Config::default().concurrency(16))
+        .trigger_backoff(trigger_backoff());
     // A policy change (or creation) wakes the services that reference it.
     let store = controller.store();
     let scaler = crate::autoscaler::Autoscaler::new(ctx.clone()).run(store.clone(), interval);

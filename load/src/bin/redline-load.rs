@@ -125,7 +125,10 @@ async fn main() -> Result<()> {
     .await?;
     println!("\nEvents:");
     for e in &result.events {
-        println!("  {:>5.0}s  {:<15} {}", e.t, e.reason, e.note);
+        println!(
+            "  {:>5.0}s  {:<15} x{:<3} {}",
+            e.t, e.reason, e.count, e.note
+        );
     }
     let summary = report::summarize(&result, a.ttft_slo_seconds, a.redline);
     println!("\n{}", report::table(&summary, a.ttft_slo_seconds));

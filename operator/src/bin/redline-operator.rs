@@ -88,7 +88,13 @@ fn main() -> Result<()> {
                 )
                 .with_ansi(false)
                 .init();
-            tokio::runtime::Runtime::new()?.block_on(run(args))
+            // The operator waits on the API server and the sidecars; two workers are plenty, and
+            // each extra one would bring its own allocator arena.
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(run(args))
         }
     }
 }

@@ -32,14 +32,7 @@ async fn a_trace_burst_scales_up_before_kv_runs_out_and_back_down_through_drains
     let client = client().await;
     testing::install_operator(&client, RELEASE_NS).await;
     let ns = TestNs::new(&client, "rl-loop").await;
-    let _operator_logs = testing::LogsOnPanic {
-        namespace: RELEASE_NS.into(),
-        pod_prefix: "redline-operator".into(),
-    };
-    let _engine_logs = testing::LogsOnPanic {
-        namespace: ns.name.clone(),
-        pod_prefix: String::new(),
-    };
+    let _logs = testing::LogsOnPanic::operator_and(RELEASE_NS, &ns.name);
 
     // The README's example, as users apply it, with a shorter scale-down window so the test
     // sees the way down within minutes.

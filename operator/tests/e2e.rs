@@ -95,15 +95,7 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
     );
 
     let ns = TestNs::new(&client, "rl-e2e").await;
-    // Declared after `ns`, so dropped (and printed) before the namespace goes.
-    let _operator_logs = testing::LogsOnPanic {
-        namespace: RELEASE_NS.into(),
-        pod_prefix: "redline-operator".into(),
-    };
-    let _engine_logs = testing::LogsOnPanic {
-        namespace: ns.name.clone(),
-        pod_prefix: String::new(),
-    };
+    let _logs = testing::LogsOnPanic::operator_and(RELEASE_NS, &ns.name);
     let isvcs: Api<InferenceService> = Api::namespaced(client.clone(), &ns.name);
     let isvc = isvcs
         .create(&PostParams::default(), &example())

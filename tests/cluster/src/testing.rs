@@ -238,6 +238,24 @@ pub struct LogsOnPanic {
     pub pod_prefix: String,
 }
 
+impl LogsOnPanic {
+    /// The operator's logs (in `operator_ns`) and every pod's in the test's namespace `ns`.
+    /// Declare the pair after the [`TestNs`], so it is dropped (and printed) before the
+    /// namespace goes.
+    pub fn operator_and(operator_ns: &str, ns: &str) -> [LogsOnPanic; 2] {
+        [
+            LogsOnPanic {
+                namespace: operator_ns.into(),
+                pod_prefix: "redline-operator".into(),
+            },
+            LogsOnPanic {
+                namespace: ns.into(),
+                pod_prefix: String::new(),
+            },
+        ]
+    }
+}
+
 impl Drop for LogsOnPanic {
     fn drop(&mut self) {
         if !std::thread::panicking() || !is_local_cluster() {

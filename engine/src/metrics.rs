@@ -210,6 +210,10 @@ impl Metrics {
             .saturating_sub(self.prompt_tokens_received.get());
         self.prompt_tokens_received.inc_by(new_received);
         self.waiting_prompt_tokens.set(s.waiting_tokens as i64);
+        self.set_limits(l);
+    }
+
+    pub fn set_limits(&self, l: Limits) {
         self.max_num_seqs.set(l.max_num_seqs as i64);
         self.max_batched_tokens.set(l.max_batched_tokens as i64);
     }

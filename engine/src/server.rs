@@ -595,8 +595,9 @@ async fn put_limits(
         max_num_seqs: b.max_num_seqs,
         max_batched_tokens: b.max_batched_tokens,
     };
-    match l.engine.set_limits(want).await {
+    match l.engine.set_limits(want) {
         Some(applied) => {
+            st.metrics.set_limits(applied);
             let env = l.engine.shared.envelope;
             Json(json!({
                 "max_num_seqs": applied.max_num_seqs,

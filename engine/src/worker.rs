@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use tokio::sync::{mpsc as tmpsc, oneshot};
+use tokio::sync::mpsc as tmpsc;
 
 #[derive(Debug)]
 pub enum Event {
@@ -24,7 +24,7 @@ pub enum Event {
 enum Command {
     Add(Request, tmpsc::UnboundedSender<Event>),
     Abort(SeqId),
-    SetLimits(Limits, oneshot::Sender<Limits>),
+    SetLimits(Limits),
 }
 
 /// State readable without asking the engine thread.
@@ -80,11 +80,18 @@ impl EngineHandle {
         (erx, guard)
     }
 
-    /// Applies new live limits (clamped into the envelope) and returns what was applied.
-    pub async fn set_limits(&self, l: Limits) -> Option<Limits> {
-        let (tx, rx) = oneshot::channel();
-        self.tx.send(Command::SetLimits(l, tx)).ok()?;
-        rx.await.ok()
+    /// Sets new live limits (clamped into the envelope) and returns them at once, `None` if the
+    /// engine thread is gone. They govern admission from the next step on; answering only
+    /// after the step in progress (over a second for a long prefill on a busy CPU) would make
+    /// the sidecar's guard as slow as the step it wants to protect the pool from.
+    pub fn set_limits(&self, l: Limits) -> Option<Limits> {
+        let applied = self.shared.envelope.clamp(l);
+        // The newest wins in `shared` even if two callers race; the engine thread applies
+        // them in the order they were sent, so it ends on the same value.
+        let mut current = self.shared.limits.lock().expect("limits lock");
+        self.tx.send(Command::SetLimits(applied)).ok()?;
+        *current = applied;
+        Some(applied)
     }
 
     pub fn stats(&self) -> Stats {
@@ -154,7 +161,9 @@ fn run(
         }
         let stats = engine.stats();
         *shared.stats.lock().expect("stats lock") = stats;
-        metrics.set_state(&stats, engine.limits());
+        // The limits as last set (possibly not yet applied by this thread: they will be before
+        // the next step), so /metrics never shows an older value after an answered PUT.
+        metrics.set_state(&stats, *shared.limits.lock().expect("limits lock"));
     }
 }
 
@@ -192,16 +201,14 @@ fn handle(
                 tracing::debug!(id, "request aborted by client");
             }
         }
-        Command::SetLimits(l, reply) => {
+        Command::SetLimits(l) => {
             let applied = engine.set_limits(l);
-            *shared.limits.lock().expect("limits lock") = applied;
-            metrics.set_state(&engine.stats(), applied);
+            metrics.set_state(&engine.stats(), *shared.limits.lock().expect("limits lock"));
             tracing::info!(
                 max_num_seqs = applied.max_num_seqs,
                 max_batched_tokens = applied.max_batched_tokens,
                 "limits changed"
             );
-            let _ = reply.send(applied);
         }
     }
 }

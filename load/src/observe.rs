@@ -43,8 +43,10 @@ pub struct PodSample {
     /// The engine's live admission limit (what the guard and the operator move).
     pub max_num_seqs: Option<u32>,
     pub preemptions: u64,
-    /// `redline_sidecar_guard_actions_total{direction="down"}`: the fast guard cutting limits.
+    /// The fast guard's cuts so far, and their timing.
     pub guard_down: u64,
+    pub guard_timed: u64,
+    pub guard_within_1s: u64,
 }
 
 /// The pods requests may go to (ready, not being deleted), shared with the replay.
@@ -94,16 +96,45 @@ pub async fn pods(client: &Client, namespace: &str, service: &str) -> kube::Resu
     Ok(v)
 }
 
-/// The sum of the sidecar's downward guard actions in its metrics text.
-pub fn guard_down_total(metrics: &str) -> u64 {
+/// The sum of the samples of `name` whose labels contain `label` (`""`: all), in a Prometheus
+/// text exposition.
+fn sum(metrics: &str, name: &str, label: &str) -> u64 {
     metrics
         .lines()
         .filter(|l| {
-            l.starts_with("redline_sidecar_guard_actions_total{")
-                && l.contains("direction=\"down\"")
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+                && l.contains(label)
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
+}
+
+/// What the sidecar's metrics say of its guard.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GuardCounts {
+    /// Cuts (`redline_sidecar_guard_actions_total{direction="down"}`).
+    pub down: u64,
+    /// Cuts timed from the scrape that showed the pressure to the engine's ack, and of those
+    /// the ones within a second (`redline_sidecar_guard_reaction_seconds`).
+    pub timed: u64,
+    pub within_1s: u64,
+}
+
+pub fn guard_counts(metrics: &str) -> GuardCounts {
+    GuardCounts {
+        down: sum(
+            metrics,
+            "redline_sidecar_guard_actions_total",
+            "direction=\"down\"",
+        ),
+        timed: sum(metrics, "redline_sidecar_guard_reaction_seconds_count", ""),
+        within_1s: sum(
+            metrics,
+            "redline_sidecar_guard_reaction_seconds_bucket",
+            "le=\"1\"",
+        ),
+    }
 }
 
 /// Reads every pod's engine and sidecar metrics; pods that do not answer (starting, gone) are
@@ -119,8 +150,8 @@ pub async fn scrape(
         let guard = transport
             .get(&p.target, 8090, "/metrics")
             .await
-            .map(|m| guard_down_total(&m))
-            .unwrap_or(0);
+            .map(|m| guard_counts(&m))
+            .unwrap_or_default();
         Some((
             p.target.pod.clone(),
             PodSample {
@@ -130,7 +161,9 @@ pub async fn scrape(
                 waiting: r.requests_waiting,
                 max_num_seqs: r.limits.map(|l| l.max_num_seqs),
                 preemptions: r.preemptions_total,
-                guard_down: guard,
+                guard_down: guard.down,
+                guard_timed: guard.timed,
+                guard_within_1s: guard.within_1s,
             },
         ))
     });
@@ -155,14 +188,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn counts_only_downward_guard_actions() {
+    fn reads_the_guards_cuts_and_their_timing() {
         let m = "# TYPE redline_sidecar_guard_actions_total counter
 redline_sidecar_guard_actions_total{direction=\"down\",reason=\"forecast\"} 3
 redline_sidecar_guard_actions_total{direction=\"down\",reason=\"preemption\"} 2
 redline_sidecar_guard_actions_total{direction=\"up\",reason=\"calm\"} 7
-redline_sidecar_guard_down_other 9
+redline_sidecar_guard_actions_total_other 9
+redline_sidecar_guard_reaction_seconds_bucket{le=\"0.5\"} 3
+redline_sidecar_guard_reaction_seconds_bucket{le=\"1\"} 4
+redline_sidecar_guard_reaction_seconds_bucket{le=\"+Inf\"} 5
+redline_sidecar_guard_reaction_seconds_sum 1.9
+redline_sidecar_guard_reaction_seconds_count 5
 ";
-        assert_eq!(guard_down_total(m), 5);
-        assert_eq!(guard_down_total(""), 0);
+        assert_eq!(
+            guard_counts(m),
+            GuardCounts {
+                down: 5,
+                timed: 5,
+                within_1s: 4
+            }
+        );
+        assert_eq!(guard_counts(""), GuardCounts::default());
     }
 }

@@ -104,6 +104,10 @@ pub struct Summary {
     pub replica_seconds: f64,
     pub preemptions: u64,
     pub guard_actions: u64,
+    /// The guard's cuts timed by the sidecars (pressure seen -> engine ack), and those that
+    /// took more than a second.
+    pub guard_cuts_timed: u64,
+    pub guard_cuts_over_1s: u64,
     pub redline_crossings: usize,
     /// The slowest guard reaction to a crossing (`None`: no crossing).
     pub slowest_guard_reaction: Option<f64>,
@@ -151,6 +155,9 @@ pub fn summarize(run: &Run, ttft_slo: f64, redline: f64) -> Summary {
         replica_seconds,
         preemptions: growth(&run.pods, |p| p.preemptions),
         guard_actions: growth(&run.pods, |p| p.guard_down),
+        guard_cuts_timed: growth(&run.pods, |p| p.guard_timed),
+        guard_cuts_over_1s: growth(&run.pods, |p| p.guard_timed)
+            .saturating_sub(growth(&run.pods, |p| p.guard_within_1s)),
         redline_crossings: reactions.len(),
         slowest_guard_reaction: reactions.iter().filter_map(|r| r.seconds).reduce(f64::max),
         unanswered_crossings: reactions.iter().filter(|r| r.seconds.is_none()).count(),
@@ -212,6 +219,10 @@ pub fn table(s: &Summary, ttft_slo: f64) -> String {
             s.guard_actions.to_string(),
         ),
         (
+            "guard cuts timed / over 1 s (pressure seen -> engine ack)".into(),
+            format!("{} / {}", s.guard_cuts_timed, s.guard_cuts_over_1s),
+        ),
+        (
             "redline crossings / slowest guard reaction".into(),
             format!(
                 "{} / {}",
@@ -241,6 +252,8 @@ mod tests {
             max_num_seqs: Some(max),
             preemptions: 0,
             guard_down: guard,
+            guard_timed: 0,
+            guard_within_1s: 0,
         }
     }
 

@@ -139,6 +139,10 @@ async fn a_trace_burst_scales_up_before_kv_runs_out_and_back_down_through_drains
     // guard acts on its forecast, so on some runs it keeps every pod under the redline and
     // there is no crossing to time.)
     assert!(s.guard_actions >= 1, "the guards never acted: {s:?}");
+    // Every cut, timed by its sidecar from the scrape that showed the pressure to the engine's
+    // acknowledgement over its admin API, within a second.
+    assert!(s.guard_cuts_timed >= 1, "no guard cut timed: {s:?}");
+    assert_eq!(s.guard_cuts_over_1s, 0, "guard cuts slower than 1 s: {s:?}");
     let reactions = report::guard_reactions(&result.pods, GUARD_REDLINE);
     assert!(
         reactions

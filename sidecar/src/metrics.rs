@@ -2,7 +2,8 @@
 //! neither control loop needs a Prometheus server.
 
 use prometheus::{
-    Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 use redline_api::{DeviceReading, PressureReport};
 
@@ -24,6 +25,9 @@ pub struct Metrics {
     limit_seqs: IntGauge,
     limit_tokens: IntGauge,
     pub guard_actions: IntCounterVec,
+    /// From the start of the engine scrape that showed the pressure to the engine's
+    /// acknowledgement of the guard's cut.
+    pub guard_reaction: Histogram,
     pub scrapes: IntCounter,
     pub scrape_errors: IntCounter,
     pub unauthorized: IntCounter,
@@ -54,6 +58,18 @@ impl Default for Metrics {
                 .expect("unique metric");
             c
         };
+        let guard_reaction = Histogram::with_opts(
+            HistogramOpts::new(
+                "redline_sidecar_guard_reaction_seconds",
+                "From the engine scrape that showed the pressure to the engine applying the \
+                 guard's cut (the pressure arose at most one interval before that scrape).",
+            )
+            .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(guard_reaction.clone()))
+            .expect("unique metric");
         let guard_actions = IntCounterVec::new(
             opts("guard_actions_total", "Limit changes by the fast guard."),
             &["direction", "reason"],
@@ -97,6 +113,7 @@ impl Default for Metrics {
                 "The engine's token budget as the guard holds it.",
             ),
             guard_actions,
+            guard_reaction,
             scrapes: c(
                 "scrapes_total",
                 "Engine scrapes attempted (one per loop tick).",

@@ -337,6 +337,7 @@ pub async fn run(shared: std::sync::Arc<Shared>, device: Box<dyn Device>, cfg: C
     loop {
         tick.tick().await;
         let dev = device.read();
+        let sampled = Instant::now();
         let scraped = scrape_engine(&http, &metrics_url).await;
         shared.metrics.scrapes.inc();
         if scraped.is_err() {
@@ -378,6 +379,12 @@ pub async fn run(shared: std::sync::Arc<Shared>, device: Box<dyn Device>, cfg: C
                     }
                     if let Some(r) = a.reason {
                         let direction = if r.is_decrease() { "down" } else { "up" };
+                        if r.is_decrease() {
+                            shared
+                                .metrics
+                                .guard_reaction
+                                .observe(sampled.elapsed().as_secs_f64());
+                        }
                         info!(
                             from_seqs = a.from.max_num_seqs,
                             to_seqs = accepted.max_num_seqs,

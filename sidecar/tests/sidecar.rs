@@ -94,6 +94,10 @@ struct Outcome {
     peak_kv: f64,
     seconds: f64,
     guard_actions: u64,
+    /// Cuts the sidecar timed (scrape that showed the pressure -> the engine's ack), and
+    /// those within a second.
+    cuts_timed: f64,
+    cuts_within_1s: f64,
     worst_level: Level,
 }
 
@@ -134,6 +138,12 @@ async fn replay(engine: &Engine, sidecar: &Sidecar) -> Outcome {
     }
     let m = engine.metrics().await;
     let sm = sidecar.metrics().await;
+    for l in sm
+        .lines()
+        .filter(|l| l.starts_with("redline_sidecar_guard_reaction"))
+    {
+        eprintln!("  {l}");
+    }
     let guard_actions = sm
         .lines()
         .filter(|l| l.starts_with("redline_sidecar_guard_actions_total{"))
@@ -144,6 +154,11 @@ async fn replay(engine: &Engine, sidecar: &Sidecar) -> Outcome {
         peak_kv,
         seconds: start.elapsed().as_secs_f64(),
         guard_actions,
+        cuts_timed: metric(&sm, "redline_sidecar_guard_reaction_seconds_count"),
+        cuts_within_1s: metric(
+            &sm,
+            "redline_sidecar_guard_reaction_seconds_bucket{le=\"1\"}",
+        ),
         worst_level,
     };
     eprintln!("{n} requests: {o:?}");
@@ -211,6 +226,11 @@ async fn the_guard_prevents_the_preemptions_a_trace_burst_causes_without_it() {
         on.peak_kv
     );
     assert!(on.guard_actions > 0, "the guard never acted: {on:?}");
+    assert!(on.cuts_timed > 0.0, "no cut timed: {on:?}");
+    assert_eq!(
+        on.cuts_within_1s, on.cuts_timed,
+        "a cut took more than a second from the pressure seen to the engine's ack: {on:?}"
+    );
     assert!(on.worst_level >= Level::Elevated, "{on:?}");
 }
 

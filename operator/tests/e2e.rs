@@ -198,15 +198,15 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
         );
     }
 
-    // The scale subresource (what `kubectl scale`, HPA and KEDA use) resizes the Deployment.
-    isvcs
-        .patch_scale(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"replicas": 2}})),
-        )
-        .await
-        .unwrap();
+    // `kubectl scale` (the scale subresource, which HPA and KEDA use too) resizes the Deployment.
+    let scaled = testing::run_kubectl(&[
+        "scale",
+        &format!("inferenceservice/{name}"),
+        "--replicas=2",
+        "--namespace",
+        &ns.name,
+    ]);
+    assert!(scaled.contains("scaled"), "{scaled}");
     wait_ready_replicas(&isvcs, &name, 2).await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     assert_eq!(

@@ -80,20 +80,38 @@ pub fn helm() -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
-/// Runs helm against the test cluster; panics with its output when it fails.
-pub fn run_helm(args: &[&str]) -> String {
-    let out = std::process::Command::new(helm())
+/// A real `kubectl`: `$REDLINE_KUBECTL`, or the one that comes with the fetched helm.
+pub fn kubectl() -> String {
+    std::env::var("REDLINE_KUBECTL").unwrap_or_else(|_| {
+        std::path::Path::new(&helm())
+            .with_file_name("kubectl")
+            .to_string_lossy()
+            .into_owned()
+    })
+}
+
+/// Runs `bin` (helm, kubectl) against the test cluster; panics with its output when it fails.
+fn run_tool(bin: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(bin)
         .args(args)
         .env("KUBECONFIG", kubeconfig_path())
         .output()
-        .expect("running helm");
+        .unwrap_or_else(|e| panic!("running {bin}: {e}"));
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "helm {args:?} failed:\n{text}");
+    assert!(out.status.success(), "{bin} {args:?} failed:\n{text}");
     text
+}
+
+pub fn run_helm(args: &[&str]) -> String {
+    run_tool(&helm(), args)
+}
+
+pub fn run_kubectl(args: &[&str]) -> String {
+    run_tool(&kubectl(), args)
 }
 
 /// `helm upgrade --install` of the chart into `namespace`, then waits for the operator's pod

@@ -8,6 +8,8 @@ use futures::future::join_all;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
 use kube::{Api, Client};
+use redline_autoscale::PodPhase;
+use redline_operator::autoscaler::pod_phase;
 use redline_operator::crd::InferenceService;
 
 use crate::transport::{Target, Transport};
@@ -66,19 +68,16 @@ fn view(namespace: &str, p: &Pod) -> Option<PodView> {
     if matches!(st.phase.as_deref(), Some("Succeeded" | "Failed")) {
         return None;
     }
-    let ready = st
-        .conditions
-        .iter()
-        .flatten()
-        .any(|c| c.type_ == "Ready" && c.status == "True");
+    // The operator's own reading of a pod: `None` while it is being deleted.
+    let phase = pod_phase(p, false);
     Some(PodView {
         target: Target {
             namespace: namespace.to_string(),
             pod: p.metadata.name.clone()?,
             ip,
         },
-        ready,
-        deleting: p.metadata.deletion_timestamp.is_some(),
+        ready: phase == Some(PodPhase::Ready),
+        deleting: phase.is_none(),
     })
 }
 

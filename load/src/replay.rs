@@ -39,7 +39,6 @@ pub struct RequestOutcome {
 pub struct Counters {
     pub sent: AtomicU64,
     pub in_flight: AtomicU64,
-    pub failed: AtomicU64,
 }
 
 /// How long a request may look for a pod that accepts it before it counts as failed.
@@ -67,9 +66,6 @@ pub async fn replay(
             counters.in_flight.fetch_add(1, Ordering::Relaxed);
             let out = one(&transport, &ready, &next, id, job).await;
             counters.in_flight.fetch_sub(1, Ordering::Relaxed);
-            if out.result.is_err() {
-                counters.failed.fetch_add(1, Ordering::Relaxed);
-            }
             out
         })
     });

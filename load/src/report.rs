@@ -6,6 +6,7 @@ use std::fmt::Write;
 
 use crate::observe::{PodSample, Sample};
 use crate::run::Run;
+use redline_sim::report::quantile;
 
 pub const LIVE_HEADER: &str =
     "     t   req/s  in-flight  desired  pods  ready  KV max  KV mean  last decision";
@@ -82,10 +83,6 @@ fn growth(pods: &BTreeMap<String, Vec<PodSample>>, f: impl Fn(&PodSample) -> u64
         .sum()
 }
 
-fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
-    (!sorted.is_empty()).then(|| sorted[((sorted.len() - 1) as f64 * q).round() as usize])
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct Summary {
     pub requests: usize,
@@ -124,8 +121,8 @@ pub fn summarize(run: &Run, ttft_slo: f64, redline: f64) -> Summary {
         .iter()
         .filter_map(|r| r.result.as_ref().ok())
         .collect();
-    let mut ttfts: Vec<f64> = answered.iter().filter_map(|a| a.ttft).collect();
-    ttfts.sort_by(f64::total_cmp);
+    let ttfts: Vec<f64> = answered.iter().filter_map(|a| a.ttft).collect();
+    let quantile = |q| (!ttfts.is_empty()).then(|| quantile(ttfts.clone(), q));
     let reactions = guard_reactions(&run.pods, redline);
     let mut replica_seconds = 0.0;
     for w in run.samples.windows(2) {
@@ -146,8 +143,8 @@ pub fn summarize(run: &Run, ttft_slo: f64, redline: f64) -> Summary {
         answered: answered.len(),
         failed: run.requests.len() - answered.len(),
         rerouted: run.requests.iter().filter(|r| r.retries > 0).count(),
-        ttft_p50: quantile(&ttfts, 0.5),
-        ttft_p99: quantile(&ttfts, 0.99),
+        ttft_p50: quantile(0.5),
+        ttft_p99: quantile(0.99),
         ttft_slo_attainment: (!ttfts.is_empty())
             .then(|| ttfts.iter().filter(|&&t| t <= ttft_slo).count() as f64 / ttfts.len() as f64),
         peak_desired: run.samples.iter().map(|s| s.desired).max().unwrap_or(0),

@@ -143,12 +143,10 @@ async fn a_trace_burst_scales_up_before_kv_runs_out_and_back_down_through_drains
     // acknowledgement over its admin API, within a second.
     assert!(s.guard_cuts_timed >= 1, "no guard cut timed: {s:?}");
     assert_eq!(s.guard_cuts_over_1s, 0, "guard cuts slower than 1 s: {s:?}");
-    let reactions = report::guard_reactions(&result.pods, GUARD_REDLINE);
     assert!(
-        reactions
-            .iter()
-            .all(|r| r.seconds.is_some_and(|t| t <= GUARD_WITHIN)),
-        "a guard reacted late or not at all: {reactions:?}"
+        s.unanswered_crossings == 0 && s.slowest_guard_reaction.is_none_or(|t| t <= GUARD_WITHIN),
+        "a guard reacted late or not at all: {:?}",
+        report::guard_reactions(&result.pods, GUARD_REDLINE)
     );
     // Back to one replica, through drains, with the decision in status.
     assert!(

@@ -22,7 +22,8 @@ pub struct Summary {
     pub guard_actions: u64,
 }
 
-fn quantile(mut v: Vec<f64>, q: f64) -> f64 {
+/// The `q` quantile (nearest rank) of `v`; 0 when empty.
+pub fn quantile(mut v: Vec<f64>, q: f64) -> f64 {
     if v.is_empty() {
         return 0.0;
     }

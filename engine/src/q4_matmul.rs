@@ -1,4 +1,4 @@
-//! Q4_1 x Q8_1 matmul on the GGUF file's own 4-bit blocks, for small steps.
+//! Q4_1 x Q8_1 matmul on the GGUF file's own 4-bit blocks.
 //!
 //! Why: decoding one or a few tokens per step is bound by memory bandwidth, not arithmetic.
 //! Measured on the 2-vCPU bench machine: ~10 GB/s effective with 2 threads, so Q8_0 weights
@@ -23,6 +23,9 @@ pub struct Q4Matrix {
     /// Per block: d, m.
     d: Vec<f32>,
     m: Vec<f32>,
+    /// `m` again for each group of 4 rows as `[block][row in group]`, so one vector
+    /// instruction adds four rows' minimum terms.
+    m4: Vec<f32>,
     /// 16 bytes per block: element j in the low nibble of byte j, element j+16 in the high one.
     qs: Vec<u8>,
 }
@@ -40,6 +43,7 @@ impl Q4Matrix {
             cols: 0,
             d: vec![],
             m: vec![],
+            m4: vec![],
             qs: vec![],
         };
         for q in parts {
@@ -60,6 +64,12 @@ impl Q4Matrix {
                 out.qs.extend_from_slice(&b[4..]);
             }
         }
+        let nb = out.cols / QK;
+        for g in 0..out.rows / 4 {
+            for b in 0..nb {
+                out.m4.extend((0..4).map(|i| out.m[(4 * g + i) * nb + b]));
+            }
+        }
         Ok(out)
     }
 
@@ -70,37 +80,126 @@ impl Q4Matrix {
     /// `x` is `[t, cols]`; returns `[t, rows]`.
     pub fn matmul(&self, x: &[f32], t: usize) -> Vec<f32> {
         assert_eq!(x.len(), t * self.cols, "activation shape");
-        let nb = self.cols / QK;
+        let (cols, nb) = (self.cols, self.cols / QK);
         let xa = quantize_q8_1(x);
         let avx2 = has_avx2_fma();
+        // Small steps read the nibbles straight from the packed blocks (bandwidth-bound: one
+        // pass over the weights); larger ones unpack each tile once and reuse it per token.
+        let packed = avx2 && t <= PACKED_MAX_TOKENS;
         by_row_tiles(self.rows, t, |r0, out| {
-            for tok in 0..t {
-                let xs = &xa.qs[tok * self.cols..(tok + 1) * self.cols];
-                let (xd, xsum) = (
-                    &xa.d[tok * nb..(tok + 1) * nb],
-                    &xa.s[tok * nb..(tok + 1) * nb],
-                );
-                for r in 0..out.len() / t {
-                    let row = r0 + r;
-                    let (q, d, m) = (
-                        &self.qs[row * nb * 16..(row + 1) * nb * 16],
-                        &self.d[row * nb..(row + 1) * nb],
-                        &self.m[row * nb..(row + 1) * nb],
-                    );
-                    #[cfg(target_arch = "x86_64")]
-                    let v = if avx2 {
-                        // SAFETY: AVX2 and FMA detected at run time; slices in bounds by shape.
-                        unsafe { avx2::dot(q, d, m, xs, xd, xsum) }
-                    } else {
-                        dot_scalar(q, d, m, xs, xd, xsum)
+            let nr = out.len() / t;
+            TILE.with_borrow_mut(|tile| {
+                let (w, width): (&[u8], usize) = if packed {
+                    (&self.qs[r0 * nb * 16..(r0 + nr) * nb * 16], nb * 16)
+                } else {
+                    tile.resize(nr * cols, 0);
+                    for (r, dst) in tile.chunks_exact_mut(cols).enumerate() {
+                        let row = r0 + r;
+                        unpack_row(&self.qs[row * nb * 16..(row + 1) * nb * 16], dst);
+                    }
+                    (tile, cols)
+                };
+                let row = |r: usize| Row {
+                    q: &w[r * width..(r + 1) * width],
+                    d: &self.d[(r0 + r) * nb..(r0 + r + 1) * nb],
+                    m: &self.m[(r0 + r) * nb..(r0 + r + 1) * nb],
+                };
+                for tok in 0..t {
+                    let x = Act {
+                        q: &xa.qs[tok * cols..(tok + 1) * cols],
+                        d: &xa.d[tok * nb..(tok + 1) * nb],
+                        s: &xa.s[tok * nb..(tok + 1) * nb],
                     };
-                    #[cfg(not(target_arch = "x86_64"))]
-                    let v = dot_scalar(q, d, m, xs, xd, xsum);
-                    out[r * t + tok] = v;
+                    let mut r = 0;
+                    while r + 4 <= nr {
+                        let rows = [row(r), row(r + 1), row(r + 2), row(r + 3)];
+                        let g = (r0 + r) / 4;
+                        let m4 = &self.m4[g * nb * 4..(g + 1) * nb * 4];
+                        let v = dot4(&rows, m4, &x, avx2, packed);
+                        for (i, v) in v.into_iter().enumerate() {
+                            out[(r + i) * t + tok] = v;
+                        }
+                        r += 4;
+                    }
+                    for r in r..nr {
+                        out[r * t + tok] = dot4(&[row(r)], &[], &x, avx2, packed)[0];
+                    }
                 }
-            }
+            })
         })
     }
+}
+
+/// Steps of at most this many tokens skip the unpacked tile.
+const PACKED_MAX_TOKENS: usize = 2;
+
+thread_local! {
+    /// One row tile of unpacked weights (one byte per element) per rayon worker.
+    static TILE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// 16 bytes per block -> 32 elements in order: low nibbles are 0..16, high ones 16..32.
+fn unpack_row(packed: &[u8], out: &mut [u8]) {
+    for (src, dst) in packed.chunks_exact(16).zip(out.chunks_exact_mut(QK)) {
+        for j in 0..16 {
+            dst[j] = src[j] & 0x0F;
+            dst[j + 16] = src[j] >> 4;
+        }
+    }
+}
+
+/// One weight row: 4-bit values (0..16), unpacked (a byte each) or as stored (16 bytes per
+/// block), block scales and minimums.
+#[derive(Clone, Copy)]
+struct Row<'a> {
+    q: &'a [u8],
+    d: &'a [f32],
+    m: &'a [f32],
+}
+
+/// One activation row in Q8_1: int8 values, block scales, scaled block sums.
+struct Act<'a> {
+    q: &'a [i8],
+    d: &'a [f32],
+    s: &'a [f32],
+}
+
+/// Up to four rows against one activation row. Every row gets the same operations in the same
+/// order whatever it is grouped with, so a token's result never depends on the step's size.
+/// `packed` (AVX2 only) says the rows hold the stored blocks, unpacked in registers to the same
+/// vectors, so both layouts give the same bits. `m4` is the group's interleaved minimums when
+/// `N` is 4 (empty otherwise).
+fn dot4<const N: usize>(
+    rows: &[Row; N],
+    m4: &[f32],
+    x: &Act,
+    avx2: bool,
+    packed: bool,
+) -> [f32; N] {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: AVX2 and FMA detected at run time; row and activation lengths match by shape.
+        return unsafe {
+            if packed {
+                avx2::dot::<N, true>(rows, m4, x)
+            } else {
+                avx2::dot::<N, false>(rows, m4, x)
+            }
+        };
+    }
+    let _ = m4;
+    assert!(!packed && !avx2, "the packed layout needs AVX2");
+    std::array::from_fn(|i| dot_scalar(&rows[i], x))
+}
+
+/// ggml's order: Σ_b d_w·d_x·Σ(q_w·q_x) first, the minimum terms Σ_b m_w·s_x added at the end,
+/// here as one fused multiply-add per block in block order (what one vector lane does for a
+/// group of four rows).
+#[inline(always)]
+fn mins(r: &Row, x: &Act) -> f32 {
+    r.m.iter()
+        .zip(x.s)
+        .fold(0.0f32, |a, (m, s)| m.mul_add(*s, a))
 }
 
 struct Q8_1 {
@@ -111,6 +210,23 @@ struct Q8_1 {
 
 /// ggml's Q8_1 quantizer (f16 scale, f16 scaled sum), as candle's `BlockQ8_1::from_float`.
 fn quantize_q8_1(x: &[f32]) -> Q8_1 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: AVX2 and FMA were detected at run time.
+        return unsafe { quantize_q8_1_avx2(x) };
+    }
+    quantize_q8_1_any(x)
+}
+
+/// The same code compiled for AVX2 (`round` vectorized instead of a libm call per element).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_q8_1_avx2(x: &[f32]) -> Q8_1 {
+    quantize_q8_1_any(x)
+}
+
+#[inline(always)]
+fn quantize_q8_1_any(x: &[f32]) -> Q8_1 {
     let n = x.len() / QK;
     let mut a = Q8_1 {
         d: Vec::with_capacity(n),
@@ -134,46 +250,90 @@ fn quantize_q8_1(x: &[f32]) -> Q8_1 {
     a
 }
 
-fn dot_scalar(q: &[u8], d: &[f32], m: &[f32], x: &[i8], xd: &[f32], xs: &[f32]) -> f32 {
-    let mut acc = 0.0f32;
-    for b in 0..d.len() {
-        let (qb, xb) = (&q[b * 16..(b + 1) * 16], &x[b * QK..(b + 1) * QK]);
-        let mut s = 0i32;
-        for j in 0..16 {
-            s += (qb[j] & 0x0F) as i32 * xb[j] as i32 + (qb[j] >> 4) as i32 * xb[j + 16] as i32;
+fn dot_scalar(r: &Row, x: &Act) -> f32 {
+    // Eight lanes, as the AVX2 path, so both give the same sums.
+    let mut acc = [0.0f32; 8];
+    for (b, (wb, xb)) in r.q.chunks_exact(QK).zip(x.q.chunks_exact(QK)).enumerate() {
+        let s = r.d[b] * x.d[b];
+        for (lane, a) in acc.iter_mut().enumerate() {
+            let p: i32 = (0..4)
+                .map(|k| wb[lane * 4 + k] as i32 * xb[lane * 4 + k] as i32)
+                .sum();
+            *a = s.mul_add(p as f32, *a);
         }
-        acc += s as f32 * d[b] * xd[b] + m[b] * xs[b];
     }
-    acc
+    hsum8(&acc) + mins(r, x)
+}
+
+/// The AVX2 path's horizontal sum order: halves, then pairs, then the last two.
+#[inline(always)]
+fn hsum8(a: &[f32; 8]) -> f32 {
+    let h: [f32; 4] = std::array::from_fn(|i| a[i] + a[i + 4]);
+    let (h0, h1) = (h[0] + h[2], h[1] + h[3]);
+    h0 + h1
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::QK;
+    use super::{mins, Act, Row, QK};
     use std::arch::x86_64::*;
 
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot(q: &[u8], d: &[f32], m: &[f32], x: &[i8], xd: &[f32], xs: &[f32]) -> f32 {
-        let low = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_ps();
-        let mut mins = 0.0f32;
-        for b in 0..d.len() {
-            // 16 bytes -> 32 nibbles: low nibbles are elements 0..16, high ones 16..32.
+    /// Block `b`'s 32 weights as bytes, from the unpacked row or from the stored nibbles.
+    #[inline(always)]
+    unsafe fn weights<const PACKED: bool>(q: &[u8], b: usize) -> __m256i {
+        if PACKED {
             let raw = _mm_loadu_si128(q.as_ptr().add(b * 16) as *const __m128i);
             let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
-            let w = _mm256_and_si256(both, low);
-            let xv = _mm256_loadu_si256(x.as_ptr().add(b * QK) as *const __m256i);
-            // Nibbles are unsigned, activations signed: maddubs takes them as they are.
-            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
-            let s = _mm256_set1_ps(*d.get_unchecked(b) * *xd.get_unchecked(b));
-            acc = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p), acc);
-            mins += *m.get_unchecked(b) * *xs.get_unchecked(b);
+            _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+        } else {
+            _mm256_loadu_si256(q.as_ptr().add(b * QK) as *const __m256i)
         }
-        let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot<const N: usize, const PACKED: bool>(
+        rows: &[Row; N],
+        m4: &[f32],
+        x: &Act,
+    ) -> [f32; N] {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); N];
+        let grouped = N == 4;
+        let mut acc_min = _mm_setzero_ps();
+        for b in 0..x.d.len() {
+            let xv = _mm256_loadu_si256(x.q.as_ptr().add(b * QK) as *const __m256i);
+            let xd = *x.d.get_unchecked(b);
+            if grouped {
+                let m = _mm_loadu_ps(m4.as_ptr().add(b * 4));
+                acc_min = _mm_fmadd_ps(m, _mm_set1_ps(*x.s.get_unchecked(b)), acc_min);
+            }
+            for i in 0..N {
+                let r = &rows[i];
+                let w = weights::<PACKED>(r.q, b);
+                // Weights are unsigned nibbles, activations signed: maddubs takes them as
+                // they are, and 2 * 15 * 127 cannot saturate its 16-bit sums.
+                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
+                let s = _mm256_set1_ps(*r.d.get_unchecked(b) * xd);
+                acc[i] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p), acc[i]);
+            }
+        }
+        // A plain loop, not a closure over `acc`: capturing it kept the accumulators in memory
+        // (a store per block per row).
+        let mut m = [0.0f32; 4];
+        _mm_storeu_ps(m.as_mut_ptr(), acc_min);
+        let mut out = [0.0f32; N];
+        for i in 0..N {
+            out[i] = hsum(acc[i]) + if grouped { m[i] } else { mins(&rows[i], x) };
+        }
+        out
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(a: __m256) -> f32 {
+        let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
         let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
         let h = _mm_add_ss(h, _mm_movehdup_ps(h));
-        _mm_cvtss_f32(h) + mins
+        _mm_cvtss_f32(h)
     }
 }
 
@@ -220,25 +380,64 @@ mod tests {
         }
     }
 
+    /// The scalar fallback reproduces the AVX2 path's lanes and sum order exactly.
     #[test]
-    fn scalar_and_avx2_agree() {
-        let q = QTensor::quantize(&matrix(4, 256, 0.1), GgmlDType::Q4_1).unwrap();
+    fn scalar_and_avx2_agree_bit_for_bit() {
+        let cols = 256;
+        let q = QTensor::quantize(&matrix(4, cols, 0.1), GgmlDType::Q4_1).unwrap();
         let m = Q4Matrix::from_qtensors(&[&q]).unwrap();
-        let x: Vec<f32> = matrix(1, 256, 1.5)
+        let x: Vec<f32> = matrix(1, cols, 1.5)
             .flatten_all()
             .unwrap()
             .to_vec1()
             .unwrap();
         let a = quantize_q8_1(&x);
-        let nb = 256 / QK;
-        let slow = dot_scalar(&m.qs[..nb * 16], &m.d[..nb], &m.m[..nb], &a.qs, &a.d, &a.s);
-        if has_avx2_fma() {
-            let fast =
-                unsafe { avx2::dot(&m.qs[..nb * 16], &m.d[..nb], &m.m[..nb], &a.qs, &a.d, &a.s) };
-            assert!(
-                (fast - slow).abs() <= 1e-4 * slow.abs().max(1.0),
-                "{fast} vs {slow}"
-            );
+        let act = Act {
+            q: &a.qs,
+            d: &a.d,
+            s: &a.s,
+        };
+        let nb = cols / QK;
+        let mut w = vec![0u8; 4 * cols];
+        for (r, dst) in w.chunks_exact_mut(cols).enumerate() {
+            unpack_row(&m.qs[r * nb * 16..(r + 1) * nb * 16], dst);
+        }
+        let rows: [Row; 4] = std::array::from_fn(|r| Row {
+            q: &w[r * cols..(r + 1) * cols],
+            d: &m.d[r * nb..(r + 1) * nb],
+            m: &m.m[r * nb..(r + 1) * nb],
+        });
+        let slow = dot4(&rows, &[], &act, false, false);
+        let avx2 = has_avx2_fma();
+        let m4 = &m.m4[..nb * 4];
+        assert_eq!(dot4(&rows, m4, &act, avx2, false), slow);
+        // A row alone gives what it gives in a group of four.
+        assert_eq!(dot4(&[rows[2]], &[], &act, avx2, false)[0], slow[2]);
+        if avx2 {
+            let packed: [Row; 4] = std::array::from_fn(|r| Row {
+                q: &m.qs[r * nb * 16..(r + 1) * nb * 16],
+                ..rows[r]
+            });
+            assert_eq!(dot4(&packed, m4, &act, true, true), slow);
+        }
+    }
+
+    /// A token's outputs do not depend on how many tokens share the step (with AVX2, one
+    /// token takes the packed path and nine the unpacked tile).
+    #[test]
+    fn batch_invariant() {
+        let (rows, cols, t) = (37, 192, 9);
+        let q = QTensor::quantize(&matrix(rows, cols, 0.4), GgmlDType::Q4_1).unwrap();
+        let m = Q4Matrix::from_qtensors(&[&q]).unwrap();
+        let x: Vec<f32> = matrix(t, cols, 0.8)
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let all = m.matmul(&x, t);
+        for tok in 0..t {
+            let one = m.matmul(&x[tok * cols..(tok + 1) * cols], 1);
+            assert_eq!(one, all[tok * rows..(tok + 1) * rows], "token {tok}");
         }
     }
 }

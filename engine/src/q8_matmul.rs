@@ -141,10 +141,20 @@ pub(crate) fn by_row_tiles(
     yt.par_chunks_mut(ROW_TILE * t)
         .enumerate()
         .for_each(|(tile, out)| f(tile * ROW_TILE, out));
+    if t == 1 {
+        return yt;
+    }
+    // Transpose slab by slab: each slab is small enough to stay in cache while its rows are
+    // scattered, and every token's 16 outputs land in one cache line (a plain strided
+    // transpose of a 3072 x 512 prefill step cost 7% of the engine's time).
     let mut y = vec![0.0f32; t * rows];
-    for r in 0..rows {
+    for (tile, slab) in yt.chunks(ROW_TILE * t).enumerate() {
+        let (r0, nr) = (tile * ROW_TILE, slab.len() / t);
         for tok in 0..t {
-            y[tok * rows + r] = yt[r * t + tok];
+            let dst = &mut y[tok * rows + r0..tok * rows + r0 + nr];
+            for (i, d) in dst.iter_mut().enumerate() {
+                *d = slab[i * t + tok];
+            }
         }
     }
     y
@@ -163,6 +173,24 @@ pub(crate) fn has_avx2_fma() -> bool {
 
 /// ggml's Q8_0 quantizer for activations: per 32-block scale amax/127 stored as f16.
 fn quantize_rows(x: &[f32], cols: usize) -> (Vec<f32>, Vec<i8>) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: AVX2 and FMA were detected at run time.
+        return unsafe { quantize_rows_avx2(x, cols) };
+    }
+    quantize_rows_any(x, cols)
+}
+
+/// The same code compiled for AVX2, where `round` becomes vector instructions instead of a
+/// libm call per element (1.6% of the engine's time at 32 streams).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_rows_avx2(x: &[f32], cols: usize) -> (Vec<f32>, Vec<i8>) {
+    quantize_rows_any(x, cols)
+}
+
+#[inline(always)]
+fn quantize_rows_any(x: &[f32], cols: usize) -> (Vec<f32>, Vec<i8>) {
     let mut d = Vec::with_capacity(x.len() / QK);
     let mut q = Vec::with_capacity(x.len());
     debug_assert_eq!(x.len() % cols, 0);

@@ -30,7 +30,7 @@ pub struct BenchArgs {
     #[arg(long, env = "LLAMA_SERVER")]
     pub llama_server: Option<PathBuf>,
     /// redline weight format.
-    #[arg(long, value_enum, default_value_t = crate::model::WeightFormat::Q8_0)]
+    #[arg(long, value_enum, default_value_t = crate::model::WeightFormat::Q4_1)]
     pub weights: crate::model::WeightFormat,
 }
 

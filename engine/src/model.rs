@@ -32,8 +32,8 @@ pub enum WeightFormat {
     /// Re-quantize every matrix to Q8_0 at load, run by our batched AVX2 kernel.
     /// Batch-invariant: a token's logits do not depend on what else is in the step.
     Q8_0,
-    /// The file's own Q4_1 blocks for every step (half the bytes of Q8_0; batch-invariant).
-    /// Falls back to Q8_0 for tensors that are not Q4_1.
+    /// The file's own Q4_1 blocks for every step (half the bytes of Q8_0; batch-invariant; the
+    /// serving default). Falls back to Q8_0 for tensors that are not Q4_1.
     Q4_1,
     /// Q4_1 for steps of at most 4 tokens (bandwidth-bound), Q8_0 for larger ones
     /// (compute-bound). Fastest, but NOT batch-invariant: the two kernels use different

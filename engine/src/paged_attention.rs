@@ -9,6 +9,9 @@
 
 use rayon::prelude::*;
 
+/// Steps with fewer (query head, key) pairs than this attend on one thread.
+const SERIAL_KEYS: usize = 16 * 1024;
+
 pub struct KvStore {
     num_layers: usize,
     num_blocks: usize,
@@ -95,7 +98,7 @@ impl KvStore {
         let (kc, vc) = (&self.k[layer], &self.v[layer]);
         let mut out = vec![0.0f32; q.len()];
         let avx2 = crate::q8_matmul::has_avx2_fma();
-        out.par_chunks_mut(hd).enumerate().for_each(|(i, o)| {
+        let one = |(i, o): (usize, &mut [f32])| {
             let (t, h) = (i / n_heads, i % n_heads);
             let head = Head {
                 q: &q[i * hd..(i + 1) * hd],
@@ -109,7 +112,15 @@ impl KvStore {
             }
             let _ = avx2;
             self.attend(head, ctx[t], kc, vc, o)
-        });
+        };
+        // A small step (one decode token over a short context: tens of microseconds) runs on
+        // the calling thread; waking the pool would cost about as much as the work.
+        let keys: usize = ctx.iter().map(|c| c.pos + 1).sum::<usize>() * n_heads;
+        if keys < SERIAL_KEYS {
+            out.chunks_mut(hd).enumerate().for_each(one);
+        } else {
+            out.par_chunks_mut(hd).enumerate().for_each(one);
+        }
         out
     }
 

@@ -80,20 +80,35 @@ impl Q8Matrix {
         let avx2 = has_avx2_fma();
         by_row_tiles(self.rows, t, |r0, out| {
             let nr = out.len() / t;
-            for tok in 0..t {
-                let xs = &xq[tok * self.cols..(tok + 1) * self.cols];
-                let xds = &xd[tok * nb..(tok + 1) * nb];
-                let mut r = 0;
-                while r + 4 <= nr {
-                    let d = self.dot4(r0 + r, xs, xds, avx2);
+            let act = |tok: usize| {
+                (
+                    &xq[tok * self.cols..(tok + 1) * self.cols],
+                    &xd[tok * nb..(tok + 1) * nb],
+                )
+            };
+            // Rows outer, tokens inner: each group's slices are built once per step.
+            let mut r = 0;
+            while r + 4 <= nr {
+                let rows = [
+                    self.row(r0 + r),
+                    self.row(r0 + r + 1),
+                    self.row(r0 + r + 2),
+                    self.row(r0 + r + 3),
+                ];
+                for tok in 0..t {
+                    let (xs, xds) = act(tok);
+                    let d = Self::dot4(rows, xs, xds, avx2);
                     for (i, v) in d.iter().enumerate() {
                         out[(r + i) * t + tok] = *v;
                     }
-                    r += 4;
                 }
-                while r < nr {
-                    out[r * t + tok] = self.dot1(r0 + r, xs, xds);
-                    r += 1;
+                r += 4;
+            }
+            for r in r..nr {
+                let (w, wd) = self.row(r0 + r);
+                for tok in 0..t {
+                    let (xs, xds) = act(tok);
+                    out[r * t + tok] = dot_scalar(w, wd, xs, xds);
                 }
             }
         })
@@ -107,13 +122,7 @@ impl Q8Matrix {
         )
     }
 
-    fn dot4(&self, r: usize, x: &[i8], xd: &[f32], avx2: bool) -> [f32; 4] {
-        let rows = [
-            self.row(r),
-            self.row(r + 1),
-            self.row(r + 2),
-            self.row(r + 3),
-        ];
+    fn dot4(rows: [(&[i8], &[f32]); 4], x: &[i8], xd: &[f32], avx2: bool) -> [f32; 4] {
         #[cfg(target_arch = "x86_64")]
         if avx2 {
             // SAFETY: AVX2 and FMA were detected at run time; slices are in bounds by shape.
@@ -121,11 +130,6 @@ impl Q8Matrix {
         }
         let _ = avx2;
         rows.map(|(w, wd)| dot_scalar(w, wd, x, xd))
-    }
-
-    fn dot1(&self, r: usize, x: &[i8], xd: &[f32]) -> f32 {
-        let (w, wd) = self.row(r);
-        dot_scalar(w, wd, x, xd)
     }
 }
 
@@ -298,8 +302,9 @@ pub(crate) mod tests {
             .to_vec1()
             .unwrap();
         let (xd, xq) = quantize_rows(&x, 128);
-        let fast = m.dot4(0, &xq, &xd, has_avx2_fma());
-        let slow = m.dot4(0, &xq, &xd, false);
+        let rows = [m.row(0), m.row(1), m.row(2), m.row(3)];
+        let fast = Q8Matrix::dot4(rows, &xq, &xd, has_avx2_fma());
+        let slow = Q8Matrix::dot4(rows, &xq, &xd, false);
         for (a, b) in fast.iter().zip(slow) {
             assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
         }

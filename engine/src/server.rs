@@ -678,7 +678,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub threads: Option<usize>,
     /// In-memory weight format, converted at load.
-    #[arg(long, value_enum, default_value_t = crate::model::WeightFormat::Q8_0)]
+    #[arg(long, value_enum, default_value_t = crate::model::WeightFormat::Q4_1)]
     pub weights: crate::model::WeightFormat,
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16)]

@@ -37,11 +37,8 @@ fn main() -> anyhow::Result<()> {
             let threads = args
                 .threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-            // candle's matmuls and our attention share one rayon pool of this size.
+            // The engine's compute pool (matmuls, attention, candle's ops) takes its size from here.
             std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build_global()?;
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

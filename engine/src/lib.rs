@@ -1,13 +1,15 @@
 //! redline-engine: a paged-KV, continuously batching LLM server whose batch limits move live.
 //!
 //! Pure logic (no I/O): [`block_pool`], [`kv_cache_manager`], [`scheduler`], [`sampling`].
-//! Compute: [`model`] (one forward pass per step) over [`paged_attention`].
+//! Compute: [`model`] (one forward pass per step) over [`paged_attention`], with our matmul
+//! kernels [`q4_matmul`] and [`q8_matmul`] on activations quantized by `quantize`.
 //! Text: [`tokenizer`]. The step loop: [`engine`], run on a thread by [`worker`].
 //! Serving: [`server`] (OpenAI API, admin API), [`metrics`]. Model download: [`fetch`].
 
 pub mod bench;
 pub mod block_pool;
 pub mod engine;
+pub mod exp;
 pub mod fetch;
 pub mod kv_cache_manager;
 pub mod metrics;
@@ -16,6 +18,7 @@ pub mod openai;
 pub mod paged_attention;
 pub mod q4_matmul;
 pub mod q8_matmul;
+mod quantize;
 pub mod sampling;
 pub mod scheduler;
 pub mod server;

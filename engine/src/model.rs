@@ -60,6 +60,15 @@ enum Linear {
 }
 
 impl Linear {
+    /// Appends row `r` as f32. Only for the kernels that keep a file's blocks as stored.
+    fn dequantize_row(&self, r: usize, out: &mut Vec<f32>) {
+        match self {
+            Self::Q8(m) => m.dequantize_row(r, out),
+            Self::Q4(m) => m.dequantize_row(r, out),
+            _ => unreachable!("OutputRows is only chosen for Q8 and Q4 output matrices"),
+        }
+    }
+
     fn forward(&self, x: Vec<f32>, rows: usize, cols: usize) -> Result<Vec<f32>> {
         match self {
             Self::Q8(m) => Ok(m.matmul(&x, rows)),
@@ -98,9 +107,18 @@ struct Layer {
     down: Linear,
 }
 
+/// Where a token's input vector comes from.
+enum Embedding {
+    /// A dequantized f32 table, `[vocab, hidden]`.
+    Table(Vec<f32>),
+    /// The row of the tied output matrix, dequantized on lookup (candle's arithmetic, so the
+    /// same numbers as the table).
+    OutputRows,
+}
+
 pub struct Model {
     pub cfg: LlamaConfig,
-    embed: Vec<f32>,
+    embed: Embedding,
     layers: Vec<Layer>,
     out_norm: Vec<f32>,
     lm_head: Linear,
@@ -229,19 +247,24 @@ impl Model {
         };
 
         let embd_q = get("token_embd.weight")?;
-        let embed: Vec<f32> = deq(&embd_q)?.flatten_all()?.to_vec1()?;
-        let lm_head = match get("output.weight") {
-            Ok(w) => fuse(vec![w])?,
-            // Tied embeddings stored as Q8_0: use the file's blocks as they are.
+        let table = |q: &QTensor| -> Result<Embedding> {
+            Ok(Embedding::Table(deq(q)?.flatten_all()?.to_vec1()?))
+        };
+        let (lm_head, embed) = match get("output.weight") {
+            Ok(w) => (fuse(vec![w])?, table(&embd_q)?),
+            // Tied embeddings stored as Q8_0: use the file's blocks as they are, for the
+            // output and (dequantized per token) for the input, instead of a 113 MB f32 copy.
             Err(_) if embd_q.dtype() == GgmlDType::Q8_0 && format != WeightFormat::F32 => {
-                q8(embd_q)?
+                (q8(embd_q)?, Embedding::OutputRows)
             }
-            // Tied Q4_1 embeddings (SmolLM2's file): the 4-bit format keeps them 4-bit too,
-            // 18 MB read per sampled token instead of 30.
+            // Tied Q4_1 embeddings: the 4-bit format keeps them 4-bit too.
             Err(_) if embd_q.dtype() == GgmlDType::Q4_1 && format == WeightFormat::Q4_1 => {
-                fuse(vec![embd_q])?
+                (fuse(vec![embd_q])?, Embedding::OutputRows)
             }
-            Err(_) => pack(deq(&embd_q)?)?,
+            Err(_) => {
+                let embed = table(&embd_q)?;
+                (pack(deq(&embd_q)?)?, embed)
+            }
         };
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
@@ -285,7 +308,10 @@ impl Model {
                     "token id {tok} out of vocabulary"
                 )));
             }
-            x.extend_from_slice(&self.embed[tok * h..(tok + 1) * h]);
+            match &self.embed {
+                Embedding::Table(t) => x.extend_from_slice(&t[tok * h..(tok + 1) * h]),
+                Embedding::OutputRows => self.lm_head.dequantize_row(tok, &mut x),
+            }
         }
         for (li, l) in self.layers.iter().enumerate() {
             let xn = rms_norm(&x, &l.attn_norm, c.rms_eps);
@@ -305,10 +331,14 @@ impl Model {
             add_assign(&mut x, &l.wo.forward(attn, t, q_dim)?);
             let xn = rms_norm(&x, &l.ffn_norm, c.rms_eps);
             let gu = l.gate_up.forward(xn, t, h)?;
+            // SiLU(g) * u, with e^-g for the whole row at once (vectorized exp).
             let mut act = Vec::with_capacity(t * c.ffn);
+            let mut e = vec![0.0f32; c.ffn];
             for row in gu.chunks_exact(2 * c.ffn) {
                 let (g, u) = row.split_at(c.ffn);
-                act.extend(g.iter().zip(u).map(|(g, u)| g / (1.0 + (-g).exp()) * u));
+                e.iter_mut().zip(g).for_each(|(e, g)| *e = -g);
+                crate::exp::exp_in_place(&mut e);
+                act.extend(g.iter().zip(u).zip(&e).map(|((g, u), e)| g / (1.0 + e) * u));
             }
             add_assign(&mut x, &l.down.forward(act, t, c.ffn)?);
         }

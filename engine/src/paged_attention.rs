@@ -4,8 +4,8 @@
 //!
 //! Layout per layer: `[block][slot in block][kv head][head dim]`, f32. A token at position
 //! `p` of a sequence lives in block `table[p / block_size]`, slot `p % block_size`.
-//! Work is split across (query token, head) pairs on the rayon pool, which also serves
-//! candle's matmuls, so decode at batch 1 still uses every thread.
+//! Work is split across (query token, KV head) pairs on the rayon pool, each serving the query
+//! heads that share that KV head, so every key and value row is read once per group.
 
 use rayon::prelude::*;
 
@@ -94,32 +94,39 @@ impl KvStore {
     pub fn attention(&self, layer: usize, q: &[f32], ctx: &[TokenCtx], n_heads: usize) -> Vec<f32> {
         let hd = self.head_dim;
         let group = n_heads / self.n_kv_heads;
+        // Query heads that share a KV head are served together, so each key and value row is
+        // read once for all of them (in groups of at most MAX_GROUP).
+        let per_item = (1..=group.min(MAX_GROUP))
+            .rev()
+            .find(|g| group.is_multiple_of(*g))
+            .unwrap_or(1);
+        let items_per_token = n_heads / per_item;
         let scale = 1.0 / (hd as f32).sqrt();
         let (kc, vc) = (&self.k[layer], &self.v[layer]);
         let mut out = vec![0.0f32; q.len()];
         let avx2 = crate::q8_matmul::has_avx2_fma();
         let one = |(i, o): (usize, &mut [f32])| {
-            let (t, h) = (i / n_heads, i % n_heads);
-            let head = Head {
-                q: &q[i * hd..(i + 1) * hd],
-                kv_offset: (h / group) * hd,
+            let (t, first) = (i / items_per_token, (i % items_per_token) * per_item);
+            let heads = Heads {
+                q: &q[(t * n_heads + first) * hd..(t * n_heads + first + per_item) * hd],
+                kv_offset: (first / group) * hd,
                 scale,
             };
             #[cfg(target_arch = "x86_64")]
             if avx2 {
                 // SAFETY: AVX2 and FMA were detected at run time.
-                return unsafe { self.attend_avx2(head, ctx[t], kc, vc, o) };
+                return unsafe { self.attend_avx2(heads, ctx[t], kc, vc, o) };
             }
             let _ = avx2;
-            self.attend(head, ctx[t], kc, vc, o)
+            self.attend(heads, ctx[t], kc, vc, o)
         };
         // A small step (one decode token over a short context: tens of microseconds) runs on
         // the calling thread; waking the pool would cost about as much as the work.
         let keys: usize = ctx.iter().map(|c| c.pos + 1).sum::<usize>() * n_heads;
         if keys < SERIAL_KEYS {
-            out.chunks_mut(hd).enumerate().for_each(one);
+            out.chunks_mut(per_item * hd).enumerate().for_each(one);
         } else {
-            out.par_chunks_mut(hd).enumerate().for_each(one);
+            out.par_chunks_mut(per_item * hd).enumerate().for_each(one);
         }
         out
     }
@@ -127,39 +134,70 @@ impl KvStore {
     /// The same code compiled for AVX2: 8-wide instead of SSE2's 4-wide vectors.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn attend_avx2(&self, head: Head, c: TokenCtx, kc: &[f32], vc: &[f32], o: &mut [f32]) {
-        self.attend(head, c, kc, vc, o)
+    unsafe fn attend_avx2(&self, h: Heads, c: TokenCtx, kc: &[f32], vc: &[f32], o: &mut [f32]) {
+        self.attend(h, c, kc, vc, o)
     }
 
-    /// One query head of one token over its sequence's keys `0..=c.pos`.
+    /// Query heads of one token (sharing one KV head) over its sequence's keys `0..=c.pos`.
+    /// Each head gets exactly the operations it would get alone.
     #[inline(always)]
-    fn attend(&self, head: Head, c: TokenCtx, kc: &[f32], vc: &[f32], o: &mut [f32]) {
+    fn attend(&self, h: Heads, c: TokenCtx, kc: &[f32], vc: &[f32], o: &mut [f32]) {
         let hd = self.head_dim;
-        // Online softmax: one pass over the keys, no score buffer.
-        let mut max = f32::NEG_INFINITY;
-        let mut denom = 0.0f32;
-        for p in 0..=c.pos {
-            let off = self.slot_offset(c.table, p) + head.kv_offset;
-            let s = dot(head.q, &kc[off..off + hd]) * head.scale;
-            let vrow = &vc[off..off + hd];
-            if s > max {
-                let r = (max - s).exp();
-                denom *= r;
-                o.iter_mut().for_each(|x| *x *= r);
-                max = s;
+        let heads = h.q.len() / hd;
+        // Online softmax over chunks of keys: scores of a chunk first, then one max, one
+        // rescale and one vectorized exp per head and chunk (a libm exp per key cost as much
+        // as the key's dot product and value update together).
+        let mut max = [f32::NEG_INFINITY; MAX_GROUP];
+        let mut denom = [0.0f32; MAX_GROUP];
+        let (mut w, mut offs) = ([[0.0f32; CHUNK]; MAX_GROUP], [0usize; CHUNK]);
+        let n = c.pos + 1;
+        for start in (0..n).step_by(CHUNK) {
+            let len = CHUNK.min(n - start);
+            for j in 0..len {
+                let off = self.slot_offset(c.table, start + j) + h.kv_offset;
+                offs[j] = off;
+                let k = &kc[off..off + hd];
+                for (g, q) in h.q.chunks_exact(hd).enumerate() {
+                    w[g][j] = dot(q, k) * h.scale;
+                }
             }
-            let w = (s - max).exp();
-            denom += w;
-            axpy(w, vrow, o);
+            for (g, og) in o.chunks_exact_mut(hd).enumerate() {
+                let w = &mut w[g][..len];
+                let chunk_max = w.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+                if chunk_max > max[g] {
+                    let r = (max[g] - chunk_max).exp();
+                    denom[g] *= r;
+                    og.iter_mut().for_each(|x| *x *= r);
+                    max[g] = chunk_max;
+                }
+                w.iter_mut().for_each(|s| *s -= max[g]);
+                crate::exp::exp_in_place(w);
+            }
+            for (j, &off) in offs[..len].iter().enumerate() {
+                let v = &vc[off..off + hd];
+                for (g, og) in o.chunks_exact_mut(hd).enumerate() {
+                    denom[g] += w[g][j];
+                    axpy(w[g][j], v, og);
+                }
+            }
         }
-        let inv = 1.0 / denom;
-        o.iter_mut().for_each(|x| *x *= inv);
+        for (g, og) in o.chunks_exact_mut(hd).enumerate().take(heads) {
+            let inv = 1.0 / denom[g];
+            og.iter_mut().for_each(|x| *x *= inv);
+        }
     }
 }
 
-/// One query head: its vector, where its KV head sits in a cache row, the score scale.
+/// At most this many query heads share one work item (Llama 3 70B groups 8).
+const MAX_GROUP: usize = 8;
+
+/// Keys scored together before their softmax weights are taken.
+const CHUNK: usize = 16;
+
+/// Query heads sharing a KV head: their vectors (`[heads, head_dim]`), where that KV head sits
+/// in a cache row, the score scale.
 #[derive(Clone, Copy)]
-struct Head<'a> {
+struct Heads<'a> {
     q: &'a [f32],
     kv_offset: usize,
     scale: f32,
@@ -205,10 +243,11 @@ mod tests {
 
     #[test]
     fn paged_matches_contiguous_with_scattered_blocks_and_gqa() {
-        let (bs, hd, n_kv, n_heads) = (4, 8, 2, 4);
-        let mut store = KvStore::new(1, 8, bs, n_kv, hd);
-        let table = [5u32, 2, 7]; // deliberately out of order
-        let len = 11;
+        // Groups of 3 query heads per KV head (as SmolLM2), 40 positions: several chunks.
+        let (bs, hd, n_kv, n_heads) = (4, 8, 2, 6);
+        let mut store = KvStore::new(1, 16, bs, n_kv, hd);
+        let table = [5u32, 2, 7, 12, 0, 9, 15, 3, 11, 1]; // deliberately out of order
+        let len = 40;
         let val = |p: usize, i: usize, salt: f32| ((p * 31 + i * 7) as f32 * 0.37 + salt).sin();
         let mut ks = vec![vec![]; n_kv];
         let mut vs = vec![vec![]; n_kv];
@@ -229,20 +268,12 @@ mod tests {
                 vs[h].push(v[h * hd..(h + 1) * hd].to_vec());
             }
         }
-        // Two query tokens of the same sequence, at positions 6 and 10.
-        let q: Vec<f32> = (0..2 * n_heads * hd)
-            .map(|i| (i as f32 * 0.13).cos())
+        // Query tokens of the same sequence inside, at and across chunk boundaries; large
+        // enough scores that the running maximum moves between chunks.
+        let ctx = [6, 10, 15, 16, 39].map(|pos| TokenCtx { pos, table: &table });
+        let q: Vec<f32> = (0..ctx.len() * n_heads * hd)
+            .map(|i| 4.0 * (i as f32 * 0.13).cos())
             .collect();
-        let ctx = [
-            TokenCtx {
-                pos: 6,
-                table: &table,
-            },
-            TokenCtx {
-                pos: 10,
-                table: &table,
-            },
-        ];
         let out = store.attention(0, &q, &ctx, n_heads);
         for (t, c) in ctx.iter().enumerate() {
             for h in 0..n_heads {

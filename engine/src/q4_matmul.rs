@@ -77,11 +77,21 @@ impl Q4Matrix {
         self.rows
     }
 
+    /// Appends row `r` dequantized as candle does (`q as f32 * d + m`).
+    pub fn dequantize_row(&self, r: usize, out: &mut Vec<f32>) {
+        let nb = self.cols / QK;
+        let mut q = [0u8; QK];
+        for b in r * nb..(r + 1) * nb {
+            unpack_row(&self.qs[b * 16..(b + 1) * 16], &mut q);
+            out.extend(q.iter().map(|&v| v as f32 * self.d[b] + self.m[b]));
+        }
+    }
+
     /// `x` is `[t, cols]`; returns `[t, rows]`.
     pub fn matmul(&self, x: &[f32], t: usize) -> Vec<f32> {
         assert_eq!(x.len(), t * self.cols, "activation shape");
         let (cols, nb) = (self.cols, self.cols / QK);
-        let xa = quantize_q8_1(x);
+        let xa = crate::quantize::quantize(x, true);
         let avx2 = has_avx2_fma();
         // Small steps read the nibbles straight from the packed blocks (bandwidth-bound: one
         // pass over the weights); larger ones unpack each tile once and reuse it per token.
@@ -205,54 +215,6 @@ fn mins(r: &Row, x: &Act) -> f32 {
     r.m.iter()
         .zip(x.s)
         .fold(0.0f32, |a, (m, s)| m.mul_add(*s, a))
-}
-
-struct Q8_1 {
-    d: Vec<f32>,
-    s: Vec<f32>,
-    qs: Vec<i8>,
-}
-
-/// ggml's Q8_1 quantizer (f16 scale, f16 scaled sum), as candle's `BlockQ8_1::from_float`.
-fn quantize_q8_1(x: &[f32]) -> Q8_1 {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: AVX2 and FMA were detected at run time.
-        return unsafe { quantize_q8_1_avx2(x) };
-    }
-    quantize_q8_1_any(x)
-}
-
-/// The same code compiled for AVX2 (`round` vectorized instead of a libm call per element).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_q8_1_avx2(x: &[f32]) -> Q8_1 {
-    quantize_q8_1_any(x)
-}
-
-#[inline(always)]
-fn quantize_q8_1_any(x: &[f32]) -> Q8_1 {
-    let n = x.len() / QK;
-    let mut a = Q8_1 {
-        d: Vec::with_capacity(n),
-        s: Vec::with_capacity(n),
-        qs: Vec::with_capacity(x.len()),
-    };
-    for block in x.chunks_exact(QK) {
-        let amax = block.iter().fold(0.0f32, |acc, v| acc.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        let d16 = f16::from_f32(d);
-        let mut sum = 0i32;
-        for v in block {
-            let q = (v * id).round() as i8;
-            sum += q as i32;
-            a.qs.push(q);
-        }
-        a.d.push(d16.to_f32());
-        a.s.push((f16::from_f32(sum as f32) * d16).to_f32());
-    }
-    a
 }
 
 fn dot_scalar(r: &Row, x: &Act) -> f32 {
@@ -396,7 +358,7 @@ mod tests {
             .unwrap()
             .to_vec1()
             .unwrap();
-        let a = quantize_q8_1(&x);
+        let a = crate::quantize::quantize(&x, true);
         let act = Act {
             q: &a.qs,
             d: &a.d,
@@ -443,6 +405,26 @@ mod tests {
         for tok in 0..t {
             let one = m.matmul(&x[tok * cols..(tok + 1) * cols], 1);
             assert_eq!(one, all[tok * rows..(tok + 1) * rows], "token {tok}");
+        }
+    }
+
+    /// Embedding lookups read rows of the output matrix: the same numbers as candle's table.
+    #[test]
+    fn dequantized_rows_equal_candles_dequantization() {
+        let (rows, cols) = (5, 96);
+        let q = QTensor::quantize(&matrix(rows, cols, 0.5), GgmlDType::Q4_1).unwrap();
+        let want: Vec<f32> = q
+            .dequantize(&candle_core::Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let m = Q4Matrix::from_qtensors(&[&q]).unwrap();
+        for r in 0..rows {
+            let mut got = vec![];
+            m.dequantize_row(r, &mut got);
+            assert_eq!(got, want[r * cols..(r + 1) * cols], "row {r}");
         }
     }
 }

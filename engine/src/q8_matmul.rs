@@ -68,6 +68,14 @@ impl Q8Matrix {
     pub fn rows(&self) -> usize {
         self.rows
     }
+
+    /// Appends row `r` dequantized as candle does (`q as f32 * d`).
+    pub fn dequantize_row(&self, r: usize, out: &mut Vec<f32>) {
+        let (q, d) = self.row(r);
+        for (qb, d) in q.chunks_exact(QK).zip(d) {
+            out.extend(qb.iter().map(|&v| v as f32 * d));
+        }
+    }
     pub fn cols(&self) -> usize {
         self.cols
     }
@@ -175,37 +183,11 @@ pub(crate) fn has_avx2_fma() -> bool {
     false
 }
 
-/// ggml's Q8_0 quantizer for activations: per 32-block scale amax/127 stored as f16.
+/// ggml's Q8_0 quantizer for activations (`quantize.rs`): block scales and int8 values.
 fn quantize_rows(x: &[f32], cols: usize) -> (Vec<f32>, Vec<i8>) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: AVX2 and FMA were detected at run time.
-        return unsafe { quantize_rows_avx2(x, cols) };
-    }
-    quantize_rows_any(x, cols)
-}
-
-/// The same code compiled for AVX2, where `round` becomes vector instructions instead of a
-/// libm call per element (1.6% of the engine's time at 32 streams).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_rows_avx2(x: &[f32], cols: usize) -> (Vec<f32>, Vec<i8>) {
-    quantize_rows_any(x, cols)
-}
-
-#[inline(always)]
-fn quantize_rows_any(x: &[f32], cols: usize) -> (Vec<f32>, Vec<i8>) {
-    let mut d = Vec::with_capacity(x.len() / QK);
-    let mut q = Vec::with_capacity(x.len());
     debug_assert_eq!(x.len() % cols, 0);
-    for block in x.chunks_exact(QK) {
-        let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let scale = amax / 127.0;
-        let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
-        d.push(f16::from_f32(scale).to_f32());
-        q.extend(block.iter().map(|v| (v * inv).round() as i8));
-    }
-    (d, q)
+    let q = crate::quantize::quantize(x, false);
+    (q.d, q.qs)
 }
 
 fn dot_scalar(w: &[i8], wd: &[f32], x: &[i8], xd: &[f32]) -> f32 {
@@ -307,6 +289,26 @@ pub(crate) mod tests {
         let slow = Q8Matrix::dot4(rows, &xq, &xd, false);
         for (a, b) in fast.iter().zip(slow) {
             assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+        }
+    }
+
+    /// Embedding lookups read rows of the output matrix: the same numbers as candle's table.
+    #[test]
+    fn dequantized_rows_equal_candles_dequantization() {
+        let (rows, cols) = (5, 96);
+        let q = QTensor::quantize(&matrix(rows, cols, 0.5), GgmlDType::Q8_0).unwrap();
+        let want: Vec<f32> = q
+            .dequantize(&candle_core::Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let m = Q8Matrix::from_qtensor(&q).unwrap();
+        for r in 0..rows {
+            let mut got = vec![];
+            m.dequantize_row(r, &mut got);
+            assert_eq!(got, want[r * cols..(r + 1) * cols], "row {r}");
         }
     }
 }

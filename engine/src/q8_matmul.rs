@@ -295,19 +295,27 @@ pub(crate) mod tests {
     /// Embedding lookups read rows of the output matrix: the same numbers as candle's table.
     #[test]
     fn dequantized_rows_equal_candles_dequantization() {
-        let (rows, cols) = (5, 96);
-        let q = QTensor::quantize(&matrix(rows, cols, 0.5), GgmlDType::Q8_0).unwrap();
+        let q = QTensor::quantize(&matrix(5, 96, 0.5), GgmlDType::Q8_0).unwrap();
+        let m = Q8Matrix::from_qtensor(&q).unwrap();
+        assert_rows_match_candle(&q, |r, out| m.dequantize_row(r, out));
+    }
+
+    /// Every row `dequantize_row` gives equals candle's dequantization of `q`, bit for bit.
+    pub(crate) fn assert_rows_match_candle(
+        q: &QTensor,
+        dequantize_row: impl Fn(usize, &mut Vec<f32>),
+    ) {
+        let (rows, cols) = q.shape().dims2().unwrap();
         let want: Vec<f32> = q
-            .dequantize(&candle_core::Device::Cpu)
+            .dequantize(&Device::Cpu)
             .unwrap()
             .flatten_all()
             .unwrap()
             .to_vec1()
             .unwrap();
-        let m = Q8Matrix::from_qtensor(&q).unwrap();
         for r in 0..rows {
             let mut got = vec![];
-            m.dequantize_row(r, &mut got);
+            dequantize_row(r, &mut got);
             assert_eq!(got, want[r * cols..(r + 1) * cols], "row {r}");
         }
     }

@@ -8,7 +8,7 @@
 /// Replaces every `x` with `e^x`.
 pub fn exp_in_place(xs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if crate::q8_matmul::has_avx2_fma() {
+    if crate::cpu::has_avx2_fma() {
         // SAFETY: AVX2 and FMA were detected at run time.
         return unsafe { avx2::exp_in_place(xs) };
     }

@@ -2,14 +2,16 @@
 //!
 //! Pure logic (no I/O): [`block_pool`], [`kv_cache_manager`], [`scheduler`], [`sampling`].
 //! Compute: [`model`] (one forward pass per step) over [`paged_attention`], with our matmul
-//! kernels [`q4_matmul`] and [`q8_matmul`] on activations quantized by `quantize`.
+//! kernels [`q4_matmul`] and [`q8_matmul`] on activations quantized by `quantize`; `exp` for
+//! softmax and SiLU.
 //! Text: [`tokenizer`]. The step loop: [`engine`], run on a thread by [`worker`].
 //! Serving: [`server`] (OpenAI API, admin API), [`metrics`]. Model download: [`fetch`].
 
 pub mod bench;
 pub mod block_pool;
+mod cpu;
 pub mod engine;
-pub mod exp;
+mod exp;
 pub mod fetch;
 pub mod kv_cache_manager;
 pub mod metrics;

@@ -104,7 +104,7 @@ impl KvStore {
         let scale = 1.0 / (hd as f32).sqrt();
         let (kc, vc) = (&self.k[layer], &self.v[layer]);
         let mut out = vec![0.0f32; q.len()];
-        let avx2 = crate::q8_matmul::has_avx2_fma();
+        let avx2 = crate::cpu::has_avx2_fma();
         let one = |(i, o): (usize, &mut [f32])| {
             let (t, first) = (i / items_per_token, (i % items_per_token) * per_item);
             let heads = Heads {
@@ -143,7 +143,6 @@ impl KvStore {
     #[inline(always)]
     fn attend(&self, h: Heads, c: TokenCtx, kc: &[f32], vc: &[f32], o: &mut [f32]) {
         let hd = self.head_dim;
-        let heads = h.q.len() / hd;
         // Online softmax over chunks of keys: scores of a chunk first, then one max, one
         // rescale and one vectorized exp per head and chunk (a libm exp per key cost as much
         // as the key's dot product and value update together).
@@ -181,7 +180,7 @@ impl KvStore {
                 }
             }
         }
-        for (g, og) in o.chunks_exact_mut(hd).enumerate().take(heads) {
+        for (g, og) in o.chunks_exact_mut(hd).enumerate() {
             let inv = 1.0 / denom[g];
             og.iter_mut().for_each(|x| *x *= inv);
         }

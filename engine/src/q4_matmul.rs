@@ -11,11 +11,12 @@
 //! quantized per 32-block to int8 with f16 scale d and s = d·Σq (f16), so
 //! dot = d_w·d_x·Σ(q_w·q_x) + m_w·s_x. Tested against candle's Q4_1 matmul.
 
-use crate::q8_matmul::{by_row_tiles, has_avx2_fma};
+use crate::cpu::has_avx2_fma;
+use crate::q8_matmul::by_row_tiles;
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 
-const QK: usize = 32;
+use crate::quantize::QK;
 
 pub struct Q4Matrix {
     rows: usize,

@@ -15,7 +15,8 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 use rayon::prelude::*;
 
-const QK: usize = 32;
+use crate::cpu::has_avx2_fma;
+use crate::quantize::QK;
 /// Weight rows per task: 16 rows of a 576-wide matrix are ~10 KB, comfortably L1-resident.
 const ROW_TILE: usize = 16;
 
@@ -84,7 +85,7 @@ impl Q8Matrix {
     pub fn matmul(&self, x: &[f32], t: usize) -> Vec<f32> {
         assert_eq!(x.len(), t * self.cols, "activation shape");
         let nb = self.cols / QK;
-        let (xd, xq) = quantize_rows(x, self.cols);
+        let crate::quantize::Quantized { d: xd, qs: xq, .. } = crate::quantize::quantize(x, false);
         let avx2 = has_avx2_fma();
         by_row_tiles(self.rows, t, |r0, out| {
             let nr = out.len() / t;
@@ -170,24 +171,6 @@ pub(crate) fn by_row_tiles(
         }
     }
     y
-}
-
-pub(crate) fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *DETECTED
-            .get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
-/// ggml's Q8_0 quantizer for activations (`quantize.rs`): block scales and int8 values.
-fn quantize_rows(x: &[f32], cols: usize) -> (Vec<f32>, Vec<i8>) {
-    debug_assert_eq!(x.len() % cols, 0);
-    let q = crate::quantize::quantize(x, false);
-    (q.d, q.qs)
 }
 
 fn dot_scalar(w: &[i8], wd: &[f32], x: &[i8], xd: &[f32]) -> f32 {
@@ -283,7 +266,7 @@ pub(crate) mod tests {
             .unwrap()
             .to_vec1()
             .unwrap();
-        let (xd, xq) = quantize_rows(&x, 128);
+        let crate::quantize::Quantized { d: xd, qs: xq, .. } = crate::quantize::quantize(&x, false);
         let rows = [m.row(0), m.row(1), m.row(2), m.row(3)];
         let fast = Q8Matrix::dot4(rows, &xq, &xd, has_avx2_fma());
         let slow = Q8Matrix::dot4(rows, &xq, &xd, false);

@@ -26,7 +26,7 @@ pub(crate) fn quantize(x: &[f32], sums: bool) -> Quantized {
         s: Vec::with_capacity(if sums { n } else { 0 }),
         qs: vec![0; x.len()],
     };
-    let avx2 = crate::q8_matmul::has_avx2_fma();
+    let avx2 = crate::cpu::has_avx2_fma();
     for (block, q) in x.chunks_exact(QK).zip(out.qs.chunks_exact_mut(QK)) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX2 and FMA were detected at run time; both slices are one block long.
@@ -114,7 +114,7 @@ mod tests {
     /// whose values land exactly on halves (the rounding rule's only hard case).
     #[test]
     fn vector_and_scalar_quantizers_agree() {
-        if !crate::q8_matmul::has_avx2_fma() {
+        if !crate::cpu::has_avx2_fma() {
             return;
         }
         let mut blocks: Vec<Vec<f32>> = (0..200)

@@ -4,7 +4,7 @@
 
 use crate::kv_cache_manager::{KvCacheManager, SeqId};
 use crate::model::{Batch, Model};
-use crate::paged_attention::{KvStore, TokenCtx};
+use crate::paged_attention::{KvDtype, KvStore, TokenCtx};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::scheduler::{Limits, Scheduler};
 use crate::tokenizer::{Detokenizer, TextCodec};
@@ -19,6 +19,8 @@ pub struct Envelope {
     pub max_batched_tokens: u32,
     /// Reuse the KV of full prompt blocks already computed for earlier requests.
     pub prefix_caching: bool,
+    /// What the KV pool stores per element.
+    pub kv_dtype: KvDtype,
 }
 
 impl Envelope {
@@ -162,6 +164,7 @@ impl Engine {
             envelope.block_size,
             c.n_kv_head,
             c.head_dim,
+            envelope.kv_dtype,
         );
         let manager = KvCacheManager::new(
             envelope.num_blocks,

@@ -178,9 +178,9 @@ impl LlamaConfig {
         Ok(cfg)
     }
 
-    /// KV bytes per token with this engine's f32 cache.
-    pub fn kv_bytes_per_token(&self) -> usize {
-        KvStore::bytes_per_token(self.n_layer, self.n_kv_head, self.head_dim)
+    /// KV bytes per token in a pool of `dtype`.
+    pub fn kv_bytes_per_token(&self, dtype: crate::paged_attention::KvDtype) -> usize {
+        KvStore::bytes_per_token(self.n_layer, self.n_kv_head, self.head_dim, dtype)
     }
 }
 

@@ -557,6 +557,7 @@ async fn get_limits(State(st): State<Arc<AppState>>) -> Response {
                 "ceiling": {"max_num_seqs": env.max_num_seqs, "max_batched_tokens": env.max_batched_tokens},
                 "kv_blocks_total": env.num_blocks,
                 "block_size": env.block_size,
+                "kv_cache_dtype": env.kv_dtype,
                 "draining": st.draining(),
             }))
             .into_response()
@@ -680,9 +681,13 @@ pub struct ServeArgs {
     /// In-memory weight format, converted at load.
     #[arg(long, value_enum, default_value_t = crate::model::WeightFormat::Q4_1)]
     pub weights: crate::model::WeightFormat,
-    /// Tokens per KV block.
-    #[arg(long, default_value_t = 16)]
+    /// Tokens per KV block (multiples of 8 take the vector attention kernel).
+    #[arg(long, default_value_t = 16, value_parser = block_size)]
     pub block_size: usize,
+    /// What the KV cache stores: f16 holds twice the tokens per MiB and reads half the bytes
+    /// per step; f32 keeps exactly what the model computed.
+    #[arg(long, value_enum, default_value_t = crate::paged_attention::KvDtype::F16)]
+    pub kv_cache_dtype: crate::paged_attention::KvDtype,
     /// KV cache pool size in MiB (fixed at start; part of the capacity envelope).
     #[arg(long, default_value_t = 256)]
     pub kv_cache_mib: usize,
@@ -710,6 +715,14 @@ pub struct ServeArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
+}
+
+fn block_size(s: &str) -> Result<usize, String> {
+    let max = crate::paged_attention::MAX_BLOCK_SIZE;
+    match s.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("expected a whole number from 1 to {max}")),
+    }
 }
 
 /// Binds both listeners, loads the model, serves until SIGTERM/SIGINT, then drains.
@@ -753,9 +766,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let (model, codec) = crate::engine::load_model(&model_path, args.weights)
             .with_context(|| format!("loading {}", model_path.display()))?;
         let cfg = model.cfg.clone();
-        let num_blocks = args
-            .num_blocks
-            .unwrap_or((args.kv_cache_mib << 20) / (cfg.kv_bytes_per_token() * args.block_size));
+        let num_blocks = args.num_blocks.unwrap_or(
+            (args.kv_cache_mib << 20)
+                / (cfg.kv_bytes_per_token(args.kv_cache_dtype) * args.block_size),
+        );
         anyhow::ensure!(
             num_blocks > 0,
             "the KV cache holds no block; raise --kv-cache-mib"
@@ -766,6 +780,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_num_seqs: args.max_num_seqs_ceiling,
             max_batched_tokens: args.max_batched_tokens_ceiling,
             prefix_caching: !args.no_prefix_caching,
+            kv_dtype: args.kv_cache_dtype,
         };
         let limits = Limits {
             max_num_seqs: args.max_num_seqs.unwrap_or(args.max_num_seqs_ceiling),
@@ -775,7 +790,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let handle = crate::worker::spawn(engine, st.metrics.clone());
         tracing::info!(
             model = %model_path.display(), layers = cfg.n_layer, context = cfg.context_length,
-            weights = ?args.weights, kv_blocks = num_blocks, block_size = args.block_size,
+            weights = ?args.weights, kv_dtype = ?args.kv_cache_dtype, kv_blocks = num_blocks, block_size = args.block_size,
             kv_tokens = envelope.capacity_tokens(), seconds = t0.elapsed().as_secs_f32(),
             "model loaded"
         );

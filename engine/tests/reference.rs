@@ -10,6 +10,7 @@ use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use redline_engine::engine::{load_model, Engine, Envelope, Request};
 use redline_engine::model::WeightFormat;
+use redline_engine::paged_attention::KvDtype;
 use redline_engine::sampling::SamplingParams;
 use redline_engine::scheduler::Limits;
 use redline_engine::tokenizer::ChatMessage;
@@ -19,6 +20,8 @@ const GEN: usize = 20;
 /// Largest |engine - reference| allowed for any logit, relative to the reference's spread
 /// (max - min over the vocabulary). f32: the same weights, only summation order differs.
 const F32_TOL: f32 = 1e-3;
+/// f32 weights with the f16 KV cache: every key and value rounded to 11 significant bits.
+const F16_KV_TOL: f32 = 1e-2;
 /// Q8_0 / auto: weights re-quantized at load (or 4-bit as in the file) and activations
 /// quantized to 8 bits in the matmuls.
 const Q8_TOL: f32 = 0.1;
@@ -193,6 +196,7 @@ fn prompts(engine: &Engine, shared_system: bool) -> Vec<Vec<u32>> {
 
 fn engine(
     format: WeightFormat,
+    kv_dtype: KvDtype,
     num_blocks: usize,
     block_size: usize,
     prefix_caching: bool,
@@ -204,6 +208,7 @@ fn engine(
         max_num_seqs: 16,
         max_batched_tokens: 256,
         prefix_caching,
+        kv_dtype,
     };
     Engine::new(
         model,
@@ -233,7 +238,7 @@ fn batched_paged_logits_match_one_at_a_time_reference() {
     let mut reference = Reference::new();
 
     // 1. Ample KV pool, no prefix caching: pure continuous batching with chunked prefill.
-    let mut e = engine(WeightFormat::F32, 256, 16, false);
+    let mut e = engine(WeightFormat::F32, KvDtype::F32, 256, 16, false);
     let ps = prompts(&e, false);
     let o = run(&mut e, &mut reference, &ps, 0);
     report("ample pool", &o, F32_TOL);
@@ -242,13 +247,13 @@ fn batched_paged_logits_match_one_at_a_time_reference() {
     // 2. A pool that holds all eight prompts but not their growth (4-token blocks, so growth
     //    needs blocks often): preemption by recompute must happen and must not change logits.
     let prompt_blocks: usize = ps.iter().map(|p| p.len().div_ceil(4)).sum();
-    let mut e = engine(WeightFormat::F32, prompt_blocks + 4, 4, false);
+    let mut e = engine(WeightFormat::F32, KvDtype::F32, prompt_blocks + 4, 4, false);
     let o = run(&mut e, &mut reference, &ps, 0);
     report("small pool", &o, F32_TOL);
     assert!(o.preemptions > 0, "the small pool must force preemptions");
 
     // 3. Shared system prompt with prefix caching: later requests reuse earlier blocks.
-    let mut e = engine(WeightFormat::F32, 256, 16, true);
+    let mut e = engine(WeightFormat::F32, KvDtype::F32, 256, 16, true);
     let ps = prompts(&e, true);
     // The first request computes the shared prefix; the rest arrive one step later.
     let o = {
@@ -265,19 +270,27 @@ fn batched_paged_logits_match_one_at_a_time_reference() {
         "the shared system prompt must be served from the prefix cache"
     );
 
-    // 4. The Q8_0 serving format: weights re-quantized at load, so a looser bound.
-    let mut e = engine(WeightFormat::Q8_0, 256, 16, false);
+    // 4. The f16 KV cache (the serving default) alone: the same f32 weights, keys and values
+    //    rounded when stored.
+    let mut e = engine(WeightFormat::F32, KvDtype::F16, 256, 16, false);
     let ps = prompts(&e, false);
+    let o = run(&mut e, &mut reference, &ps, 0);
+    report("f16 kv cache", &o, F16_KV_TOL);
+
+    // 5. The Q8_0 format: weights re-quantized at load (a second rounding of the file's 4-bit
+    //    weights), so a looser bound; f32 KV, so the bound is the weights' alone.
+    let mut e = engine(WeightFormat::Q8_0, KvDtype::F32, 256, 16, false);
     let o = run(&mut e, &mut reference, &ps, 0);
     report("q8_0 weights", &o, Q8_TOL);
 
-    // 5. The file's own Q4_1 blocks through our Q4_1 kernel, and the hybrid that switches
-    //    kernels by step size (steps shrink from 8 tokens to 1 as sequences finish).
-    for (name, format) in [
-        ("q4_1 weights", WeightFormat::Q4_1),
-        ("auto weights", WeightFormat::Auto),
+    // 6. What is served by default: the file's own Q4_1 blocks through our Q4_1 kernel, with
+    //    the f16 KV cache. Then the hybrid that switches kernels by step size (steps shrink
+    //    from 8 tokens to 1 as sequences finish).
+    for (name, format, kv) in [
+        ("q4_1 weights, f16 kv", WeightFormat::Q4_1, KvDtype::F16),
+        ("auto weights", WeightFormat::Auto, KvDtype::F32),
     ] {
-        let mut e = engine(format, 256, 16, false);
+        let mut e = engine(format, kv, 256, 16, false);
         let o = run(&mut e, &mut reference, &ps, 0);
         report(name, &o, Q8_TOL);
     }

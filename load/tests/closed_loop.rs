@@ -19,7 +19,7 @@ use redline_testcluster::testing::{self, client, repo, wait_for, TestNs};
 
 const RELEASE_NS: &str = "redline-loop";
 /// The guard's KV redline in this test: low enough that the burst surely reaches it on some pod
-/// (one 384-token prompt holds a quarter of the 64 MiB pool), so its reaction is measured.
+/// (one 384-token prompt holds a quarter of the 32 MiB pool of f16 KV), so its reaction is measured.
 const GUARD_REDLINE: f64 = 0.4;
 /// Preemptions (a sequence evicted because the KV pool ran out) allowed over the whole burst.
 const MAX_PREEMPTIONS: u64 = 2;

@@ -14,8 +14,8 @@
 //!   2048-token step budget (a full chunk then takes 88 ms, inside a 100 ms ITL objective).
 //! - `cpu-smollm2`: redline-engine serving SmolLM2-135M Q4_1 on 2 vCPUs, from docs/bench.md
 //!   (ITL 15 ms at 1 stream, 43 ms at 8, 149 ms at 32: ~11 ms + 4.3 ms per token), with the
-//!   engine's default 256 MiB pool: 364 blocks of 16 tokens at 45 KiB per token (30 layers x 3
-//!   KV heads x 64 x 2 x f32).
+//!   engine's default 256 MiB pool: 728 blocks of 16 tokens at 22.5 KiB per token (30 layers
+//!   x 3 KV heads x 64 x 2 x f16).
 
 use redline_api::Limits;
 use redline_autoscale::ReplicaCapacity;
@@ -54,7 +54,7 @@ impl EngineProfile {
             step_base_seconds: 0.011,
             per_token_seconds: 0.0043,
             per_context_token_seconds: 0.000_000_5,
-            kv_blocks: 364,
+            kv_blocks: 728,
             block_size: 16,
             limits: Limits::new(64, 256),
             typical_context_tokens: 256,

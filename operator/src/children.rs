@@ -123,6 +123,7 @@ fn engine_args(isvc: &InferenceService) -> (Vec<String>, Vec<Volume>, Vec<Volume
         format!("--port={ENGINE_PORT}"),
         format!("--block-size={}", e.block_size),
         format!("--kv-cache-mib={}", e.kv_cache_mib),
+        format!("--kv-cache-dtype={}", e.kv_cache_dtype),
         format!("--max-num-seqs-ceiling={}", e.max_num_seqs_ceiling),
         format!(
             "--max-num-seqs={}",
@@ -388,11 +389,12 @@ mod tests {
             engine.resources.as_ref().unwrap().limits.as_ref().unwrap()["nvidia.com/gpu"].0,
             "1"
         );
-        assert!(engine
-            .args
-            .as_ref()
-            .unwrap()
-            .contains(&"--drain-grace-seconds=55".to_string()));
+        let args = engine.args.as_ref().unwrap();
+        assert!(args.contains(&"--drain-grace-seconds=55".to_string()));
+        assert!(
+            args.contains(&"--kv-cache-dtype=f16".to_string()),
+            "{args:?}"
+        );
     }
 
     #[test]

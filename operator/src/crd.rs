@@ -124,6 +124,10 @@ pub struct EngineSettings {
     #[serde(default = "kv_cache_mib")]
     #[schemars(range(min = 1))]
     pub kv_cache_mib: i32,
+    /// What the KV pool stores: f16 (twice the tokens per MiB) or f32 (exact values).
+    #[serde(default = "kv_cache_dtype")]
+    #[schemars(regex(pattern = "^(f16|f32)$"))]
+    pub kv_cache_dtype: String,
     /// Ceiling of max_num_seqs: the most the operator or sidecar may ever set.
     #[serde(default = "seqs_ceiling")]
     #[schemars(range(min = 1, max = 4096))]
@@ -148,6 +152,9 @@ fn block_size() -> i32 {
 fn kv_cache_mib() -> i32 {
     256
 }
+fn kv_cache_dtype() -> String {
+    "f16".into()
+}
 fn seqs_ceiling() -> i32 {
     64
 }
@@ -160,6 +167,7 @@ impl Default for EngineSettings {
         Self {
             block_size: block_size(),
             kv_cache_mib: kv_cache_mib(),
+            kv_cache_dtype: kv_cache_dtype(),
             max_num_seqs_ceiling: seqs_ceiling(),
             max_num_seqs: None,
             max_batched_tokens: batched_tokens(),

@@ -329,6 +329,12 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
             "wrong type",
             Box::new(|v: &mut serde_json::Value| v["spec"]["maxReplicas"] = json!("many")),
         ),
+        (
+            "unknown KV dtype",
+            Box::new(|v: &mut serde_json::Value| {
+                v["spec"]["engine"]["kvCacheDtype"] = json!("bf16")
+            }),
+        ),
     ] {
         let mut v = example_json();
         edit(&mut v);

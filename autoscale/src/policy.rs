@@ -70,6 +70,8 @@ impl PolicyConfig {
 const DOWN_MARGIN: f64 = 0.85;
 /// Most the trend may add to the current demand, as a share of it.
 const MAX_TREND_GAIN: f64 = 0.5;
+/// The scale-down window grows up to this multiple of the configured one.
+const MAX_HOLD_FACTOR: f64 = 4.0;
 /// Scale-up tolerance: demand must exceed the replicas by this share (no flapping on noise).
 const UP_TOLERANCE: f64 = 0.05;
 
@@ -176,6 +178,10 @@ pub struct Policy {
     last_up: Option<f64>,
     last_down: Option<f64>,
     draining: Vec<Draining>,
+    /// The scale-down window in force: the configured one, doubled each time a scale-down is
+    /// undone by a scale-up within it (bursts recur at about that interval), halved again
+    /// after twice its length without any scaling.
+    hold: f64,
 }
 
 impl Policy {
@@ -186,6 +192,7 @@ impl Policy {
             last_up: None,
             last_down: None,
             draining: Vec::new(),
+            hold: cfg.scale_down_window_seconds,
         }
     }
 
@@ -196,6 +203,13 @@ impl Policy {
     /// Takes a new configuration (an edited AutoscalingPolicy) and keeps the history.
     pub fn set_config(&mut self, cfg: PolicyConfig) {
         self.cfg = cfg;
+        let base = cfg.scale_down_window_seconds;
+        self.hold = self.hold.clamp(base, base * MAX_HOLD_FACTOR);
+    }
+
+    /// The scale-down window in force (see `hold`).
+    pub fn scale_down_window(&self) -> f64 {
+        self.hold
     }
 
     /// The pods being drained.
@@ -264,6 +278,11 @@ impl Policy {
         let serving = desired.saturating_sub(self.draining.len() as u32);
         let wanted = needed(forecast);
         let since = |t: Option<f64>| t.map_or(f64::INFINITY, |t| now - t);
+        let base = cfg.scale_down_window_seconds;
+        while self.hold > base && since(self.last_up).min(since(self.last_down)) >= 2.0 * self.hold
+        {
+            self.hold = (self.hold / 2.0).max(base);
+        }
 
         // Demand came back while pods drain: keep them (still there, warm, no cold start).
         if !self.draining.is_empty() && wanted > serving {
@@ -285,6 +304,10 @@ impl Policy {
             let cooldown = since(self.last_up).min(since(self.last_down));
             if desired < max && cooldown >= cfg.scale_up_cooldown_seconds {
                 let to = wanted.min(desired + cfg.max_step.max(1)).min(max);
+                // A reversal: the last action was a scale-down, within the window in force.
+                if since(self.last_down) < self.hold.min(since(self.last_up)) {
+                    self.hold = (self.hold * 2.0).min(base * MAX_HOLD_FACTOR);
+                }
                 self.last_up = Some(now);
                 out.replicas = to;
                 out.action = Action::ScaleUp { from: desired, to };
@@ -356,7 +379,7 @@ impl Policy {
                             .collect();
                         out.reason = format!(
                             "peak demand {peak:.2} over {:.0}s fits on {} replicas",
-                            cfg.scale_down_window_seconds,
+                            self.hold,
                             desired - pods.len() as u32
                         );
                         out.action = Action::Drain { pods };
@@ -377,7 +400,7 @@ impl Policy {
     /// The window's peak demand when scaling down is safe now, else why not.
     fn down_blocker(&self, now: f64, desired: u32, not_ready: u32) -> Result<f64, String> {
         let cfg = &self.cfg;
-        let w = cfg.scale_down_window_seconds;
+        let w = self.hold;
         if not_ready > 0 {
             return Err(format!("{not_ready} pod(s) not ready"));
         }
@@ -429,9 +452,7 @@ impl Policy {
             smoothed,
             complete,
         });
-        let keep = self
-            .cfg
-            .scale_down_window_seconds
+        let keep = (self.cfg.scale_down_window_seconds * MAX_HOLD_FACTOR)
             .max(self.cfg.demand_smoothing_seconds)
             .max(self.cfg.forecast_horizon_seconds)
             .max(self.cfg.trend_window_seconds);

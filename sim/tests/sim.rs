@@ -22,7 +22,8 @@ const SLO: Slo = Slo {
 };
 
 #[test]
-fn on_the_code_trace_redline_keeps_the_slo_for_less_than_static_and_beats_the_queue_hpa() {
+fn on_the_code_trace_redline_keeps_the_slo_for_less_than_static_without_flapping_and_beats_the_queue_hpa(
+) {
     let t = trace(Replay::default());
     let setup = Setup::new(EngineProfile::gpu_8b(), 60.0, SLO, 2, 16);
     let c = compare(&t, &setup, None);
@@ -37,6 +38,8 @@ fn on_the_code_trace_redline_keeps_the_slo_for_less_than_static_and_beats_the_qu
     assert!(redline.ttft_attainment >= 0.99, "{redline:?}");
     assert!(redline.itl_attainment >= 0.99, "{redline:?}");
     assert_eq!((redline.redline_events, redline.failed), (0, 0));
+    // No flapping: the scale-down window doubles when a scale-down is undone within it.
+    assert!(redline.reversals_per_10_min <= 1.0, "{redline:?}");
     // Cheaper than the fewest fixed replicas that keep the SLO...
     assert!(stat.ttft_attainment >= 0.99);
     assert!(

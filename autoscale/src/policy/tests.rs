@@ -129,6 +129,88 @@ fn scales_down_only_through_a_drain_after_the_window() {
     assert_eq!((d.replicas, d.draining.clone()), (2, vec![busy]));
 }
 
+/// Ticks every 5 s from `from` to `to` with `tps` spread over the pods, which turn Ready at
+/// once and empty as soon as they drain; returns the actions taken and when.
+fn drive(p: &mut Policy, from: f64, to: f64, desired: &mut u32, tps: f64) -> Vec<(f64, Action)> {
+    let mut acts = vec![];
+    let mut t = from;
+    while t < to {
+        let draining: Vec<String> = p.draining().map(String::from).collect();
+        let pods = (0..*desired)
+            .map(|i| {
+                let name = format!("p{i}");
+                let running = u64::from(!draining.contains(&name));
+                PodView {
+                    signals: Some(signals(tps / *desired as f64, running)),
+                    name,
+                    phase: PodPhase::Ready,
+                }
+            })
+            .collect();
+        let d = p.decide(&Observation {
+            now: t,
+            desired: *desired,
+            pods,
+        });
+        if let Action::ScaleUp { to, .. } | Action::ScaleDown { to, .. } = d.action {
+            *desired = to;
+        }
+        if d.action != Action::Hold {
+            acts.push((t, d.action));
+        }
+        t += 5.0;
+    }
+    acts
+}
+
+#[test]
+fn a_scale_down_undone_within_the_window_doubles_it_until_quiet() {
+    let mut p = Policy::new(cfg());
+    let mut desired = 2;
+    // Light load: one pod is drained after the 120 s window and removed once empty.
+    let acts = drive(&mut p, 0.0, 200.0, &mut desired, 200.0);
+    assert!(
+        matches!(acts.last(), Some((_, Action::ScaleDown { to: 1, .. }))),
+        "{acts:?}"
+    );
+    assert_eq!(p.scale_down_window(), 120.0);
+    // A burst 75 s after that scale-down: up again, and the window doubles.
+    let acts = drive(&mut p, 200.0, 240.0, &mut desired, 2000.0);
+    let last_up = acts
+        .iter()
+        .filter(|(_, a)| matches!(a, Action::ScaleUp { .. }))
+        .map(|(t, _)| *t)
+        .next_back()
+        .expect("a scale-up");
+    assert_eq!(p.scale_down_window(), 240.0);
+    // Light again: no drain until the doubled window has passed since the scale-up.
+    let acts = drive(&mut p, 240.0, 600.0, &mut desired, 200.0);
+    let first_drain = acts
+        .iter()
+        .find(|(_, a)| matches!(a, Action::Drain { .. }))
+        .map(|(t, _)| *t)
+        .expect("a drain");
+    assert!(first_drain >= last_up + 240.0, "{first_drain} vs {last_up}");
+    assert_eq!(desired, 1, "{acts:?}");
+    assert_eq!(p.scale_down_window(), 240.0, "scaled down just now");
+    // Twice the window without any scaling: back to the configured window.
+    let last_action = acts.last().unwrap().0;
+    assert!(drive(&mut p, 600.0, last_action + 480.0, &mut desired, 200.0).is_empty());
+    assert_eq!(
+        p.scale_down_window(),
+        240.0,
+        "not quiet for long enough yet"
+    );
+    drive(
+        &mut p,
+        last_action + 480.0,
+        last_action + 490.0,
+        &mut desired,
+        200.0,
+    );
+    assert_eq!(p.scale_down_window(), 120.0);
+}
+
 #[test]
 fn jittered_ticks_still_gather_a_whole_scale_down_window() {
     // A real loop ticks every 5 s plus some milliseconds; with the window equal to every

@@ -6,6 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod prom;
+
 /// `GET /v1/pressure`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PressureReport {

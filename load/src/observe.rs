@@ -8,6 +8,7 @@ use futures::future::join_all;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
 use kube::{Api, Client};
+use redline_api::prom::{Exposition, ParseError};
 use redline_autoscale::PodPhase;
 use redline_operator::autoscaler::pod_phase;
 use redline_operator::crd::InferenceService;
@@ -95,20 +96,6 @@ pub async fn pods(client: &Client, namespace: &str, service: &str) -> kube::Resu
     Ok(v)
 }
 
-/// The sum of the samples of `name` whose labels contain `label` (`""`: all), in a Prometheus
-/// text exposition.
-fn sum(metrics: &str, name: &str, label: &str) -> u64 {
-    metrics
-        .lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-                && l.contains(label)
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
-
 /// What the sidecar's metrics say of its guard.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GuardCounts {
@@ -120,20 +107,20 @@ pub struct GuardCounts {
     pub within_1s: u64,
 }
 
-pub fn guard_counts(metrics: &str) -> GuardCounts {
-    GuardCounts {
-        down: sum(
-            metrics,
-            "redline_sidecar_guard_actions_total",
-            "direction=\"down\"",
-        ),
-        timed: sum(metrics, "redline_sidecar_guard_reaction_seconds_count", ""),
-        within_1s: sum(
-            metrics,
-            "redline_sidecar_guard_reaction_seconds_bucket",
-            "le=\"1\"",
-        ),
-    }
+pub fn guard_counts(metrics: &str) -> Result<GuardCounts, ParseError> {
+    let m = Exposition::parse(metrics)?;
+    let actions = m.sum_where(
+        "redline_sidecar_guard_actions_total",
+        &[("direction", "down")],
+    );
+    let reaction = m
+        .histogram("redline_sidecar_guard_reaction_seconds")
+        .unwrap_or_default();
+    Ok(GuardCounts {
+        down: actions.unwrap_or(0.0) as u64,
+        timed: reaction.count,
+        within_1s: reaction.at_most(1.0).unwrap_or(0),
+    })
 }
 
 /// Reads every pod's engine and sidecar metrics; pods that do not answer (starting, gone) are
@@ -146,11 +133,16 @@ pub async fn scrape(
     let reads = pods.iter().map(|p| async move {
         let engine = transport.get(&p.target, 8000, "/metrics").await.ok()?;
         let r = redline_sidecar::scrape::parse(&engine).ok()?;
-        let guard = transport
-            .get(&p.target, 8090, "/metrics")
-            .await
-            .map(|m| guard_counts(&m))
-            .unwrap_or_default();
+        let guard = match transport.get(&p.target, 8090, "/metrics").await {
+            Ok(m) => guard_counts(&m).unwrap_or_else(|e| {
+                // A page we cannot read would count as a guard that never acts: say so once.
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| eprintln!("sidecar metrics of {}: {e}", p.target.pod));
+                GuardCounts::default()
+            }),
+            // Starting or gone: this tick goes without it.
+            Err(_) => GuardCounts::default(),
+        };
         Some((
             p.target.pod.clone(),
             PodSample {
@@ -192,7 +184,9 @@ mod tests {
 redline_sidecar_guard_actions_total{direction=\"down\",reason=\"forecast\"} 3
 redline_sidecar_guard_actions_total{direction=\"down\",reason=\"preemption\"} 2
 redline_sidecar_guard_actions_total{direction=\"up\",reason=\"calm\"} 7
+# TYPE redline_sidecar_guard_actions_total_other gauge
 redline_sidecar_guard_actions_total_other 9
+# TYPE redline_sidecar_guard_reaction_seconds histogram
 redline_sidecar_guard_reaction_seconds_bucket{le=\"0.5\"} 3
 redline_sidecar_guard_reaction_seconds_bucket{le=\"1\"} 4
 redline_sidecar_guard_reaction_seconds_bucket{le=\"+Inf\"} 5
@@ -201,12 +195,12 @@ redline_sidecar_guard_reaction_seconds_count 5
 ";
         assert_eq!(
             guard_counts(m),
-            GuardCounts {
+            Ok(GuardCounts {
                 down: 5,
                 timed: 5,
                 within_1s: 4
-            }
+            })
         );
-        assert_eq!(guard_counts(""), GuardCounts::default());
+        assert!(guard_counts("").is_err() && guard_counts("not { metrics").is_err());
     }
 }

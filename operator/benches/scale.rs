@@ -24,26 +24,10 @@ fn peak_rss_mib(pid: u32) -> f64 {
 
 /// Quantile from a Prometheus histogram's cumulative buckets (upper bound of the bucket).
 fn quantile(metrics: &str, name: &str, q: f64) -> f64 {
-    let mut buckets: Vec<(f64, f64)> = metrics
-        .lines()
-        .filter(|l| l.starts_with(&format!("{name}_bucket")))
-        .filter_map(|l| {
-            let le = l.split("le=\"").nth(1)?.split('"').next()?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            let count: f64 = l.rsplit(' ').next()?.parse().ok()?;
-            Some((le, count))
-        })
-        .collect();
-    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let total = buckets.last().map_or(0.0, |b| b.1);
-    buckets
-        .iter()
-        .find(|(_, c)| *c >= q * total)
-        .map_or(f64::NAN, |(le, _)| *le)
+    redline_api::prom::Exposition::parse(metrics)
+        .ok()
+        .and_then(|m| m.histogram(name))
+        .map_or(f64::NAN, |h| h.quantile_bound(q))
 }
 
 #[tokio::main]

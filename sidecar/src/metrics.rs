@@ -168,3 +168,43 @@ impl Metrics {
         String::from_utf8(buf).expect("utf-8 metrics")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use redline_api::prom::Exposition;
+
+    #[test]
+    fn the_page_parses_with_an_infinite_forecast_and_unknown_device_readings() {
+        let m = super::Metrics::default();
+        // Not rising: no redline ahead. No device temperature known.
+        m.seconds_to_redline.set(f64::INFINITY);
+        super::set_opt(&m.device_temp, None);
+        m.guard_actions
+            .with_label_values(&["down", "forecast"])
+            .inc_by(2);
+        m.guard_actions.with_label_values(&["up", "calm"]).inc();
+        m.guard_reaction.observe(0.3);
+        m.guard_reaction.observe(1.7);
+        let e = Exposition::parse(&m.render()).expect("the sidecar's own page parses");
+        assert_eq!(
+            e.sum("redline_sidecar_seconds_to_redline"),
+            Some(f64::INFINITY)
+        );
+        assert!(e
+            .sum("redline_sidecar_device_temperature_celsius")
+            .unwrap()
+            .is_nan());
+        let down = e.sum_where(
+            "redline_sidecar_guard_actions_total",
+            &[("direction", "down")],
+        );
+        assert_eq!(down, Some(2.0));
+        let h = e
+            .histogram("redline_sidecar_guard_reaction_seconds")
+            .unwrap();
+        assert_eq!(
+            (h.count, h.at_most(0.5), h.at_most(1.0)),
+            (2, Some(1), Some(1))
+        );
+    }
+}

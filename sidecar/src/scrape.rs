@@ -1,7 +1,7 @@
 //! Reading an engine's Prometheus `/metrics` into an [`EngineReading`]. Engine-agnostic:
 //! redline-engine's own names first, vLLM's otherwise (a vLLM pod is observed, not steered).
 
-use openmetrics_parser::{MetricsExposition, PrometheusType, PrometheusValue};
+use redline_api::prom::Exposition;
 use redline_api::{EngineFlavor, EngineReading, Limits};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -15,43 +15,15 @@ pub enum ScrapeError {
     NotAnEngine,
 }
 
-type Exposition = MetricsExposition<PrometheusType, PrometheusValue>;
-
-/// The values of every sample (label set) of the family `name`; counters may be keyed with or
-/// without their `_total` suffix.
-fn values<'a>(e: &'a Exposition, name: &str) -> impl Iterator<Item = f64> + 'a {
-    let family = e
-        .families
-        .get(name)
-        .or_else(|| name.strip_suffix("_total").and_then(|n| e.families.get(n)));
-    family.into_iter().flat_map(|f| {
-        f.iter_samples().filter_map(|s| match &s.value {
-            PrometheusValue::Gauge(n) | PrometheusValue::Unknown(n) => Some(n.as_f64()),
-            PrometheusValue::Counter(c) => Some(c.value.as_f64()),
-            _ => None,
-        })
-    })
-}
-
-/// Sum over label sets (vLLM labels per model and engine); `None` when absent.
-fn sum(e: &Exposition, name: &str) -> Option<f64> {
-    values(e, name).reduce(|a, b| a + b)
-}
-
-/// The fullest KV pool when several engines report (data-parallel vLLM).
-fn max(e: &Exposition, name: &str) -> Option<f64> {
-    values(e, name).reduce(f64::max)
-}
-
 pub fn parse(text: &str) -> Result<EngineReading, ScrapeError> {
-    let scrape = openmetrics_parser::prometheus::parse_prometheus(text)
-        .map_err(|e| ScrapeError::Parse(format!("{e:?}")))?;
-    let count = |name: &str| sum(&scrape, name).unwrap_or(0.0).max(0.0) as u64;
-    let whole = |name: &str| sum(&scrape, name).map(|v| v.max(0.0) as u64);
-    if let Some(usage) = max(&scrape, "redline_engine_kv_cache_usage_ratio") {
+    let scrape = Exposition::parse(text).map_err(|e| ScrapeError::Parse(e.0))?;
+    let (sum, max) = (|n: &str| scrape.sum(n), |n: &str| scrape.max(n));
+    let count = |name: &str| sum(name).unwrap_or(0.0).max(0.0) as u64;
+    let whole = |name: &str| sum(name).map(|v| v.max(0.0) as u64);
+    if let Some(usage) = max("redline_engine_kv_cache_usage_ratio") {
         let limits = match (
-            max(&scrape, "redline_engine_max_num_seqs"),
-            max(&scrape, "redline_engine_max_batched_tokens"),
+            max("redline_engine_max_num_seqs"),
+            max("redline_engine_max_batched_tokens"),
         ) {
             // Zero tokens: the engine is still loading and has no limits yet.
             (Some(s), Some(t)) if t >= 1.0 => Some(Limits {
@@ -63,8 +35,8 @@ pub fn parse(text: &str) -> Result<EngineReading, ScrapeError> {
         return Ok(EngineReading {
             flavor: EngineFlavor::Redline,
             kv_usage_ratio: usage,
-            kv_blocks_total: sum(&scrape, "redline_engine_kv_blocks_total").map(|v| v as u64),
-            kv_blocks_used: sum(&scrape, "redline_engine_kv_blocks_used").map(|v| v as u64),
+            kv_blocks_total: sum("redline_engine_kv_blocks_total").map(|v| v as u64),
+            kv_blocks_used: sum("redline_engine_kv_blocks_used").map(|v| v as u64),
             requests_running: count("redline_engine_requests_running"),
             requests_waiting: count("redline_engine_requests_waiting"),
             preemptions_total: count("redline_engine_preemptions_total"),
@@ -72,12 +44,12 @@ pub fn parse(text: &str) -> Result<EngineReading, ScrapeError> {
             prompt_tokens_received_total: whole("redline_engine_prompt_tokens_received_total"),
             generation_tokens_total: whole("redline_engine_generation_tokens_total"),
             waiting_prompt_tokens: whole("redline_engine_waiting_prompt_tokens"),
-            draining: sum(&scrape, "redline_engine_draining").map(|v| v > 0.0),
+            draining: sum("redline_engine_draining").map(|v| v > 0.0),
         });
     }
     // vLLM renamed gpu_cache_usage_perc to kv_cache_usage_perc; accept both.
-    let usage = max(&scrape, "vllm:kv_cache_usage_perc")
-        .or_else(|| max(&scrape, "vllm:gpu_cache_usage_perc"))
+    let usage = max("vllm:kv_cache_usage_perc")
+        .or_else(|| max("vllm:gpu_cache_usage_perc"))
         .ok_or(ScrapeError::NotAnEngine)?;
     Ok(EngineReading {
         flavor: EngineFlavor::Vllm,

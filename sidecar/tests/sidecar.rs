@@ -11,6 +11,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{metric, Engine, Sidecar, TOKEN};
+use redline_api::prom::Exposition;
 use redline_api::Level;
 use serde_json::{json, Value};
 
@@ -137,28 +138,21 @@ async fn replay(engine: &Engine, sidecar: &Sidecar) -> Outcome {
         }
     }
     let m = engine.metrics().await;
-    let sm = sidecar.metrics().await;
-    for l in sm
-        .lines()
-        .filter(|l| l.starts_with("redline_sidecar_guard_reaction"))
-    {
-        eprintln!("  {l}");
-    }
-    let guard_actions = sm
-        .lines()
-        .filter(|l| l.starts_with("redline_sidecar_guard_actions_total{"))
-        .map(|l| l.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap() as u64)
-        .sum();
+    let sm = Exposition::parse(&sidecar.metrics().await).expect("the sidecar's metrics parse");
+    let reaction = sm
+        .histogram("redline_sidecar_guard_reaction_seconds")
+        .unwrap_or_default();
+    eprintln!(
+        "  guard reactions (le, cumulative count): {:?}",
+        reaction.buckets
+    );
     let o = Outcome {
         preemptions: metric(&m, "redline_engine_preemptions_total") - before,
         peak_kv,
         seconds: start.elapsed().as_secs_f64(),
-        guard_actions,
-        cuts_timed: metric(&sm, "redline_sidecar_guard_reaction_seconds_count"),
-        cuts_within_1s: metric(
-            &sm,
-            "redline_sidecar_guard_reaction_seconds_bucket{le=\"1\"}",
-        ),
+        guard_actions: sm.sum("redline_sidecar_guard_actions_total").unwrap_or(0.0) as u64,
+        cuts_timed: reaction.count as f64,
+        cuts_within_1s: reaction.at_most(1.0).unwrap_or(0) as f64,
         worst_level,
     };
     eprintln!("{n} requests: {o:?}");

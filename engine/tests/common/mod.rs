@@ -67,7 +67,7 @@ impl Server {
         format!("{}{path}", self.base)
     }
 
-    /// A metric's value from the engine's /metrics (first sample with that exact name).
+    /// A gauge's or counter's value from the engine's /metrics (summed over label sets).
     pub async fn metric(&self, name: &str) -> f64 {
         let text = reqwest::get(self.url("/metrics"))
             .await
@@ -75,12 +75,9 @@ impl Server {
             .text()
             .await
             .unwrap();
-        text.lines()
-            .find_map(|l| {
-                let (k, v) = l.rsplit_once(' ')?;
-                let k = k.split('{').next()?;
-                (k == name).then(|| v.parse().ok()).flatten()
-            })
+        redline_api::prom::Exposition::parse(&text)
+            .expect("the engine's metrics parse")
+            .sum(name)
             .unwrap_or_else(|| panic!("metric {name} missing"))
     }
 }

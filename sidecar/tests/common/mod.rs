@@ -138,12 +138,11 @@ pub async fn get_text(url: &str) -> String {
     reqwest::get(url).await.unwrap().text().await.unwrap()
 }
 
+/// The sum of a gauge's or counter's samples (over label sets) in a `/metrics` page.
 pub fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            (k == name).then(|| v.parse().unwrap())
-        })
+    redline_api::prom::Exposition::parse(text)
+        .expect("the metrics parse")
+        .sum(name)
         .unwrap_or_else(|| panic!("no metric {name}"))
 }
 

@@ -45,7 +45,8 @@ impl Histogram {
 fn spell_infinities(text: &str) -> std::borrow::Cow<'_, str> {
     let infinite = |l: &str| {
         let v = l.rsplit(' ').next().unwrap_or("");
-        !l.starts_with('#') && ["inf", "+inf", "-inf"].contains(&v.to_ascii_lowercase().as_str())
+        let v = v.strip_prefix(['+', '-']).unwrap_or(v);
+        !l.starts_with('#') && v.eq_ignore_ascii_case("inf")
     };
     if !text.lines().any(infinite) {
         return text.into();

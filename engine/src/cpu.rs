@@ -11,3 +11,13 @@ pub(crate) fn has_avx2_fma() -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
+
+/// F16C (half-precision conversions), which every AVX2 CPU we know of also has.
+pub(crate) fn has_f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}

@@ -262,8 +262,9 @@ impl Model {
                 (fuse(vec![embd_q])?, Embedding::OutputRows)
             }
             Err(_) => {
-                let embed = table(&embd_q)?;
-                (pack(deq(&embd_q)?)?, embed)
+                let w = deq(&embd_q)?;
+                let embed = Embedding::Table(w.flatten_all()?.to_vec1()?);
+                (pack(w)?, embed)
             }
         };
         let mut layers = Vec::with_capacity(cfg.n_layer);

@@ -385,7 +385,7 @@ mod avx2 {
     /// The CPU has the instructions and the shapes fit the kernel.
     pub(super) fn usable(s: &Shape) -> bool {
         crate::cpu::has_avx2_fma()
-            && is_x86_feature_detected!("f16c")
+            && crate::cpu::has_f16c()
             && s.block_size.is_multiple_of(8)
             && s.head_dim.is_multiple_of(8)
     }

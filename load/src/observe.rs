@@ -180,19 +180,17 @@ mod tests {
 
     #[test]
     fn reads_the_guards_cuts_and_their_timing() {
-        let m = "# TYPE redline_sidecar_guard_actions_total counter
-redline_sidecar_guard_actions_total{direction=\"down\",reason=\"forecast\"} 3
-redline_sidecar_guard_actions_total{direction=\"down\",reason=\"preemption\"} 2
-redline_sidecar_guard_actions_total{direction=\"up\",reason=\"calm\"} 7
-# TYPE redline_sidecar_guard_actions_total_other gauge
-redline_sidecar_guard_actions_total_other 9
-# TYPE redline_sidecar_guard_reaction_seconds histogram
-redline_sidecar_guard_reaction_seconds_bucket{le=\"0.5\"} 3
-redline_sidecar_guard_reaction_seconds_bucket{le=\"1\"} 4
-redline_sidecar_guard_reaction_seconds_bucket{le=\"+Inf\"} 5
-redline_sidecar_guard_reaction_seconds_sum 1.9
-redline_sidecar_guard_reaction_seconds_count 5
-";
+        // The page as the sidecar renders it: cuts for two reasons, and raises; reactions
+        // timed at 0.1, 0.2, 0.3, 0.8 and 2 s.
+        let sidecar = redline_sidecar::metrics::Metrics::default();
+        let actions = &sidecar.guard_actions;
+        actions.with_label_values(&["down", "forecast"]).inc_by(3);
+        actions.with_label_values(&["down", "preemption"]).inc_by(2);
+        actions.with_label_values(&["up", "calm"]).inc_by(7);
+        for s in [0.1, 0.2, 0.3, 0.8, 2.0] {
+            sidecar.guard_reaction.observe(s);
+        }
+        let m = &sidecar.render();
         assert_eq!(
             guard_counts(m),
             Ok(GuardCounts {

@@ -163,6 +163,14 @@ fn drive(p: &mut Policy, from: f64, to: f64, desired: &mut u32, tps: f64) -> Vec
     acts
 }
 
+/// The times of the actions that match.
+fn times(acts: &[(f64, Action)], matching: fn(&Action) -> bool) -> Vec<f64> {
+    acts.iter()
+        .filter(|(_, a)| matching(a))
+        .map(|(t, _)| *t)
+        .collect()
+}
+
 #[test]
 fn a_scale_down_undone_within_the_window_doubles_it_until_quiet() {
     let mut p = Policy::new(cfg());
@@ -176,20 +184,13 @@ fn a_scale_down_undone_within_the_window_doubles_it_until_quiet() {
     assert_eq!(p.scale_down_window(), 120.0);
     // A burst 75 s after that scale-down: up again, and the window doubles.
     let acts = drive(&mut p, 200.0, 240.0, &mut desired, 2000.0);
-    let last_up = acts
-        .iter()
-        .filter(|(_, a)| matches!(a, Action::ScaleUp { .. }))
-        .map(|(t, _)| *t)
-        .next_back()
-        .expect("a scale-up");
+    let ups = times(&acts, |a| matches!(a, Action::ScaleUp { .. }));
+    let last_up = *ups.last().expect("a scale-up");
     assert_eq!(p.scale_down_window(), 240.0);
     // Light again: no drain until the doubled window has passed since the scale-up.
     let acts = drive(&mut p, 240.0, 600.0, &mut desired, 200.0);
-    let first_drain = acts
-        .iter()
-        .find(|(_, a)| matches!(a, Action::Drain { .. }))
-        .map(|(t, _)| *t)
-        .expect("a drain");
+    let drains = times(&acts, |a| matches!(a, Action::Drain { .. }));
+    let first_drain = *drains.first().expect("a drain");
     assert!(first_drain >= last_up + 240.0, "{first_drain} vs {last_up}");
     assert_eq!(desired, 1, "{acts:?}");
     assert_eq!(p.scale_down_window(), 240.0, "scaled down just now");

@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod deadline;
 pub mod prom;
 
 /// `GET /v1/pressure`.

@@ -9,6 +9,7 @@ use crate::sampling::{Sampler, SamplingParams};
 use crate::scheduler::{Limits, Scheduler};
 use crate::tokenizer::{Detokenizer, TextCodec};
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 /// What is fixed at start: the KV pool and the ceilings the live limits move within.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -153,6 +154,8 @@ pub struct Engine {
     envelope: Envelope,
     active: HashMap<SeqId, Active>,
     pub record_logits: bool,
+    /// The scheduler's clock starts here.
+    epoch: Instant,
 }
 
 impl Engine {
@@ -180,7 +183,19 @@ impl Engine {
             envelope,
             active: HashMap::new(),
             record_logits: false,
+            epoch: Instant::now(),
         }
+    }
+
+    /// Admit the requests that can still meet this time-to-first-token first (see
+    /// `scheduler`); `None`: arrival order.
+    pub fn set_ttft_objective(&mut self, objective: Option<Duration>) {
+        self.sched
+            .set_ttft_objective(objective.map(|d| d.as_secs_f64()));
+    }
+
+    fn now(&self) -> f64 {
+        self.epoch.elapsed().as_secs_f64()
     }
 
     pub fn codec(&self) -> &TextCodec {
@@ -241,7 +256,8 @@ impl Engine {
                 pending: String::new(),
             },
         );
-        self.sched.add(r.id, r.prompt);
+        let now = self.now();
+        self.sched.add(r.id, r.prompt, now);
         Ok(())
     }
 
@@ -252,7 +268,8 @@ impl Engine {
     }
 
     pub fn step(&mut self) -> Result<StepOutput, crate::model::ModelError> {
-        let plan = self.sched.schedule();
+        let started = Instant::now();
+        let plan = self.sched.schedule(self.now());
         let mut out = StepOutput {
             num_tokens: plan.num_tokens,
             preempted: plan.preempted.len(),
@@ -284,6 +301,8 @@ impl Engine {
             },
         )?;
         self.sched.complete_step(&plan);
+        self.sched
+            .record_step(plan.num_tokens, started.elapsed().as_secs_f64());
         let mut logits = logits.into_iter();
         for sc in plan.scheduled.iter().filter(|s| s.sample) {
             let row = logits.next().expect("one logits row per sampling chunk");

@@ -1,11 +1,17 @@
 //! Iteration-level scheduler: continuous batching with chunked prefill.
 //!
-//! Every step: running sequences first, oldest first (each decode is one token; an unfinished
-//! prefill gets a chunk of what is left of the token budget); then, if nobody was preempted,
-//! waiting sequences in arrival order while `max_num_seqs` and the budget allow. When the KV
-//! pool cannot grow a running sequence, the newest running sequence is preempted by recompute:
+//! Every step: running sequences first, in the order they were admitted (each decode is one
+//! token; an unfinished prefill gets a chunk of what is left of the token budget); then, if
+//! nobody was preempted, waiting sequences in arrival order while `max_num_seqs` and the budget
+//! allow. When the KV pool cannot grow a running sequence, the last admitted is preempted by recompute:
 //! its blocks are freed and it goes back to the waiting queue with its tokens, to be prefilled
 //! again (probably from the prefix cache) later. Nothing is ever failed for lack of blocks.
+//!
+//! Given a time-to-first-token objective, admission is deadline-aware instead of arrival
+//! order: the waiting sequences that can still get their first token within it go first, the
+//! ones that cannot behind them (`redline_api::deadline`, shared with the simulator), judged at
+//! the prefill throughput this scheduler measures from the steps it is told about. The clock
+//! is the caller's: times come in as seconds.
 //!
 //! Limits are admission limits: lowering them never evicts a running sequence, it only stops
 //! admission until the batch is back under them. Decode tokens of running sequences are never
@@ -13,6 +19,7 @@
 //! holds at most `max(max_batched_tokens, number of running decodes)` tokens.
 
 use crate::kv_cache_manager::{KvCacheManager, SeqId};
+use redline_api::deadline::{Deadlines, Waiting};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 
@@ -30,7 +37,12 @@ pub struct SeqState {
     pub prompt_len: usize,
     /// Tokens whose KV is in the cache.
     pub num_computed: usize,
+    /// Arrival order: the waiting queue's.
     pub arrival: u64,
+    /// Admission order (the last one, when several): the running list's.
+    pub admitted: u64,
+    /// Arrival time, seconds on the caller's clock.
+    pub arrived_at: f64,
     pub preemptions: u32,
 }
 
@@ -57,14 +69,28 @@ pub struct Scheduler {
     limits: Limits,
     seqs: HashMap<SeqId, SeqState>,
     waiting: VecDeque<SeqId>,
-    /// Sorted by arrival: the newest is last and is the one preempted first.
+    /// In admission order (vLLM v1's): the last admitted is last and is the one preempted
+    /// first. Under arrival order admission this is arrival order; with deadlines a late
+    /// request admitted after newer ones comes after them, so it is preempted before them and
+    /// no decode ever waits behind its prefill.
     running: Vec<SeqId>,
     next_arrival: u64,
+    next_admission: u64,
     prompt_tokens_received: u64,
     preemptions_total: u64,
     prefix_hit_tokens: u64,
     watermark_blocks: usize,
+    /// Seconds; `None`: arrival order (vLLM's FCFS).
+    ttft_objective: Option<f64>,
+    /// Tokens per second of well-filled steps, smoothed; `None` until one has run.
+    throughput: Option<f64>,
 }
+
+/// Steps at least this share of the token budget measure the throughput (a step of a few
+/// decodes is mostly fixed cost and would make every prefill look slower than it is).
+const FULL_STEP: f64 = 0.5;
+/// Weight of the newest step in the throughput.
+const THROUGHPUT_WEIGHT: f64 = 0.2;
 
 impl Scheduler {
     pub fn new(kv: KvCacheManager, limits: Limits) -> Self {
@@ -78,11 +104,37 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             next_arrival: 0,
+            next_admission: 0,
             prompt_tokens_received: 0,
             preemptions_total: 0,
             prefix_hit_tokens: 0,
             watermark_blocks,
+            ttft_objective: None,
+            throughput: None,
         }
+    }
+
+    /// Deadline-aware admission with this objective (seconds), or arrival order with `None`.
+    pub fn set_ttft_objective(&mut self, seconds: Option<f64>) {
+        self.ttft_objective = seconds.filter(|s| *s > 0.0);
+    }
+
+    /// Tokens per second the scheduler judges deadlines by.
+    pub fn throughput(&self) -> Option<f64> {
+        self.throughput
+    }
+
+    /// What a step of `tokens` took; well-filled steps update the throughput estimate.
+    pub fn record_step(&mut self, tokens: usize, seconds: f64) {
+        let budget = self.limits.max_batched_tokens.max(1) as f64;
+        if seconds <= 0.0 || (tokens as f64) < FULL_STEP * budget {
+            return;
+        }
+        let rate = tokens as f64 / seconds;
+        self.throughput = Some(match self.throughput {
+            Some(r) => r + THROUGHPUT_WEIGHT * (rate - r),
+            None => rate,
+        });
     }
 
     pub fn kv(&self) -> &KvCacheManager {
@@ -130,8 +182,9 @@ impl Scheduler {
         self.kv.block_table(id)
     }
 
-    /// Queues a new sequence. The caller has checked it fits the KV pool on its own.
-    pub fn add(&mut self, id: SeqId, prompt: Vec<u32>) {
+    /// Queues a new sequence arriving at `now` (seconds). The caller has checked it fits the KV
+    /// pool on its own.
+    pub fn add(&mut self, id: SeqId, prompt: Vec<u32>, now: f64) {
         assert!(!prompt.is_empty(), "empty prompt");
         assert!(!self.seqs.contains_key(&id), "duplicate sequence id");
         let arrival = self.next_arrival;
@@ -144,13 +197,15 @@ impl Scheduler {
                 tokens: prompt,
                 num_computed: 0,
                 arrival,
+                admitted: 0,
+                arrived_at: now,
                 preemptions: 0,
             },
         );
         self.waiting.push_back(id);
     }
 
-    pub fn schedule(&mut self) -> SchedulerOutput {
+    pub fn schedule(&mut self, now: f64) -> SchedulerOutput {
         let mut out = SchedulerOutput::default();
         let mut budget = self.limits.max_batched_tokens as usize;
 
@@ -191,16 +246,56 @@ impl Scheduler {
         }
 
         if out.preempted.is_empty() {
-            self.admit(&mut out, &mut budget);
+            self.admit(&mut out, &mut budget, now);
         }
         out
     }
 
-    fn admit(&mut self, out: &mut SchedulerOutput, budget: &mut usize) {
-        while *budget > 0 && self.running.len() < self.limits.max_num_seqs as usize {
-            let Some(&id) = self.waiting.front() else {
+    /// The waiting sequences in the order to admit them.
+    fn admission_order(&self, now: f64) -> Vec<SeqId> {
+        let Some(objective) = self.ttft_objective else {
+            return self.waiting.iter().copied().collect();
+        };
+        let queued: Vec<Waiting> = self
+            .waiting
+            .iter()
+            .map(|id| {
+                let s = &self.seqs[id];
+                Waiting {
+                    arrival: s.arrived_at,
+                    prefill_tokens: (s.tokens.len() - s.num_computed) as u64,
+                    started: s.tokens.len() > s.prompt_len,
+                }
+            })
+            .collect();
+        let ahead = self
+            .running
+            .iter()
+            .map(|id| {
+                let s = &self.seqs[id];
+                s.prompt_len.saturating_sub(s.num_computed) as u64
+            })
+            .sum();
+        let d = Deadlines {
+            ttft_objective_seconds: objective,
+            prefill_tokens_per_second: self.throughput,
+        };
+        d.admission_order(&queued, now, ahead)
+            .into_iter()
+            .map(|i| self.waiting[i])
+            .collect()
+    }
+
+    fn admit(&mut self, out: &mut SchedulerOutput, budget: &mut usize, now: f64) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let order = self.admission_order(now);
+        let mut admitted = Vec::new();
+        for id in order {
+            if *budget == 0 || self.running.len() >= self.limits.max_num_seqs as usize {
                 break;
-            };
+            }
             let s = &self.seqs[&id];
             let cached = self.kv.attach_cached_prefix(id, &s.tokens);
             let len = (s.tokens.len() - cached).min(*budget);
@@ -212,15 +307,14 @@ impl Scheduler {
                 self.kv.free(id); // release the prefix blocks we attached
                 break;
             }
-            self.waiting.pop_front();
+            admitted.push(id);
             let s = self.seqs.get_mut(&id).expect("waiting sequence exists");
             s.num_computed = cached;
             self.prefix_hit_tokens += cached as u64;
             let sample = total == s.tokens.len();
-            let pos = self
-                .running
-                .partition_point(|r| self.seqs[r].arrival < self.seqs[&id].arrival);
-            self.running.insert(pos, id);
+            s.admitted = self.next_admission;
+            self.next_admission += 1;
+            self.running.push(id);
             *budget -= len;
             out.num_tokens += len;
             out.scheduled.push(Scheduled {
@@ -229,6 +323,9 @@ impl Scheduler {
                 len,
                 sample,
             });
+        }
+        if !admitted.is_empty() {
+            self.waiting.retain(|w| !admitted.contains(w));
         }
     }
 
@@ -287,7 +384,7 @@ impl Scheduler {
             assert!(!self.kv.contains(*w), "waiting sequence {w} holds blocks");
         }
         for pair in self.running.windows(2) {
-            assert!(self.seqs[&pair[0]].arrival < self.seqs[&pair[1]].arrival);
+            assert!(self.seqs[&pair[0]].admitted < self.seqs[&pair[1]].admitted);
         }
         for r in &self.running {
             let s = &self.seqs[r];
@@ -315,7 +412,11 @@ mod tests {
 
     /// Runs one step with a fake model that samples token 1 for every sampling chunk.
     fn step(s: &mut Scheduler) -> SchedulerOutput {
-        let out = s.schedule();
+        step_at(s, 0.0)
+    }
+
+    fn step_at(s: &mut Scheduler, now: f64) -> SchedulerOutput {
+        let out = s.schedule(now);
         s.complete_step(&out);
         for sc in &out.scheduled {
             if sc.sample {
@@ -328,7 +429,7 @@ mod tests {
     #[test]
     fn chunked_prefill_under_budget_then_decode() {
         let mut s = sched(64, 4, 8);
-        s.add(1, vec![7; 20]);
+        s.add(1, vec![7; 20], 0.0);
         let o = step(&mut s);
         assert_eq!(o.scheduled[0].len, 8);
         assert!(!o.scheduled[0].sample);
@@ -344,8 +445,8 @@ mod tests {
     #[test]
     fn demand_is_counted_on_arrival_and_the_backlog_is_what_waits() {
         let mut s = sched(64, 1, 64);
-        s.add(1, vec![1; 10]);
-        s.add(2, vec![2; 6]);
+        s.add(1, vec![1; 10], 0.0);
+        s.add(2, vec![2; 6], 0.0);
         assert_eq!((s.prompt_tokens_received(), s.waiting_tokens()), (16, 16));
         step(&mut s);
         // Only one sequence may run: the other's prompt is still the backlog.
@@ -355,9 +456,9 @@ mod tests {
     #[test]
     fn new_requests_join_between_steps() {
         let mut s = sched(64, 4, 64);
-        s.add(1, vec![1; 4]);
+        s.add(1, vec![1; 4], 0.0);
         step(&mut s);
-        s.add(2, vec![2; 4]);
+        s.add(2, vec![2; 4], 0.0);
         let o = step(&mut s);
         let ids: Vec<_> = o.scheduled.iter().map(|x| x.seq).collect();
         assert_eq!(ids, vec![1, 2]);
@@ -367,7 +468,7 @@ mod tests {
     fn lowering_max_num_seqs_stops_admission_but_evicts_nobody() {
         let mut s = sched(64, 4, 64);
         for i in 0..3 {
-            s.add(i, vec![i as u32; 4]);
+            s.add(i, vec![i as u32; 4], 0.0);
         }
         step(&mut s);
         assert_eq!(s.num_running(), 3);
@@ -375,7 +476,7 @@ mod tests {
             max_num_seqs: 1,
             max_batched_tokens: 64,
         });
-        s.add(9, vec![9; 4]);
+        s.add(9, vec![9; 4], 0.0);
         let o = step(&mut s);
         assert_eq!(o.scheduled.len(), 3);
         assert_eq!(s.num_running(), 3);
@@ -394,8 +495,8 @@ mod tests {
         // 6 blocks of 4 tokens; two sequences of 7 tokens each take 2 blocks, then both grow
         // until the pool runs dry.
         let mut s = sched(6, 4, 64);
-        s.add(1, vec![1; 7]);
-        s.add(2, vec![2; 7]);
+        s.add(1, vec![1; 7], 0.0);
+        s.add(2, vec![2; 7], 0.0);
         step(&mut s);
         let mut preempted = vec![];
         for _ in 0..6 {
@@ -408,6 +509,44 @@ mod tests {
             s.seq(1).unwrap().tokens.len() > 9,
             "the oldest kept decoding"
         );
+    }
+
+    #[test]
+    fn with_an_objective_a_request_that_can_make_it_goes_before_a_late_one() {
+        let run = |objective: Option<f64>| {
+            let mut s = sched(256, 1, 16);
+            s.set_ttft_objective(objective);
+            // 16 tokens in 0.16 s: 100 tokens/s.
+            s.record_step(16, 0.16);
+            s.add(1, vec![1; 400], 0.0);
+            s.add(2, vec![2; 10], 3.0);
+            // At 3.5 s, 1 would get its first token at 7.5 s (deadline 2 s); 2 at 3.6 s (5 s).
+            let o = s.schedule(3.5);
+            s.check_invariants();
+            o.scheduled[0].seq
+        };
+        assert_eq!(run(Some(2.0)), 2);
+        assert_eq!(run(None), 1, "arrival order without an objective");
+    }
+
+    #[test]
+    fn deadlines_wait_for_a_measured_throughput_from_full_steps() {
+        let mut s = sched(256, 1, 16);
+        s.set_ttft_objective(Some(2.0));
+        // A step of 3 decodes is mostly fixed cost: it says nothing about prefill speed.
+        s.record_step(3, 0.1);
+        assert_eq!(s.throughput(), None);
+        s.add(1, vec![1; 400], 0.0);
+        s.add(2, vec![2; 10], 3.0);
+        assert_eq!(
+            s.schedule(3.5).scheduled[0].seq,
+            1,
+            "unknown speed: arrival order"
+        );
+        s.record_step(16, 0.16);
+        s.record_step(16, 0.08);
+        let r = s.throughput().unwrap();
+        assert!((r - 120.0).abs() < 1e-9, "smoothed: {r}");
     }
 
     #[derive(Debug, Clone)]
@@ -433,8 +572,14 @@ mod tests {
         /// The scheduler never exceeds its limits or budget, never loses a sequence, and its
         /// block bookkeeping stays exact, whatever the arrivals, finishes and limit changes.
         #[test]
-        fn never_exceeds_limits(ops in proptest::collection::vec(op(), 1..300)) {
+        fn never_exceeds_limits(ops in proptest::collection::vec(op(), 1..300), deadline in any::<bool>()) {
             let mut s = sched(12, 4, 16);
+            if deadline {
+                // A slow engine and a short objective: most requests go late, the order churns.
+                s.set_ttft_objective(Some(0.5));
+                s.record_step(16, 1.0);
+            }
+            let mut now = 0.0;
             let mut next = 0u64;
             let mut live: Vec<SeqId> = vec![];
             for op in ops {
@@ -443,7 +588,8 @@ mod tests {
                         // Admission control upstream guarantees a sequence fits the pool alone.
                         let n = (n as usize).min(12 * 4 - 8);
                         next += 1;
-                        s.add(next, vec![(next % 3) as u32; n]);
+                        now += 0.1;
+                        s.add(next, vec![(next % 3) as u32; n], now);
                         live.push(next);
                     }
                     Op::Step => {
@@ -452,7 +598,8 @@ mod tests {
                             .filter(|r| { let q = &s.seqs[*r]; q.num_computed + 1 == q.tokens.len() })
                             .count();
                         let lim = s.limits();
-                        let out = step(&mut s);
+                        now += 0.1;
+                        let out = step_at(&mut s, now);
                         prop_assert!(out.num_tokens <= (lim.max_batched_tokens as usize).max(decodes_before));
                         prop_assert!(s.num_running() <= running_before.max(lim.max_num_seqs as usize));
                         // Keep sequences bounded so they fit the pool alone.
@@ -478,7 +625,7 @@ mod tests {
         #[test]
         fn everyone_progresses(lens in proptest::collection::vec(1usize..20, 1..6)) {
             let mut s = sched(64, 8, 32);
-            for (i, n) in lens.iter().enumerate() { s.add(i as u64, vec![3; *n]); }
+            for (i, n) in lens.iter().enumerate() { s.add(i as u64, vec![3; *n], 0.0); }
             for _ in 0..8 { step(&mut s); }
             for (i, n) in lens.iter().enumerate() {
                 prop_assert!(s.seq(i as u64).unwrap().tokens.len() > *n);

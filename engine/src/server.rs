@@ -709,6 +709,11 @@ pub struct ServeArgs {
     /// Do not reuse the KV of prompt prefixes shared with earlier requests.
     #[arg(long)]
     pub no_prefix_caching: bool,
+    /// Time-to-first-token objective, ms: the waiting requests that can still meet it are
+    /// admitted first, the ones that cannot behind them (served once the others are through).
+    /// Default: arrival order, as vLLM. The operator sets it from `spec.slo.ttftP99Ms`.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub ttft_objective_ms: Option<u64>,
     /// Seconds a SIGTERM drain may take before the process exits anyway.
     #[arg(long, default_value_t = 30)]
     pub drain_grace_seconds: u64,
@@ -786,12 +791,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_num_seqs: args.max_num_seqs.unwrap_or(args.max_num_seqs_ceiling),
             max_batched_tokens: args.max_batched_tokens.max(1),
         };
-        let engine = crate::engine::Engine::new(model, codec.clone(), envelope, limits);
+        let mut engine = crate::engine::Engine::new(model, codec.clone(), envelope, limits);
+        engine.set_ttft_objective(args.ttft_objective_ms.map(Duration::from_millis));
         let handle = crate::worker::spawn(engine, st.metrics.clone());
         tracing::info!(
             model = %model_path.display(), layers = cfg.n_layer, context = cfg.context_length,
             weights = ?args.weights, kv_dtype = ?args.kv_cache_dtype, kv_blocks = num_blocks, block_size = args.block_size,
-            kv_tokens = envelope.capacity_tokens(), seconds = t0.elapsed().as_secs_f32(),
+            kv_tokens = envelope.capacity_tokens(), ttft_objective_ms = ?args.ttft_objective_ms,
+            seconds = t0.elapsed().as_secs_f32(),
             "model loaded"
         );
         let _ = st.loaded.set(Loaded {

@@ -423,3 +423,86 @@ async fn chat_non_streaming_usage_models_and_metric_names() {
     assert_eq!(s.metric("redline_engine_waiting_prompt_tokens").await, 0.0);
     assert!(s.metric("redline_engine_kv_blocks_total").await > 0.0);
 }
+
+/// Streams a completion and returns when its first content chunk arrived.
+async fn first_chunk_at(base: String, prompt: String, max_tokens: u32) -> Instant {
+    let r = client()
+        .post(format!("{base}/v1/completions"))
+        .json(
+            &json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                      "stream": true, "ignore_eos": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut bytes = r.bytes_stream();
+    let mut first = None;
+    while let Some(b) = bytes.next().await {
+        let b = b.unwrap();
+        if first.is_none() && std::str::from_utf8(&b).unwrap().contains("\"text\"") {
+            first = Some(Instant::now());
+        }
+    }
+    first.expect("a content chunk")
+}
+
+/// Which of two requests gets its first token first: `late` (a long prompt that waited past
+/// the objective while admission was stopped) or `fresh` (a short one that arrived 2 s later).
+async fn who_goes_first(extra: &[&str]) -> &'static str {
+    let s = Server::start(&[&["--max-batched-tokens", "64"], extra].concat()).await;
+    let c = client();
+    let limits = |n: u32| {
+        let c = c.clone();
+        let url = format!("{}/admin/limits", s.admin);
+        async move {
+            let r = c
+                .put(url)
+                .json(&json!({"max_num_seqs": n, "max_batched_tokens": 64}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    };
+    // A full 64-token step, so the engine knows its prefill speed.
+    let warm = c
+        .post(s.url("/v1/completions"))
+        .json(&json!({"prompt": "the sea ".repeat(40), "max_tokens": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(warm.status(), 200);
+    limits(0).await;
+    let late = tokio::spawn(first_chunk_at(
+        s.base.clone(),
+        "Once upon a time, in a small village by the sea, ".repeat(25),
+        8,
+    ));
+    s.wait_metric("redline_engine_requests_waiting", 30, |v| v == 1.0)
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let fresh = tokio::spawn(first_chunk_at(s.base.clone(), "Hello".into(), 4));
+    s.wait_metric("redline_engine_requests_waiting", 30, |v| v == 2.0)
+        .await;
+    // One at a time: whoever is admitted first is served first.
+    limits(1).await;
+    let (late, fresh) = (late.await.unwrap(), fresh.await.unwrap());
+    if fresh < late {
+        "fresh"
+    } else {
+        "late"
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_ttft_objective_a_request_that_can_meet_it_goes_before_one_that_cannot() {
+    // Without an objective: arrival order, as vLLM.
+    assert_eq!(who_goes_first(&[]).await, "late");
+    // With 1.5 s: the first request can no longer make it and is served after the second
+    // (which still can), not dropped.
+    assert_eq!(
+        who_goes_first(&["--ttft-objective-ms", "1500"]).await,
+        "fresh"
+    );
+}

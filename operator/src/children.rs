@@ -143,6 +143,10 @@ fn engine_args(isvc: &InferenceService) -> (Vec<String>, Vec<Volume>, Vec<Volume
     if let Some(t) = e.threads {
         args.push(format!("--threads={t}"));
     }
+    // The engines admit first the requests that can still meet it.
+    if let Some(ms) = s.slo.as_ref().and_then(|slo| slo.ttft_p99_ms) {
+        args.push(format!("--ttft-objective-ms={ms}"));
+    }
     let (mut volumes, mut mounts) = (Vec::new(), Vec::new());
     let mount = |name: &str| VolumeMount {
         name: name.into(),
@@ -391,6 +395,22 @@ mod tests {
         );
         let args = engine.args.as_ref().unwrap();
         assert!(args.contains(&"--drain-grace-seconds=55".to_string()));
+        assert!(
+            !args.iter().any(|a| a.starts_with("--ttft-objective-ms")),
+            "no SLO, arrival order: {args:?}"
+        );
+        let with_slo = isvc(&format!("{BASE}  slo: {{ttftP99Ms: 1500}}\n"));
+        let pod = deployment(&with_slo, &Defaults::default())
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap();
+        assert!(pod.containers[0]
+            .args
+            .as_ref()
+            .unwrap()
+            .contains(&"--ttft-objective-ms=1500".to_string()));
         assert!(
             args.contains(&"--kv-cache-dtype=f16".to_string()),
             "{args:?}"

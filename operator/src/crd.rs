@@ -195,7 +195,8 @@ pub struct AutoscalingSpec {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Slo {
-    /// Time to first token, p99, milliseconds.
+    /// Time to first token, p99, milliseconds. The engines admit first the requests that can
+    /// still meet it, and the ones that cannot behind them (`--ttft-objective-ms`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub ttft_p99_ms: Option<i32>,

@@ -5,7 +5,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use redline_api::GuardSettings;
 use redline_autoscale::PolicyConfig;
 
-use crate::fleet::{simulate, Autoscaler, Outcome, SimConfig, Slo};
+use crate::fleet::{simulate, Autoscaler, Outcome, Queue, SimConfig, Slo};
 use crate::profile::EngineProfile;
 use crate::report::{summarize, Summary};
 use crate::scalers::{HpaQueue, Kpa, Oracle, Redline, Static};
@@ -13,7 +13,10 @@ use crate::trace::Request;
 
 #[derive(Debug, Clone)]
 pub struct Setup {
+    /// redline's fleet (and the oracle's: the same engines, scaled with hindsight).
     pub sim: SimConfig,
+    /// How the baselines' engines queue: FCFS, as the vLLM they autoscale does.
+    pub baseline_queue: Queue,
     pub policy: PolicyConfig,
     pub policy_interval_seconds: f64,
     pub oracle_window_seconds: f64,
@@ -44,6 +47,7 @@ impl Setup {
         Self {
             sim: SimConfig {
                 profile,
+                queue: Queue::Deadline,
                 cold_start_seconds: cold_start,
                 slo,
                 initial_replicas: min.max(1),
@@ -54,6 +58,7 @@ impl Setup {
                 tail_seconds: 300.0,
                 guard: GuardSettings::default(),
             },
+            baseline_queue: Queue::Fcfs,
             policy,
             policy_interval_seconds: 5.0,
             oracle_window_seconds: 60.0,
@@ -102,13 +107,15 @@ fn meets(o: &Outcome, setup: &Setup) -> bool {
     s.ttft_attainment >= setup.attainment_target && s.itl_attainment >= setup.attainment_target
 }
 
-/// The fewest replicas, fixed for the whole trace, that meet the attainment target.
-pub fn best_static(trace: &[Request], setup: &Setup) -> (u32, Outcome) {
+/// The fewest replicas, fixed for the whole trace, that meet the attainment target, on
+/// engines that queue as `queue`.
+pub fn best_static(trace: &[Request], setup: &Setup, queue: Queue) -> (u32, Outcome) {
     let max = setup.policy.max_replicas.max(1);
     let mut last = None;
     for n in setup.policy.min_replicas.max(1)..=max {
         let cfg = SimConfig {
             initial_replicas: n,
+            queue,
             ..setup.sim.clone()
         };
         let o = simulate(trace, &cfg, &mut Static(n), None);
@@ -162,6 +169,7 @@ pub fn compare(trace: &[Request], setup: &Setup, mp: Option<&MultiProgress>) -> 
         pb.finish();
     }
     let oracle = Oracle {
+        min: setup.policy.min_replicas.max(1),
         window_seconds: setup.oracle_window_seconds,
         cold_start_seconds: setup.sim.cold_start_seconds,
         schedule: schedule.clone(),
@@ -177,6 +185,10 @@ pub fn compare(trace: &[Request], setup: &Setup, mp: Option<&MultiProgress>) -> 
         initial_replicas: initial,
         ..setup.sim.clone()
     };
+    let baseline = SimConfig {
+        queue: setup.baseline_queue,
+        ..start.clone()
+    };
     let mut outcomes = vec![
         run(
             trace,
@@ -186,19 +198,19 @@ pub fn compare(trace: &[Request], setup: &Setup, mp: Option<&MultiProgress>) -> 
         ),
         run(
             trace,
-            &start,
+            &baseline,
             &mut HpaQueue::new(setup.policy.min_replicas, setup.policy.max_replicas),
             mp,
         ),
         run(
             trace,
-            &start,
+            &baseline,
             &mut Kpa::new(setup.policy.min_replicas, setup.policy.max_replicas),
             mp,
         ),
     ];
     let pb = bar(mp, 1, "static N");
-    let (static_replicas, mut best) = best_static(trace, setup);
+    let (static_replicas, mut best) = best_static(trace, setup, setup.baseline_queue);
     best.name = format!("best static ({static_replicas})");
     outcomes.push(best);
     if let Some(pb) = pb {

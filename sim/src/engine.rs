@@ -6,8 +6,10 @@
 
 use std::collections::VecDeque;
 
+use redline_api::deadline::{Deadlines, Waiting};
 use redline_api::Limits;
 
+use crate::fleet::Queue;
 use crate::profile::EngineProfile;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -20,6 +22,8 @@ pub struct Seq {
     pub computed: u32,
     pub generated: u32,
     pub blocks: u32,
+    /// Seconds on the simulation's clock.
+    pub arrival: f64,
 }
 
 impl Seq {
@@ -31,7 +35,12 @@ impl Seq {
             computed: 0,
             generated: 0,
             blocks: 0,
+            arrival: 0.0,
         }
+    }
+    pub fn arriving(mut self, t: f64) -> Self {
+        self.arrival = t;
+        self
     }
     /// Tokens known so far (prompt and generated).
     fn len(&self) -> u32 {
@@ -65,6 +74,8 @@ pub struct Engine {
     /// Admission order, oldest first.
     running: Vec<Seq>,
     waiting: VecDeque<Seq>,
+    /// Deadline-aware admission (redline's engine) with this TTFT objective; `None`: FCFS.
+    pub ttft_objective: Option<f64>,
     pub preemptions_total: u64,
     pub prompt_tokens_received_total: u64,
     pub generation_tokens_total: u64,
@@ -79,10 +90,16 @@ impl Engine {
             limits: p.limits,
             running: Vec::new(),
             waiting: VecDeque::new(),
+            ttft_objective: None,
             preemptions_total: 0,
             prompt_tokens_received_total: 0,
             generation_tokens_total: 0,
         }
+    }
+
+    pub fn with_queue(mut self, q: Queue, ttft_objective: f64) -> Self {
+        self.ttft_objective = (q == Queue::Deadline).then_some(ttft_objective);
+        self
     }
 
     /// Whether a request can ever fit the pool (else the engine refuses it).
@@ -151,8 +168,45 @@ impl Engine {
         self.waiting.push_front(s);
     }
 
+    /// With a TTFT objective, the waiting queue is put in the deadline order the engine uses
+    /// (`redline_api::deadline`), at the throughput the engine measures in full steps.
+    fn order_waiting(&mut self, p: &EngineProfile, now: f64) {
+        let Some(objective) = self.ttft_objective else {
+            return;
+        };
+        if self.waiting.len() < 2 {
+            return;
+        }
+        // Preempted sequences went back in front; the order wants arrival order.
+        self.waiting
+            .make_contiguous()
+            .sort_by(|a, b| a.arrival.total_cmp(&b.arrival));
+        let d = Deadlines {
+            ttft_objective_seconds: objective,
+            prefill_tokens_per_second: Some(p.capacity().prompt_tokens_per_second),
+        };
+        let queued: Vec<Waiting> = self
+            .waiting
+            .iter()
+            .map(|s| Waiting {
+                arrival: s.arrival,
+                prefill_tokens: (s.len() - s.computed) as u64,
+                started: s.generated > 0,
+            })
+            .collect();
+        let ahead = self
+            .running
+            .iter()
+            .map(|s| s.prompt.saturating_sub(s.computed) as u64)
+            .sum();
+        let order = d.admission_order(&queued, now, ahead);
+        let mut old: Vec<Option<Seq>> = self.waiting.drain(..).map(Some).collect();
+        self.waiting = order.into_iter().filter_map(|i| old[i].take()).collect();
+    }
+
     /// Plans the next step (allocating its KV), or `None` with nothing to run.
-    pub fn plan(&mut self, p: &EngineProfile) -> Option<Step> {
+    pub fn plan(&mut self, p: &EngineProfile, now: f64) -> Option<Step> {
+        self.order_waiting(p, now);
         let mut budget = self.limits.max_batched_tokens;
         let mut work = Vec::new();
         let mut i = 0;
@@ -262,7 +316,7 @@ mod tests {
 
     fn run(e: &mut Engine, p: &EngineProfile) -> (Vec<usize>, Vec<usize>, usize) {
         let (mut first, mut done, mut steps) = (vec![], vec![], 0);
-        while let Some(s) = e.plan(p) {
+        while let Some(s) = e.plan(p, 0.0) {
             let r = e.apply(&s);
             first.extend(r.first_tokens);
             done.extend(r.finished);
@@ -304,12 +358,12 @@ mod tests {
         for i in 0..3 {
             e.add(Seq::new(i, 4, 10));
         }
-        let s = e.plan(&p).unwrap();
+        let s = e.plan(&p, 0.0).unwrap();
         e.apply(&s);
         assert_eq!(e.running(), 3);
         e.limits.max_num_seqs = 1;
         e.add(Seq::new(3, 4, 10));
-        let s = e.plan(&p).unwrap();
+        let s = e.plan(&p, 0.0).unwrap();
         e.apply(&s);
         assert_eq!((e.running(), e.waiting()), (3, 1));
     }

@@ -30,9 +30,20 @@ pub struct Slo {
     pub itl_seconds: f64,
 }
 
+/// How the engines order their waiting requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Queue {
+    /// Arrival order: vLLM's default, what the baselines' engines run.
+    Fcfs,
+    /// redline's engine given the TTFT objective: the requests that can still meet it first
+    /// (`redline_api::deadline`).
+    Deadline,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct SimConfig {
     pub profile: EngineProfile,
+    pub queue: Queue,
     pub cold_start_seconds: f64,
     pub slo: Slo,
     /// Pods Ready at time 0.
@@ -248,7 +259,7 @@ impl<'a> Sim<'a> {
             created: now,
             removed: None,
             phase,
-            engine: Engine::new(p),
+            engine: Engine::new(p).with_queue(self.cfg.queue, self.cfg.slo.ttft_seconds),
             step: None,
             pressure: PressureModel::new(ModelConfig::default()),
             guard: Guard::new(GuardConfig::default(), p.limits),
@@ -266,7 +277,7 @@ impl<'a> Sim<'a> {
         if pod.step.is_some() || matches!(pod.phase, Phase::Gone | Phase::Starting) {
             return;
         }
-        if let Some(step) = pod.engine.plan(&cfg.profile) {
+        if let Some(step) = pod.engine.plan(&cfg.profile, now) {
             let t = now + step.seconds;
             pod.step = Some(step);
             self.at(t, Kind::StepDone(id));
@@ -306,7 +317,7 @@ impl<'a> Sim<'a> {
             self.records[r].refused = true;
             return;
         }
-        engine.add(Seq::new(r, q.prompt_tokens, q.output_tokens));
+        engine.add(Seq::new(r, q.prompt_tokens, q.output_tokens).arriving(q.arrival));
         self.kick(now, id);
     }
 

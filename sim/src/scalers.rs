@@ -141,6 +141,11 @@ impl Autoscaler for HpaQueue {
             }
         }
         rec = rec.clamp(self.min, self.max);
+        if self.recommendations.is_empty() {
+            // A fleet already running when the trace begins (as every policy starts): its HPA
+            // has recommended the current size, and stabilizes a scale-down over that too.
+            self.recommendations.push_back((now, current));
+        }
         self.recommendations.push_back((now, rec));
         while self
             .recommendations
@@ -252,6 +257,7 @@ impl Autoscaler for Kpa {
 /// arriving in it (found by simulating the window alone), each started one cold start ahead of
 /// its window and kept through it.
 pub struct Oracle {
+    pub min: u32,
     pub window_seconds: f64,
     pub cold_start_seconds: f64,
     pub schedule: Vec<u32>,
@@ -277,7 +283,7 @@ impl Autoscaler for Oracle {
     }
     fn decide(&mut self, now: f64, _: &FleetView) -> Command {
         // What any window from now until a pod started now is Ready needs.
-        let replicas = self.need(now, now + self.cold_start_seconds).max(1);
+        let replicas = self.need(now, now + self.cold_start_seconds).max(self.min);
         Command {
             replicas,
             ..Default::default()

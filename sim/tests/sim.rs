@@ -5,10 +5,10 @@
 use std::path::PathBuf;
 
 use redline_sim::compare::{compare, Setup};
-use redline_sim::fleet::{simulate, SimConfig, Slo};
+use redline_sim::fleet::{simulate, Queue, SimConfig, Slo};
 use redline_sim::profile::EngineProfile;
 use redline_sim::report::summarize;
-use redline_sim::scalers::{HpaQueue, Redline};
+use redline_sim::scalers::{HpaQueue, Redline, Static};
 use redline_sim::trace::{read, Replay, Request};
 
 fn trace(replay: Replay) -> Vec<Request> {
@@ -132,4 +132,32 @@ fn the_guard_keeps_a_small_kv_pool_from_preempting() {
         "{on:?} vs {off:?}"
     );
     assert_eq!((on.failed, off.failed), (0, 0));
+}
+
+/// Two fixed replicas through the trace's bursts: engines that serve first the requests that
+/// can still meet their TTFT objective (redline's) keep more of them within it than
+/// first-come-first-served ones (vLLM's), and lose none of the late ones.
+#[test]
+fn the_deadline_queue_keeps_more_requests_within_the_slo_than_fcfs() {
+    let t = trace(Replay::default());
+    let setup = Setup::new(EngineProfile::gpu_8b(), 60.0, SLO, 2, 2);
+    let run = |queue| {
+        let cfg = SimConfig {
+            initial_replicas: 2,
+            queue,
+            ..setup.sim.clone()
+        };
+        summarize(&simulate(&t, &cfg, &mut Static(2), None), &SLO)
+    };
+    let (fcfs, deadline) = (run(Queue::Fcfs), run(Queue::Deadline));
+    println!("fcfs: {fcfs:?}\ndeadline: {deadline:?}");
+    assert!(
+        fcfs.ttft_attainment < 0.99,
+        "the bursts must overload 2 replicas: {fcfs:?}"
+    );
+    assert!(
+        deadline.ttft_attainment >= fcfs.ttft_attainment + 0.02,
+        "{deadline:?} vs {fcfs:?}"
+    );
+    assert_eq!((deadline.failed, deadline.requests), (0, t.len()));
 }

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use indicatif::MultiProgress;
 use redline_sim::compare::{compare, Setup};
-use redline_sim::fleet::Slo;
+use redline_sim::fleet::{Queue, Slo};
 use redline_sim::profile::EngineProfile;
 use redline_sim::report::table;
 use redline_sim::trace::{self, Replay};
@@ -63,9 +63,23 @@ struct Args {
     policy_interval: f64,
     #[arg(long, default_value_t = 60.0)]
     oracle_window: f64,
+    /// How redline's engines (and the oracle's) queue: deadline (given the TTFT objective, as
+    /// the operator passes spec.slo.ttftP99Ms) or fcfs.
+    #[arg(long, value_enum, default_value = "deadline")]
+    queue: Queue,
+    /// How the baselines' engines queue: fcfs, as vLLM does; deadline compares the policies
+    /// alone, on the same engines.
+    #[arg(long, value_enum, default_value = "fcfs")]
+    baseline_queue: Queue,
     /// Where the PNG goes.
     #[arg(long, default_value = "target/redline-sim.png")]
     plot: PathBuf,
+}
+
+fn queue_name(q: Queue) -> String {
+    use clap::ValueEnum;
+    q.to_possible_value()
+        .map_or_else(String::new, |v| v.get_name().to_string())
 }
 
 fn main() -> Result<()> {
@@ -104,9 +118,11 @@ fn main() -> Result<()> {
     p.backlog_drain_seconds = a.backlog_drain;
     setup.policy_interval_seconds = a.policy_interval;
     setup.oracle_window_seconds = a.oracle_window;
+    setup.sim.queue = a.queue;
+    setup.baseline_queue = a.baseline_queue;
     let span = trace.last().map_or(0.0, |r| r.arrival);
     println!(
-        "{} requests over {:.0} s from {} (x{} time, x{} tokens); profile {}: {:.0} prompt + {:.0} generated tokens/s per replica, {} KV tokens; cold start {} s; SLO TTFT <= {} s, ITL <= {} ms",
+        "{} requests over {:.0} s from {} (x{} time, x{} tokens); profile {}: {:.0} prompt + {:.0} generated tokens/s per replica, {} KV tokens; cold start {} s; SLO TTFT <= {} s, ITL <= {} ms; engines queue {} (redline, oracle), {} (baselines)",
         trace.len(),
         span,
         a.trace.display(),
@@ -119,6 +135,8 @@ fn main() -> Result<()> {
         a.cold_start,
         a.ttft_slo,
         a.itl_slo * 1000.0,
+        queue_name(a.queue),
+        queue_name(a.baseline_queue),
     );
     let mp = MultiProgress::new();
     let c = compare(&trace, &setup, Some(&mp));
@@ -130,6 +148,14 @@ fn main() -> Result<()> {
         c.static_replicas, setup.oracle_window_seconds, c.oracle_schedule
     );
     for o in &c.outcomes {
+        if !o.scale_events.is_empty() {
+            let at: Vec<String> = o
+                .scale_events
+                .iter()
+                .map(|(t, n)| format!("{:.1}:{n}", t / 60.0))
+                .collect();
+            println!("{}: replicas from minute {}", o.name, at.join(" "));
+        }
         let mut by_minute = std::collections::BTreeMap::<u32, u32>::new();
         for r in &o.requests {
             if !r.ttft().is_some_and(|t| t <= a.ttft_slo) {

@@ -9,9 +9,12 @@
 //! through. A late request that has waited `STARVATION_FACTOR` times the objective is served
 //! in arrival order again, so sustained overload cannot starve it.
 //!
-//! Whether a request can still make it is forecast from the prefill throughput the engine
-//! measures: the tokens of everything ahead of it that will be served first plus its own, at
-//! that rate. Without a measured rate nothing is judged late and the order is arrival order
+//! Whether a request can still make it is forecast from what the engine measures of its steps:
+//! the tokens of everything ahead of it that will be served first plus its own, at the prefill
+//! throughput, plus one step (its first token comes out at the end of the step that finishes
+//! its prompt, and the chunks round up to whole steps). An optimistic forecast is the costly
+//! mistake: the engine would spend itself on requests that then miss by a fraction of a
+//! second, the most urgent first. Without a measured rate nothing is judged late and the order is arrival order
 //! (vLLM's FCFS). The engine's scheduler and the simulator's engine model both use this.
 
 /// A late request waiting this many objectives is served in arrival order again.
@@ -35,6 +38,8 @@ pub struct Deadlines {
     pub ttft_objective_seconds: f64,
     /// Prompt tokens per second the engine computes in full steps; `None` before it knows.
     pub prefill_tokens_per_second: Option<f64>,
+    /// How long one such step takes.
+    pub step_seconds: f64,
 }
 
 impl Deadlines {
@@ -50,7 +55,7 @@ impl Deadlines {
         let (mut on_time, mut late) = (Vec::with_capacity(waiting.len()), Vec::new());
         for (i, w) in waiting.iter().enumerate() {
             let own = w.prefill_tokens as f64;
-            let first_token = now + (ahead + own) / rate;
+            let first_token = now + self.step_seconds + (ahead + own) / rate;
             let starved = now - w.arrival >= STARVATION_FACTOR * objective;
             if w.started || starved || first_token <= w.arrival + objective {
                 ahead += own;
@@ -79,6 +84,7 @@ mod tests {
     const D: Deadlines = Deadlines {
         ttft_objective_seconds: 2.0,
         prefill_tokens_per_second: Some(1000.0),
+        step_seconds: 0.0,
     };
 
     #[test]
@@ -106,6 +112,19 @@ mod tests {
         assert_eq!(D.admission_order(&q, 1.5, 600), vec![1, 2, 0]);
         // 1200 ahead: 1 would come at 3.2 > 3.0, late; 2 then at 3.2 <= 3.4.
         assert_eq!(D.admission_order(&q, 1.5, 1200), vec![2, 0, 1]);
+    }
+
+    #[test]
+    fn the_step_that_yields_the_first_token_counts() {
+        // At 2.1 s, 0 is late; 1 needs 0.7 s of prefill with 0.9 s of its 2 s left: on time in
+        // a continuous forecast, late once the 0.25 s step it comes out of is counted.
+        let q = [w(0.0, 100), w(1.0, 700)];
+        assert_eq!(D.admission_order(&q, 2.1, 0), vec![1, 0]);
+        let stepped = Deadlines {
+            step_seconds: 0.25,
+            ..D
+        };
+        assert_eq!(stepped.admission_order(&q, 2.1, 0), vec![0, 1]);
     }
 
     #[test]
@@ -151,7 +170,7 @@ mod tests {
                 let w = q[i];
                 let starved = now - w.arrival >= STARVATION_FACTOR * D.ttft_objective_seconds;
                 let on_time = w.started || starved
-                    || now + (ahead + w.prefill_tokens as f64) / rate <= w.arrival + D.ttft_objective_seconds;
+                    || now + D.step_seconds + (ahead + w.prefill_tokens as f64) / rate <= w.arrival + D.ttft_objective_seconds;
                 if on_time {
                     proptest::prop_assert!(!seen_late, "an on-time request after a late one");
                     ahead += w.prefill_tokens as f64;

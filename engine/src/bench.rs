@@ -44,7 +44,7 @@ struct Row {
     peak_rss_mib: f64,
 }
 
-struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -53,19 +53,19 @@ impl Drop for Proc {
 }
 
 /// Server logs go to files so a failed run can be diagnosed.
-fn log_file(name: &str, streams: usize) -> Result<std::fs::File> {
+pub(crate) fn log_file(name: &str, streams: usize) -> Result<std::fs::File> {
     let p = std::env::temp_dir().join(format!("redline-bench-{name}-{streams}.log"));
     std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .unwrap_or(18080)
 }
 
-fn default_llama_server() -> Option<PathBuf> {
+pub(crate) fn default_llama_server() -> Option<PathBuf> {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
@@ -73,7 +73,7 @@ fn default_llama_server() -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
-async fn wait_ready(url: &str, child: &mut Child) -> Result<()> {
+pub(crate) async fn wait_ready(url: &str, child: &mut Child) -> Result<()> {
     let c = reqwest::Client::new();
     for _ in 0..1200 {
         if let Some(st) = child.try_wait()? {
@@ -101,7 +101,7 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn pct(v: &mut [f64], p: f64) -> f64 {
+pub(crate) fn pct(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
@@ -110,7 +110,7 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 }
 
 /// One streaming request; returns (TTFT, inter-chunk gaps, tokens generated).
-async fn one_stream(
+pub(crate) async fn one_stream(
     c: &reqwest::Client,
     url: &str,
     prompt: Vec<u32>,
@@ -337,7 +337,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn cpu_name() -> String {
+pub(crate) fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -349,7 +349,7 @@ fn cpu_name() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-fn weights_flag(w: crate::model::WeightFormat) -> String {
+pub(crate) fn weights_flag(w: crate::model::WeightFormat) -> String {
     use clap::ValueEnum;
     w.to_possible_value()
         .map_or("q8-0".into(), |v| v.get_name().to_string())

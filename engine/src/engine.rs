@@ -46,6 +46,9 @@ pub struct Request {
     /// Keep generating past end-of-sequence tokens until `max_tokens` (vLLM's `ignore_eos`;
     /// benchmarks use it to fix output lengths).
     pub ignore_eos: bool,
+    /// When the server received it: its TTFT deadline counts from here, not from when the
+    /// engine loop next picks it up (up to a step later).
+    pub arrived: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -256,8 +259,11 @@ impl Engine {
                 pending: String::new(),
             },
         );
-        let now = self.now();
-        self.sched.add(r.id, r.prompt, now);
+        let at = r
+            .arrived
+            .saturating_duration_since(self.epoch)
+            .as_secs_f64();
+        self.sched.add(r.id, r.prompt, at);
         Ok(())
     }
 

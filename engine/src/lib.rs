@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod block_pool;
+pub mod burst_bench;
 mod cpu;
 pub mod engine;
 mod exp;

@@ -82,8 +82,10 @@ pub struct Scheduler {
     watermark_blocks: usize,
     /// Seconds; `None`: arrival order (vLLM's FCFS).
     ttft_objective: Option<f64>,
-    /// Tokens per second of well-filled steps, smoothed; `None` until one has run.
+    /// Tokens per second of well-filled steps, and their duration, smoothed; `None` until one
+    /// has run.
     throughput: Option<f64>,
+    step_seconds: f64,
 }
 
 /// Steps at least this share of the token budget measure the throughput (a step of a few
@@ -111,6 +113,7 @@ impl Scheduler {
             watermark_blocks,
             ttft_objective: None,
             throughput: None,
+            step_seconds: 0.0,
         }
     }
 
@@ -131,10 +134,13 @@ impl Scheduler {
             return;
         }
         let rate = tokens as f64 / seconds;
-        self.throughput = Some(match self.throughput {
-            Some(r) => r + THROUGHPUT_WEIGHT * (rate - r),
-            None => rate,
-        });
+        (self.throughput, self.step_seconds) = match self.throughput {
+            Some(r) => (
+                Some(r + THROUGHPUT_WEIGHT * (rate - r)),
+                self.step_seconds + THROUGHPUT_WEIGHT * (seconds - self.step_seconds),
+            ),
+            None => (Some(rate), seconds),
+        };
     }
 
     pub fn kv(&self) -> &KvCacheManager {
@@ -279,6 +285,7 @@ impl Scheduler {
         let d = Deadlines {
             ttft_objective_seconds: objective,
             prefill_tokens_per_second: self.throughput,
+            step_seconds: self.step_seconds,
         };
         d.admission_order(&queued, now, ahead)
             .into_iter()

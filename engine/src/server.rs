@@ -420,6 +420,7 @@ async fn generate(st: &AppState, l: &Loaded, p: Prepared, kind: Kind) -> Respons
         sampling: p.sampling,
         stop: p.stop,
         ignore_eos: p.ignore_eos,
+        arrived: std::time::Instant::now(),
     });
     let shape = Shape {
         id: format!(

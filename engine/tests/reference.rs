@@ -110,6 +110,7 @@ fn run(
                 stop: vec![],
                 // Fixed lengths, so the small pool really runs dry.
                 ignore_eos: true,
+                arrived: std::time::Instant::now(),
             })
             .unwrap();
     }

@@ -181,9 +181,11 @@ impl Engine {
         self.waiting
             .make_contiguous()
             .sort_by(|a, b| a.arrival.total_cmp(&b.arrival));
+        let chunk = p.limits.max_batched_tokens;
         let d = Deadlines {
             ttft_objective_seconds: objective,
             prefill_tokens_per_second: Some(p.capacity().prompt_tokens_per_second),
+            step_seconds: p.step_seconds(chunk, chunk as u64),
         };
         let queued: Vec<Waiting> = self
             .waiting

@@ -18,6 +18,9 @@ enum Cmd {
     Serve(redline_engine::server::ServeArgs),
     /// Benchmark against llama.cpp's llama-server on the same GGUF and thread count; prints a table.
     Bench(redline_engine::bench::BenchArgs),
+    /// One burst above capacity against redline with and without its TTFT objective and
+    /// llama.cpp: the share of requests served within the objective; prints a table.
+    BurstBench(redline_engine::burst_bench::BurstArgs),
     /// Download the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) into the cache and print its path.
     FetchModel {
         /// Cache directory. Default: $REDLINE_MODEL_CACHE or $XDG_CACHE_HOME/redline/models.
@@ -50,6 +53,11 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(redline_engine::bench::run(args)),
+        Cmd::BurstBench(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?
+            .block_on(redline_engine::burst_bench::run(args)),
         Cmd::FetchModel { cache_dir } => {
             let dir = cache_dir.unwrap_or_else(redline_engine::fetch::model_cache_dir);
             let path = redline_engine::fetch::fetch_default_model(&dir, true)?;

@@ -59,6 +59,25 @@ impl PodSignals {
     }
 }
 
+/// The target utilization to plan with when the engines admit deadline-first (given the TTFT
+/// objective) and when they admit in arrival order. Measured with `redline-sim`: the highest
+/// that keeps >= 99% of requests within a 2 s TTFT on the code trace at x1 and x4, cold start
+/// 60 s and 120 s, and with its prompts scaled 1.5x and 2x (docs/autoscaling.md). A deadline
+/// engine loses only a burst's excess rather than the whole queue behind it, so the same
+/// attainment needs less headroom.
+pub const TARGET_UTILIZATION_DEADLINE: f64 = 0.7;
+pub const TARGET_UTILIZATION_ARRIVAL_ORDER: f64 = 0.6;
+
+/// The default target utilization for engines that do (`true`) or do not know their TTFT
+/// objective.
+pub fn default_target_utilization(engines_know_ttft_objective: bool) -> f64 {
+    if engines_know_ttft_objective {
+        TARGET_UTILIZATION_DEADLINE
+    } else {
+        TARGET_UTILIZATION_ARRIVAL_ORDER
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DemandConfig {
     pub capacity: ReplicaCapacity,

@@ -9,5 +9,5 @@
 pub mod demand;
 pub mod policy;
 
-pub use demand::{Demand, PodSignals, ReplicaCapacity};
+pub use demand::{default_target_utilization, Demand, PodSignals, ReplicaCapacity};
 pub use policy::{Action, Decision, Observation, PodPhase, PodView, Policy, PolicyConfig};

@@ -23,8 +23,8 @@ use kube::runtime::reflector::Store;
 use kube::{Api, ResourceExt};
 use redline_api::{GuardSettings, Level, Limits, LimitsRequest, PressureReport};
 use redline_autoscale::{
-    Action, Decision as PolicyDecision, Observation, PodPhase, PodSignals, PodView, Policy,
-    PolicyConfig, ReplicaCapacity,
+    default_target_utilization, Action, Decision as PolicyDecision, Observation, PodPhase,
+    PodSignals, PodView, Policy, PolicyConfig, ReplicaCapacity,
 };
 use serde_json::json;
 use tracing::{debug, info, warn};
@@ -54,7 +54,9 @@ pub fn policy_config(isvc: &InferenceService, p: &AutoscalingPolicySpec) -> Poli
             prompt_tokens_per_second: p.replica_capacity.prompt_tokens_per_second,
             generation_tokens_per_second: p.replica_capacity.generation_tokens_per_second,
         },
-        target_utilization: p.target_utilization,
+        target_utilization: p.target_utilization.unwrap_or_else(|| {
+            default_target_utilization(s.slo.as_ref().is_some_and(|o| o.ttft_p99_ms.is_some()))
+        }),
         target_kv_usage: p.target_kv_usage,
         forecast_horizon_seconds: p.forecast_horizon_seconds as f64,
         trend_window_seconds: p.trend_window_seconds as f64,
@@ -631,7 +633,7 @@ spec:
     fn the_policy_takes_the_services_bounds_and_limits_and_the_policys_numbers() {
         let i = isvc(BASE);
         let p = AutoscalingPolicySpec {
-            target_utilization: 0.5,
+            target_utilization: Some(0.5),
             forecast_horizon_seconds: 90,
             ..Default::default()
         };
@@ -651,6 +653,12 @@ spec:
         let c = policy_config(&i, &p);
         assert_eq!(c.pod_limits.max_num_seqs, 32);
         assert!(c.min_replicas <= c.max_replicas);
+        // Unset, the target utilization follows how the engines admit: deadline-first when
+        // the service has a TTFT objective.
+        let unset = AutoscalingPolicySpec::default();
+        assert_eq!(policy_config(&isvc(BASE), &unset).target_utilization, 0.6);
+        let with_slo = isvc(&format!("{BASE}  slo: {{ttftP99Ms: 2000}}\n"));
+        assert_eq!(policy_config(&with_slo, &unset).target_utilization, 0.7);
     }
 
     fn pod(yaml: &str) -> Pod {

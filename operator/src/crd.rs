@@ -252,10 +252,11 @@ impl Default for SidecarSettings {
 #[serde(rename_all = "camelCase")]
 pub struct AutoscalingPolicySpec {
     /// Share of a replica's capacity (`replicaCapacity`) the policy plans to use; the rest
-    /// absorbs bursts while new replicas start.
-    #[serde(default = "target_utilization")]
+    /// absorbs bursts while new replicas start. Default: 0.7 for a service with a TTFT
+    /// objective (`spec.slo.ttftP99Ms`: its engines admit deadline-first), 0.6 without.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.05, max = 1.0))]
-    pub target_utilization: f64,
+    pub target_utilization: Option<f64>,
     /// KV-cache usage (0..1) the pods are steered towards.
     #[serde(default = "target_kv")]
     #[schemars(range(min = 0.05, max = 0.99))]
@@ -321,9 +322,6 @@ impl Default for ReplicaCapacity {
     }
 }
 
-fn target_utilization() -> f64 {
-    0.6
-}
 fn target_kv() -> f64 {
     0.7
 }
@@ -361,7 +359,7 @@ fn guard_kv() -> f64 {
 impl Default for AutoscalingPolicySpec {
     fn default() -> Self {
         Self {
-            target_utilization: target_utilization(),
+            target_utilization: None,
             target_kv_usage: target_kv(),
             replica_capacity: ReplicaCapacity::default(),
             forecast_horizon_seconds: horizon(),

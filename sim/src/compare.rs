@@ -31,7 +31,7 @@ impl Setup {
             min_replicas: min,
             max_replicas: max,
             capacity: profile.capacity(),
-            target_utilization: 0.6,
+            target_utilization: redline_autoscale::default_target_utilization(true),
             target_kv_usage: 0.7,
             forecast_horizon_seconds: cold_start.max(30.0),
             trend_window_seconds: 20.0,

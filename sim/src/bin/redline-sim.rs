@@ -43,9 +43,10 @@ struct Args {
     min_replicas: u32,
     #[arg(long, default_value_t = 16)]
     max_replicas: u32,
-    /// Share of each replica's measured capacity redline plans to use.
-    #[arg(long, default_value_t = 0.6)]
-    target_utilization: f64,
+    /// Share of each replica's measured capacity redline plans to use. Default: the operator's
+    /// (0.7 on deadline engines, 0.6 in arrival order).
+    #[arg(long)]
+    target_utilization: Option<f64>,
     /// How long the peak demand must fit on one replica fewer before one is drained.
     #[arg(long, default_value_t = 300.0)]
     scale_down_window: f64,
@@ -111,7 +112,9 @@ fn main() -> Result<()> {
         a.max_replicas,
     );
     let p = &mut setup.policy;
-    p.target_utilization = a.target_utilization;
+    p.target_utilization = a.target_utilization.unwrap_or_else(|| {
+        redline_autoscale::default_target_utilization(a.queue == Queue::Deadline)
+    });
     p.scale_down_window_seconds = a.scale_down_window;
     p.trend_window_seconds = a.trend_window;
     p.demand_smoothing_seconds = a.demand_smoothing;

@@ -282,13 +282,19 @@ async fn measure(
     Ok(row)
 }
 
-pub async fn run(args: BenchArgs) -> Result<()> {
-    let model = match &args.model {
-        Some(p) => p.clone(),
+/// The GGUF to bench (the cached default model unless given) and its vocabulary size.
+pub(crate) fn model_and_vocab(model: Option<&Path>) -> Result<(PathBuf, u32)> {
+    let model = match model {
+        Some(p) => p.to_path_buf(),
         None => crate::fetch::fetch_default_model(&crate::fetch::model_cache_dir(), true)?,
     };
     let (ct, _) = crate::model::read_gguf(&model)?;
     let vocab = crate::model::LlamaConfig::from_gguf(&ct)?.vocab as u32;
+    Ok((model, vocab))
+}
+
+pub async fn run(args: BenchArgs) -> Result<()> {
+    let (model, vocab) = model_and_vocab(args.model.as_deref())?;
     let peer = args.llama_server.clone().or_else(default_llama_server);
     if peer.is_none() {
         eprintln!("llama-server not found: the peer column stays empty (build it with scripts/build-llama-cpp.sh, ~24 min)");

@@ -14,8 +14,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::bench::{
-    cpu_name, default_llama_server, free_port, log_file, one_stream, pct, wait_ready, weights_flag,
-    Proc,
+    cpu_name, default_llama_server, free_port, log_file, model_and_vocab, one_stream, pct,
+    wait_ready, weights_flag, Proc,
 };
 
 #[derive(Debug, Clone, clap::Args)]
@@ -206,12 +206,7 @@ async fn llama(
 }
 
 pub async fn run(a: BurstArgs) -> Result<()> {
-    let model = match &a.model {
-        Some(p) => p.clone(),
-        None => crate::fetch::fetch_default_model(&crate::fetch::model_cache_dir(), true)?,
-    };
-    let (ct, _) = crate::model::read_gguf(&model)?;
-    let vocab = crate::model::LlamaConfig::from_gguf(&ct)?.vocab as u32;
+    let (model, vocab) = model_and_vocab(a.model.as_deref())?;
     let burst = arrivals(&a, vocab);
     let tokens: usize = burst.iter().map(|b| b.1.len()).sum();
     println!(

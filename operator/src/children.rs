@@ -364,6 +364,15 @@ mod tests {
 
     const BASE: &str = "apiVersion: redline.dev/v1alpha1\nkind: InferenceService\nmetadata: {name: chat, namespace: ml}\nspec:\n  model: {default: {}}\n";
 
+    fn pod_spec(i: &InferenceService) -> PodSpec {
+        deployment(i, &Defaults::default())
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap()
+    }
+
     #[test]
     fn deployment_is_hardened_owned_and_sized() {
         let i = isvc(&format!("{BASE}  minReplicas: 1\n  maxReplicas: 4\n  replicas: 9\n  resources: {{limits: {{nvidia.com/gpu: '1'}}}}\n"));
@@ -400,12 +409,7 @@ mod tests {
             "no SLO, arrival order: {args:?}"
         );
         let with_slo = isvc(&format!("{BASE}  slo: {{ttftP99Ms: 1500}}\n"));
-        let pod = deployment(&with_slo, &Defaults::default())
-            .spec
-            .unwrap()
-            .template
-            .spec
-            .unwrap();
+        let pod = pod_spec(&with_slo);
         assert!(pod.containers[0]
             .args
             .as_ref()
@@ -420,12 +424,7 @@ mod tests {
     #[test]
     fn model_sources_become_mounts_and_flags() {
         let i = isvc(&BASE.replace("{default: {}}", "{hostPath: {path: /data/models/m.gguf}}"));
-        let pod = deployment(&i, &Defaults::default())
-            .spec
-            .unwrap()
-            .template
-            .spec
-            .unwrap();
+        let pod = pod_spec(&i);
         let v = &pod.volumes.as_ref().unwrap()[0];
         assert_eq!(v.host_path.as_ref().unwrap().path, "/data/models");
         assert!(pod.containers[0]
@@ -435,12 +434,7 @@ mod tests {
             .contains(&format!("--model={MODEL_DIR}/m.gguf")));
         assert_eq!(served_model(&i), "m");
         let no_sidecar = isvc(&format!("{BASE}  sidecar: {{enabled: false}}\n"));
-        let pod = deployment(&no_sidecar, &Defaults::default())
-            .spec
-            .unwrap()
-            .template
-            .spec
-            .unwrap();
+        let pod = pod_spec(&no_sidecar);
         assert_eq!(pod.containers.len(), 1);
         assert!(
             pod.volumes.is_none(),

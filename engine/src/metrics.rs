@@ -25,6 +25,9 @@ pub struct Metrics {
     max_batched_tokens: IntGauge,
     pub draining: IntGauge,
     ttft: Histogram,
+    /// Requests whose first token came after the TTFT objective, when the engine has one.
+    late: IntCounter,
+    ttft_objective: std::sync::OnceLock<f64>,
     itl: Histogram,
     pub request_latency: Histogram,
     vllm_kv_usage: Gauge,
@@ -100,6 +103,12 @@ impl Metrics {
                 p("prefix_cache_hit_tokens_total"),
                 "Prompt tokens served from the prefix cache.",
             )),
+            late: counter(Opts::new(
+                p("requests_late_total"),
+                "Requests whose first token came after the TTFT objective (--ttft-objective-ms; \
+                 stays 0 without one).",
+            )),
+            ttft_objective: std::sync::OnceLock::new(),
             prompt_tokens: counter(Opts::new(
                 p("prompt_tokens_total"),
                 "Prompt tokens admitted.",
@@ -173,9 +182,17 @@ impl Metrics {
         }
     }
 
+    /// The objective `requests_late_total` counts against; set once, at start.
+    pub fn set_ttft_objective(&self, seconds: f64) {
+        let _ = self.ttft_objective.set(seconds);
+    }
+
     pub fn observe_ttft(&self, s: f64) {
         self.ttft.observe(s);
         self.vllm_ttft.observe(s);
+        if self.ttft_objective.get().is_some_and(|o| s > *o) {
+            self.late.inc();
+        }
     }
 
     pub fn observe_itl(&self, s: f64) {

@@ -399,6 +399,7 @@ async fn chat_non_streaming_usage_models_and_metric_names() {
         "redline_engine_generation_tokens_total",
         "redline_engine_max_num_seqs",
         "redline_engine_max_batched_tokens",
+        "redline_engine_requests_late_total",
         "redline_engine_time_to_first_token_seconds_bucket",
         "redline_engine_inter_token_latency_seconds_bucket",
         "redline_engine_request_latency_seconds_bucket",
@@ -448,8 +449,9 @@ async fn first_chunk_at(base: String, prompt: String, max_tokens: u32) -> Instan
 }
 
 /// Which of two requests gets its first token first: `late` (a long prompt that waited past
-/// the objective while admission was stopped) or `fresh` (a short one that arrived 2 s later).
-async fn who_goes_first(extra: &[&str]) -> &'static str {
+/// the objective while admission was stopped) or `fresh` (a short one that arrived 2 s later);
+/// and how many requests the engine counted late.
+async fn who_goes_first(extra: &[&str]) -> (&'static str, f64) {
     let s = Server::start(&[&["--max-batched-tokens", "64"], extra].concat()).await;
     let c = client();
     let limits = |n: u32| {
@@ -488,21 +490,17 @@ async fn who_goes_first(extra: &[&str]) -> &'static str {
     // One at a time: whoever is admitted first is served first.
     limits(1).await;
     let (late, fresh) = (late.await.unwrap(), fresh.await.unwrap());
-    if fresh < late {
-        "fresh"
-    } else {
-        "late"
-    }
+    let counted = s.metric("redline_engine_requests_late_total").await;
+    (if fresh < late { "fresh" } else { "late" }, counted)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_ttft_objective_a_request_that_can_meet_it_goes_before_one_that_cannot() {
-    // Without an objective: arrival order, as vLLM.
-    assert_eq!(who_goes_first(&[]).await, "late");
+    // Without an objective: arrival order, as vLLM, and nothing counts as late.
+    assert_eq!(who_goes_first(&[]).await, ("late", 0.0));
     // With 1.5 s: the first request can no longer make it and is served after the second
-    // (which still can), not dropped.
-    assert_eq!(
-        who_goes_first(&["--ttft-objective-ms", "1500"]).await,
-        "fresh"
-    );
+    // (which still can), not dropped; the engine counts it late.
+    let (first, late) = who_goes_first(&["--ttft-objective-ms", "1500"]).await;
+    assert_eq!(first, "fresh");
+    assert!(late >= 1.0, "{late} requests counted late");
 }

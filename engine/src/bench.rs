@@ -44,7 +44,8 @@ struct Row {
     peak_rss_mib: f64,
 }
 
-pub(crate) struct Proc(pub(crate) Child);
+/// A server process, killed when dropped.
+pub(crate) struct Proc(Child);
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -52,9 +53,13 @@ impl Drop for Proc {
     }
 }
 
-/// Server logs go to files so a failed run can be diagnosed.
+/// Where a server's log goes, so a failed run can be diagnosed.
+pub(crate) fn log_path(name: &str, streams: usize) -> PathBuf {
+    std::env::temp_dir().join(format!("redline-bench-{name}-{streams}.log"))
+}
+
 pub(crate) fn log_file(name: &str, streams: usize) -> Result<std::fs::File> {
-    let p = std::env::temp_dir().join(format!("redline-bench-{name}-{streams}.log"));
+    let p = log_path(name, streams);
     std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))
 }
 
@@ -73,7 +78,13 @@ pub(crate) fn default_llama_server() -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
-pub(crate) async fn wait_ready(url: &str, child: &mut Child) -> Result<()> {
+/// The started server once `ready_path` answers on `port`.
+pub(crate) async fn when_ready(mut child: Child, port: u16, ready_path: &str) -> Result<Proc> {
+    wait_ready(&format!("http://127.0.0.1:{port}{ready_path}"), &mut child).await?;
+    Ok(Proc(child))
+}
+
+async fn wait_ready(url: &str, child: &mut Child) -> Result<()> {
     let c = reqwest::Client::new();
     for _ in 0..1200 {
         if let Some(st) = child.try_wait()? {
@@ -262,7 +273,7 @@ async fn bench_llama(
 
 /// Waits for a started server, runs the load against it, and reads its peak RSS.
 async fn measure(
-    mut child: Child,
+    child: Child,
     port: u16,
     ready_path: &str,
     name: &str,
@@ -270,14 +281,15 @@ async fn measure(
     args: &BenchArgs,
     vocab: u32,
 ) -> Result<Row> {
-    let log = std::env::temp_dir().join(format!("redline-bench-{name}-{streams}.log"));
-    wait_ready(&format!("http://127.0.0.1:{port}{ready_path}"), &mut child).await?;
     let pid = child.id();
-    let _guard = Proc(child);
+    let _server = when_ready(child, port, ready_path).await?;
     let url = format!("http://127.0.0.1:{port}/v1/completions");
-    let mut row = load(&url, streams, args, vocab)
-        .await
-        .with_context(|| format!("{name} run failed; its log is {}", log.display()))?;
+    let mut row = load(&url, streams, args, vocab).await.with_context(|| {
+        format!(
+            "{name} run failed; its log is {}",
+            log_path(name, streams).display()
+        )
+    })?;
     row.peak_rss_mib = peak_rss_mib(pid);
     Ok(row)
 }

@@ -11,11 +11,11 @@
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::bench::{
-    cpu_name, default_llama_server, free_port, log_file, model_and_vocab, one_stream, pct,
-    wait_ready, weights_flag, Proc,
+    cpu_name, default_llama_server, free_port, log_file, log_path, model_and_vocab, one_stream,
+    pct, weights_flag, when_ready,
 };
 
 #[derive(Debug, Clone, clap::Args)]
@@ -98,7 +98,6 @@ async fn replay(url: &str, a: &BurstArgs, burst: &[(f64, Vec<u32>)]) -> Result<O
     let warm: Vec<u32> = (0..a.max_batched_tokens as u32).map(|i| 1000 + i).collect();
     one_stream(&c, url, warm, 2).await?;
     let start = tokio::time::Instant::now();
-    let t0 = Instant::now();
     let tasks: Vec<_> = burst
         .iter()
         .map(|(at, prompt)| {
@@ -119,9 +118,6 @@ async fn replay(url: &str, a: &BurstArgs, burst: &[(f64, Vec<u32>)]) -> Result<O
     for t in tasks {
         match t.await? {
             Ok((f, _, _)) => {
-                if std::env::var("BURST_DEBUG").is_ok() {
-                    eprint!("{:.1} ", f);
-                }
                 o.answered += 1;
                 o.within += usize::from(f <= objective);
                 ttft.push(f);
@@ -129,26 +125,29 @@ async fn replay(url: &str, a: &BurstArgs, burst: &[(f64, Vec<u32>)]) -> Result<O
             Err(e) => tracing::warn!("request failed: {e:#}"),
         }
     }
-    o.wall = t0.elapsed().as_secs_f64();
+    o.wall = start.elapsed().as_secs_f64();
     o.ttft_p50 = pct(&mut ttft, 0.5);
     o.ttft_p99 = pct(&mut ttft, 0.99);
     Ok(o)
 }
 
 async fn measure(
-    mut child: Child,
+    child: Child,
     port: u16,
     ready: &str,
     name: &str,
     a: &BurstArgs,
     burst: &[(f64, Vec<u32>)],
 ) -> Result<Outcome> {
-    wait_ready(&format!("http://127.0.0.1:{port}{ready}"), &mut child).await?;
-    let _guard = Proc(child);
-    let log = std::env::temp_dir().join(format!("redline-bench-{name}-0.log"));
+    let _server = when_ready(child, port, ready).await?;
     replay(&format!("http://127.0.0.1:{port}/v1/completions"), a, burst)
         .await
-        .with_context(|| format!("{name} run failed; its log is {}", log.display()))
+        .with_context(|| {
+            format!(
+                "{name} run failed; its log is {}",
+                log_path(name, 0).display()
+            )
+        })
 }
 
 async fn redline(

@@ -197,6 +197,11 @@ impl Engine {
             .set_ttft_objective(objective.map(|d| d.as_secs_f64()));
     }
 
+    /// The time-to-first-token objective in seconds, if admission is deadline-aware.
+    pub fn ttft_objective(&self) -> Option<f64> {
+        self.sched.ttft_objective()
+    }
+
     fn now(&self) -> f64 {
         self.epoch.elapsed().as_secs_f64()
     }

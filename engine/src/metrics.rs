@@ -27,7 +27,6 @@ pub struct Metrics {
     ttft: Histogram,
     /// Requests whose first token came after the TTFT objective, when the engine has one.
     late: IntCounter,
-    ttft_objective: std::sync::OnceLock<f64>,
     itl: Histogram,
     pub request_latency: Histogram,
     vllm_kv_usage: Gauge,
@@ -108,7 +107,6 @@ impl Metrics {
                 "Requests whose first token came after the TTFT objective (--ttft-objective-ms; \
                  stays 0 without one).",
             )),
-            ttft_objective: std::sync::OnceLock::new(),
             prompt_tokens: counter(Opts::new(
                 p("prompt_tokens_total"),
                 "Prompt tokens admitted.",
@@ -182,15 +180,11 @@ impl Metrics {
         }
     }
 
-    /// The objective `requests_late_total` counts against; set once, at start.
-    pub fn set_ttft_objective(&self, seconds: f64) {
-        let _ = self.ttft_objective.set(seconds);
-    }
-
-    pub fn observe_ttft(&self, s: f64) {
+    /// A first token `s` seconds after the request arrived; late past `objective` (seconds).
+    pub fn observe_ttft(&self, s: f64, objective: Option<f64>) {
         self.ttft.observe(s);
         self.vllm_ttft.observe(s);
-        if self.ttft_objective.get().is_some_and(|o| s > *o) {
+        if objective.is_some_and(|o| s > o) {
             self.late.inc();
         }
     }

@@ -122,6 +122,10 @@ impl Scheduler {
         self.ttft_objective = seconds.filter(|s| *s > 0.0);
     }
 
+    pub fn ttft_objective(&self) -> Option<f64> {
+        self.ttft_objective
+    }
+
     /// Tokens per second the scheduler judges deadlines by.
     pub fn throughput(&self) -> Option<f64> {
         self.throughput

@@ -746,9 +746,6 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| "model".into())
     });
     let metrics = Arc::new(Metrics::new(&name));
-    if let Some(ms) = args.ttft_objective_ms {
-        metrics.set_ttft_objective(ms as f64 / 1e3);
-    }
     let state = Arc::new(AppState::new(name.clone(), metrics.clone()));
     let api = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await

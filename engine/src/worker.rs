@@ -103,6 +103,7 @@ impl EngineHandle {
 }
 
 struct Timing {
+    /// When the server received the request (the scheduler's deadline counts from here too).
     arrival: Instant,
     last: Option<Instant>,
 }
@@ -185,7 +186,7 @@ fn handle(
 ) {
     match cmd {
         Command::Add(req, tx) => {
-            let (id, n) = (req.id, req.prompt.len());
+            let (id, n, arrival) = (req.id, req.prompt.len(), req.arrived);
             match engine.add(req) {
                 Ok(()) => {
                     metrics.prompt_tokens.inc_by(n as u64);
@@ -194,7 +195,7 @@ fn handle(
                         (
                             tx,
                             Timing {
-                                arrival: Instant::now(),
+                                arrival,
                                 last: None,
                             },
                         ),
@@ -237,7 +238,7 @@ fn deliver(
         };
         metrics.generation_tokens.inc();
         match t.last {
-            None => metrics.observe_ttft((now - t.arrival).as_secs_f64()),
+            None => metrics.observe_ttft((now - t.arrival).as_secs_f64(), engine.ttft_objective()),
             Some(last) => metrics.observe_itl((now - last).as_secs_f64()),
         }
         t.last = Some(now);

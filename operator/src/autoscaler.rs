@@ -54,9 +54,9 @@ pub fn policy_config(isvc: &InferenceService, p: &AutoscalingPolicySpec) -> Poli
             prompt_tokens_per_second: p.replica_capacity.prompt_tokens_per_second,
             generation_tokens_per_second: p.replica_capacity.generation_tokens_per_second,
         },
-        target_utilization: p.target_utilization.unwrap_or_else(|| {
-            default_target_utilization(s.slo.as_ref().is_some_and(|o| o.ttft_p99_ms.is_some()))
-        }),
+        target_utilization: p
+            .target_utilization
+            .unwrap_or_else(|| default_target_utilization(s.ttft_objective_ms().is_some())),
         target_kv_usage: p.target_kv_usage,
         forecast_horizon_seconds: p.forecast_horizon_seconds as f64,
         trend_window_seconds: p.trend_window_seconds as f64,

@@ -144,7 +144,7 @@ fn engine_args(isvc: &InferenceService) -> (Vec<String>, Vec<Volume>, Vec<Volume
         args.push(format!("--threads={t}"));
     }
     // The engines admit first the requests that can still meet it.
-    if let Some(ms) = s.slo.as_ref().and_then(|slo| slo.ttft_p99_ms) {
+    if let Some(ms) = s.ttft_objective_ms() {
         args.push(format!("--ttft-objective-ms={ms}"));
     }
     let (mut volumes, mut mounts) = (Vec::new(), Vec::new());

@@ -66,6 +66,13 @@ pub struct InferenceServiceSpec {
     pub termination_grace_period_seconds: i64,
 }
 
+impl InferenceServiceSpec {
+    /// The TTFT objective the engines admit by (`--ttft-objective-ms`), from `slo.ttftP99Ms`.
+    pub fn ttft_objective_ms(&self) -> Option<i32> {
+        self.slo.as_ref().and_then(|slo| slo.ttft_p99_ms)
+    }
+}
+
 fn one() -> i32 {
     1
 }

@@ -165,22 +165,23 @@ impl Engine {
         s.blocks = 0;
         s.computed = 0;
         self.preemptions_total += 1;
-        self.waiting.push_front(s);
+        // Back in arrival order, as the engine does (under FCFS that is the front: everyone
+        // waiting arrived after everyone admitted).
+        let pos = self
+            .waiting
+            .iter()
+            .position(|w| w.arrival > s.arrival)
+            .unwrap_or(self.waiting.len());
+        self.waiting.insert(pos, s);
     }
 
-    /// With a TTFT objective, the waiting queue is put in the deadline order the engine uses
+    /// Indices into the waiting queue (kept in arrival order) in the order to admit them:
+    /// arrival order, or with a TTFT objective the deadline order the engine uses
     /// (`redline_api::deadline`), at the throughput the engine measures in full steps.
-    fn order_waiting(&mut self, p: &EngineProfile, now: f64) {
+    fn admission_order(&self, p: &EngineProfile, now: f64) -> Vec<usize> {
         let Some(objective) = self.ttft_objective else {
-            return;
+            return (0..self.waiting.len()).collect();
         };
-        if self.waiting.len() < 2 {
-            return;
-        }
-        // Preempted sequences went back in front; the order wants arrival order.
-        self.waiting
-            .make_contiguous()
-            .sort_by(|a, b| a.arrival.total_cmp(&b.arrival));
         let chunk = p.limits.max_batched_tokens;
         let d = Deadlines {
             ttft_objective_seconds: objective,
@@ -201,14 +202,11 @@ impl Engine {
             .iter()
             .map(|s| s.prompt.saturating_sub(s.computed) as u64)
             .sum();
-        let order = d.admission_order(&queued, now, ahead);
-        let mut old: Vec<Option<Seq>> = self.waiting.drain(..).map(Some).collect();
-        self.waiting = order.into_iter().filter_map(|i| old[i].take()).collect();
+        d.admission_order(&queued, now, ahead)
     }
 
     /// Plans the next step (allocating its KV), or `None` with nothing to run.
     pub fn plan(&mut self, p: &EngineProfile, now: f64) -> Option<Step> {
-        self.order_waiting(p, now);
         let mut budget = self.limits.max_batched_tokens;
         let mut work = Vec::new();
         let mut i = 0;
@@ -234,18 +232,25 @@ impl Engine {
             budget -= n;
             i += 1;
         }
-        while budget > 0 && (self.running.len() as u32) < self.limits.max_num_seqs {
-            let Some(s) = self.waiting.front() else { break };
+        let mut admitted = Vec::new();
+        for w in self.admission_order(p, now) {
+            if budget == 0 || self.running.len() as u32 >= self.limits.max_num_seqs {
+                break;
+            }
+            let mut s = self.waiting[w].clone();
             let n = (s.len() - s.computed).min(budget);
-            let mut s = s.clone();
             let target = s.computed + n;
             if !Self::grow(&mut self.free_blocks, self.block_size, &mut s, target) {
                 break;
             }
-            self.waiting.pop_front();
+            admitted.push(w);
             self.running.push(s);
             work.push((self.running.len() - 1, n));
             budget -= n;
+        }
+        admitted.sort_unstable();
+        for w in admitted.into_iter().rev() {
+            self.waiting.remove(w);
         }
         if work.is_empty() {
             return None;

@@ -85,6 +85,10 @@ pub struct EngineReading {
     /// Whether the engine is draining (refusing new requests, finishing what it holds).
     #[serde(default)]
     pub draining: Option<bool>,
+    /// Requests whose first token came after the engine's TTFT objective (redline-engine
+    /// given one; `None` for engines that do not count them).
+    #[serde(default)]
+    pub requests_late_total: Option<u64>,
 }
 
 impl EngineReading {
@@ -103,6 +107,7 @@ impl EngineReading {
             generation_tokens_total: None,
             waiting_prompt_tokens: None,
             draining: None,
+            requests_late_total: None,
         }
     }
 }
@@ -126,6 +131,10 @@ pub struct Derived {
     pub prompt_tokens_per_second: Option<f64>,
     #[serde(default)]
     pub generation_tokens_per_second: Option<f64>,
+    /// Requests served after the TTFT objective, per second over the window: the SLO being
+    /// missed, as the engine saw it. `None` when the engine does not count them.
+    #[serde(default)]
+    pub late_requests_per_second: Option<f64>,
 }
 
 impl Default for Derived {
@@ -139,6 +148,7 @@ impl Default for Derived {
             level: Level::Ok,
             prompt_tokens_per_second: None,
             generation_tokens_per_second: None,
+            late_requests_per_second: None,
         }
     }
 }

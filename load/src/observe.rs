@@ -34,6 +34,9 @@ pub struct Sample {
     pub kv_mean: f64,
     /// `status.lastDecision.summary`.
     pub decision: Option<String>,
+    /// `status.lateRequests`: requests per second served after the TTFT objective, as the
+    /// engines count them and the operator sums them.
+    pub late: Option<String>,
 }
 
 /// One pod's engine and sidecar, once per observer tick.
@@ -161,17 +164,24 @@ pub async fn scrape(
     join_all(reads).await.into_iter().flatten().collect()
 }
 
-/// The service's desired replicas and last decision.
-pub async fn service(
-    client: &Client,
-    namespace: &str,
-    name: &str,
-) -> kube::Result<(i32, Option<String>)> {
+/// What the service's spec and status say.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServiceView {
+    pub desired: i32,
+    pub decision: Option<String>,
+    pub late: Option<String>,
+}
+
+pub async fn service(client: &Client, namespace: &str, name: &str) -> kube::Result<ServiceView> {
     let i = Api::<InferenceService>::namespaced(client.clone(), namespace)
         .get(name)
         .await?;
-    let decision = i.status.and_then(|s| s.last_decision).map(|d| d.summary);
-    Ok((i.spec.replicas.unwrap_or(i.spec.min_replicas), decision))
+    let status = i.status.unwrap_or_default();
+    Ok(ServiceView {
+        desired: i.spec.replicas.unwrap_or(i.spec.min_replicas),
+        decision: status.last_decision.map(|d| d.summary),
+        late: status.late_requests,
+    })
 }
 
 #[cfg(test)]

@@ -9,11 +9,11 @@ use crate::run::Run;
 use redline_sim::report::quantile;
 
 pub const LIVE_HEADER: &str =
-    "     t   req/s  in-flight  desired  pods  ready  KV max  KV mean  last decision";
+    "     t   req/s  in-flight  desired  pods  ready  KV max  KV mean    late  last decision";
 
 pub fn live_row(s: &Sample) -> String {
     format!(
-        "{:>5.0}s {:>7.1} {:>10} {:>8} {:>5} {:>6} {:>6.0}% {:>7.0}%  {}",
+        "{:>5.0}s {:>7.1} {:>10} {:>8} {:>5} {:>6} {:>6.0}% {:>7.0}% {:>7}  {}",
         s.t,
         s.arrival_rate,
         s.in_flight,
@@ -22,6 +22,7 @@ pub fn live_row(s: &Sample) -> String {
         s.ready,
         s.kv_max * 100.0,
         s.kv_mean * 100.0,
+        s.late.as_deref().unwrap_or("-"),
         s.decision.as_deref().unwrap_or("-")
     )
 }

@@ -11,7 +11,7 @@ use kube::api::ListParams;
 use kube::{Api, Client};
 use redline_sim::trace::Request;
 
-use crate::observe::{self, PodSample, ReadyPods, Sample};
+use crate::observe::{self, PodSample, ReadyPods, Sample, ServiceView};
 use crate::replay::{self, Counters, RequestOutcome};
 use crate::transport::{Target, Transport};
 
@@ -80,8 +80,13 @@ pub async fn run(
     ));
     let mut tick = tokio::time::interval(cfg.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (mut n, mut last_sent, mut replay_done, mut pods, mut service) =
-        (0u64, (0u64, 0.0), None::<f64>, Vec::new(), (0, None));
+    let (mut n, mut last_sent, mut replay_done, mut pods, mut service) = (
+        0u64,
+        (0u64, 0.0),
+        None::<f64>,
+        Vec::new(),
+        ServiceView::default(),
+    );
     loop {
         tokio::select! {
             r = &mut replay, if replay_done.is_none() => {
@@ -114,7 +119,7 @@ pub async fn run(
             let kvs: Vec<f64> = scraped.values().map(|s| s.kv).collect();
             let sample = Sample {
                 t,
-                desired: service.0,
+                desired: service.desired,
                 ready: pods.iter().filter(|p| p.ready && !p.deleting).count(),
                 pods: pods.iter().filter(|p| !p.deleting).count(),
                 arrival_rate: (sent - last_sent.0) as f64 / (t - last_sent.1).max(1e-3),
@@ -125,7 +130,8 @@ pub async fn run(
                 } else {
                     kvs.iter().sum::<f64>() / kvs.len() as f64
                 },
-                decision: service.1.clone(),
+                decision: service.decision.clone(),
+                late: service.late.clone(),
             };
             last_sent = (sent, t);
             on_sample(&sample);
@@ -133,7 +139,7 @@ pub async fn run(
             if let Some(done) = replay_done {
                 let settled = cfg
                     .settle_to
-                    .is_none_or(|want| service.0 <= want && pods.len() as i32 <= want);
+                    .is_none_or(|want| service.desired <= want && pods.len() as i32 <= want);
                 if settled || t - done > cfg.settle_timeout.as_secs_f64() {
                     out.settled = cfg.settle_to.is_some() && settled;
                     break;

@@ -148,6 +148,36 @@ async fn a_trace_burst_scales_up_before_kv_runs_out_and_back_down_through_drains
         "a guard reacted late or not at all: {:?}",
         report::guard_reactions(&result.pods, GUARD_REDLINE)
     );
+    // The engines' count of requests served after the objective reaches the service's status:
+    // when the replay measured first tokens well past it, the operator showed a late rate.
+    let objective = isvc
+        .spec
+        .ttft_objective_ms()
+        .expect("the example has an objective") as f64;
+    let late: Vec<f64> = result
+        .samples
+        .iter()
+        .filter_map(|x| x.late.as_deref())
+        .map(|l| {
+            l.strip_suffix("/s")
+                .and_then(|r| r.parse().ok())
+                .unwrap_or_else(|| panic!("status.lateRequests {l:?}"))
+        })
+        .collect();
+    assert!(!late.is_empty(), "no status.lateRequests in any sample");
+    let late_seen = late.iter().copied().fold(0.0, f64::max);
+    let well_past = result
+        .requests
+        .iter()
+        .filter_map(|r| r.result.as_ref().ok()?.ttft)
+        .filter(|&t| t > 2.0 * objective / 1000.0)
+        .count();
+    if well_past > 0 {
+        assert!(
+            late_seen > 0.0,
+            "{well_past} first tokens after twice the objective, no late rate in status"
+        );
+    }
     // Back to one replica, through drains, with the decision in status.
     assert!(
         result.settled,

@@ -132,6 +132,15 @@ pub fn pressure_summary(reports: &[&PressureReport]) -> Option<(f64, f64, bool)>
     Some((mean, max, near))
 }
 
+/// Requests per second served after the TTFT objective, summed over the pods whose engines
+/// count them; `None` when none does.
+pub fn late_rate(reports: &[&PressureReport]) -> Option<f64> {
+    reports
+        .iter()
+        .filter_map(|r| r.derived.late_requests_per_second)
+        .fold(None, |sum, x| Some(sum.unwrap_or(0.0) + x))
+}
+
 #[derive(Default)]
 struct ServiceState {
     policy: Option<Policy>,
@@ -567,9 +576,15 @@ impl Autoscaler {
             None => current.last_decision.clone(),
         };
         let kv_usage = summary.map(|(mean, _, _)| format!("{:.0}%", mean * 100.0));
+        let late_requests = isvc
+            .spec
+            .ttft_objective_ms()
+            .and(late_rate(&got))
+            .map(|r| format!("{r:.1}/s"));
         // Level-based: compared with the object as it is, so a write lost to a race with the
         // reconciler is made again on the next pass.
         if kv_usage == current.kv_usage
+            && late_requests == current.late_requests
             && pod_limits == current.pod_limits
             && last_decision == current.last_decision
             && conds == current.conditions
@@ -578,6 +593,7 @@ impl Autoscaler {
         }
         let patch = json!({"status": {
             "kvUsage": kv_usage,
+            "lateRequests": late_requests,
             "podLimits": pod_limits,
             "lastDecision": last_decision,
             "conditions": conds,
@@ -679,9 +695,8 @@ spec:
         assert_eq!(pod_phase(&gone, false), None);
     }
 
-    #[test]
-    fn the_summary_is_the_mean_usage_and_near_means_critical_preempting_or_full() {
-        let report = |usage: f64, level: Level| PressureReport {
+    fn report(usage: f64, level: Level) -> PressureReport {
+        PressureReport {
             device: Default::default(),
             engine: Some(redline_api::EngineReading::new(
                 redline_api::EngineFlavor::Redline,
@@ -702,7 +717,11 @@ spec:
             },
             sample_age_seconds: Some(0.1),
             engine_reachable: true,
-        };
+        }
+    }
+
+    #[test]
+    fn the_summary_is_the_mean_usage_and_near_means_critical_preempting_or_full() {
         assert_eq!(pressure_summary(&[]), None);
         let (a, b) = (report(0.2, Level::Ok), report(0.6, Level::Elevated));
         let (mean, max, near) = pressure_summary(&[&a, &b]).unwrap();
@@ -711,5 +730,18 @@ spec:
         assert!(pressure_summary(&[&a, &c]).unwrap().2);
         let full = report(0.97, Level::Ok);
         assert!(pressure_summary(&[&full]).unwrap().2);
+    }
+
+    #[test]
+    fn the_late_rate_sums_the_pods_that_count_late_requests() {
+        let report = |late: Option<f64>| {
+            let mut r = report(0.1, Level::Ok);
+            r.derived.late_requests_per_second = late;
+            r
+        };
+        let (a, b, none) = (report(Some(0.5)), report(Some(0.25)), report(None));
+        assert_eq!(late_rate(&[]), None);
+        assert_eq!(late_rate(&[&none]), None, "no engine counts them");
+        assert_eq!(late_rate(&[&a, &none, &b]), Some(0.75));
     }
 }

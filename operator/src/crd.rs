@@ -29,6 +29,7 @@ pub const GROUP: &str = "redline.dev";
     printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyReplicas"}"#,
     printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".spec.replicas"}"#,
     printcolumn = r#"{"name":"KV","type":"string","jsonPath":".status.kvUsage"}"#,
+    printcolumn = r#"{"name":"Late","type":"string","jsonPath":".status.lateRequests"}"#,
     printcolumn = r#"{"name":"Decision","type":"string","jsonPath":".status.lastDecision.summary"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -406,6 +407,10 @@ pub struct InferenceServiceStatus {
     /// (written by the autoscaling loop, like podLimits and lastDecision).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_usage: Option<String>,
+    /// Requests served after `slo.ttftP99Ms`, per second, summed over the pods as their
+    /// engines count them (e.g. "0.4/s"); absent without an objective.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub late_requests: Option<String>,
     /// Live limits per pod, as its sidecar's guard holds them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pod_limits: Vec<PodLimits>,

@@ -92,6 +92,7 @@ pub struct PressureModel {
     preemptions: VecDeque<(f64, u64)>,
     prompt_tokens: Counter,
     generation_tokens: Counter,
+    late_requests: Counter,
     level: Level,
     /// Since when the pressure has been below the current level's exit thresholds.
     calm_since: Option<f64>,
@@ -106,6 +107,7 @@ impl PressureModel {
             preemptions: VecDeque::new(),
             prompt_tokens: Counter::default(),
             generation_tokens: Counter::default(),
+            late_requests: Counter::default(),
             level: Level::Ok,
             calm_since: None,
         }
@@ -183,6 +185,11 @@ impl PressureModel {
             self.cfg.rate_window_seconds,
             engine.generation_tokens_total,
         );
+        let late_requests_per_second = self.late_requests.rate(
+            now,
+            self.cfg.rate_window_seconds,
+            engine.requests_late_total,
+        );
         let headroom_ratio = (1.0 - usage).min(device_ratio.map_or(1.0, |r| 1.0 - r));
         let level = self.next_level(
             now,
@@ -200,6 +207,7 @@ impl PressureModel {
             level,
             prompt_tokens_per_second,
             generation_tokens_per_second,
+            late_requests_per_second,
         }
     }
 
@@ -351,6 +359,7 @@ mod tests {
         let at = |prompt: u64, gen: u64| EngineReading {
             prompt_tokens_received_total: Some(prompt),
             generation_tokens_total: Some(gen),
+            requests_late_total: Some(gen / 50),
             ..engine(0.1, 0)
         };
         assert_eq!(
@@ -362,6 +371,7 @@ mod tests {
         let d = m.observe(2.0, &at(3000, 100), &none(), &g);
         assert_eq!(d.prompt_tokens_per_second, Some(1500.0));
         assert_eq!(d.generation_tokens_per_second, Some(50.0));
+        assert_eq!(d.late_requests_per_second, Some(1.0), "1 late request to 2");
         let d = m.observe(2.5, &at(10, 0), &none(), &g);
         assert_eq!(
             d.prompt_tokens_per_second, None,
@@ -369,7 +379,8 @@ mod tests {
         );
         let d = m.observe(3.0, &engine(0.1, 0), &none(), &g);
         assert_eq!(
-            d.generation_tokens_per_second, None,
+            (d.generation_tokens_per_second, d.late_requests_per_second),
+            (None, None),
             "not exported: unknown, not zero"
         );
     }

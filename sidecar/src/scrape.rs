@@ -45,6 +45,7 @@ pub fn parse(text: &str) -> Result<EngineReading, ScrapeError> {
             generation_tokens_total: whole("redline_engine_generation_tokens_total"),
             waiting_prompt_tokens: whole("redline_engine_waiting_prompt_tokens"),
             draining: sum("redline_engine_draining").map(|v| v > 0.0),
+            requests_late_total: whole("redline_engine_requests_late_total"),
         });
     }
     // vLLM renamed gpu_cache_usage_perc to kv_cache_usage_perc; accept both.
@@ -66,6 +67,7 @@ pub fn parse(text: &str) -> Result<EngineReading, ScrapeError> {
         generation_tokens_total: whole("vllm:generation_tokens_total"),
         waiting_prompt_tokens: None,
         draining: None,
+        requests_late_total: None,
     })
 }
 
@@ -101,6 +103,8 @@ redline_engine_generation_tokens_total 700
 redline_engine_waiting_prompt_tokens 1200
 # TYPE redline_engine_draining gauge
 redline_engine_draining 1
+# TYPE redline_engine_requests_late_total counter
+redline_engine_requests_late_total 4
 # TYPE vllm:kv_cache_usage_perc gauge
 vllm:kv_cache_usage_perc 0.25
 ";
@@ -114,6 +118,7 @@ vllm:kv_cache_usage_perc 0.25
         assert_eq!(r.generation_tokens_total, Some(700));
         assert_eq!(r.waiting_prompt_tokens, Some(1200));
         assert_eq!(r.draining, Some(true));
+        assert_eq!(r.requests_late_total, Some(4));
         assert_eq!(
             r.limits,
             Some(Limits {
@@ -145,7 +150,7 @@ vllm:num_preemptions_total{engine="1",model_name="m"} 1.0
         assert_eq!(r.kv_usage_ratio, 0.75);
         assert_eq!((r.requests_running, r.requests_waiting), (6, 1));
         assert_eq!(r.preemptions_total, 4);
-        assert_eq!(r.limits, None);
+        assert_eq!((r.limits, r.requests_late_total), (None, None));
     }
 
     #[test]

@@ -362,6 +362,8 @@ impl<'a> Sim<'a> {
                 generation_tokens_total: Some(e.generation_tokens_total),
                 waiting_prompt_tokens: Some(e.waiting_tokens()),
                 draining: Some(pod.phase == Phase::Draining),
+                // The fleet judges each request against the SLO itself.
+                requests_late_total: None,
             };
             let device = DeviceReading {
                 backend: "none".into(),

@@ -36,7 +36,7 @@ pub struct Sample {
     pub decision: Option<String>,
     /// `status.lateRequests`: requests per second served after the TTFT objective, as the
     /// engines count them and the operator sums them.
-    pub late: Option<String>,
+    pub late_per_second: Option<f64>,
 }
 
 /// One pod's engine and sidecar, once per observer tick.
@@ -169,7 +169,7 @@ pub async fn scrape(
 pub struct ServiceView {
     pub desired: i32,
     pub decision: Option<String>,
-    pub late: Option<String>,
+    pub late_per_second: Option<f64>,
 }
 
 pub async fn service(client: &Client, namespace: &str, name: &str) -> kube::Result<ServiceView> {
@@ -180,13 +180,26 @@ pub async fn service(client: &Client, namespace: &str, name: &str) -> kube::Resu
     Ok(ServiceView {
         desired: i.spec.replicas.unwrap_or(i.spec.min_replicas),
         decision: status.last_decision.map(|d| d.summary),
-        late: status.late_requests,
+        late_per_second: status.late_requests.as_deref().and_then(per_second),
     })
+}
+
+/// "0.4/s", as the operator writes `status.lateRequests`.
+fn per_second(s: &str) -> Option<f64> {
+    s.strip_suffix("/s")?.parse().ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_late_rate_as_the_operator_writes_it() {
+        assert_eq!(per_second("0.4/s"), Some(0.4));
+        assert_eq!(per_second("12.0/s"), Some(12.0));
+        assert_eq!(per_second("0.4"), None);
+        assert_eq!(per_second("fast/s"), None);
+    }
 
     #[test]
     fn reads_the_guards_cuts_and_their_timing() {

@@ -29,7 +29,7 @@ pub fn write(path: &Path, title: &str, run: &Run, redline: f64) -> Result<()> {
         * 1.1;
     let mut c = panel(
         &panels[0],
-        "load: requests/s arriving (black), in flight (blue)",
+        "load: requests/s arriving (black), in flight (blue), served after the TTFT objective (red)",
         minutes,
         top,
     )?;
@@ -41,6 +41,13 @@ pub fn write(path: &Path, title: &str, run: &Run, redline: f64) -> Result<()> {
     c.draw_series(LineSeries::new(
         run.samples.iter().map(|s| (at(s.t), s.in_flight as f64)),
         COLORS[1].stroke_width(2),
+    ))
+    .map_err(|e| err(&e))?;
+    c.draw_series(LineSeries::new(
+        run.samples
+            .iter()
+            .filter_map(|s| Some((at(s.t), s.late_per_second?))),
+        COLORS[0].stroke_width(2),
     ))
     .map_err(|e| err(&e))?;
 

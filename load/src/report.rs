@@ -22,7 +22,8 @@ pub fn live_row(s: &Sample) -> String {
         s.ready,
         s.kv_max * 100.0,
         s.kv_mean * 100.0,
-        s.late.as_deref().unwrap_or("-"),
+        s.late_per_second
+            .map_or("-".to_string(), |r| format!("{r:.1}/s")),
         s.decision.as_deref().unwrap_or("-")
     )
 }

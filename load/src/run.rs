@@ -131,7 +131,7 @@ pub async fn run(
                     kvs.iter().sum::<f64>() / kvs.len() as f64
                 },
                 decision: service.decision.clone(),
-                late: service.late.clone(),
+                late_per_second: service.late_per_second,
             };
             last_sent = (sent, t);
             on_sample(&sample);
@@ -167,10 +167,17 @@ async fn events(client: &Client, ns: &str, name: &str, since_ms: i64) -> Result<
             })
         })
         .filter_map(|e| {
-            let at = e
+            let first = e
                 .event_time
                 .map(|t| t.0.as_millisecond())
                 .or_else(|| e.metadata.creation_timestamp.map(|t| t.0.as_millisecond()))?;
+            // An Event repeated by an earlier run (the same service driven again) is one series
+            // whose first time is before this run: it counts from its last.
+            let last = e
+                .series
+                .as_ref()
+                .map_or(first, |s| s.last_observed_time.0.as_millisecond());
+            let at = if first >= since_ms { first } else { last };
             (at >= since_ms).then(|| EventRecord {
                 t: (at - since_ms) as f64 / 1000.0,
                 reason: e.reason.unwrap_or_default(),

@@ -157,12 +157,7 @@ async fn a_trace_burst_scales_up_before_kv_runs_out_and_back_down_through_drains
     let late: Vec<f64> = result
         .samples
         .iter()
-        .filter_map(|x| x.late.as_deref())
-        .map(|l| {
-            l.strip_suffix("/s")
-                .and_then(|r| r.parse().ok())
-                .unwrap_or_else(|| panic!("status.lateRequests {l:?}"))
-        })
+        .filter_map(|x| x.late_per_second)
         .collect();
     assert!(!late.is_empty(), "no status.lateRequests in any sample");
     let late_seen = late.iter().copied().fold(0.0, f64::max);

@@ -11,6 +11,8 @@
 //! - **Down late and safe.** Only when the peak demand over the whole scale-down window fits
 //!   on fewer replicas with a margin (at most `max_step` at once), with every pod reporting fresh data
 //!   for that whole window, nothing starting, and not within the window after a scale-up.
+//!   A scale-down that reverses a scale-up waits four windows after the previous such one, so
+//!   bursts that keep coming are ridden out on held replicas instead of paid for in reversals.
 //! - **Down through drain.** The chosen pod takes no new requests and finishes what it holds;
 //!   the replica count drops only once it is empty (or the drain timed out; the
 //!   engine's SIGTERM drain finishes the rest). If demand comes back first, the drain is
@@ -177,6 +179,8 @@ pub struct Policy {
     history: VecDeque<Sample>,
     last_up: Option<f64>,
     last_down: Option<f64>,
+    /// The last scale-down that followed a scale-up (a reversal).
+    last_down_reversal: Option<f64>,
     draining: Vec<Draining>,
     /// The scale-down window in force: the configured one, doubled each time a scale-down is
     /// undone by a scale-up within it (bursts recur at about that interval), halved again
@@ -191,6 +195,7 @@ impl Policy {
             history: VecDeque::new(),
             last_up: None,
             last_down: None,
+            last_down_reversal: None,
             draining: Vec::new(),
             hold: cfg.scale_down_window_seconds,
         }
@@ -348,6 +353,9 @@ impl Policy {
             }
             let to = desired - done.len() as u32;
             let pods: Vec<String> = done.into_iter().map(|d| d.pod).collect();
+            if self.down_reverses() {
+                self.last_down_reversal = Some(now);
+            }
             self.last_down = Some(now);
             out.replicas = to;
             out.reason = format!("{} drained", pods.join(", "));
@@ -413,6 +421,15 @@ impl Policy {
         {
             return Err("a scale-down just happened".into());
         }
+        // A scale-down that reverses a scale-up may be undone by the next burst: two
+        // reversals. Spacing such scale-downs by the longest window keeps to about one
+        // reversal per half of it (one per 10 minutes at the default 300 s).
+        let spacing = cfg.scale_down_window_seconds * MAX_HOLD_FACTOR;
+        if self.down_reverses() && self.last_down_reversal.is_some_and(|t| now - t < spacing) {
+            return Err(format!(
+                "a scale-down now would reverse direction again within {spacing:.0}s"
+            ));
+        }
         let Some(first) = self.history.front() else {
             return Err("no data yet".into());
         };
@@ -431,6 +448,15 @@ impl Policy {
             ));
         }
         Ok(peak)
+    }
+
+    /// Whether a scale-down now would reverse the last scaling action.
+    fn down_reverses(&self) -> bool {
+        match (self.last_up, self.last_down) {
+            (Some(up), Some(down)) => up > down,
+            (Some(_), None) => true,
+            _ => false,
+        }
     }
 
     /// Records a raw demand sample and returns the smoothed demand.

@@ -475,7 +475,12 @@ impl<'a> Sim<'a> {
         }
         if cmd.replicas != self.desired {
             let dir: i8 = if cmd.replicas > self.desired { 1 } else { -1 };
-            if self.last_direction != 0 && dir != self.last_direction {
+            // Counted over the trace, as replica-seconds are: a scale-down in the tail
+            // answers the trace's end, which a service that keeps running never sees.
+            if self.last_direction != 0
+                && dir != self.last_direction
+                && now <= self.out.duration_seconds
+            {
                 self.out.reversals += 1;
             }
             self.last_direction = dir;

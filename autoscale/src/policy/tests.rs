@@ -213,6 +213,35 @@ fn a_scale_down_undone_within_the_window_doubles_it_until_quiet() {
 }
 
 #[test]
+fn a_scale_down_that_reverses_again_waits_four_windows() {
+    let mut p = Policy::new(cfg());
+    let mut desired = 1;
+    // A burst, then light load: up, then down through a drain (the first reversal).
+    drive(&mut p, 0.0, 30.0, &mut desired, 2000.0);
+    assert!(desired > 1);
+    let acts = drive(&mut p, 30.0, 400.0, &mut desired, 200.0);
+    let downs = times(&acts, |a| matches!(a, Action::ScaleDown { .. }));
+    let (first, last) = (downs[0], *downs.last().unwrap());
+    assert_eq!(desired, 1, "{acts:?}");
+    // The next burst comes after the window (so the window stays 120 s), and goes.
+    let acts = drive(&mut p, last + 150.0, last + 160.0, &mut desired, 2000.0);
+    let up = times(&acts, |a| matches!(a, Action::ScaleUp { .. }))[0];
+    assert_eq!(p.scale_down_window(), 120.0);
+    let acts = drive(&mut p, last + 160.0, last + 700.0, &mut desired, 200.0);
+    let drain = *times(&acts, |a| matches!(a, Action::Drain { .. }))
+        .first()
+        .expect("a drain in the end");
+    // The window alone would drain at up + 120 s; the second reversal waits for 4 x 120 s
+    // after the first.
+    assert!(up + 120.0 < first + 480.0);
+    assert!(
+        drain >= first + 480.0,
+        "drained at {drain}, first down at {first}"
+    );
+    assert_eq!(desired, 1, "{acts:?}");
+}
+
+#[test]
 fn jittered_ticks_still_gather_a_whole_scale_down_window() {
     // A real loop ticks every 5 s plus some milliseconds; with the window equal to every
     // other horizon the history must still span it.
@@ -358,8 +387,9 @@ proptest! {
 
     /// Never outside [min, max]; never a drain or a scale-down on a tick with missing or
     /// stale data; never a scale-down within the window of a scale-up, nor a scale-up within
-    /// the cooldown of a scale-down; only one replica removed at a time, and only after a
-    /// drain of that same pod.
+    /// the cooldown of a scale-down; never a drain that reverses a scale-up within four
+    /// windows of the last scale-down that did; only one replica removed at a time, and only
+    /// after a drain of that same pod.
     #[test]
     fn invariants_hold_on_any_load(
         ticks in prop::collection::vec(tick(), 1..200),
@@ -375,6 +405,8 @@ proptest! {
         let mut desired = start;
         let (mut last_up, mut last_down): (Option<f64>, Option<f64>) = (None, None);
         let mut drained: Vec<String> = Vec::new();
+        // The direction of the last change (true: up) and when a scale-down last reversed one.
+        let (mut went_up, mut down_reversal): (Option<bool>, Option<f64>) = (None, None);
         for k in &ticks {
             t += k.dt;
             let o = observe(t, desired, k);
@@ -392,9 +424,16 @@ proptest! {
                             "up at {t} after a down at {last_down:?}");
                     }
                     last_up = Some(t);
+                    went_up = Some(true);
                 }
                 Action::Drain { pods } => {
                     prop_assert!(!bad_data, "drain on missing/stale data at {t}");
+                    if went_up == Some(true) {
+                        prop_assert!(
+                            down_reversal.is_none_or(|x| t - x >= 4.0 * c.scale_down_window_seconds),
+                            "a reversing drain at {t}, the last reversal down at {down_reversal:?}"
+                        );
+                    }
                     prop_assert!(last_up.is_none_or(|x| t - x >= c.scale_down_window_seconds),
                         "drain at {t} within the window of an up at {last_up:?}");
                     prop_assert!(!pods.is_empty() && pods.len() as u32 <= c.max_step);
@@ -409,6 +448,10 @@ proptest! {
                     prop_assert!(last_up.is_none_or(|x| t - x >= c.scale_down_window_seconds));
                     drained.retain(|d| !pods.contains(d));
                     last_down = Some(t);
+                    if went_up == Some(true) {
+                        down_reversal = Some(t);
+                    }
+                    went_up = Some(false);
                 }
                 Action::CancelDrain { .. } => drained.clear(),
                 Action::Hold => {}
@@ -416,6 +459,7 @@ proptest! {
             if d.replicas < desired && !matches!(d.action, Action::ScaleDown { .. }) {
                 // Only the bounds may lower replicas without a drain.
                 prop_assert!(desired > c.max_replicas);
+                went_up = Some(false);
             }
             desired = d.replicas;
         }

@@ -11,7 +11,7 @@ use kube::{Api, Client};
 use redline_api::prom::{Exposition, ParseError};
 use redline_autoscale::PodPhase;
 use redline_operator::autoscaler::pod_phase;
-use redline_operator::crd::InferenceService;
+use redline_operator::crd::{late_requests_per_second, InferenceService};
 
 use crate::transport::{Target, Transport};
 
@@ -180,26 +180,16 @@ pub async fn service(client: &Client, namespace: &str, name: &str) -> kube::Resu
     Ok(ServiceView {
         desired: i.spec.replicas.unwrap_or(i.spec.min_replicas),
         decision: status.last_decision.map(|d| d.summary),
-        late_per_second: status.late_requests.as_deref().and_then(per_second),
+        late_per_second: status
+            .late_requests
+            .as_deref()
+            .and_then(late_requests_per_second),
     })
-}
-
-/// "0.4/s", as the operator writes `status.lateRequests`.
-fn per_second(s: &str) -> Option<f64> {
-    s.strip_suffix("/s")?.parse().ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reads_the_late_rate_as_the_operator_writes_it() {
-        assert_eq!(per_second("0.4/s"), Some(0.4));
-        assert_eq!(per_second("12.0/s"), Some(12.0));
-        assert_eq!(per_second("0.4"), None);
-        assert_eq!(per_second("fast/s"), None);
-    }
 
     #[test]
     fn reads_the_guards_cuts_and_their_timing() {

@@ -6,6 +6,7 @@ use std::fmt::Write;
 
 use crate::observe::{PodSample, Sample};
 use crate::run::Run;
+use redline_operator::crd::late_requests_text;
 use redline_sim::report::quantile;
 
 pub const LIVE_HEADER: &str =
@@ -22,8 +23,7 @@ pub fn live_row(s: &Sample) -> String {
         s.ready,
         s.kv_max * 100.0,
         s.kv_mean * 100.0,
-        s.late_per_second
-            .map_or("-".to_string(), |r| format!("{r:.1}/s")),
+        s.late_per_second.map_or("-".into(), late_requests_text),
         s.decision.as_deref().unwrap_or("-")
     )
 }

@@ -32,7 +32,10 @@ use tracing::{debug, info, warn};
 use crate::children::{self, SIDECAR_PORT};
 use crate::conditions::{self, Cond, NEAR_REDLINE};
 use crate::controller::{Context, Error};
-use crate::crd::{AutoscalingPolicy, AutoscalingPolicySpec, Decision, InferenceService, PodLimits};
+use crate::crd::{
+    late_requests_text, AutoscalingPolicy, AutoscalingPolicySpec, Decision, InferenceService,
+    PodLimits,
+};
 use crate::validate::effective_replicas;
 
 /// The field manager of everything this loop writes.
@@ -138,7 +141,7 @@ pub fn late_rate(reports: &[&PressureReport]) -> Option<f64> {
     reports
         .iter()
         .filter_map(|r| r.derived.late_requests_per_second)
-        .fold(None, |sum, x| Some(sum.unwrap_or(0.0) + x))
+        .reduce(|a, b| a + b)
 }
 
 #[derive(Default)]
@@ -580,7 +583,7 @@ impl Autoscaler {
             .spec
             .ttft_objective_ms()
             .and(late_rate(&got))
-            .map(|r| format!("{r:.1}/s"));
+            .map(late_requests_text);
         // Level-based: compared with the object as it is, so a write lost to a race with the
         // reconciler is made again on the next pass.
         if kv_usage == current.kv_usage

@@ -418,6 +418,17 @@ pub struct InferenceServiceStatus {
     pub last_decision: Option<Decision>,
 }
 
+/// `status.lateRequests` from a rate: a string, as Kubernetes APIs avoid floats, rounded so the
+/// status changes only when the rate does.
+pub fn late_requests_text(per_second: f64) -> String {
+    format!("{per_second:.1}/s")
+}
+
+/// The rate back from `status.lateRequests`.
+pub fn late_requests_per_second(text: &str) -> Option<f64> {
+    text.strip_suffix("/s")?.parse().ok()
+}
+
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PodLimits {
@@ -437,4 +448,19 @@ pub struct Decision {
     pub reason: String,
     /// RFC 3339.
     pub time: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_late_rate_reads_back_as_written() {
+        for r in [0.0, 0.4, 12.0] {
+            assert_eq!(late_requests_per_second(&late_requests_text(r)), Some(r));
+        }
+        assert_eq!(late_requests_text(0.04), "0.0/s");
+        assert_eq!(late_requests_per_second("0.4"), None);
+        assert_eq!(late_requests_per_second("fast/s"), None);
+    }
 }

@@ -18,7 +18,8 @@ struct Args {
     /// Trace CSV in the Azure format (TIMESTAMP,ContextTokens,GeneratedTokens).
     #[arg(long, default_value = "sim/traces/azure-llm-2023-code.csv")]
     trace: PathBuf,
-    /// Engine profile: gpu-8b (Llama-3.1-8B on an H100 under vLLM) or cpu-smollm2 (our engine).
+    /// Engine profile: gpu-8b (Llama-3.1-8B on an H100 under vLLM), gpu-8b-bare (its bare GPU
+    /// work, measured on an H100) or cpu-smollm2 (our engine).
     #[arg(long, default_value = "gpu-8b")]
     profile: String,
     /// Divide arrival times by this (4: an hour in 15 minutes).
@@ -86,7 +87,10 @@ fn queue_name(q: Queue) -> String {
 fn main() -> Result<()> {
     let a = Args::parse();
     let Some(profile) = EngineProfile::by_name(&a.profile) else {
-        bail!("unknown profile {:?}: gpu-8b or cpu-smollm2", a.profile);
+        bail!(
+            "unknown profile {:?}: gpu-8b, gpu-8b-bare or cpu-smollm2",
+            a.profile
+        );
     };
     let trace = trace::read(
         &a.trace,

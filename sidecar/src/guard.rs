@@ -14,9 +14,11 @@ pub struct GuardConfig {
     /// Multiplicative decrease factor.
     pub decrease_factor: f64,
     pub decrease_cooldown_seconds: f64,
-    /// Additive increase per step: sequences, and a fraction of the target's token budget.
+    /// Additive increase per step: this fraction of the target, for sequences and for the
+    /// token budget alike, and at least `increase_seqs` sequences. A fixed step of one
+    /// sequence would take vLLM's 256-sequence default four minutes to come back from a hold.
     pub increase_seqs: u32,
-    pub increase_tokens_fraction: f64,
+    pub increase_fraction: f64,
     pub increase_interval_seconds: f64,
     /// No increase until this long after the last decrease.
     pub calm_before_increase_seconds: f64,
@@ -28,7 +30,7 @@ impl Default for GuardConfig {
             decrease_factor: 0.5,
             decrease_cooldown_seconds: 1.0,
             increase_seqs: 1,
-            increase_tokens_fraction: 0.125,
+            increase_fraction: 0.125,
             increase_interval_seconds: 1.0,
             calm_before_increase_seconds: 3.0,
         }
@@ -252,13 +254,14 @@ impl Guard {
         let calm = now - self.last_decrease >= self.cfg.calm_before_increase_seconds
             && now - self.last_increase >= self.cfg.increase_interval_seconds;
         if calm && cur != bounds.target {
-            let step = ((bounds.target.max_batched_tokens as f64
-                * self.cfg.increase_tokens_fraction)
-                .ceil() as u32)
-                .max(1);
+            let share = |of: u32| (of as f64 * self.cfg.increase_fraction).ceil() as u32;
             let want = Limits {
-                max_num_seqs: cur.max_num_seqs.saturating_add(self.cfg.increase_seqs),
-                max_batched_tokens: cur.max_batched_tokens.saturating_add(step),
+                max_num_seqs: cur
+                    .max_num_seqs
+                    .saturating_add(share(bounds.target.max_num_seqs).max(self.cfg.increase_seqs)),
+                max_batched_tokens: cur
+                    .max_batched_tokens
+                    .saturating_add(share(bounds.target.max_batched_tokens).max(1)),
             };
             return set(bounds.clamp(want), Reason::Recovered);
         }
@@ -322,9 +325,10 @@ mod tests {
         assert_eq!(g.step(2.0, obs(&ok, 2), bounds(), &s), None, "not calm yet");
         // Whether or not anybody waits: the next burst should not start throttled.
         let c = g.step(3.0, obs(&ok, 0), bounds(), &s).unwrap();
+        // An eighth of the target (32 sequences, 512 tokens) per step.
         assert_eq!(
             (c.limits, c.reason),
-            (Limits::new(3, 320), Reason::Recovered)
+            (Limits::new(6, 320), Reason::Recovered)
         );
         assert_eq!(
             g.step(3.5, obs(&ok, 3), bounds(), &s),
@@ -332,7 +336,33 @@ mod tests {
             "one step per interval"
         );
         let elevated = derived(Level::Elevated, Some(12.0), 0.0);
-        assert_eq!(g.step(5.0, obs(&elevated, 3), bounds(), &s), None);
+        assert_eq!(g.step(5.0, obs(&elevated, 6), bounds(), &s), None);
+    }
+
+    #[test]
+    fn a_large_target_comes_back_from_a_hold_in_eight_steps() {
+        // vLLM's default of 256 sequences, held at the one running.
+        let target = Limits::new(256, 2048);
+        let b = Bounds::new(Limits::new(1, 16), target);
+        let mut g = Guard::new(GuardConfig::default(), target);
+        let s = GuardSettings::default();
+        let elevated = derived(Level::Elevated, Some(12.0), 0.0);
+        let obs = |d, running| Observation {
+            derived: d,
+            kv_usage: 0.3,
+            running,
+        };
+        g.step(0.0, obs(&elevated, 1), b, &s).unwrap();
+        assert_eq!(g.current(), Limits::new(1, 2048));
+        let ok = derived(Level::Ok, None, 0.0);
+        let steps = (3..60)
+            .take_while(|t| {
+                g.step(*t as f64, obs(&ok, 1), b, &s);
+                g.current() != target
+            })
+            .count()
+            + 1;
+        assert_eq!(steps, 8, "{:?}", g.current());
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Every policy on the same trace, in one invocation: redline, the baselines, the best static
-//! replica count and the clairvoyant oracle.
+//! replica count, the clairvoyant oracle, and the oracle held to one reversal per 10 minutes.
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use redline_api::GuardSettings;
@@ -8,6 +8,7 @@ use redline_autoscale::PolicyConfig;
 use crate::fleet::{simulate, Autoscaler, Outcome, Queue, SimConfig, Slo};
 use crate::profile::EngineProfile;
 use crate::report::{summarize, Summary};
+use crate::reversal_cap::cheapest_with_reversals;
 use crate::scalers::{HpaQueue, Kpa, Oracle, Redline, Static};
 use crate::trace::Request;
 
@@ -69,11 +70,13 @@ impl Setup {
 
 #[derive(Debug, Clone)]
 pub struct Comparison {
-    /// redline, HPA, KPA, best static, oracle.
+    /// redline, HPA, KPA, best static, the oracle under the reversal cap, the oracle.
     pub rows: Vec<Summary>,
     pub outcomes: Vec<Outcome>,
     pub static_replicas: u32,
     pub oracle_schedule: Vec<u32>,
+    /// The cheapest cover of `oracle_schedule` with at most one reversal per 10 minutes.
+    pub capped_schedule: Vec<u32>,
 }
 
 fn bar(mp: Option<&MultiProgress>, len: usize, name: &str) -> Option<ProgressBar> {
@@ -216,6 +219,16 @@ pub fn compare(trace: &[Request], setup: &Setup, mp: Option<&MultiProgress>) -> 
     if let Some(pb) = pb {
         pb.finish();
     }
+    // The issue caps reversals at one per 10 minutes, counted up to the last arrival.
+    let end = trace.last().map_or(0.0, |r| r.arrival);
+    let capped_schedule = cheapest_with_reversals(&schedule, (end / 600.0).floor() as u32);
+    let mut capped = Oracle {
+        schedule: capped_schedule.clone(),
+        ..oracle.clone()
+    };
+    let mut o = run(trace, &start, &mut capped, mp);
+    o.name = "oracle, <= 1 reversal/10 min".into();
+    outcomes.push(o);
     let mut oracle = oracle;
     outcomes.push(run(trace, &start, &mut oracle, mp));
     Comparison {
@@ -226,5 +239,6 @@ pub fn compare(trace: &[Request], setup: &Setup, mp: Option<&MultiProgress>) -> 
         outcomes,
         static_replicas,
         oracle_schedule: schedule,
+        capped_schedule,
     }
 }

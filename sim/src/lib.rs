@@ -7,6 +7,7 @@
 //! - [`engine`]: one replica's scheduler and KV pool.
 //! - [`fleet`]: pods, cold starts, routing, sidecars, the event loop.
 //! - [`scalers`]: redline, static N, HPA on queue length, KPA on KV usage, the oracle.
+//! - [`reversal_cap`]: the oracle held to the reversal cap.
 //! - [`compare`]: all of them on one trace; [`report`] and [`plot`] show the result.
 
 pub mod compare;
@@ -15,5 +16,6 @@ pub mod fleet;
 pub mod plot;
 pub mod profile;
 pub mod report;
+pub mod reversal_cap;
 pub mod scalers;
 pub mod trace;

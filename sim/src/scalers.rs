@@ -256,6 +256,7 @@ impl Autoscaler for Kpa {
 /// The clairvoyant oracle: per window, the fewest replicas that meet the SLO for the requests
 /// arriving in it (found by simulating the window alone), each started one cold start ahead of
 /// its window and kept through it.
+#[derive(Debug, Clone)]
 pub struct Oracle {
     pub min: u32,
     pub window_seconds: f64,

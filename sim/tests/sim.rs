@@ -27,8 +27,8 @@ fn on_the_code_trace_redline_keeps_the_slo_for_less_than_static_without_flapping
     let t = trace(Replay::default());
     let setup = Setup::new(EngineProfile::gpu_8b(), 60.0, SLO, 2, 16);
     let c = compare(&t, &setup, None);
-    let [redline, hpa, kpa, stat, oracle] = &c.rows[..] else {
-        panic!("five rows: {:?}", c.rows)
+    let [redline, hpa, kpa, stat, capped, oracle] = &c.rows[..] else {
+        panic!("six rows: {:?}", c.rows)
     };
     println!(
         "{}",
@@ -58,6 +58,10 @@ fn on_the_code_trace_redline_keeps_the_slo_for_less_than_static_without_flapping
     // The oracle is the floor nobody beats without knowing the future.
     assert!(oracle.ttft_attainment >= 0.99);
     assert!(oracle.replica_seconds < redline.replica_seconds);
+    // Held to the reversal cap, it covers the same needs: as well served, no cheaper.
+    assert!(capped.ttft_attainment >= 0.99, "{capped:?}");
+    assert!(capped.reversals_per_10_min <= 1.0, "{capped:?}");
+    assert!(capped.replica_seconds >= oracle.replica_seconds);
 }
 
 #[test]

@@ -154,6 +154,9 @@ fn main() -> Result<()> {
         "\nbest static: {} replicas; oracle per {:.0} s window: {:?}",
         c.static_replicas, setup.oracle_window_seconds, c.oracle_schedule
     );
+    if c.capped_schedule != c.oracle_schedule {
+        println!("oracle under the reversal cap: {:?}", c.capped_schedule);
+    }
     for o in &c.outcomes {
         if !o.scale_events.is_empty() {
             let at: Vec<String> = o

@@ -110,11 +110,16 @@ pub struct HpaQueue {
 }
 
 impl HpaQueue {
+    /// The recipe's target: 5 waiting per pod.
     pub fn new(min: u32, max: u32) -> Self {
+        Self::with_target(min, max, 5.0)
+    }
+
+    pub fn with_target(min: u32, max: u32, target_waiting: f64) -> Self {
         Self {
             min,
             max,
-            target_waiting: 5.0,
+            target_waiting,
             poll_seconds: 15.0,
             cooldown_seconds: 360.0,
             recommendations: VecDeque::new(),
@@ -124,7 +129,7 @@ impl HpaQueue {
 
 impl Autoscaler for HpaQueue {
     fn name(&self) -> String {
-        "HPA queue>5".into()
+        format!("HPA queue>{}", self.target_waiting)
     }
     fn interval_seconds(&self) -> f64 {
         self.poll_seconds

@@ -27,8 +27,8 @@ fn on_the_code_trace_redline_keeps_the_slo_for_less_than_static_without_flapping
     let t = trace(Replay::default());
     let setup = Setup::new(EngineProfile::gpu_8b(), 60.0, SLO, 2, 16);
     let c = compare(&t, &setup, None);
-    let [redline, hpa, kpa, stat, capped, oracle] = &c.rows[..] else {
-        panic!("six rows: {:?}", c.rows)
+    let [redline, hpa, tuned, kpa, stat, capped, oracle] = &c.rows[..] else {
+        panic!("seven rows: {:?}", c.rows)
     };
     println!(
         "{}",
@@ -54,6 +54,11 @@ fn on_the_code_trace_redline_keeps_the_slo_for_less_than_static_without_flapping
     assert!(
         kpa.ttft_attainment < redline.ttft_attainment - 0.02,
         "{kpa:?}"
+    );
+    // The HPA tuned for the same SLO: either no queue target meets it, or redline is cheaper.
+    assert!(
+        tuned.ttft_attainment < 0.99 || redline.replica_seconds < tuned.replica_seconds,
+        "{tuned:?}"
     );
     // The oracle is the floor nobody beats without knowing the future.
     assert!(oracle.ttft_attainment >= 0.99);

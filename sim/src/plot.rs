@@ -9,13 +9,16 @@ use plotters::prelude::*;
 use crate::fleet::Outcome;
 use crate::trace::Request;
 
-pub const COLORS: [RGBColor; 6] = [
+/// One per row of the comparison (redline first), so no two policies share a colour.
+pub const COLORS: [RGBColor; 8] = [
     RGBColor(214, 39, 40),
     RGBColor(31, 119, 180),
+    RGBColor(23, 190, 207),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
     RGBColor(148, 103, 189),
     RGBColor(127, 127, 127),
+    RGBColor(140, 86, 75),
 ];
 
 pub fn font() {

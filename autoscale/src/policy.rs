@@ -10,7 +10,8 @@
 //!   count as capacity, so a burst does not add a replica per tick while the first ones load.
 //! - **Down late and safe.** Only when the peak demand over the whole scale-down window fits
 //!   on fewer replicas with a margin (at most `max_step` at once), with every pod reporting fresh data
-//!   for that whole window, nothing starting, and not within the window after a scale-up.
+//!   for that whole window, nothing starting, and not within the window after a scale-up or
+//!   after its pods turned Ready.
 //!   A scale-down that reverses a scale-up waits four windows after the previous such one, so
 //!   bursts that keep coming are ridden out on held replicas instead of paid for in reversals.
 //! - **Down through drain.** The chosen pod takes no new requests and finishes what it holds;
@@ -178,6 +179,9 @@ pub struct Policy {
     cfg: PolicyConfig,
     history: VecDeque<Sample>,
     last_up: Option<f64>,
+    /// The last decision that saw a pod still starting: new capacity is tried for a whole
+    /// window once it serves, not while it loads.
+    last_starting: Option<f64>,
     last_down: Option<f64>,
     /// The last scale-down that followed a scale-up (a reversal).
     last_down_reversal: Option<f64>,
@@ -194,6 +198,7 @@ impl Policy {
             cfg,
             history: VecDeque::new(),
             last_up: None,
+            last_starting: None,
             last_down: None,
             last_down_reversal: None,
             draining: Vec::new(),
@@ -247,6 +252,9 @@ impl Policy {
         let forecast = self.forecast(now, smoothed);
 
         let starting = count(obs, PodPhase::Starting);
+        if starting > 0 {
+            self.last_starting = Some(now);
+        }
         let unschedulable = count(obs, PodPhase::Unschedulable);
         let near_redline = reporting.iter().any(|s| {
             s.level == Level::Critical || s.preemptions_per_second > 0.0 || s.kv_usage >= 0.95
@@ -414,6 +422,12 @@ impl Policy {
         }
         if self.last_up.is_some_and(|t| now - t < w) {
             return Err("within the scale-down window of a scale-up".into());
+        }
+        // The window after a scale-up runs from when its pods serve. Counted from the
+        // decision, a cold start of it goes by while they load, and the replicas the
+        // next burst needs are drained just before it comes.
+        if self.last_starting.is_some_and(|t| now - t < w) {
+            return Err("within the scale-down window of pods that just turned Ready".into());
         }
         if self
             .last_down

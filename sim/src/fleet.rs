@@ -339,71 +339,77 @@ impl<'a> Sim<'a> {
     }
 
     fn sidecars(&mut self, now: f64) {
-        let cfg = self.cfg;
-        for pod in &mut self.pods {
-            if !matches!(
-                pod.phase,
-                Phase::Ready | Phase::Draining | Phase::Terminating { .. }
-            ) {
-                pod.signals = None;
-                continue;
-            }
-            let e = &pod.engine;
-            let reading = EngineReading {
-                flavor: EngineFlavor::Redline,
-                kv_usage_ratio: e.kv_usage(),
-                kv_blocks_total: Some(e.total_blocks() as u64),
-                kv_blocks_used: Some(e.used_blocks() as u64),
-                requests_running: e.running() as u64,
-                requests_waiting: e.waiting() as u64,
-                preemptions_total: e.preemptions_total,
-                limits: Some(e.limits),
-                prompt_tokens_received_total: Some(e.prompt_tokens_received_total),
-                generation_tokens_total: Some(e.generation_tokens_total),
-                waiting_prompt_tokens: Some(e.waiting_tokens()),
-                draining: Some(pod.phase == Phase::Draining),
-                // The fleet judges each request against the SLO itself.
-                requests_late_total: None,
-            };
-            let device = DeviceReading {
-                backend: "none".into(),
-                ..Default::default()
-            };
-            let derived = pod.pressure.observe(now, &reading, &device, &cfg.guard);
-            if self.guard {
-                let min = Limits::new(1, cfg.profile.block_size);
-                let obs = GuardObservation {
-                    derived: &derived,
-                    kv_usage: reading.kv_usage_ratio,
-                    running: reading.requests_running,
-                };
-                if let Some(c) = pod
-                    .guard
-                    .step(now, obs, Bounds::new(min, pod.target), &cfg.guard)
-                {
-                    pod.engine.limits = clamp(c.limits, cfg.profile.limits);
-                    pod.guard.sync(pod.engine.limits);
-                    self.out.guard_actions += 1;
-                }
-            }
-            let report = PressureReport {
-                device,
-                engine: Some(reading),
-                derived,
-                limits: LimitsStatus {
-                    target: Some(pod.target),
-                    min_num_seqs: 1,
-                    min_batched_tokens: cfg.profile.block_size,
-                    guard_limits: Some(pod.engine.limits),
-                    guard_reason: None,
-                    guard: cfg.guard,
-                    drain: pod.phase == Phase::Draining,
-                },
-                sample_age_seconds: Some(0.0),
-                engine_reachable: true,
-            };
-            pod.signals = PodSignals::from_report(&report);
+        for id in 0..self.pods.len() {
+            self.sidecar(now, id);
         }
+    }
+
+    /// One pod's sidecar reads its engine, runs the guard and publishes its report.
+    fn sidecar(&mut self, now: f64, id: usize) {
+        let cfg = self.cfg;
+        let pod = &mut self.pods[id];
+        if !matches!(
+            pod.phase,
+            Phase::Ready | Phase::Draining | Phase::Terminating { .. }
+        ) {
+            pod.signals = None;
+            return;
+        }
+        let e = &pod.engine;
+        let reading = EngineReading {
+            flavor: EngineFlavor::Redline,
+            kv_usage_ratio: e.kv_usage(),
+            kv_blocks_total: Some(e.total_blocks() as u64),
+            kv_blocks_used: Some(e.used_blocks() as u64),
+            requests_running: e.running() as u64,
+            requests_waiting: e.waiting() as u64,
+            preemptions_total: e.preemptions_total,
+            limits: Some(e.limits),
+            prompt_tokens_received_total: Some(e.prompt_tokens_received_total),
+            generation_tokens_total: Some(e.generation_tokens_total),
+            waiting_prompt_tokens: Some(e.waiting_tokens()),
+            draining: Some(pod.phase == Phase::Draining),
+            // The fleet judges each request against the SLO itself.
+            requests_late_total: None,
+        };
+        let device = DeviceReading {
+            backend: "none".into(),
+            ..Default::default()
+        };
+        let derived = pod.pressure.observe(now, &reading, &device, &cfg.guard);
+        if self.guard {
+            let min = Limits::new(1, cfg.profile.block_size);
+            let obs = GuardObservation {
+                derived: &derived,
+                kv_usage: reading.kv_usage_ratio,
+                running: reading.requests_running,
+            };
+            if let Some(c) = pod
+                .guard
+                .step(now, obs, Bounds::new(min, pod.target), &cfg.guard)
+            {
+                pod.engine.limits = clamp(c.limits, cfg.profile.limits);
+                pod.guard.sync(pod.engine.limits);
+                self.out.guard_actions += 1;
+            }
+        }
+        let report = PressureReport {
+            device,
+            engine: Some(reading),
+            derived,
+            limits: LimitsStatus {
+                target: Some(pod.target),
+                min_num_seqs: 1,
+                min_batched_tokens: cfg.profile.block_size,
+                guard_limits: Some(pod.engine.limits),
+                guard_reason: None,
+                guard: cfg.guard,
+                drain: pod.phase == Phase::Draining,
+            },
+            sample_age_seconds: Some(0.0),
+            engine_reachable: true,
+        };
+        pod.signals = PodSignals::from_report(&report);
     }
 
     fn view(&self) -> FleetView {
@@ -631,6 +637,12 @@ pub fn simulate(
             Kind::Ready(id) => {
                 if sim.pods[id].phase == Phase::Starting {
                     sim.pods[id].phase = Phase::Ready;
+                    // The sidecar has been reading the engine since it came up, before the
+                    // kubelet saw it Ready: its report exists from the first moment. Without
+                    // this, a policy tick at the same instant (a cold start that is a multiple
+                    // of the tick) saw a Ready pod with no report, and the results depended on
+                    // that alignment.
+                    sim.sidecar(now, id);
                     sim.flush_unrouted(now);
                 }
             }

@@ -129,6 +129,36 @@ fn scales_down_only_through_a_drain_after_the_window() {
     assert_eq!((d.replicas, d.draining.clone()), (2, vec![busy]));
 }
 
+#[test]
+fn the_window_after_a_scale_up_runs_from_when_its_pods_turn_ready() {
+    let mut p = Policy::new(cfg());
+    // 1400 tokens/s at 1000 per replica and 50% target: 2.8 replicas, so 3.
+    let d = p.decide(&obs(0.0, 1, 1, 1400.0));
+    assert_eq!(d.action, Action::ScaleUp { from: 1, to: 3 }, "{}", d.reason);
+    // The burst is over at once; the two new pods load for 60 s, then serve a light load.
+    let mut first_drain = None;
+    for i in 1..=50 {
+        let t = i as f64 * 5.0;
+        let mut o = obs(t, 3, 3, 200.0);
+        if t < 60.0 {
+            for v in o.pods.iter_mut().skip(1) {
+                v.phase = PodPhase::Starting;
+                v.signals = None;
+            }
+        }
+        let d = p.decide(&o);
+        if matches!(d.action, Action::Drain { .. }) {
+            first_drain = Some((t, d.reason));
+            break;
+        }
+    }
+    let (t, why) = first_drain.expect("a drain once the window has passed");
+    // Counted from the scale-up, the window (120 s) and the burst's peak would both have
+    // passed by 125 s. The last tick that saw the pods starting was 55 s.
+    assert!(t >= 55.0 + 120.0, "drained at {t}: {why}");
+    assert!(t <= 55.0 + 120.0 + 10.0, "drained late, at {t}: {why}");
+}
+
 /// Ticks every 5 s from `from` to `to` with `tps` spread over the pods, which turn Ready at
 /// once and empty as soon as they drain; returns the actions taken and when.
 fn drive(p: &mut Policy, from: f64, to: f64, desired: &mut u32, tps: f64) -> Vec<(f64, Action)> {

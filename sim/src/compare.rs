@@ -158,7 +158,10 @@ pub fn tuned_hpa(trace: &[Request], cfg: &SimConfig, setup: &Setup) -> (Outcome,
         .into_iter()
         .max_by(|a, b| {
             let (a, b) = (summarize(a, slo), summarize(b, slo));
-            a.ttft_attainment.total_cmp(&b.ttft_attainment)
+            // The best attainment; of equals, the cheapest.
+            a.ttft_attainment
+                .total_cmp(&b.ttft_attainment)
+                .then(b.replica_seconds.total_cmp(&a.replica_seconds))
         })
         .expect("at least one target tried");
     o.name = format!("{}, best (none meets)", o.name);

@@ -137,8 +137,8 @@ pub const HPA_TARGETS: [f64; 6] = [5.0, 3.0, 2.0, 1.0, 0.5, 0.2];
 
 /// The HPA on queue length at the cheapest of [`HPA_TARGETS`] that meets the attainment
 /// target: what a user would tune it to for the same SLO. When none does, the one that comes
-/// closest, and `false`.
-pub fn tuned_hpa(trace: &[Request], cfg: &SimConfig, setup: &Setup) -> (Outcome, bool) {
+/// closest. The outcome's name says which.
+pub fn tuned_hpa(trace: &[Request], cfg: &SimConfig, setup: &Setup) -> Outcome {
     let (min, max) = (setup.policy.min_replicas, setup.policy.max_replicas);
     let runs: Vec<Outcome> = HPA_TARGETS
         .iter()
@@ -151,7 +151,7 @@ pub fn tuned_hpa(trace: &[Request], cfg: &SimConfig, setup: &Setup) -> (Outcome,
     if let Some(o) = cheapest {
         let mut o = o.clone();
         o.name = format!("{}, tuned", o.name);
-        return (o, true);
+        return o;
     }
     let slo = &setup.sim.slo;
     let mut o = runs
@@ -165,7 +165,7 @@ pub fn tuned_hpa(trace: &[Request], cfg: &SimConfig, setup: &Setup) -> (Outcome,
         })
         .expect("at least one target tried");
     o.name = format!("{}, best (none meets)", o.name);
-    (o, false)
+    o
 }
 
 /// Per window, the fewest replicas that serve the requests arriving in it within the SLO,
@@ -245,7 +245,7 @@ pub fn compare(trace: &[Request], setup: &Setup, mp: Option<&MultiProgress>) -> 
         ),
     ];
     let pb = bar(mp, 1, "HPA targets");
-    outcomes.push(tuned_hpa(trace, &baseline, setup).0);
+    outcomes.push(tuned_hpa(trace, &baseline, setup));
     if let Some(pb) = pb {
         pb.finish();
     }

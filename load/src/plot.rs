@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
-use redline_sim::plot::{font, panel, COLORS};
+use redline_sim::plot::{font, panel, BLUE, COLORS, GREEN, ORANGE, RED};
 
 use crate::run::Run;
 
@@ -40,14 +40,14 @@ pub fn write(path: &Path, title: &str, run: &Run, redline: f64) -> Result<()> {
     .map_err(|e| err(&e))?;
     c.draw_series(LineSeries::new(
         run.samples.iter().map(|s| (at(s.t), s.in_flight as f64)),
-        COLORS[1].stroke_width(2),
+        BLUE.stroke_width(2),
     ))
     .map_err(|e| err(&e))?;
     c.draw_series(LineSeries::new(
         run.samples
             .iter()
             .filter_map(|s| Some((at(s.t), s.late_per_second?))),
-        COLORS[0].stroke_width(2),
+        RED.stroke_width(2),
     ))
     .map_err(|e| err(&e))?;
 
@@ -66,11 +66,11 @@ pub fn write(path: &Path, title: &str, run: &Run, redline: f64) -> Result<()> {
     )?;
     for (color, f) in [
         (
-            COLORS[0],
+            RED,
             (|s: &crate::observe::Sample| s.desired as f64) as fn(&_) -> f64,
         ),
-        (COLORS[2], |s| s.pods as f64),
-        (COLORS[3], |s| s.ready as f64),
+        (ORANGE, |s| s.pods as f64),
+        (GREEN, |s| s.ready as f64),
     ] {
         c.draw_series(LineSeries::new(
             run.samples.iter().map(|s| (at(s.t), f(s))),
@@ -99,7 +99,7 @@ pub fn write(path: &Path, title: &str, run: &Run, redline: f64) -> Result<()> {
         [(0.0, redline), (minutes, redline)],
         6,
         4,
-        COLORS[0].stroke_width(1),
+        RED.stroke_width(1),
     ))
     .map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;

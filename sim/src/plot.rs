@@ -9,17 +9,18 @@ use plotters::prelude::*;
 use crate::fleet::Outcome;
 use crate::trace::Request;
 
-/// One per row of the comparison (redline first), so no two policies share a colour.
-pub const COLORS: [RGBColor; 8] = [
-    RGBColor(214, 39, 40),
-    RGBColor(31, 119, 180),
-    RGBColor(23, 190, 207),
-    RGBColor(255, 127, 14),
-    RGBColor(44, 160, 44),
-    RGBColor(148, 103, 189),
-    RGBColor(127, 127, 127),
-    RGBColor(140, 86, 75),
-];
+pub const RED: RGBColor = RGBColor(214, 39, 40);
+pub const BLUE: RGBColor = RGBColor(31, 119, 180);
+pub const CYAN: RGBColor = RGBColor(23, 190, 207);
+pub const ORANGE: RGBColor = RGBColor(255, 127, 14);
+pub const GREEN: RGBColor = RGBColor(44, 160, 44);
+pub const PURPLE: RGBColor = RGBColor(148, 103, 189);
+pub const GREY: RGBColor = RGBColor(127, 127, 127);
+pub const BROWN: RGBColor = RGBColor(140, 86, 75);
+
+/// One per row of the comparison (redline first), so no two policies share a colour. Plots
+/// that name a colour in a title use the constants above, not a position here.
+pub const COLORS: [RGBColor; 8] = [RED, BLUE, CYAN, ORANGE, GREEN, PURPLE, GREY, BROWN];
 
 pub fn font() {
     // Bundled, so the plot has text on a machine without fonts.

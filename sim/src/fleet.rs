@@ -21,6 +21,7 @@ use redline_sidecar::pressure::{ModelConfig, PressureModel};
 
 use crate::engine::{Engine, Seq, Step};
 use crate::profile::EngineProfile;
+use crate::reversal_cap::Direction;
 use crate::trace::Request;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -214,7 +215,7 @@ struct Sim<'a> {
     unrouted: VecDeque<usize>,
     records: Vec<RequestRecord>,
     desired: u32,
-    last_direction: i8,
+    direction: Direction,
     out: Outcome,
     guard: bool,
 }
@@ -480,16 +481,12 @@ impl<'a> Sim<'a> {
             }
         }
         if cmd.replicas != self.desired {
-            let dir: i8 = if cmd.replicas > self.desired { 1 } else { -1 };
             // Counted over the trace, as replica-seconds are: a scale-down in the tail
             // answers the trace's end, which a service that keeps running never sees.
-            if self.last_direction != 0
-                && dir != self.last_direction
-                && now <= self.out.duration_seconds
+            if self.direction.change(self.desired, cmd.replicas) && now <= self.out.duration_seconds
             {
                 self.out.reversals += 1;
             }
-            self.last_direction = dir;
             self.out.scale_actions += 1;
             self.out.scale_events.push((now, cmd.replicas));
             self.desired = cmd.replicas;
@@ -593,7 +590,7 @@ pub fn simulate(
             })
             .collect(),
         desired: cfg.initial_replicas,
-        last_direction: 0,
+        direction: Direction::default(),
         guard: scaler.uses_guard(),
         out: Outcome {
             name: scaler.name(),

@@ -7,7 +7,7 @@
 //! - [`engine`]: one replica's scheduler and KV pool.
 //! - [`fleet`]: pods, cold starts, routing, sidecars, the event loop.
 //! - [`scalers`]: redline, static N, HPA on queue length, KPA on KV usage, the oracle.
-//! - [`reversal_cap`]: the oracle held to the reversal cap.
+//! - [`reversal_cap`]: what counts as a reversal, and the oracle held to the cap.
 //! - [`compare`]: all of them on one trace; [`report`] and [`plot`] show the result.
 
 pub mod compare;

@@ -1,4 +1,4 @@
-//! What the reversal cap costs a policy that knows the future.
+//! Direction reversals, and what the reversal cap costs a policy that knows the future.
 //!
 //! The targets ask for at most one direction reversal per 10 minutes and for
 //! replica-seconds within 1.15x of the oracle, and the oracle itself is not capped: it follows
@@ -6,21 +6,30 @@
 //! that covers the same per-window needs with at most a given number of reversals, so the
 //! simulator can show the oracle under the cap next to the one without it.
 
-/// Direction reversals in a schedule, counted as the fleet counts them: a change up after a
-/// change down, or down after up. Equal neighbours change nothing.
-pub fn reversals(schedule: &[u32]) -> u32 {
-    let mut last = 0i8;
-    let mut n = 0;
-    for w in schedule.windows(2) {
-        let dir = (w[1] as i64 - w[0] as i64).signum() as i8;
-        if dir != 0 {
-            if last != 0 && dir != last {
-                n += 1;
-            }
-            last = dir;
+/// The direction of the last change in replicas, and whether the next one reverses it: a
+/// change up after a change down, or down after up. The fleet counts its reversals with it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Direction(Option<std::cmp::Ordering>);
+
+impl Direction {
+    /// Records a change `from` -> `to`; true when it reverses the last change. No change
+    /// changes nothing.
+    pub fn change(&mut self, from: u32, to: u32) -> bool {
+        let dir = to.cmp(&from);
+        if dir.is_eq() {
+            return false;
         }
+        self.0.replace(dir).is_some_and(|last| last != dir)
     }
-    n
+}
+
+/// Direction reversals in a schedule, counted as the fleet counts them.
+pub fn reversals(schedule: &[u32]) -> u32 {
+    let mut d = Direction::default();
+    schedule
+        .windows(2)
+        .map(|w| u32::from(d.change(w[0], w[1])))
+        .sum()
 }
 
 /// The schedule `s` with `s[i] >= needs[i]` and at most `cap` reversals whose sum is least

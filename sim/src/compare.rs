@@ -132,17 +132,22 @@ pub fn best_static(trace: &[Request], setup: &Setup, queue: Queue) -> (u32, Outc
     last.expect("at least one replica count tried")
 }
 
-/// Queue targets tried for the HPA, from the recipe's 5 waiting per pod down.
-pub const HPA_TARGETS: [f64; 6] = [5.0, 3.0, 2.0, 1.0, 0.5, 0.2];
+/// Queue targets tried for the HPA below the recipe's
+/// [`RECIPE_TARGET_WAITING`](crate::scalers::RECIPE_TARGET_WAITING).
+pub const HPA_TARGETS: [f64; 5] = [3.0, 2.0, 1.0, 0.5, 0.2];
 
-/// The HPA on queue length at the cheapest of [`HPA_TARGETS`] that meets the attainment
-/// target: what a user would tune it to for the same SLO. When none does, the one that comes
-/// closest. The outcome's name says which.
-pub fn tuned_hpa(trace: &[Request], cfg: &SimConfig, setup: &Setup) -> Outcome {
+/// The HPA on queue length at the cheapest target that meets the attainment target, of the
+/// recipe's (`recipe`, its run already simulated) and [`HPA_TARGETS`]: what a user would tune
+/// it to for the same SLO. When none does, the one that comes closest. The outcome's name
+/// says which.
+pub fn tuned_hpa(trace: &[Request], cfg: &SimConfig, setup: &Setup, recipe: &Outcome) -> Outcome {
     let (min, max) = (setup.policy.min_replicas, setup.policy.max_replicas);
-    let runs: Vec<Outcome> = HPA_TARGETS
-        .iter()
-        .map(|&t| simulate(trace, cfg, &mut HpaQueue::with_target(min, max, t), None))
+    let runs: Vec<Outcome> = std::iter::once(recipe.clone())
+        .chain(
+            HPA_TARGETS
+                .iter()
+                .map(|&t| simulate(trace, cfg, &mut HpaQueue::with_target(min, max, t), None)),
+        )
         .collect();
     let cheapest = runs
         .iter()
@@ -245,7 +250,7 @@ pub fn compare(trace: &[Request], setup: &Setup, mp: Option<&MultiProgress>) -> 
         ),
     ];
     let pb = bar(mp, 1, "HPA targets");
-    outcomes.push(tuned_hpa(trace, &baseline, setup));
+    outcomes.push(tuned_hpa(trace, &baseline, setup, &outcomes[1]));
     if let Some(pb) = pb {
         pb.finish();
     }

@@ -109,10 +109,13 @@ pub struct HpaQueue {
     recommendations: VecDeque<(f64, u32)>,
 }
 
+/// vLLM production-stack's HPA target: 5 requests waiting per pod.
+pub const RECIPE_TARGET_WAITING: f64 = 5.0;
+
 impl HpaQueue {
-    /// The recipe's target: 5 waiting per pod.
+    /// At the recipe's target.
     pub fn new(min: u32, max: u32) -> Self {
-        Self::with_target(min, max, 5.0)
+        Self::with_target(min, max, RECIPE_TARGET_WAITING)
     }
 
     pub fn with_target(min: u32, max: u32, target_waiting: f64) -> Self {

@@ -384,6 +384,17 @@ fn tick() -> impl Strategy<Value = Tick> {
         })
 }
 
+/// Up to ~200 ticks in runs of repeated ones: a load that holds for a while, so the policy
+/// sees whole windows of light load (and drains) as well as bursts.
+fn runs_of_ticks() -> impl Strategy<Value = Vec<Tick>> {
+    prop::collection::vec((tick(), 1usize..30), 1..12).prop_map(|runs| {
+        runs.into_iter()
+            .flat_map(|(k, n)| std::iter::repeat_n(k, n))
+            .take(200)
+            .collect()
+    })
+}
+
 fn observe(t: f64, desired: u32, k: &Tick) -> Observation {
     let starting = k.starting.min(desired);
     let ready = desired - starting;
@@ -416,13 +427,14 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
 
     /// Never outside [min, max]; never a drain or a scale-down on a tick with missing or
-    /// stale data; never a scale-down within the window of a scale-up, nor a scale-up within
+    /// stale data; never a drain within the window of a scale-up or of a tick that saw a pod
+    /// still starting; never a scale-down within the window of a scale-up, nor a scale-up within
     /// the cooldown of a scale-down; never a drain that reverses a scale-up within four
     /// windows of the last scale-down that did; only one replica removed at a time, and only
     /// after a drain of that same pod.
     #[test]
     fn invariants_hold_on_any_load(
-        ticks in prop::collection::vec(tick(), 1..200),
+        ticks in runs_of_ticks(),
         min in 0u32..3,
         span in 0u32..6,
         start in 0u32..10,
@@ -437,9 +449,14 @@ proptest! {
         let mut drained: Vec<String> = Vec::new();
         // The direction of the last change (true: up) and when a scale-down last reversed one.
         let (mut went_up, mut down_reversal): (Option<bool>, Option<f64>) = (None, None);
+        // The last tick that showed a pod still starting.
+        let mut last_starting: Option<f64> = None;
         for k in &ticks {
             t += k.dt;
             let o = observe(t, desired, k);
+            if o.pods.iter().any(|v| v.phase == PodPhase::Starting) {
+                last_starting = Some(t);
+            }
             let d = p.decide(&o);
             prop_assert!(d.replicas >= c.min_replicas && d.replicas <= c.max_replicas,
                 "{} outside [{}, {}]", d.replicas, c.min_replicas, c.max_replicas);
@@ -466,6 +483,8 @@ proptest! {
                     }
                     prop_assert!(last_up.is_none_or(|x| t - x >= c.scale_down_window_seconds),
                         "drain at {t} within the window of an up at {last_up:?}");
+                    prop_assert!(last_starting.is_none_or(|x| t - x >= c.scale_down_window_seconds),
+                        "drain at {t} within the window of pods starting at {last_starting:?}");
                     prop_assert!(!pods.is_empty() && pods.len() as u32 <= c.max_step);
                     prop_assert!(desired - pods.len() as u32 >= c.min_replicas);
                     drained = pods.clone();

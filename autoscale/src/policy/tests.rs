@@ -423,15 +423,134 @@ fn observe(t: f64, desired: u32, k: &Tick) -> Observation {
     }
 }
 
+/// Bursts and lulls with clean data at about the operator's 5 s tick: scale-ups, drains and
+/// the reversals between them, which the random runs above rarely string together (so the
+/// reversal budget is exercised here).
+fn bursts() -> impl Strategy<Value = Vec<Tick>> {
+    let run = |tps: std::ops::Range<f64>, secs: std::ops::Range<f64>| {
+        (tps, secs, 4.5f64..5.5).prop_map(|(tps, secs, dt)| {
+            let k = Tick {
+                tps,
+                missing: false,
+                stale: false,
+                starting: 0,
+                dt,
+            };
+            vec![k; (secs / dt).ceil() as usize]
+        })
+    };
+    prop::collection::vec(
+        (
+            run(2_000.0..20_000.0, 5.0..60.0),
+            run(0.0..400.0, 30.0..400.0),
+        ),
+        2..8,
+    )
+    .prop_map(|cycles| {
+        cycles
+            .into_iter()
+            .flat_map(|(burst, lull)| burst.into_iter().chain(lull))
+            .collect()
+    })
+}
+
+/// Never outside [min, max]; never a drain or a scale-down on a tick with missing or
+/// stale data; never a drain within the window of a scale-up or of a tick that saw a pod
+/// still starting; never a scale-down within the window of a scale-up, nor a scale-up within
+/// the cooldown of a scale-down; never a drain that reverses a scale-up within four
+/// windows of the last scale-down that did; only one replica removed at a time, and only
+/// after a drain of that same pod.
+fn check_invariants(ticks: &[Tick], min: u32, span: u32, start: u32) -> Result<(), TestCaseError> {
+    let mut c = cfg();
+    c.min_replicas = min;
+    c.max_replicas = min + span;
+    let mut p = Policy::new(c);
+    let mut t = 0.0;
+    let mut desired = start;
+    let (mut last_up, mut last_down): (Option<f64>, Option<f64>) = (None, None);
+    let mut drained: Vec<String> = Vec::new();
+    // The direction of the last change (true: up) and when a scale-down last reversed one.
+    let (mut went_up, mut down_reversal): (Option<bool>, Option<f64>) = (None, None);
+    // The last tick that showed a pod still starting.
+    let mut last_starting: Option<f64> = None;
+    for k in ticks {
+        t += k.dt;
+        let o = observe(t, desired, k);
+        if o.pods.iter().any(|v| v.phase == PodPhase::Starting) {
+            last_starting = Some(t);
+        }
+        let d = p.decide(&o);
+        prop_assert!(
+            d.replicas >= c.min_replicas && d.replicas <= c.max_replicas,
+            "{} outside [{}, {}]",
+            d.replicas,
+            c.min_replicas,
+            c.max_replicas
+        );
+        let bad_data = k.missing || k.stale;
+        let in_bounds = (c.min_replicas..=c.max_replicas).contains(&desired);
+        match &d.action {
+            Action::ScaleUp { from, to } => {
+                prop_assert!(to > from);
+                if in_bounds {
+                    prop_assert!(to - from <= c.max_step);
+                    prop_assert!(
+                        last_down.is_none_or(|x| t - x >= c.scale_up_cooldown_seconds),
+                        "up at {t} after a down at {last_down:?}"
+                    );
+                }
+                last_up = Some(t);
+                went_up = Some(true);
+            }
+            Action::Drain { pods } => {
+                prop_assert!(!bad_data, "drain on missing/stale data at {t}");
+                if went_up == Some(true) {
+                    prop_assert!(
+                        down_reversal.is_none_or(|x| t - x >= 4.0 * c.scale_down_window_seconds),
+                        "a reversing drain at {t}, the last reversal down at {down_reversal:?}"
+                    );
+                }
+                prop_assert!(
+                    last_up.is_none_or(|x| t - x >= c.scale_down_window_seconds),
+                    "drain at {t} within the window of an up at {last_up:?}"
+                );
+                prop_assert!(
+                    last_starting.is_none_or(|x| t - x >= c.scale_down_window_seconds),
+                    "drain at {t} within the window of pods starting at {last_starting:?}"
+                );
+                prop_assert!(!pods.is_empty() && pods.len() as u32 <= c.max_step);
+                prop_assert!(desired - pods.len() as u32 >= c.min_replicas);
+                drained = pods.clone();
+            }
+            Action::ScaleDown { from, to, pods } => {
+                prop_assert_eq!(*to + pods.len() as u32, *from);
+                for p in pods {
+                    prop_assert!(drained.contains(p), "removed {p}, which it did not drain");
+                }
+                prop_assert!(last_up.is_none_or(|x| t - x >= c.scale_down_window_seconds));
+                drained.retain(|d| !pods.contains(d));
+                last_down = Some(t);
+                if went_up == Some(true) {
+                    down_reversal = Some(t);
+                }
+                went_up = Some(false);
+            }
+            Action::CancelDrain { .. } => drained.clear(),
+            Action::Hold => {}
+        }
+        if d.replicas < desired && !matches!(d.action, Action::ScaleDown { .. }) {
+            // Only the bounds may lower replicas without a drain.
+            prop_assert!(desired > c.max_replicas);
+            went_up = Some(false);
+        }
+        desired = d.replicas;
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
 
-    /// Never outside [min, max]; never a drain or a scale-down on a tick with missing or
-    /// stale data; never a drain within the window of a scale-up or of a tick that saw a pod
-    /// still starting; never a scale-down within the window of a scale-up, nor a scale-up within
-    /// the cooldown of a scale-down; never a drain that reverses a scale-up within four
-    /// windows of the last scale-down that did; only one replica removed at a time, and only
-    /// after a drain of that same pod.
     #[test]
     fn invariants_hold_on_any_load(
         ticks in runs_of_ticks(),
@@ -439,79 +558,17 @@ proptest! {
         span in 0u32..6,
         start in 0u32..10,
     ) {
-        let mut c = cfg();
-        c.min_replicas = min;
-        c.max_replicas = min + span;
-        let mut p = Policy::new(c);
-        let mut t = 0.0;
-        let mut desired = start;
-        let (mut last_up, mut last_down): (Option<f64>, Option<f64>) = (None, None);
-        let mut drained: Vec<String> = Vec::new();
-        // The direction of the last change (true: up) and when a scale-down last reversed one.
-        let (mut went_up, mut down_reversal): (Option<bool>, Option<f64>) = (None, None);
-        // The last tick that showed a pod still starting.
-        let mut last_starting: Option<f64> = None;
-        for k in &ticks {
-            t += k.dt;
-            let o = observe(t, desired, k);
-            if o.pods.iter().any(|v| v.phase == PodPhase::Starting) {
-                last_starting = Some(t);
-            }
-            let d = p.decide(&o);
-            prop_assert!(d.replicas >= c.min_replicas && d.replicas <= c.max_replicas,
-                "{} outside [{}, {}]", d.replicas, c.min_replicas, c.max_replicas);
-            let bad_data = k.missing || k.stale;
-            let in_bounds = (c.min_replicas..=c.max_replicas).contains(&desired);
-            match &d.action {
-                Action::ScaleUp { from, to } => {
-                    prop_assert!(to > from);
-                    if in_bounds {
-                        prop_assert!(to - from <= c.max_step);
-                        prop_assert!(last_down.is_none_or(|x| t - x >= c.scale_up_cooldown_seconds),
-                            "up at {t} after a down at {last_down:?}");
-                    }
-                    last_up = Some(t);
-                    went_up = Some(true);
-                }
-                Action::Drain { pods } => {
-                    prop_assert!(!bad_data, "drain on missing/stale data at {t}");
-                    if went_up == Some(true) {
-                        prop_assert!(
-                            down_reversal.is_none_or(|x| t - x >= 4.0 * c.scale_down_window_seconds),
-                            "a reversing drain at {t}, the last reversal down at {down_reversal:?}"
-                        );
-                    }
-                    prop_assert!(last_up.is_none_or(|x| t - x >= c.scale_down_window_seconds),
-                        "drain at {t} within the window of an up at {last_up:?}");
-                    prop_assert!(last_starting.is_none_or(|x| t - x >= c.scale_down_window_seconds),
-                        "drain at {t} within the window of pods starting at {last_starting:?}");
-                    prop_assert!(!pods.is_empty() && pods.len() as u32 <= c.max_step);
-                    prop_assert!(desired - pods.len() as u32 >= c.min_replicas);
-                    drained = pods.clone();
-                }
-                Action::ScaleDown { from, to, pods } => {
-                    prop_assert_eq!(*to + pods.len() as u32, *from);
-                    for p in pods {
-                        prop_assert!(drained.contains(p), "removed {p}, which it did not drain");
-                    }
-                    prop_assert!(last_up.is_none_or(|x| t - x >= c.scale_down_window_seconds));
-                    drained.retain(|d| !pods.contains(d));
-                    last_down = Some(t);
-                    if went_up == Some(true) {
-                        down_reversal = Some(t);
-                    }
-                    went_up = Some(false);
-                }
-                Action::CancelDrain { .. } => drained.clear(),
-                Action::Hold => {}
-            }
-            if d.replicas < desired && !matches!(d.action, Action::ScaleDown { .. }) {
-                // Only the bounds may lower replicas without a drain.
-                prop_assert!(desired > c.max_replicas);
-                went_up = Some(false);
-            }
-            desired = d.replicas;
-        }
+        check_invariants(&ticks, min, span, start)?;
+    }
+
+    #[test]
+    fn invariants_hold_through_bursts_and_lulls(
+        ticks in bursts(),
+        min in 0u32..3,
+        span in 2u32..6,
+        start in 0u32..4,
+    ) {
+        check_invariants(&ticks, min, span, start)?;
     }
 
     /// Same inputs, same decisions: the operator and the simulator agree.

@@ -6,7 +6,7 @@
 //!
 //! - `gpu-8b`: Llama-3.1-8B-Instruct in BF16 on one H100-80GB under vLLM. `base` from the
 //!   published single-stream time per output token of 6.48 ms (InferenceBench concurrency sweep,
-//!   vLLM 0.21, H100-80GB-HBM3, https://yobitelcomm.github.io/bench/recipes/concurrency-sweep/);
+//!   vLLM 0.21, H100-80GB-HBM3, <https://yobitelcomm.github.io/bench/recipes/concurrency-sweep/>);
 //!   `per_token` 0.04 ms, i.e. 25k prefill tokens/s, about 40% of the H100's 989 dense BF16
 //!   TFLOPS at 16 GFLOP per token; `per_context_token` from reading 128 KiB of KV per token
 //!   (32 layers x 8 KV heads x 128 x 2 x BF16) at 3.35 TB/s. KV pool: 52 GiB (90% of 80 GB less

@@ -9,6 +9,7 @@
 //! - [`scalers`]: redline, static N, HPA on queue length, KPA on KV usage, the oracle.
 //! - [`reversal_cap`]: what counts as a reversal, and the oracle held to the cap.
 //! - [`compare`]: all of them on one trace; [`report`] and [`plot`] show the result.
+//! - [`targets`]: the targets, checked on the target and held-out replays.
 
 pub mod compare;
 pub mod engine;
@@ -18,4 +19,5 @@ pub mod profile;
 pub mod report;
 pub mod reversal_cap;
 pub mod scalers;
+pub mod targets;
 pub mod trace;

@@ -5,11 +5,12 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use indicatif::MultiProgress;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use redline_sim::compare::{compare, Setup};
 use redline_sim::fleet::{Queue, Slo};
 use redline_sim::profile::EngineProfile;
 use redline_sim::report::table;
+use redline_sim::targets::{self, Check, SCENARIOS, TARGETS};
 use redline_sim::trace::{self, Replay};
 
 #[derive(Parser, Debug)]
@@ -76,6 +77,11 @@ struct Args {
     /// Where the PNG goes.
     #[arg(long, default_value = "target/redline-sim.png")]
     plot: PathBuf,
+    /// Instead of one replay: the targets checked on the four target replays (x1 and
+    /// x4, cold start 60 s and 120 s) and seven held-out ones, one table (the other flags
+    /// still set the profile, SLO and policy).
+    #[arg(long)]
+    targets: bool,
 }
 
 fn queue_name(q: Queue) -> String {
@@ -84,33 +90,15 @@ fn queue_name(q: Queue) -> String {
         .map_or_else(String::new, |v| v.get_name().to_string())
 }
 
-fn main() -> Result<()> {
-    let a = Args::parse();
-    let Some(profile) = EngineProfile::by_name(&a.profile) else {
-        bail!(
-            "unknown profile {:?}: gpu-8b, gpu-8b-bare or cpu-smollm2",
-            a.profile
-        );
-    };
-    let trace = trace::read(
-        &a.trace,
-        Replay {
-            time_compression: a.time_compression,
-            token_scale: a.token_scale,
-            duration: a.duration,
-        },
-    )?;
-    if trace.is_empty() {
-        bail!("no requests in {} within the duration", a.trace.display());
-    }
-    let capacity = profile.capacity();
+/// The comparison for a cold start, with the policy's knobs from the flags.
+fn setup(a: &Args, profile: &EngineProfile, cold_start: f64) -> Setup {
     let slo = Slo {
         ttft_seconds: a.ttft_slo,
         itl_seconds: a.itl_slo,
     };
     let mut setup = Setup::new(
         profile.clone(),
-        a.cold_start,
+        cold_start,
         slo,
         a.min_replicas,
         a.max_replicas,
@@ -127,6 +115,82 @@ fn main() -> Result<()> {
     setup.oracle_window_seconds = a.oracle_window;
     setup.sim.queue = a.queue;
     setup.baseline_queue = a.baseline_queue;
+    setup
+}
+
+/// `--targets`: every scenario compared, redline checked against the targets.
+fn check_targets(a: &Args, profile: &EngineProfile) -> Result<()> {
+    println!(
+        "the issue's targets on {}, profile {}, SLO TTFT <= {} s, ITL <= {} ms",
+        a.trace.display(),
+        profile.name,
+        a.ttft_slo,
+        a.itl_slo * 1000.0
+    );
+    let pb = ProgressBar::new(SCENARIOS.len() as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{msg:>14} [{bar:40}] {pos}/{len} replays ({elapsed})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_message("targets");
+    let mut checks = Vec::new();
+    for s in SCENARIOS {
+        let trace = trace::read(
+            &a.trace,
+            Replay {
+                time_compression: s.time_compression,
+                token_scale: s.token_scale,
+                duration: a.duration,
+            },
+        )?;
+        if trace.is_empty() {
+            bail!("no requests in {} within the duration", a.trace.display());
+        }
+        let c = compare(&trace, &setup(a, profile, s.cold_start_seconds), None);
+        checks.push(Check::new(s, &c));
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    print!("\n{}", targets::table(&checks, &TARGETS));
+    let missed = checks.iter().filter(|c| !c.missed(&TARGETS).is_empty());
+    println!(
+        "\n{} of {} replays meet every target ({} of {} target replays)",
+        checks.len() - missed.clone().count(),
+        checks.len(),
+        checks
+            .iter()
+            .filter(|c| c.scenario.target && c.missed(&TARGETS).is_empty())
+            .count(),
+        checks.iter().filter(|c| c.scenario.target).count(),
+    );
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    let Some(profile) = EngineProfile::by_name(&a.profile) else {
+        bail!(
+            "unknown profile {:?}: gpu-8b, gpu-8b-bare or cpu-smollm2",
+            a.profile
+        );
+    };
+    if a.targets {
+        return check_targets(&a, &profile);
+    }
+    let trace = trace::read(
+        &a.trace,
+        Replay {
+            time_compression: a.time_compression,
+            token_scale: a.token_scale,
+            duration: a.duration,
+        },
+    )?;
+    if trace.is_empty() {
+        bail!("no requests in {} within the duration", a.trace.display());
+    }
+    let setup = setup(&a, &profile, a.cold_start);
+    let capacity = profile.capacity();
     let span = trace.last().map_or(0.0, |r| r.arrival);
     println!(
         "{} requests over {:.0} s from {} (x{} time, x{} tokens); profile {}: {:.0} prompt + {:.0} generated tokens/s per replica, {} KV tokens; cold start {} s; SLO TTFT <= {} s, ITL <= {} ms; engines queue {} (redline, oracle), {} (baselines)",

@@ -179,10 +179,23 @@ impl ImageConfig {
             }
             let parent = dst.parent().unwrap_or(&self.dir);
             std::fs::create_dir_all(parent)?;
-            let tmp = parent.join(format!(".pull-{}", std::process::id()));
+            // One name per pull: pods start in parallel, and with a name per process a pull
+            // that found another's hard link to the source there copied onto it, truncating
+            // the build's own binary (seen on a cold CI run: every test pod ran an empty file).
+            static PULLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = PULLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let tmp = parent.join(format!(".pull-{}-{n}", std::process::id()));
             let _ = std::fs::remove_file(&tmp);
             if std::fs::hard_link(src, &tmp).is_err() {
-                std::fs::copy(src, &tmp).map_err(|e| anyhow::anyhow!("pulling {src}: {e}"))?;
+                // Another filesystem: a copy into a file of its own, never through a link.
+                let mut from = std::fs::File::open(src)?;
+                let mut to = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&tmp)?;
+                std::io::copy(&mut from, &mut to)
+                    .map_err(|e| anyhow::anyhow!("pulling {src}: {e}"))?;
+                std::fs::set_permissions(&tmp, s.permissions())?;
             }
             std::fs::rename(&tmp, &dst)?;
         }
@@ -261,6 +274,46 @@ mod tests {
                 .unwrap(),
             (prog, s(&["x"]))
         );
+    }
+
+    /// Pods start in parallel and each pulls its image: the build's binary must come through
+    /// every pull whole, and the image gets the same bytes.
+    #[test]
+    fn parallel_pulls_leave_the_source_whole() {
+        let root = std::env::temp_dir().join(format!("rl-pull-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let src = root.join("redline-testpod");
+        let bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&src, &bytes).unwrap();
+        for round in 0..200 {
+            let image = ImageConfig {
+                image: "ghcr.io/redline/testpod:*".into(),
+                files: [("redline-testpod".to_string(), src.display().to_string())].into(),
+                env: BTreeMap::new(),
+                dir: root.join(format!("images/{round}")),
+                entrypoint: vec!["{image}/redline-testpod".into()],
+                cmd: vec![],
+            };
+            let start = std::sync::Barrier::new(8);
+            std::thread::scope(|t| {
+                for _ in 0..8 {
+                    t.spawn(|| {
+                        start.wait();
+                        // A lost race may fail a pull (the pod retries); it must not corrupt.
+                        let _ = image.pull();
+                    });
+                }
+            });
+            assert_eq!(std::fs::read(&src).unwrap(), bytes, "round {round}: source");
+            image.pull().unwrap();
+            assert_eq!(
+                std::fs::read(image.dir.join("redline-testpod")).unwrap(),
+                bytes,
+                "round {round}: image"
+            );
+        }
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

@@ -11,7 +11,7 @@ use redline_sim::fleet::{Queue, Slo};
 use redline_sim::profile::EngineProfile;
 use redline_sim::report::table;
 use redline_sim::targets::{self, Check, SCENARIOS, TARGETS};
-use redline_sim::trace::{self, Replay};
+use redline_sim::trace::{self, Replay, Request};
 
 #[derive(Parser, Debug)]
 #[command(version, about)]
@@ -90,6 +90,22 @@ fn queue_name(q: Queue) -> String {
         .map_or_else(String::new, |v| v.get_name().to_string())
 }
 
+/// The trace, replayed at this compression and token scale, with at least one request.
+fn read_trace(a: &Args, time_compression: f64, token_scale: f64) -> Result<Vec<Request>> {
+    let trace = trace::read(
+        &a.trace,
+        Replay {
+            time_compression,
+            token_scale,
+            duration: a.duration,
+        },
+    )?;
+    if trace.is_empty() {
+        bail!("no requests in {} within the duration", a.trace.display());
+    }
+    Ok(trace)
+}
+
 /// The comparison for a cold start, with the policy's knobs from the flags.
 fn setup(a: &Args, profile: &EngineProfile, cold_start: f64) -> Setup {
     let slo = Slo {
@@ -136,17 +152,7 @@ fn check_targets(a: &Args, profile: &EngineProfile) -> Result<()> {
     pb.set_message("targets");
     let mut checks = Vec::new();
     for s in SCENARIOS {
-        let trace = trace::read(
-            &a.trace,
-            Replay {
-                time_compression: s.time_compression,
-                token_scale: s.token_scale,
-                duration: a.duration,
-            },
-        )?;
-        if trace.is_empty() {
-            bail!("no requests in {} within the duration", a.trace.display());
-        }
+        let trace = read_trace(a, s.time_compression, s.token_scale)?;
         let c = compare(&trace, &setup(a, profile, s.cold_start_seconds), None);
         checks.push(Check::new(s, &c));
         pb.inc(1);
@@ -178,17 +184,7 @@ fn main() -> Result<()> {
     if a.targets {
         return check_targets(&a, &profile);
     }
-    let trace = trace::read(
-        &a.trace,
-        Replay {
-            time_compression: a.time_compression,
-            token_scale: a.token_scale,
-            duration: a.duration,
-        },
-    )?;
-    if trace.is_empty() {
-        bail!("no requests in {} within the duration", a.trace.display());
-    }
+    let trace = read_trace(&a, a.time_compression, a.token_scale)?;
     let setup = setup(&a, &profile, a.cold_start);
     let capacity = profile.capacity();
     let span = trace.last().map_or(0.0, |r| r.arrival);

@@ -26,8 +26,38 @@ impl Sandbox {
 }
 
 pub struct Network {
-    /// Host parts (the last 16 bits) of the addresses in use.
-    used: Mutex<BTreeSet<u16>>,
+    addresses: Mutex<Addresses>,
+}
+
+/// Host parts (the last 16 bits) of the pod addresses in use, handed out in turn, as CNI's
+/// host-local IPAM does: a pod that is going away may hold its namespace (and its address on
+/// the bridge) for a moment after its sandbox is deleted, and a new pod given that address at
+/// once would lose its traffic to it (seen: an operator pod unreachable, killed by its liveness
+/// probe, right after a test's pods were torn down).
+#[derive(Debug, Default)]
+struct Addresses {
+    used: BTreeSet<u16>,
+    /// Where the next search starts: after the last address handed out.
+    next: u16,
+}
+
+impl Addresses {
+    /// .0.0 is the network, .0.1 the bridge, .255.255 broadcast.
+    const FIRST: u16 = 2;
+
+    fn take(&mut self) -> Option<u16> {
+        let start = self.next.max(Self::FIRST);
+        let host = (start..u16::MAX)
+            .chain(Self::FIRST..start)
+            .find(|h| !self.used.contains(h))?;
+        self.used.insert(host);
+        self.next = host.checked_add(1).unwrap_or(Self::FIRST);
+        Some(host)
+    }
+
+    fn give_back(&mut self, host: u16) {
+        self.used.remove(&host);
+    }
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -67,34 +97,34 @@ impl Network {
         }
         ip(&["link", "set", BRIDGE_NAME, "up"])?;
         Ok(Self {
-            used: Mutex::new(BTreeSet::new()),
+            addresses: Mutex::new(Addresses::default()),
         })
     }
 
     fn allocate_ip(&self) -> Result<Ipv4Addr> {
-        let mut used = self.used.lock().unwrap();
-        // .0.0 is the network, .0.1 the bridge, .255.255 broadcast.
-        let host = (2..u16::MAX)
-            .find(|h| !used.contains(h))
+        let host = self
+            .addresses
+            .lock()
+            .unwrap()
+            .take()
             .context("pod network exhausted")?;
-        used.insert(host);
         let [a, b] = POD_CIDR_PREFIX;
         Ok(Ipv4Addr::new(a, b, (host >> 8) as u8, host as u8))
     }
 
     fn release_ip(&self, ip: Ipv4Addr) {
         let o = ip.octets();
-        self.used
+        self.addresses
             .lock()
             .unwrap()
-            .remove(&(u16::from(o[2]) << 8 | u16::from(o[3])));
+            .give_back(u16::from(o[2]) << 8 | u16::from(o[3]));
     }
 
     /// A fresh namespace for the pod `uid`, up, addressed, routed via the bridge.
     pub fn create_sandbox(&self, uid: &str) -> Result<Sandbox> {
         let short: String = uid.chars().filter(|c| *c != '-').take(12).collect();
         let netns = format!("{NETNS_PREFIX}{short}");
-        let host_if = format!("rlh{short}");
+        let host_if = host_if(&netns);
         let peer_if = format!("rlp{short}");
         let addr = self.allocate_ip()?;
         let sb = Sandbox { netns, ip: addr };
@@ -131,6 +161,9 @@ impl Network {
     /// Kills whatever still runs in the namespace, then deletes it (the veth pair goes with it).
     pub fn delete_sandbox(&self, sb: &Sandbox) -> Result<()> {
         kill_netns_processes(&sb.netns);
+        // Off the bridge now, even if a dying process keeps the namespace a while longer
+        // (deleting one end of the veth pair deletes both).
+        let _ = ip(&["link", "del", &host_if(&sb.netns)]);
         let r = ip(&["netns", "del", &sb.netns]);
         self.release_ip(sb.ip);
         r
@@ -139,6 +172,11 @@ impl Network {
     pub fn teardown(&self) {
         let _ = ip(&["link", "del", BRIDGE_NAME]);
     }
+}
+
+/// The bridge side of a pod's veth pair (its name is the namespace's suffix).
+fn host_if(netns: &str) -> String {
+    format!("rlh{}", netns.trim_start_matches(NETNS_PREFIX))
 }
 
 fn kill_netns_processes(netns: &str) {
@@ -173,4 +211,31 @@ pub fn remove_leftovers() -> Vec<String> {
         removed.push(format!("bridge {BRIDGE_NAME}"));
     }
     removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_released_address_is_not_handed_out_again_at_once() {
+        let mut a = Addresses::default();
+        let first: Vec<u16> = (0..3).map(|_| a.take().unwrap()).collect();
+        assert_eq!(first, [2, 3, 4]);
+        a.give_back(2);
+        // The next pods get fresh addresses, not the one a dying pod may still hold.
+        assert_eq!(a.take(), Some(5));
+        assert_eq!(a.take(), Some(6));
+        // Only once the range wraps around does 2 come back.
+        a.next = u16::MAX - 1;
+        assert_eq!(a.take(), Some(u16::MAX - 1));
+        assert_eq!(a.take(), Some(2));
+        assert_eq!(a.used.len(), 6);
+    }
+
+    #[test]
+    fn the_bridge_side_is_named_for_the_namespace() {
+        let netns = format!("{NETNS_PREFIX}0123456789ab");
+        assert_eq!(host_if(&netns), "rlh0123456789ab");
+    }
 }

@@ -159,16 +159,18 @@ fn check_targets(a: &Args, profile: &EngineProfile) -> Result<()> {
     }
     pb.finish_and_clear();
     print!("\n{}", targets::table(&checks, &TARGETS));
-    let missed = checks.iter().filter(|c| !c.missed(&TARGETS).is_empty());
+    // (target replay, meets every target) per check.
+    let met: Vec<(bool, bool)> = checks
+        .iter()
+        .map(|c| (c.scenario.target, c.missed(&TARGETS).is_empty()))
+        .collect();
+    let count = |f: fn(&(bool, bool)) -> bool| met.iter().filter(|m| f(m)).count();
     println!(
         "\n{} of {} replays meet every target ({} of {} target replays)",
-        checks.len() - missed.clone().count(),
-        checks.len(),
-        checks
-            .iter()
-            .filter(|c| c.scenario.target && c.missed(&TARGETS).is_empty())
-            .count(),
-        checks.iter().filter(|c| c.scenario.target).count(),
+        count(|m| m.1),
+        met.len(),
+        count(|m| m.0 && m.1),
+        count(|m| m.0),
     );
     Ok(())
 }

@@ -187,15 +187,9 @@ impl ImageConfig {
             let tmp = parent.join(format!(".pull-{}-{n}", std::process::id()));
             let _ = std::fs::remove_file(&tmp);
             if std::fs::hard_link(src, &tmp).is_err() {
-                // Another filesystem: a copy into a file of its own, never through a link.
-                let mut from = std::fs::File::open(src)?;
-                let mut to = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&tmp)?;
-                std::io::copy(&mut from, &mut to)
-                    .map_err(|e| anyhow::anyhow!("pulling {src}: {e}"))?;
-                std::fs::set_permissions(&tmp, s.permissions())?;
+                // Another filesystem. The name is this pull's alone, so the copy cannot write
+                // through someone else's link.
+                std::fs::copy(src, &tmp).map_err(|e| anyhow::anyhow!("pulling {src}: {e}"))?;
             }
             std::fs::rename(&tmp, &dst)?;
         }

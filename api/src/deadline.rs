@@ -1,13 +1,20 @@
 //! The order in which an engine admits its waiting requests when it knows their time-to-first-
-//! token objective: **every request that can still meet it first, in arrival order; those that
-//! cannot behind them, also in arrival order.**
+//! token objective: **the most requests that can still meet it first, in arrival order; the
+//! others behind them, also in arrival order.**
 //!
 //! Why: under a burst, first-come-first-served spends the engine on requests that are already
 //! late, so the ones behind them go late too, and a few seconds of overload cost every request
 //! until the queue drains. Serving the ones that can still make it first keeps the damage to
 //! the burst's excess; the late ones are not dropped, only served once the on-time ones are
 //! through. A late request that has waited `STARVATION_FACTOR` times the objective is served
-//! in arrival order again, so sustained overload cannot starve it.
+//! first again, so sustained overload cannot starve it.
+//!
+//! Which requests go on time is Moore and Hodgson's rule (1968), which keeps the most jobs on
+//! time on one machine: take them in deadline order and, whenever one would be late, give up
+//! the longest taken so far. Every request has the same objective, so deadline order is
+//! arrival order. Greedy arrival order (take each one that still fits) would keep a long prompt
+//! that makes several short ones behind it late; on the code trace's bursts the rule misses 23%
+//! fewer requests on two replicas (docs/autoscaling.md, "The engines' queue").
 //!
 //! Whether a request can still make it is forecast from what the engine measures of its steps:
 //! the tokens of everything ahead of it that will be served first plus its own, at the prefill
@@ -16,6 +23,8 @@
 //! mistake: the engine would spend itself on requests that then miss by a fraction of a
 //! second, the most urgent first. Without a measured rate nothing is judged late and the order is arrival order
 //! (vLLM's FCFS). The engine's scheduler and the simulator's engine model both use this.
+
+use std::collections::BinaryHeap;
 
 /// A late request waiting this many objectives is served in arrival order again.
 pub const STARVATION_FACTOR: f64 = 10.0;
@@ -51,21 +60,41 @@ impl Deadlines {
             _ => return (0..waiting.len()).collect(),
         };
         let objective = self.ttft_objective_seconds;
+        let forced = |w: &Waiting| w.started || now - w.arrival >= STARVATION_FACTOR * objective;
+        // Forced requests go first, as vLLM puts a preempted request back at the queue's head.
         let mut ahead = tokens_ahead as f64;
-        let (mut on_time, mut late) = (Vec::with_capacity(waiting.len()), Vec::new());
+        let mut order: Vec<usize> = Vec::with_capacity(waiting.len());
         for (i, w) in waiting.iter().enumerate() {
-            let own = w.prefill_tokens as f64;
-            let first_token = now + self.step_seconds + (ahead + own) / rate;
-            let starved = now - w.arrival >= STARVATION_FACTOR * objective;
-            if w.started || starved || first_token <= w.arrival + objective {
-                ahead += own;
-                on_time.push(i);
-            } else {
-                late.push(i);
+            if forced(w) {
+                ahead += w.prefill_tokens as f64;
+                order.push(i);
             }
         }
-        on_time.extend(late);
-        on_time
+        // Moore-Hodgson: take the rest in deadline (= arrival) order; when one would be late,
+        // give up the longest prompt taken so far, which is the one whose loss frees the most
+        // time for the requests behind it.
+        let mut taken = BinaryHeap::new();
+        let mut tokens = ahead;
+        for (i, w) in waiting.iter().enumerate() {
+            if forced(w) {
+                continue;
+            }
+            tokens += w.prefill_tokens as f64;
+            taken.push((w.prefill_tokens, i));
+            if now + self.step_seconds + tokens / rate > w.arrival + objective {
+                let (longest, _) = taken.pop().expect("the request just taken");
+                tokens -= longest as f64;
+            }
+        }
+        let mut on_time: Vec<usize> = taken.into_iter().map(|(_, i)| i).collect();
+        on_time.sort_unstable();
+        let mut late = vec![true; waiting.len()];
+        for &i in order.iter().chain(&on_time) {
+            late[i] = false;
+        }
+        order.extend(on_time);
+        order.extend((0..waiting.len()).filter(|&i| late[i]));
+        order
     }
 }
 
@@ -135,23 +164,52 @@ mod tests {
     }
 
     #[test]
-    fn started_and_starved_requests_keep_their_place() {
-        let mut started = w(0.0, 10_000);
+    fn started_and_starved_requests_go_first() {
+        // Preempted (it has its first token): ahead of an earlier request that is on time.
+        let mut started = w(5.0, 10_000);
         started.started = true;
-        let q = [started, w(19.0, 100)];
-        assert_eq!(D.admission_order(&q, 19.5, 0), vec![0, 1]);
+        let q = [w(4.0, 100), started, w(5.5, 100)];
+        assert_eq!(D.admission_order(&q, 6.0, 0), vec![1, 0, 2]);
         // Waited 20 s = 10 objectives: served in arrival order again.
         let q = [w(0.0, 10_000), w(19.0, 100)];
         assert_eq!(D.admission_order(&q, 20.0, 0), vec![0, 1]);
         assert_eq!(D.admission_order(&q, 19.9, 0), vec![1, 0]);
     }
 
+    #[test]
+    fn a_long_prompt_gives_way_to_more_short_ones() {
+        // At 1000 tokens/s from 0: taken greedily, 0 (1.8 s) leaves 1 and 2 late; given up,
+        // it lets both make it, and goes behind them.
+        let q = [w(0.0, 1800), w(0.0, 300), w(0.0, 300)];
+        assert_eq!(D.admission_order(&q, 0.0, 0), vec![1, 2, 0]);
+    }
+
+    /// The most requests of `q` that can be on time after `ahead` tokens, by trying every subset.
+    fn most_on_time(q: &[Waiting], now: f64, ahead: f64) -> usize {
+        let rate = D.prefill_tokens_per_second.unwrap();
+        (0u32..1 << q.len())
+            .filter(|set| {
+                let mut t = ahead;
+                q.iter()
+                    .enumerate()
+                    .filter(|(i, _)| set & (1 << i) != 0)
+                    .all(|(_, w)| {
+                        t += w.prefill_tokens as f64;
+                        now + D.step_seconds + t / rate <= w.arrival + D.ttft_objective_seconds
+                    })
+            })
+            .map(|set| set.count_ones() as usize)
+            .max()
+            .unwrap_or(0)
+    }
+
     proptest::proptest! {
-        /// Whatever the queue: a permutation, each group in arrival order, the late after the
-        /// on-time, and every request judged on time really is forecast to make it.
+        /// Whatever the queue: a permutation of three runs, each in arrival order: the
+        /// preempted and starved, then as many requests forecast on time as any choice could
+        /// have (checked against every subset), then the rest.
         #[test]
-        fn the_order_is_a_permutation_in_two_arrival_ordered_runs(
-            mut q in proptest::collection::vec((0.0f64..30.0, 0u64..5000, proptest::bool::weighted(0.1)), 0..40),
+        fn the_order_keeps_the_most_requests_on_time(
+            mut q in proptest::collection::vec((0.0f64..30.0, 0u64..5000, proptest::bool::weighted(0.1)), 0..11),
             now_after in 0.0f64..10.0,
             ahead in 0u64..5000,
         ) {
@@ -162,24 +220,24 @@ mod tests {
             let mut sorted = order.clone();
             sorted.sort();
             proptest::prop_assert_eq!(sorted, (0..q.len()).collect::<Vec<_>>());
+
+            let forced = |w: &Waiting| w.started || now - w.arrival >= STARVATION_FACTOR * D.ttft_objective_seconds;
+            let n_forced = q.iter().filter(|w| forced(w)).count();
+            let free: Vec<Waiting> = q.iter().copied().filter(|w| !forced(w)).collect();
+            let ahead = ahead as f64 + q.iter().filter(|w| forced(w)).map(|w| w.prefill_tokens as f64).sum::<f64>();
+            let best = most_on_time(&free, now, ahead);
+            let runs = [&order[..n_forced], &order[n_forced..n_forced + best], &order[n_forced + best..]];
+            for run in runs {
+                proptest::prop_assert!(run.windows(2).all(|p| p[0] < p[1]), "a run out of arrival order: {:?}", order);
+            }
+            proptest::prop_assert!(runs[0].iter().all(|&i| forced(&q[i])));
             let rate = D.prefill_tokens_per_second.unwrap();
-            let mut ahead = ahead as f64;
-            let mut seen_late = false;
-            let mut last = [None::<usize>; 2];
-            for &i in &order {
+            let mut t = ahead;
+            for &i in runs[1] {
                 let w = q[i];
-                let starved = now - w.arrival >= STARVATION_FACTOR * D.ttft_objective_seconds;
-                let on_time = w.started || starved
-                    || now + D.step_seconds + (ahead + w.prefill_tokens as f64) / rate <= w.arrival + D.ttft_objective_seconds;
-                if on_time {
-                    proptest::prop_assert!(!seen_late, "an on-time request after a late one");
-                    ahead += w.prefill_tokens as f64;
-                } else {
-                    seen_late = true;
-                }
-                let group = usize::from(!on_time);
-                proptest::prop_assert!(last[group].is_none_or(|l| l < i), "arrival order within a group");
-                last[group] = Some(i);
+                t += w.prefill_tokens as f64;
+                proptest::prop_assert!(!forced(&w));
+                proptest::prop_assert!(now + D.step_seconds + t / rate <= w.arrival + D.ttft_objective_seconds, "{} judged on time is late", i);
             }
         }
     }

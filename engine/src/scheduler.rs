@@ -8,8 +8,8 @@
 //! again (probably from the prefix cache) later. Nothing is ever failed for lack of blocks.
 //!
 //! Given a time-to-first-token objective, admission is deadline-aware instead of arrival
-//! order: the waiting sequences that can still get their first token within it go first, the
-//! ones that cannot behind them (`redline_api::deadline`, shared with the simulator), judged at
+//! order: the most waiting sequences that can still get their first token within it go first,
+//! the others behind them (`redline_api::deadline`, shared with the simulator), judged at
 //! the prefill throughput this scheduler measures from the steps it is told about. The clock
 //! is the caller's: times come in as seconds.
 //!

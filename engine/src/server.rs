@@ -710,8 +710,8 @@ pub struct ServeArgs {
     /// Do not reuse the KV of prompt prefixes shared with earlier requests.
     #[arg(long)]
     pub no_prefix_caching: bool,
-    /// Time-to-first-token objective, ms: the waiting requests that can still meet it are
-    /// admitted first, the ones that cannot behind them (served once the others are through).
+    /// Time-to-first-token objective, ms: the most waiting requests that can still meet it are
+    /// admitted first, the others behind them (served once the others are through).
     /// Default: arrival order, as vLLM. The operator sets it from `spec.slo.ttftP99Ms`.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub ttft_objective_ms: Option<u64>,

@@ -36,7 +36,7 @@ pub struct Slo {
 pub enum Queue {
     /// Arrival order: vLLM's default, what the baselines' engines run.
     Fcfs,
-    /// redline's engine given the TTFT objective: the requests that can still meet it first
+    /// redline's engine given the TTFT objective: the most requests that can still meet it first
     /// (`redline_api::deadline`).
     Deadline,
 }

@@ -159,6 +159,10 @@ impl Engine {
         true
     }
 
+    fn watermark_blocks(&self) -> u32 {
+        (self.total_blocks / 100).clamp(1, self.total_blocks)
+    }
+
     fn preempt(&mut self, i: usize) {
         let mut s = self.running.remove(i);
         self.free_blocks += s.blocks;
@@ -240,6 +244,13 @@ impl Engine {
             let mut s = self.waiting[w].clone();
             let n = (s.len() - s.computed).min(budget);
             let target = s.computed + n;
+            // 1% of the pool stays free for the running sequences' next tokens, as in the engine
+            // (`engine/src/scheduler.rs`): admitting into the last blocks would only preempt
+            // someone a step later. A lone request may take the whole pool.
+            let need = target.div_ceil(self.block_size).saturating_sub(s.blocks);
+            if !self.running.is_empty() && self.free_blocks < need + self.watermark_blocks() {
+                break;
+            }
             if !Self::grow(&mut self.free_blocks, self.block_size, &mut s, target) {
                 break;
             }
@@ -347,15 +358,41 @@ mod tests {
 
     #[test]
     fn a_short_pool_preempts_the_newest_and_everything_still_finishes() {
-        // 6 blocks of 4 tokens; two requests of 12 + 8 each need 5 blocks apiece at the end.
+        // 6 blocks of 4 tokens; two requests of 8 + 8 are admitted with 2 blocks each (2 stay
+        // free, over the watermark of 1) and need 4 apiece at the end.
         let p = profile(6, 4, 64);
         let mut e = Engine::new(&p);
-        e.add(Seq::new(0, 12, 8));
-        e.add(Seq::new(1, 12, 8));
+        e.add(Seq::new(0, 8, 8));
+        e.add(Seq::new(1, 8, 8));
         let (_, mut done, _) = run(&mut e, &p);
         done.sort();
         assert_eq!(done, vec![0, 1]);
         assert!(e.preemptions_total > 0);
+    }
+
+    #[test]
+    fn admission_keeps_one_percent_of_the_pool_free() {
+        // 100 blocks of 4 tokens, a watermark of 1: after 50 blocks for the first request,
+        // a second of 50 would leave none free and waits; one of 49 is admitted.
+        let p = profile(100, 8, 1000);
+        let mut e = Engine::new(&p);
+        e.add(Seq::new(0, 200, 4));
+        e.add(Seq::new(1, 200, 4));
+        let s = e.plan(&p, 0.0).unwrap();
+        e.apply(&s);
+        assert_eq!((e.running(), e.waiting()), (1, 1));
+        let mut e = Engine::new(&p);
+        e.add(Seq::new(0, 200, 4));
+        e.add(Seq::new(1, 196, 4));
+        let s = e.plan(&p, 0.0).unwrap();
+        e.apply(&s);
+        assert_eq!((e.running(), e.waiting()), (2, 0));
+        // Alone, a request may fill the pool.
+        let mut e = Engine::new(&p);
+        e.add(Seq::new(0, 400, 4));
+        let s = e.plan(&p, 0.0).unwrap();
+        e.apply(&s);
+        assert_eq!(e.used_blocks(), 100);
     }
 
     #[test]

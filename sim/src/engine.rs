@@ -375,24 +375,19 @@ mod tests {
         // 100 blocks of 4 tokens, a watermark of 1: after 50 blocks for the first request,
         // a second of 50 would leave none free and waits; one of 49 is admitted.
         let p = profile(100, 8, 1000);
-        let mut e = Engine::new(&p);
-        e.add(Seq::new(0, 200, 4));
-        e.add(Seq::new(1, 200, 4));
-        let s = e.plan(&p, 0.0).unwrap();
-        e.apply(&s);
-        assert_eq!((e.running(), e.waiting()), (1, 1));
-        let mut e = Engine::new(&p);
-        e.add(Seq::new(0, 200, 4));
-        e.add(Seq::new(1, 196, 4));
-        let s = e.plan(&p, 0.0).unwrap();
-        e.apply(&s);
-        assert_eq!((e.running(), e.waiting()), (2, 0));
+        let one_step = |prompts: &[u32]| {
+            let mut e = Engine::new(&p);
+            for (i, &n) in prompts.iter().enumerate() {
+                e.add(Seq::new(i, n, 4));
+            }
+            let s = e.plan(&p, 0.0).unwrap();
+            e.apply(&s);
+            (e.running(), e.waiting(), e.used_blocks())
+        };
+        assert_eq!(one_step(&[200, 200]), (1, 1, 50));
+        assert_eq!(one_step(&[200, 196]), (2, 0, 99));
         // Alone, a request may fill the pool.
-        let mut e = Engine::new(&p);
-        e.add(Seq::new(0, 400, 4));
-        let s = e.plan(&p, 0.0).unwrap();
-        e.apply(&s);
-        assert_eq!(e.used_blocks(), 100);
+        assert_eq!(one_step(&[400]), (1, 0, 100));
     }
 
     #[test]

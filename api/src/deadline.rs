@@ -26,7 +26,7 @@
 
 use std::collections::BinaryHeap;
 
-/// A late request waiting this many objectives is served in arrival order again.
+/// A late request waiting this many objectives goes first again.
 pub const STARVATION_FACTOR: f64 = 10.0;
 
 /// One waiting request, as the order sees it.
@@ -60,41 +60,37 @@ impl Deadlines {
             _ => return (0..waiting.len()).collect(),
         };
         let objective = self.ttft_objective_seconds;
-        let forced = |w: &Waiting| w.started || now - w.arrival >= STARVATION_FACTOR * objective;
-        // Forced requests go first, as vLLM puts a preempted request back at the queue's head.
+        // Preempted and starved requests go first, as vLLM puts a preempted request back at
+        // the queue's head.
+        let forced: Vec<bool> = waiting
+            .iter()
+            .map(|w| w.started || now - w.arrival >= STARVATION_FACTOR * objective)
+            .collect();
         let mut ahead = tokens_ahead as f64;
-        let mut order: Vec<usize> = Vec::with_capacity(waiting.len());
-        for (i, w) in waiting.iter().enumerate() {
-            if forced(w) {
-                ahead += w.prefill_tokens as f64;
-                order.push(i);
-            }
+        for (w, _) in waiting.iter().zip(&forced).filter(|(_, &f)| f) {
+            ahead += w.prefill_tokens as f64;
         }
         // Moore-Hodgson: take the rest in deadline (= arrival) order; when one would be late,
         // give up the longest prompt taken so far, which is the one whose loss frees the most
         // time for the requests behind it.
+        let mut on_time = vec![false; waiting.len()];
         let mut taken = BinaryHeap::new();
-        let mut tokens = ahead;
-        for (i, w) in waiting.iter().enumerate() {
-            if forced(w) {
-                continue;
-            }
-            tokens += w.prefill_tokens as f64;
+        for (i, w) in waiting.iter().enumerate().filter(|&(i, _)| !forced[i]) {
+            ahead += w.prefill_tokens as f64;
             taken.push((w.prefill_tokens, i));
-            if now + self.step_seconds + tokens / rate > w.arrival + objective {
-                let (longest, _) = taken.pop().expect("the request just taken");
-                tokens -= longest as f64;
+            on_time[i] = true;
+            if now + self.step_seconds + ahead / rate > w.arrival + objective {
+                let (longest, j) = taken.pop().expect("the request just taken");
+                ahead -= longest as f64;
+                on_time[j] = false;
             }
         }
-        let mut on_time: Vec<usize> = taken.into_iter().map(|(_, i)| i).collect();
-        on_time.sort_unstable();
-        let mut late = vec![true; waiting.len()];
-        for &i in order.iter().chain(&on_time) {
-            late[i] = false;
-        }
-        order.extend(on_time);
-        order.extend((0..waiting.len()).filter(|&i| late[i]));
-        order
+        let all = 0..waiting.len();
+        all.clone()
+            .filter(|&i| forced[i])
+            .chain(all.clone().filter(|&i| on_time[i]))
+            .chain(all.filter(|&i| !forced[i] && !on_time[i]))
+            .collect()
     }
 }
 
@@ -170,7 +166,7 @@ mod tests {
         started.started = true;
         let q = [w(4.0, 100), started, w(5.5, 100)];
         assert_eq!(D.admission_order(&q, 6.0, 0), vec![1, 0, 2]);
-        // Waited 20 s = 10 objectives: served in arrival order again.
+        // Waited 20 s = 10 objectives: first again.
         let q = [w(0.0, 10_000), w(19.0, 100)];
         assert_eq!(D.admission_order(&q, 20.0, 0), vec![0, 1]);
         assert_eq!(D.admission_order(&q, 19.9, 0), vec![1, 0]);

@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod admission;
 pub mod deadline;
 pub mod prom;
 

@@ -96,9 +96,7 @@ const THROUGHPUT_WEIGHT: f64 = 0.2;
 
 impl Scheduler {
     pub fn new(kv: KvCacheManager, limits: Limits) -> Self {
-        // Keep a sliver of the pool free when admitting, so admission alone does not push
-        // running sequences straight into preemption.
-        let watermark_blocks = (kv.num_blocks() / 100).max(1).min(kv.num_blocks());
+        let watermark_blocks = redline_api::admission::watermark_blocks(kv.num_blocks());
         Self {
             kv,
             limits,

@@ -160,7 +160,7 @@ impl Engine {
     }
 
     fn watermark_blocks(&self) -> u32 {
-        (self.total_blocks / 100).clamp(1, self.total_blocks)
+        redline_api::admission::watermark_blocks(self.total_blocks as usize) as u32
     }
 
     fn preempt(&mut self, i: usize) {
@@ -244,9 +244,7 @@ impl Engine {
             let mut s = self.waiting[w].clone();
             let n = (s.len() - s.computed).min(budget);
             let target = s.computed + n;
-            // 1% of the pool stays free for the running sequences' next tokens, as in the engine
-            // (`engine/src/scheduler.rs`): admitting into the last blocks would only preempt
-            // someone a step later. A lone request may take the whole pool.
+            // The engine's watermark (`redline_api::admission`).
             let need = target.div_ceil(self.block_size).saturating_sub(s.blocks);
             if !self.running.is_empty() && self.free_blocks < need + self.watermark_blocks() {
                 break;

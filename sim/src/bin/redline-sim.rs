@@ -159,18 +159,17 @@ fn check_targets(a: &Args, profile: &EngineProfile) -> Result<()> {
     }
     pb.finish_and_clear();
     print!("\n{}", targets::table(&checks, &TARGETS));
-    // (target replay, meets every target) per check.
-    let met: Vec<(bool, bool)> = checks
+    let meets: Vec<bool> = checks
         .iter()
-        .map(|c| (c.scenario.target, c.missed(&TARGETS).is_empty()))
+        .map(|c| c.missed(&TARGETS).is_empty())
         .collect();
-    let count = |f: fn(&(bool, bool)) -> bool| met.iter().filter(|m| f(m)).count();
+    let target_replays = || checks.iter().zip(&meets).filter(|(c, _)| c.scenario.target);
     println!(
         "\n{} of {} replays meet every target ({} of {} target replays)",
-        count(|m| m.1),
-        met.len(),
-        count(|m| m.0 && m.1),
-        count(|m| m.0),
+        meets.iter().filter(|&&m| m).count(),
+        meets.len(),
+        target_replays().filter(|(_, &m)| m).count(),
+        target_replays().count(),
     );
     Ok(())
 }

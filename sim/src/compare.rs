@@ -69,16 +69,36 @@ impl Setup {
     }
 }
 
+/// The policies a [`Comparison`] runs, in the order of its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Row {
+    Redline,
+    /// The HPA on queue length at the recipe's target.
+    HpaRecipe,
+    /// The HPA at the cheapest queue target that meets the SLO ([`tuned_hpa`]).
+    HpaTuned,
+    Kpa,
+    BestStatic,
+    /// The oracle held to one reversal per 10 minutes.
+    CappedOracle,
+    Oracle,
+}
+
 #[derive(Debug, Clone)]
 pub struct Comparison {
-    /// redline, HPA at the recipe's target, HPA tuned to the SLO, KPA, best static, the oracle
-    /// under the reversal cap, the oracle.
+    /// One per [`Row`], in its order.
     pub rows: Vec<Summary>,
     pub outcomes: Vec<Outcome>,
     pub static_replicas: u32,
     pub oracle_schedule: Vec<u32>,
     /// The cheapest cover of `oracle_schedule` with at most one reversal per 10 minutes.
     pub capped_schedule: Vec<u32>,
+}
+
+impl Comparison {
+    pub fn row(&self, r: Row) -> &Summary {
+        &self.rows[r as usize]
+    }
 }
 
 fn bar(mp: Option<&MultiProgress>, len: usize, name: &str) -> Option<ProgressBar> {
@@ -250,7 +270,8 @@ pub fn compare(trace: &[Request], setup: &Setup, mp: Option<&MultiProgress>) -> 
         ),
     ];
     let pb = bar(mp, 1, "HPA targets");
-    outcomes.push(tuned_hpa(trace, &baseline, setup, &outcomes[1]));
+    let recipe = &outcomes[Row::HpaRecipe as usize];
+    outcomes.push(tuned_hpa(trace, &baseline, setup, recipe));
     if let Some(pb) = pb {
         pb.finish();
     }
@@ -279,6 +300,11 @@ pub fn compare(trace: &[Request], setup: &Setup, mp: Option<&MultiProgress>) -> 
     outcomes.push(o);
     let mut oracle = oracle;
     outcomes.push(run(trace, &start, &mut oracle, mp));
+    debug_assert_eq!(
+        outcomes.len(),
+        Row::Oracle as usize + 1,
+        "one outcome per Row"
+    );
     Comparison {
         rows: outcomes
             .iter()

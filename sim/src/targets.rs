@@ -3,7 +3,7 @@
 //! targets it misses. `redline-sim --targets` prints it, so the state of the targets is one
 //! command, not a table copied by hand.
 
-use crate::compare::Comparison;
+use crate::compare::{Comparison, Row};
 use crate::report::Summary;
 
 /// One replay of the trace: its time compression, token scale and cold start.
@@ -69,12 +69,6 @@ pub const TARGETS: Targets = Targets {
     max_reversals_per_10_min: 1.0,
 };
 
-/// Where the rows sit in a [`Comparison`].
-const REDLINE: usize = 0;
-const HPA_TUNED: usize = 2;
-const CAPPED_ORACLE: usize = 5;
-const ORACLE: usize = 6;
-
 /// redline on one replay, and what it is measured against.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Check {
@@ -89,10 +83,10 @@ impl Check {
     pub fn new(scenario: Scenario, c: &Comparison) -> Self {
         Self {
             scenario,
-            redline: c.rows[REDLINE].clone(),
-            hpa: c.rows[HPA_TUNED].clone(),
-            capped_oracle_replica_seconds: c.rows[CAPPED_ORACLE].replica_seconds,
-            oracle_replica_seconds: c.rows[ORACLE].replica_seconds,
+            redline: c.row(Row::Redline).clone(),
+            hpa: c.row(Row::HpaTuned).clone(),
+            capped_oracle_replica_seconds: c.row(Row::CappedOracle).replica_seconds,
+            oracle_replica_seconds: c.row(Row::Oracle).replica_seconds,
         }
     }
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use redline_sim::compare::{compare, Setup};
+use redline_sim::compare::{compare, Row, Setup};
 use redline_sim::fleet::{Queue, Slo};
 use redline_sim::profile::EngineProfile;
 use redline_sim::report::table;
@@ -208,7 +208,7 @@ fn main() -> Result<()> {
     );
     let mp = MultiProgress::new();
     let c = compare(&trace, &setup, Some(&mp));
-    let oracle = c.rows.last().map(|r| r.replica_seconds);
+    let oracle = Some(c.row(Row::Oracle).replica_seconds);
     println!();
     print!("{}", table(&c.rows, oracle));
     println!(

@@ -38,6 +38,9 @@ pub struct PolicyConfig {
     pub forecast_horizon_seconds: f64,
     /// Window the demand trend is fitted over.
     pub trend_window_seconds: f64,
+    /// The trend is fitted to the demand averaged again over this window (0: to the demand
+    /// itself). A burst's first seconds are steep, and are not a ramp.
+    pub trend_smoothing_seconds: f64,
     /// Demand is averaged over this window: a burst shorter than the TTFT objective allows
     /// waits in the queue instead of buying replicas.
     pub demand_smoothing_seconds: f64,
@@ -160,9 +163,11 @@ impl Decision {
 #[derive(Debug, Clone, PartialEq)]
 struct Sample {
     t: f64,
-    /// Demand in replicas as measured, and averaged over the smoothing window.
+    /// Demand in replicas as measured, averaged over the smoothing window, and that averaged
+    /// again over the trend's smoothing window.
     raw: f64,
     smoothed: f64,
+    trend_base: f64,
     /// Every pod that should report did, with fresh data.
     complete: bool,
 }
@@ -486,16 +491,23 @@ impl Policy {
             .filter(|s| now - s.t < w)
             .fold((raw, 1.0), |(a, n), s| (a + s.raw, n + 1.0));
         let smoothed = sum / n;
+        let w = self.cfg.trend_smoothing_seconds;
+        let (sum, n) = self
+            .history
+            .iter()
+            .filter(|s| now - s.t < w)
+            .fold((smoothed, 1.0), |(a, n), s| (a + s.smoothed, n + 1.0));
         self.history.push_back(Sample {
             t: now,
             raw,
             smoothed,
+            trend_base: sum / n,
             complete,
         });
         let keep = (self.cfg.scale_down_window_seconds * MAX_HOLD_FACTOR)
             .max(self.cfg.demand_smoothing_seconds)
             .max(self.cfg.forecast_horizon_seconds)
-            .max(self.cfg.trend_window_seconds);
+            .max(self.cfg.trend_window_seconds + self.cfg.trend_smoothing_seconds);
         // Keep the newest sample at least `keep` old: with ticks that are never exactly
         // periodic, dropping everything older than `keep` would leave less than a whole
         // scale-down window, and the service would never scale down.
@@ -514,15 +526,16 @@ impl Policy {
     }
 
     /// The larger of the recent peak (bursts recur within a horizon) and the current demand
-    /// carried forward by its trend. The trend's gain is capped at half the current demand: a
-    /// burst's first seconds have a steep slope that says little about the next minute.
+    /// carried forward by its trend. The trend is the slope of the demand averaged twice, and
+    /// its gain is capped at half the current demand: a burst's first seconds have a steep
+    /// slope that says little about the next minute.
     fn forecast(&self, now: f64, current: f64) -> f64 {
         let cfg = &self.cfg;
         let pts = self
             .history
             .iter()
             .filter(|s| now - s.t <= cfg.trend_window_seconds)
-            .map(|s| (s.t, s.smoothed));
+            .map(|s| (s.t, s.trend_base));
         let trend = slope(pts).unwrap_or(0.0).max(0.0);
         let projected =
             current + (trend * cfg.forecast_horizon_seconds).min(current * MAX_TREND_GAIN);

@@ -63,6 +63,7 @@ pub fn policy_config(isvc: &InferenceService, p: &AutoscalingPolicySpec) -> Poli
         target_kv_usage: p.target_kv_usage,
         forecast_horizon_seconds: p.forecast_horizon_seconds as f64,
         trend_window_seconds: p.trend_window_seconds as f64,
+        trend_smoothing_seconds: p.trend_smoothing_seconds as f64,
         demand_smoothing_seconds: p.demand_smoothing_seconds as f64,
         scale_up_cooldown_seconds: p.scale_up_cooldown_seconds as f64,
         scale_down_window_seconds: p.scale_down_window_seconds as f64,

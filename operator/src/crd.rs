@@ -281,6 +281,11 @@ pub struct AutoscalingPolicySpec {
     #[serde(default = "trend_window")]
     #[schemars(range(min = 0, max = 600))]
     pub trend_window_seconds: i32,
+    /// The trend is fitted to the demand averaged again over this window, seconds (0: to the
+    /// demand itself): a burst's first seconds are steep, and are not a ramp.
+    #[serde(default = "trend_smoothing")]
+    #[schemars(range(min = 0, max = 600))]
+    pub trend_smoothing_seconds: i32,
     /// Demand is averaged over this window, seconds: bursts shorter wait in the queue.
     #[serde(default = "smoothing")]
     #[schemars(range(min = 1, max = 600))]
@@ -343,7 +348,10 @@ fn horizon() -> i32 {
     60
 }
 fn trend_window() -> i32 {
-    20
+    75
+}
+fn trend_smoothing() -> i32 {
+    15
 }
 fn smoothing() -> i32 {
     10
@@ -372,6 +380,7 @@ impl Default for AutoscalingPolicySpec {
             replica_capacity: ReplicaCapacity::default(),
             forecast_horizon_seconds: horizon(),
             trend_window_seconds: trend_window(),
+            trend_smoothing_seconds: trend_smoothing(),
             demand_smoothing_seconds: smoothing(),
             scale_up_cooldown_seconds: up_cooldown(),
             scale_down_window_seconds: down_window(),

@@ -13,6 +13,7 @@ fn cfg() -> PolicyConfig {
         target_kv_usage: 0.7,
         forecast_horizon_seconds: 60.0,
         trend_window_seconds: 20.0,
+        trend_smoothing_seconds: 0.0,
         demand_smoothing_seconds: 10.0,
         scale_up_cooldown_seconds: 15.0,
         scale_down_window_seconds: 120.0,
@@ -75,6 +76,49 @@ fn scales_up_to_the_demand_in_steps_and_counts_starting_pods() {
     o.desired = 4;
     o.now = 40.0;
     assert_eq!(p.decide(&o).action, Action::Hold, "4 carry the demand");
+}
+
+/// The forecast at the end of `load` (prompt tokens/s every 5 s from t = 0), with the trend
+/// fitted to the demand averaged again over `trend_smoothing` seconds.
+fn forecast_after(load: impl Fn(f64) -> f64, until: f64, trend_smoothing: f64) -> f64 {
+    let mut c = cfg();
+    c.trend_window_seconds = 60.0;
+    c.trend_smoothing_seconds = trend_smoothing;
+    let mut p = Policy::new(c);
+    let mut t = 0.0;
+    let mut forecast = 0.0;
+    while t <= until {
+        forecast = p.decide(&obs(t, 8, 1, load(t))).forecast;
+        t += 5.0;
+    }
+    forecast
+}
+
+#[test]
+fn a_burst_s_first_seconds_are_not_a_ramp() {
+    // Two minutes flat at 2 replicas of demand, then a 10 s burst at three times that.
+    let burst = |t: f64| if t > 120.0 { 3000.0 } else { 1000.0 };
+    let (smoothed, raw) = (
+        forecast_after(burst, 130.0, 15.0),
+        forecast_after(burst, 130.0, 0.0),
+    );
+    // The burst's own slope, carried over the 60 s horizon, takes the whole +50% gain.
+    assert!(
+        raw > smoothed + 0.5,
+        "raw slope {raw:.2} vs smoothed {smoothed:.2}"
+    );
+    // A steady ramp (1000 to 1500 tokens/s over 150 s) has the same slope either way: an
+    // average of a straight line is the same line, later.
+    let ramp = |t: f64| 1000.0 + 500.0 * (t / 150.0).min(1.0);
+    let (smoothed, raw) = (
+        forecast_after(ramp, 150.0, 15.0),
+        forecast_after(ramp, 150.0, 0.0),
+    );
+    assert!(
+        (smoothed - raw).abs() < 0.05,
+        "ramp: smoothed {smoothed:.3} vs raw {raw:.3}"
+    );
+    assert!(raw > 3.2, "the ramp is projected: {raw:.3}");
 }
 
 #[test]

@@ -56,8 +56,12 @@ struct Args {
     #[arg(long, default_value_t = 10.0)]
     demand_smoothing: f64,
     /// Window the demand trend is fitted over (0: no trend term).
-    #[arg(long, default_value_t = 20.0)]
+    #[arg(long, default_value_t = 75.0)]
     trend_window: f64,
+    /// The trend is fitted to the demand averaged again over this many seconds (0: to the
+    /// demand itself).
+    #[arg(long, default_value_t = 15.0)]
+    trend_smoothing: f64,
     /// The queued backlog counts as the rate that clears it in this many seconds.
     #[arg(long, default_value_t = 60.0)]
     backlog_drain: f64,
@@ -125,6 +129,7 @@ fn setup(a: &Args, profile: &EngineProfile, cold_start: f64) -> Setup {
     });
     p.scale_down_window_seconds = a.scale_down_window;
     p.trend_window_seconds = a.trend_window;
+    p.trend_smoothing_seconds = a.trend_smoothing;
     p.demand_smoothing_seconds = a.demand_smoothing;
     p.backlog_drain_seconds = a.backlog_drain;
     setup.policy_interval_seconds = a.policy_interval;

@@ -504,10 +504,17 @@ fn bursts() -> impl Strategy<Value = Vec<Tick>> {
 /// the cooldown of a scale-down; never a drain that reverses a scale-up within four
 /// windows of the last scale-down that did; only one replica removed at a time, and only
 /// after a drain of that same pod.
-fn check_invariants(ticks: &[Tick], min: u32, span: u32, start: u32) -> Result<(), TestCaseError> {
+fn check_invariants(
+    ticks: &[Tick],
+    min: u32,
+    span: u32,
+    start: u32,
+    trend_smoothing: f64,
+) -> Result<(), TestCaseError> {
     let mut c = cfg();
     c.min_replicas = min;
     c.max_replicas = min + span;
+    c.trend_smoothing_seconds = trend_smoothing;
     let mut p = Policy::new(c);
     let mut t = 0.0;
     let mut desired = start;
@@ -601,8 +608,9 @@ proptest! {
         min in 0u32..3,
         span in 0u32..6,
         start in 0u32..10,
+        trend_smoothing in prop_oneof![Just(0.0), Just(15.0)],
     ) {
-        check_invariants(&ticks, min, span, start)?;
+        check_invariants(&ticks, min, span, start, trend_smoothing)?;
     }
 
     #[test]
@@ -611,8 +619,9 @@ proptest! {
         min in 0u32..3,
         span in 2u32..6,
         start in 0u32..4,
+        trend_smoothing in prop_oneof![Just(0.0), Just(15.0)],
     ) {
-        check_invariants(&ticks, min, span, start)?;
+        check_invariants(&ticks, min, span, start, trend_smoothing)?;
     }
 
     /// Same inputs, same decisions: the operator and the simulator agree.

@@ -484,24 +484,15 @@ impl Policy {
         if self.history.back().is_some_and(|s| s.t > now) {
             self.history.clear();
         }
-        let w = self.cfg.demand_smoothing_seconds;
-        let (sum, n) = self
-            .history
-            .iter()
-            .filter(|s| now - s.t < w)
-            .fold((raw, 1.0), |(a, n), s| (a + s.raw, n + 1.0));
-        let smoothed = sum / n;
-        let w = self.cfg.trend_smoothing_seconds;
-        let (sum, n) = self
-            .history
-            .iter()
-            .filter(|s| now - s.t < w)
-            .fold((smoothed, 1.0), |(a, n), s| (a + s.smoothed, n + 1.0));
+        let smoothed = self.mean(now, self.cfg.demand_smoothing_seconds, raw, |s| s.raw);
+        let trend_base = self.mean(now, self.cfg.trend_smoothing_seconds, smoothed, |s| {
+            s.smoothed
+        });
         self.history.push_back(Sample {
             t: now,
             raw,
             smoothed,
-            trend_base: sum / n,
+            trend_base,
             complete,
         });
         let keep = (self.cfg.scale_down_window_seconds * MAX_HOLD_FACTOR)
@@ -515,6 +506,16 @@ impl Policy {
             self.history.pop_front();
         }
         smoothed
+    }
+
+    /// The mean of `newest` and of `field` over the samples less than `window` old.
+    fn mean(&self, now: f64, window: f64, newest: f64, field: fn(&Sample) -> f64) -> f64 {
+        let (sum, n) = self
+            .history
+            .iter()
+            .filter(|s| now - s.t < window)
+            .fold((newest, 1.0), |(a, n), s| (a + field(s), n + 1.0));
+        sum / n
     }
 
     fn peak(&self, now: f64, window: f64) -> f64 {

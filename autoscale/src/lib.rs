@@ -3,9 +3,11 @@
 //! it the same reports from its model engines. Same code, same decisions.
 //!
 //! - [`demand`]: per-pod signals to "replicas needed at the target utilization".
+//! - [`defaults`]: the settings a policy gets unless told otherwise.
 //! - [`policy`]: demand over time to a replica count, a pod to drain, per-pod limits and a
 //!   reason.
 
+pub mod defaults;
 pub mod demand;
 pub mod policy;
 

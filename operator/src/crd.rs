@@ -8,6 +8,7 @@
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
+use redline_autoscale::defaults;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -336,7 +337,7 @@ impl Default for ReplicaCapacity {
 }
 
 fn target_kv() -> f64 {
-    0.7
+    defaults::TARGET_KV_USAGE
 }
 fn cap_prompt() -> f64 {
     230.0
@@ -345,28 +346,28 @@ fn cap_generation() -> f64 {
     200.0
 }
 fn horizon() -> i32 {
-    60
+    defaults::FORECAST_HORIZON_SECONDS as i32
 }
 fn trend_window() -> i32 {
-    75
+    defaults::TREND_WINDOW_SECONDS as i32
 }
 fn trend_smoothing() -> i32 {
-    15
+    defaults::TREND_SMOOTHING_SECONDS as i32
 }
 fn smoothing() -> i32 {
-    10
+    defaults::DEMAND_SMOOTHING_SECONDS as i32
 }
 fn up_cooldown() -> i32 {
-    10
+    defaults::SCALE_UP_COOLDOWN_SECONDS as i32
 }
 fn down_window() -> i32 {
-    300
+    defaults::SCALE_DOWN_WINDOW_SECONDS as i32
 }
 fn max_step() -> i32 {
-    2
+    defaults::MAX_STEP as i32
 }
 fn drain_timeout() -> i32 {
-    120
+    defaults::DRAIN_TIMEOUT_SECONDS as i32
 }
 fn guard_kv() -> f64 {
     0.9

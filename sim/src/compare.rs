@@ -4,7 +4,7 @@
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use redline_api::GuardSettings;
-use redline_autoscale::PolicyConfig;
+use redline_autoscale::{defaults, PolicyConfig};
 
 use crate::fleet::{simulate, Autoscaler, Outcome, Queue, SimConfig, Slo};
 use crate::profile::EngineProfile;
@@ -34,17 +34,17 @@ impl Setup {
             max_replicas: max,
             capacity: profile.capacity(),
             target_utilization: redline_autoscale::default_target_utilization(true),
-            target_kv_usage: 0.7,
+            target_kv_usage: defaults::TARGET_KV_USAGE,
             forecast_horizon_seconds: cold_start.max(30.0),
-            trend_window_seconds: 75.0,
-            trend_smoothing_seconds: 15.0,
-            demand_smoothing_seconds: 10.0,
-            scale_up_cooldown_seconds: 10.0,
-            scale_down_window_seconds: 300.0,
-            max_step: 2,
+            trend_window_seconds: defaults::TREND_WINDOW_SECONDS,
+            trend_smoothing_seconds: defaults::TREND_SMOOTHING_SECONDS,
+            demand_smoothing_seconds: defaults::DEMAND_SMOOTHING_SECONDS,
+            scale_up_cooldown_seconds: defaults::SCALE_UP_COOLDOWN_SECONDS,
+            scale_down_window_seconds: defaults::SCALE_DOWN_WINDOW_SECONDS,
+            max_step: defaults::MAX_STEP,
             stale_after_seconds: 10.0,
             backlog_drain_seconds: 60.0,
-            drain_timeout_seconds: 120.0,
+            drain_timeout_seconds: defaults::DRAIN_TIMEOUT_SECONDS,
             pod_limits: profile.limits,
         };
         Self {

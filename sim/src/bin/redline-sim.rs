@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use redline_autoscale::defaults;
 use redline_sim::compare::{compare, Row, Setup};
 use redline_sim::fleet::{Queue, Slo};
 use redline_sim::profile::EngineProfile;
@@ -50,17 +51,17 @@ struct Args {
     #[arg(long)]
     target_utilization: Option<f64>,
     /// How long the peak demand must fit on one replica fewer before one is drained.
-    #[arg(long, default_value_t = 300.0)]
+    #[arg(long, default_value_t = defaults::SCALE_DOWN_WINDOW_SECONDS)]
     scale_down_window: f64,
     /// Demand is averaged over this many seconds (bursts shorter wait in the queue).
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = defaults::DEMAND_SMOOTHING_SECONDS)]
     demand_smoothing: f64,
     /// Window the demand trend is fitted over (0: no trend term).
-    #[arg(long, default_value_t = 75.0)]
+    #[arg(long, default_value_t = defaults::TREND_WINDOW_SECONDS)]
     trend_window: f64,
     /// The trend is fitted to the demand averaged again over this many seconds (0: to the
     /// demand itself).
-    #[arg(long, default_value_t = 15.0)]
+    #[arg(long, default_value_t = defaults::TREND_SMOOTHING_SECONDS)]
     trend_smoothing: f64,
     /// The queued backlog counts as the rate that clears it in this many seconds.
     #[arg(long, default_value_t = 60.0)]

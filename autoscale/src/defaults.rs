@@ -16,3 +16,5 @@ pub const SCALE_UP_COOLDOWN_SECONDS: f64 = 10.0;
 pub const SCALE_DOWN_WINDOW_SECONDS: f64 = 300.0;
 pub const MAX_STEP: u32 = 2;
 pub const DRAIN_TIMEOUT_SECONDS: f64 = 120.0;
+/// Pressure reports older than this are stale (a sidecar reads its engine every 250 ms).
+pub const STALE_AFTER_SECONDS: f64 = 10.0;

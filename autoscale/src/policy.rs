@@ -498,7 +498,8 @@ impl Policy {
         let keep = (self.cfg.scale_down_window_seconds * MAX_HOLD_FACTOR)
             .max(self.cfg.demand_smoothing_seconds)
             .max(self.cfg.forecast_horizon_seconds)
-            .max(self.cfg.trend_window_seconds + self.cfg.trend_smoothing_seconds);
+            .max(self.cfg.trend_window_seconds)
+            .max(self.cfg.trend_smoothing_seconds);
         // Keep the newest sample at least `keep` old: with ticks that are never exactly
         // periodic, dropping everything older than `keep` would leave less than a whole
         // scale-down window, and the service would never scale down.

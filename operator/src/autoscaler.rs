@@ -40,8 +40,6 @@ use crate::validate::effective_replicas;
 
 /// The field manager of everything this loop writes.
 pub const MANAGER: &str = "redline-autoscaler";
-/// Reports older than this are stale (the sidecar reads its engine every 250 ms).
-const STALE_AFTER_SECONDS: f64 = 10.0;
 /// KV usage at which a pod counts as near its redline without the sidecar saying so.
 const NEAR_REDLINE_KV: f64 = 0.95;
 
@@ -68,7 +66,7 @@ pub fn policy_config(isvc: &InferenceService, p: &AutoscalingPolicySpec) -> Poli
         scale_up_cooldown_seconds: p.scale_up_cooldown_seconds as f64,
         scale_down_window_seconds: p.scale_down_window_seconds as f64,
         max_step: p.max_step.max(1) as u32,
-        stale_after_seconds: STALE_AFTER_SECONDS,
+        stale_after_seconds: redline_autoscale::defaults::STALE_AFTER_SECONDS,
         backlog_drain_seconds: p.forecast_horizon_seconds.max(1) as f64,
         drain_timeout_seconds: p.drain_timeout_seconds as f64,
         pod_limits: pod_limits(isvc),

@@ -42,7 +42,7 @@ impl Setup {
             scale_up_cooldown_seconds: defaults::SCALE_UP_COOLDOWN_SECONDS,
             scale_down_window_seconds: defaults::SCALE_DOWN_WINDOW_SECONDS,
             max_step: defaults::MAX_STEP,
-            stale_after_seconds: 10.0,
+            stale_after_seconds: defaults::STALE_AFTER_SECONDS,
             backlog_drain_seconds: 60.0,
             drain_timeout_seconds: defaults::DRAIN_TIMEOUT_SECONDS,
             pod_limits: profile.limits,

@@ -1,6 +1,7 @@
 //! Every policy on the same trace, in one invocation: redline, the baselines (the queue HPA
 //! both as its recipe sets it and tuned to the SLO), the best static replica count, the
-//! clairvoyant oracle, and the oracle held to one reversal per 10 minutes.
+//! clairvoyant oracle, the oracle held to one reversal per 10 minutes, and the oracle's sizing
+//! without its foresight.
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use redline_api::GuardSettings;
@@ -29,13 +30,14 @@ pub struct Setup {
 impl Setup {
     /// The comparison with the defaults `redline-sim` documents (its flags change them).
     pub fn new(profile: EngineProfile, cold_start: f64, slo: Slo, min: u32, max: u32) -> Self {
+        let horizon = cold_start.max(30.0);
         let policy = PolicyConfig {
             min_replicas: min,
             max_replicas: max,
             capacity: profile.capacity(),
             target_utilization: redline_autoscale::default_target_utilization(true),
             target_kv_usage: defaults::TARGET_KV_USAGE,
-            forecast_horizon_seconds: cold_start.max(30.0),
+            forecast_horizon_seconds: horizon,
             trend_window_seconds: defaults::TREND_WINDOW_SECONDS,
             trend_smoothing_seconds: defaults::TREND_SMOOTHING_SECONDS,
             demand_smoothing_seconds: defaults::DEMAND_SMOOTHING_SECONDS,
@@ -43,7 +45,8 @@ impl Setup {
             scale_down_window_seconds: defaults::SCALE_DOWN_WINDOW_SECONDS,
             max_step: defaults::MAX_STEP,
             stale_after_seconds: defaults::STALE_AFTER_SECONDS,
-            backlog_drain_seconds: 60.0,
+            // As the operator sets it: the backlog is cleared within the forecast horizon.
+            backlog_drain_seconds: horizon,
             drain_timeout_seconds: defaults::DRAIN_TIMEOUT_SECONDS,
             pod_limits: profile.limits,
         };
@@ -83,6 +86,9 @@ pub enum Row {
     /// The oracle held to one reversal per 10 minutes.
     CappedOracle,
     Oracle,
+    /// The oracle's sizing without its foresight (each window's replicas serve a cold start
+    /// late), with the fewest spare replicas that meet the attainment target ([`late_oracle`]).
+    LateOracle,
 }
 
 #[derive(Debug, Clone)]
@@ -94,6 +100,10 @@ pub struct Comparison {
     pub oracle_schedule: Vec<u32>,
     /// The cheapest cover of `oracle_schedule` with at most one reversal per 10 minutes.
     pub capped_schedule: Vec<u32>,
+    /// The spare replicas the late oracle needed ([`late_oracle`]).
+    pub late_spare: u32,
+    /// redline's decisions that changed something: time, action, demand, forecast, reason.
+    pub redline_decisions: Vec<String>,
 }
 
 impl Comparison {
@@ -239,6 +249,8 @@ pub fn compare(trace: &[Request], setup: &Setup, mp: Option<&MultiProgress>) -> 
         min: setup.policy.min_replicas.max(1),
         window_seconds: setup.oracle_window_seconds,
         cold_start_seconds: setup.sim.cold_start_seconds,
+        lead_seconds: setup.sim.cold_start_seconds,
+        spare: 0,
         schedule: schedule.clone(),
     };
     // Every policy starts with a fleet sized for the first cold start's load, as one that was
@@ -256,13 +268,9 @@ pub fn compare(trace: &[Request], setup: &Setup, mp: Option<&MultiProgress>) -> 
         queue: setup.baseline_queue,
         ..start.clone()
     };
+    let mut redline = Redline::new(setup.policy, setup.policy_interval_seconds);
     let mut outcomes = vec![
-        run(
-            trace,
-            &start,
-            &mut Redline::new(setup.policy, setup.policy_interval_seconds),
-            mp,
-        ),
+        run(trace, &start, &mut redline, mp),
         run(
             trace,
             &baseline,
@@ -299,11 +307,21 @@ pub fn compare(trace: &[Request], setup: &Setup, mp: Option<&MultiProgress>) -> 
     let mut o = run(trace, &start, &mut capped, mp);
     o.name = "oracle, <= 1 reversal/10 min".into();
     outcomes.push(o);
+    let late = Oracle {
+        lead_seconds: 0.0,
+        ..oracle.clone()
+    };
     let mut oracle = oracle;
     outcomes.push(run(trace, &start, &mut oracle, mp));
+    let pb = bar(mp, 1, "late oracle");
+    let (late_spare, late) = late_oracle(trace, &start, late, setup);
+    outcomes.push(late);
+    if let Some(pb) = pb {
+        pb.finish();
+    }
     debug_assert_eq!(
         outcomes.len(),
-        Row::Oracle as usize + 1,
+        Row::LateOracle as usize + 1,
         "one outcome per Row"
     );
     Comparison {
@@ -315,5 +333,39 @@ pub fn compare(trace: &[Request], setup: &Setup, mp: Option<&MultiProgress>) -> 
         static_replicas,
         oracle_schedule: schedule,
         capped_schedule,
+        late_spare,
+        redline_decisions: redline.log,
     }
+}
+
+/// Most spare replicas [`late_oracle`] tries.
+const MAX_SPARE: u32 = 4;
+
+/// The oracle's sizing a cold start late with the fewest spare replicas (up to [`MAX_SPARE`])
+/// that meet the attainment target, and that many; or, when none does, the most tried.
+pub fn late_oracle(
+    trace: &[Request],
+    cfg: &SimConfig,
+    late: Oracle,
+    setup: &Setup,
+) -> (u32, Outcome) {
+    let mut last = None;
+    for spare in 0..=MAX_SPARE {
+        let o = simulate(
+            trace,
+            cfg,
+            &mut Oracle {
+                spare,
+                ..late.clone()
+            },
+            None,
+        );
+        if meets(&o, setup) {
+            return (spare, o);
+        }
+        last = Some((spare, o));
+    }
+    let (spare, mut o) = last.expect("at least one spare count tried");
+    o.name = format!("{}, best (none meets)", o.name);
+    (spare, o)
 }

@@ -12,6 +12,8 @@ pub struct Redline {
     policy: Policy,
     interval: f64,
     guard: bool,
+    /// Every decision that changed something, with its reason (`--explain`).
+    pub log: Vec<String>,
 }
 
 impl Redline {
@@ -20,6 +22,7 @@ impl Redline {
             policy: Policy::new(cfg),
             interval,
             guard: true,
+            log: Vec::new(),
         }
     }
 
@@ -59,6 +62,16 @@ impl Autoscaler for Redline {
                 .collect(),
         };
         let d = self.policy.decide(&obs);
+        if d.action != redline_autoscale::Action::Hold {
+            self.log.push(format!(
+                "{:6.1} min  {:<16} demand {:5.2}  forecast {:5.2}  {}",
+                now / 60.0,
+                d.summary(),
+                d.demand.replicas,
+                d.forecast,
+                d.reason
+            ));
+        }
         let remove = match &d.action {
             redline_autoscale::Action::ScaleDown { pods, .. } => pods.clone(),
             _ => Vec::new(),
@@ -264,11 +277,20 @@ impl Autoscaler for Kpa {
 /// The clairvoyant oracle: per window, the fewest replicas that meet the SLO for the requests
 /// arriving in it (found by simulating the window alone), each started one cold start ahead of
 /// its window and kept through it.
+///
+/// With `lead_seconds` 0 it is the same sizing without foresight: each window's need is known
+/// as the window begins, so its pods serve a cold start late; `spare` replicas on top of every
+/// need are the reserve that covers the bursts' first cold start. A policy that reacts, however
+/// well it measures, pays at least about that.
 #[derive(Debug, Clone)]
 pub struct Oracle {
     pub min: u32,
     pub window_seconds: f64,
     pub cold_start_seconds: f64,
+    /// How far ahead it knows the windows' needs: one cold start for the clairvoyant oracle.
+    pub lead_seconds: f64,
+    /// Replicas kept on top of every window's need.
+    pub spare: u32,
     pub schedule: Vec<u32>,
 }
 
@@ -285,14 +307,26 @@ impl Oracle {
 
 impl Autoscaler for Oracle {
     fn name(&self) -> String {
-        "oracle".into()
+        let mut name = String::from("oracle");
+        if self.lead_seconds < self.cold_start_seconds {
+            name += ", a cold start late";
+        }
+        if self.spare > 0 {
+            name += &format!(", +{}", self.spare);
+        }
+        name
     }
     fn interval_seconds(&self) -> f64 {
         1.0
     }
     fn decide(&mut self, now: f64, _: &FleetView) -> Command {
-        // What any window from now until a pod started now is Ready needs.
-        let replicas = self.need(now, now + self.cold_start_seconds).max(self.min);
+        // What any window needs from when a pod started now is Ready, as far as it can see,
+        // back to a cold start before that (the clairvoyant oracle: from now on).
+        let seen = now + self.lead_seconds;
+        let replicas = self
+            .need(seen - self.cold_start_seconds, seen)
+            .max(self.min)
+            + self.spare;
         Command {
             replicas,
             ..Default::default()

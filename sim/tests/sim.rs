@@ -27,8 +27,8 @@ fn on_the_code_trace_redline_keeps_the_slo_for_less_than_static_without_flapping
     let t = trace(Replay::default());
     let setup = Setup::new(EngineProfile::gpu_8b(), 60.0, SLO, 2, 16);
     let c = compare(&t, &setup, None);
-    let [redline, hpa, tuned, kpa, stat, capped, oracle] = &c.rows[..] else {
-        panic!("seven rows: {:?}", c.rows)
+    let [redline, hpa, tuned, kpa, stat, capped, oracle, late] = &c.rows[..] else {
+        panic!("eight rows: {:?}", c.rows)
     };
     println!(
         "{}",
@@ -67,6 +67,16 @@ fn on_the_code_trace_redline_keeps_the_slo_for_less_than_static_without_flapping
     assert!(capped.ttft_attainment >= 0.99, "{capped:?}");
     assert!(capped.reversals_per_10_min <= 1.0, "{capped:?}");
     assert!(capped.replica_seconds >= oracle.replica_seconds);
+    // The same sizing a cold start late misses the bursts' starts: on this trace it needs a
+    // spare replica to meet 99%, so the oracle's cost is not reachable by reacting alone
+    // (docs/autoscaling.md, "What foresight is worth"). redline, which only reacts, stays
+    // within 10% of that reserve's cost.
+    assert!(c.late_spare >= 1, "{late:?}");
+    assert!(late.ttft_attainment >= 0.99, "{late:?}");
+    assert!(
+        redline.replica_seconds < 1.1 * late.replica_seconds,
+        "{redline:?} vs {late:?}"
+    );
 }
 
 #[test]

@@ -63,9 +63,10 @@ struct Args {
     /// demand itself).
     #[arg(long, default_value_t = defaults::TREND_SMOOTHING_SECONDS)]
     trend_smoothing: f64,
-    /// The queued backlog counts as the rate that clears it in this many seconds.
-    #[arg(long, default_value_t = 60.0)]
-    backlog_drain: f64,
+    /// The queued backlog counts as the rate that clears it in this many seconds. Default: the
+    /// forecast horizon, as the operator sets it.
+    #[arg(long)]
+    backlog_drain: Option<f64>,
     /// The operator's decision interval, seconds.
     #[arg(long, default_value_t = 5.0)]
     policy_interval: f64,
@@ -82,6 +83,9 @@ struct Args {
     /// Where the PNG goes.
     #[arg(long, default_value = "target/redline-sim.png")]
     plot: PathBuf,
+    /// Also print every redline decision that changed something, with its reason.
+    #[arg(long)]
+    explain: bool,
     /// Instead of one replay: the targets checked on the four target replays (x1 and
     /// x4, cold start 60 s and 120 s) and seven held-out ones, one table (the other flags
     /// still set the profile, SLO and policy).
@@ -132,7 +136,9 @@ fn setup(a: &Args, profile: &EngineProfile, cold_start: f64) -> Setup {
     p.trend_window_seconds = a.trend_window;
     p.trend_smoothing_seconds = a.trend_smoothing;
     p.demand_smoothing_seconds = a.demand_smoothing;
-    p.backlog_drain_seconds = a.backlog_drain;
+    if let Some(b) = a.backlog_drain {
+        p.backlog_drain_seconds = b;
+    }
     setup.policy_interval_seconds = a.policy_interval;
     setup.oracle_window_seconds = a.oracle_window;
     setup.sim.queue = a.queue;
@@ -223,6 +229,12 @@ fn main() -> Result<()> {
     );
     if c.capped_schedule != c.oracle_schedule {
         println!("oracle under the reversal cap: {:?}", c.capped_schedule);
+    }
+    if a.explain {
+        println!("\nredline's decisions:");
+        for line in &c.redline_decisions {
+            println!("  {line}");
+        }
     }
     for o in &c.outcomes {
         if !o.scale_events.is_empty() {

@@ -19,9 +19,14 @@ pub fn free_port() -> u16 {
 }
 
 /// `redline-engine` of this build. Test executables live in target/<profile>/deps; cargo
-/// builds only this package's binaries for its tests, so build the engine's here (a no-op when
-/// `cargo build --workspace --bins` already did, as scripts/test does).
+/// builds only this package's binaries for its tests, so build the engine's here. scripts/test
+/// builds every binary of the workspace first and names the engine in `REDLINE_ENGINE_BIN`:
+/// built here for this package alone, cargo would resolve other features and recompile
+/// candle-core and the engine (5 minutes on 2 cores).
 pub fn engine_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("REDLINE_ENGINE_BIN") {
+        return bin.into();
+    }
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().and_then(Path::parent).unwrap().to_owned();
     let mut cmd = Command::new(env!("CARGO"));

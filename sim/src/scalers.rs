@@ -280,8 +280,8 @@ impl Autoscaler for Kpa {
 ///
 /// With `lead_seconds` 0 it is the same sizing without foresight: each window's need is known
 /// as the window begins, so its pods serve a cold start late; `spare` replicas on top of every
-/// need are the reserve that covers the bursts' first cold start. A policy that reacts, however
-/// well it measures, pays at least about that.
+/// need are a uniform reserve for the bursts' first cold start. It is a reference for a policy
+/// that only reacts, not a lower bound: a reserve held only where bursts come costs less.
 #[derive(Debug, Clone)]
 pub struct Oracle {
     pub min: u32,
@@ -320,8 +320,9 @@ impl Autoscaler for Oracle {
         1.0
     }
     fn decide(&mut self, now: f64, _: &FleetView) -> Command {
-        // What any window needs from when a pod started now is Ready, as far as it can see,
-        // back to a cold start before that (the clairvoyant oracle: from now on).
+        // The most any window needs over the cold start up to as far ahead as it sees: for the
+        // clairvoyant oracle, from now until a pod started now is Ready; for the late one, the
+        // cold start just past (what it learns now, its pods serve a cold start from now).
         let seen = now + self.lead_seconds;
         let replicas = self
             .need(seen - self.cold_start_seconds, seen)

@@ -18,16 +18,12 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// `redline-engine` of this build: `REDLINE_ENGINE_BIN` when set (scripts/test builds every
-/// binary first and names it), else built here, since cargo builds only this package's
-/// binaries for its tests. Test executables live in target/<profile>/deps. Built for the whole
-/// workspace, so it resolves the features every other build uses and is a no-op after any of
-/// them; `-p redline-engine` would resolve its own and recompile candle-core and up (4m44s on
-/// 2 cores, measured).
+/// `redline-engine` of this build. Cargo builds only this package's binaries for its tests,
+/// so build the engine's here; test executables live in target/<profile>/deps. Built for the
+/// whole workspace, it resolves the features every other build uses and is a no-op after any of
+/// them (scripts/test builds every binary first); `-p redline-engine` would resolve its own and
+/// recompile candle-core and up (4m44s on 2 cores, measured).
 pub fn engine_bin() -> PathBuf {
-    if let Some(bin) = std::env::var_os("REDLINE_ENGINE_BIN") {
-        return bin.into();
-    }
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().and_then(Path::parent).unwrap().to_owned();
     let mut cmd = Command::new(env!("CARGO"));

@@ -90,6 +90,10 @@ pub struct EngineReading {
     /// given one; `None` for engines that do not count them).
     #[serde(default)]
     pub requests_late_total: Option<u64>,
+    /// Requests that got their first token (the TTFT histogram's count): what the late ones
+    /// are a share of.
+    #[serde(default)]
+    pub first_tokens_total: Option<u64>,
 }
 
 impl EngineReading {
@@ -109,6 +113,7 @@ impl EngineReading {
             waiting_prompt_tokens: None,
             draining: None,
             requests_late_total: None,
+            first_tokens_total: None,
         }
     }
 }
@@ -136,7 +141,26 @@ pub struct Derived {
     /// missed, as the engine saw it. `None` when the engine does not count them.
     #[serde(default)]
     pub late_requests_per_second: Option<f64>,
+    /// Requests that got their first token, per second over the window (same source).
+    #[serde(default)]
+    pub first_tokens_per_second: Option<f64>,
+    /// The pod's arrival curve: for each window of [`ARRIVAL_WINDOWS_SECONDS`], the most prompt
+    /// tokens that arrived within any such window lately. Empty when the engine does not count
+    /// prompt tokens on arrival.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prompt_arrival_peaks: Vec<ArrivalPeak>,
 }
+
+/// The most prompt tokens that arrived within any `window_seconds` lately.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ArrivalPeak {
+    pub window_seconds: f64,
+    pub tokens: u64,
+}
+
+/// The windows a sidecar measures its engine's arrival curve over: from a fraction of a TTFT
+/// objective (a burst that lands at once) to about half a minute (a rate).
+pub const ARRIVAL_WINDOWS_SECONDS: [f64; 7] = [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0];
 
 impl Default for Derived {
     fn default() -> Self {
@@ -150,6 +174,8 @@ impl Default for Derived {
             prompt_tokens_per_second: None,
             generation_tokens_per_second: None,
             late_requests_per_second: None,
+            first_tokens_per_second: None,
+            prompt_arrival_peaks: Vec::new(),
         }
     }
 }

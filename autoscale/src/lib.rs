@@ -3,10 +3,12 @@
 //! it the same reports from its model engines. Same code, same decisions.
 //!
 //! - [`demand`]: per-pod signals to "replicas needed at the target utilization".
+//! - [`budget`]: the SLO's error budget, and the margin it asks for.
 //! - [`defaults`]: the settings a policy gets unless told otherwise.
 //! - [`policy`]: demand over time to a replica count, a pod to drain, per-pod limits and a
 //!   reason.
 
+pub mod budget;
 pub mod defaults;
 pub mod demand;
 pub mod policy;

@@ -24,7 +24,8 @@ use std::collections::VecDeque;
 
 use redline_api::{Level, Limits};
 
-use crate::demand::{demand, Demand, DemandConfig, PodSignals, ReplicaCapacity};
+use crate::budget::{BudgetConfig, ErrorBudget, Sizing};
+use crate::demand::{burst_replicas, demand, Demand, DemandConfig, PodSignals, ReplicaCapacity};
 use redline_api::slope;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -58,6 +59,10 @@ pub struct PolicyConfig {
     pub drain_timeout_seconds: f64,
     /// The limits each serving pod runs under (the sidecar's guard moves below them).
     pub pod_limits: Limits,
+    /// The engines' TTFT objective (p99), when the service has one. With it, and engines that
+    /// count their late requests, the policy sizes by the SLO's error budget
+    /// ([`crate::budget`]) and keeps a reserve for the bursts the sidecars measure.
+    pub ttft_objective_seconds: Option<f64>,
 }
 
 impl PolicyConfig {
@@ -76,6 +81,21 @@ impl PolicyConfig {
 const DOWN_MARGIN: f64 = 0.85;
 /// Most the trend may add to the current demand, as a share of it.
 const MAX_TREND_GAIN: f64 = 0.5;
+/// Guarded sizing plans `1 + GUARD_MARGIN x sqrt(horizon / 60 s)` times the forecast: a reserve
+/// must cover the load's swings over the lead time of new capacity, and swings grow with the
+/// square root of it (safety stock in inventory control).
+const GUARD_MARGIN: f64 = 0.2;
+/// Guarded sizing takes the largest guarded forecast of this window: the catch-up sizes the
+/// burst that made requests late, which is over by the time they are counted.
+const GUARD_LOOKBACK_SECONDS: f64 = 120.0;
+/// The burst reserve: replicas that would prefill the largest recent burst within this share
+/// of the TTFT objective (the rest of it is the burst's own queueing).
+const RESERVE_QUEUE_SHARE: f64 = 0.75;
+/// The reserve is held this long after the burst...
+const RESERVE_HOLD_SECONDS: f64 = 180.0;
+/// ...and is at most one replica over the smallest fleet of that time, so a run of bursts
+/// adds replicas one at a time as each proves the last one short, not all at once.
+const RESERVE_MAX_OVER: f64 = 1.0;
 /// The scale-down window grows up to this multiple of the configured one.
 const MAX_HOLD_FACTOR: f64 = 4.0;
 /// Scale-up tolerance: demand must exceed the replicas by this share (no flapping on noise).
@@ -168,6 +188,11 @@ struct Sample {
     raw: f64,
     smoothed: f64,
     trend_base: f64,
+    /// The burst reserve in replicas (0 without one), and the replicas asked for then.
+    reserve: f64,
+    desired: f64,
+    /// The guarded forecast (see [`Sizing::Guarded`]).
+    guarded: f64,
     /// Every pod that should report did, with fresh data.
     complete: bool,
 }
@@ -195,6 +220,8 @@ pub struct Policy {
     /// undone by a scale-up within it (bursts recur at about that interval), halved again
     /// after twice its length without any scaling.
     hold: f64,
+    budget: ErrorBudget,
+    sizing: Sizing,
 }
 
 impl Policy {
@@ -208,6 +235,8 @@ impl Policy {
             last_down_reversal: None,
             draining: Vec::new(),
             hold: cfg.scale_down_window_seconds,
+            budget: ErrorBudget::new(BudgetConfig::default()),
+            sizing: Sizing::Reactive,
         }
     }
 
@@ -253,7 +282,9 @@ impl Policy {
             .filter(|p| p.phase == PodPhase::Ready)
             .all(|p| fresh(p).is_some());
         let d = demand(reporting.iter().copied(), &cfg.demand_config());
-        let smoothed = self.remember(now, d.replicas, complete);
+        self.sizing = self.sizing_now(now, &reporting);
+        let reserve = self.reserve(now, obs.desired, &reporting);
+        let smoothed = self.remember(now, d.replicas, complete, reserve, obs.desired);
         let forecast = self.forecast(now, smoothed);
 
         let starting = count(obs, PodPhase::Starting);
@@ -459,7 +490,10 @@ impl Policy {
         if window.clone().any(|s| !s.complete) {
             return Err("missing or stale pressure reports in the window".into());
         }
-        let peak = window.map(|s| s.smoothed).fold(0.0, f64::max);
+        let k = self.guard_factor();
+        let peak = window
+            .map(|s| (s.smoothed * k).max(s.reserve))
+            .fold(0.0, f64::max);
         let fits = (desired - 1) as f64 * DOWN_MARGIN;
         if peak > fits {
             return Err(format!(
@@ -479,7 +513,7 @@ impl Policy {
     }
 
     /// Records a raw demand sample and returns the smoothed demand.
-    fn remember(&mut self, now: f64, raw: f64, complete: bool) -> f64 {
+    fn remember(&mut self, now: f64, raw: f64, complete: bool, reserve: f64, desired: u32) -> f64 {
         // Time going backwards (a reset clock) would break every window: start afresh.
         if self.history.back().is_some_and(|s| s.t > now) {
             self.history.clear();
@@ -493,6 +527,9 @@ impl Policy {
             raw,
             smoothed,
             trend_base,
+            reserve,
+            desired: desired as f64,
+            guarded: 0.0,
             complete,
         });
         let keep = (self.cfg.scale_down_window_seconds * MAX_HOLD_FACTOR)
@@ -527,11 +564,89 @@ impl Policy {
             .fold(0.0, f64::max)
     }
 
+    /// How to size now: by load alone without a TTFT objective; with one, by the error
+    /// budget, guarded while the engines do not count their late requests.
+    fn sizing_now(&mut self, now: f64, reporting: &[&PodSignals]) -> Sizing {
+        if self.cfg.ttft_objective_seconds.is_none() {
+            return Sizing::Reactive;
+        }
+        let counted = reporting.iter().any(|s| s.late_per_second.is_some());
+        let rates = counted.then(|| {
+            reporting.iter().fold((0.0, 0.0), |(l, f), s| {
+                (
+                    l + s.late_per_second.unwrap_or(0.0),
+                    f + s.first_tokens_per_second.unwrap_or(0.0),
+                )
+            })
+        });
+        match self.budget.observe(now, rates) {
+            Sizing::Reactive => Sizing::Guarded,
+            s => s,
+        }
+    }
+
+    /// Replicas for the largest burst the sidecars measured lately (see
+    /// [`RESERVE_QUEUE_SHARE`]), capped at [`RESERVE_MAX_OVER`] over the smallest fleet of the
+    /// hold; 0 without a TTFT objective.
+    fn reserve(&self, now: f64, desired: u32, reporting: &[&PodSignals]) -> f64 {
+        let Some(ttft) = self.cfg.ttft_objective_seconds else {
+            return 0.0;
+        };
+        let burst = burst_replicas(
+            reporting.iter().copied(),
+            &self.cfg.capacity,
+            RESERVE_QUEUE_SHARE * ttft,
+        )
+        .unwrap_or(0.0);
+        let low = self
+            .history
+            .iter()
+            .filter(|s| now - s.t <= RESERVE_HOLD_SECONDS)
+            .map(|s| s.desired)
+            .fold(desired as f64, f64::min);
+        // Just under what `needed` turns into one more replica than the cap.
+        burst.min((low + RESERVE_MAX_OVER) * (1.0 + UP_TOLERANCE) - 0.01)
+    }
+
+    /// What guarded sizing multiplies the forecast by.
+    fn guard_margin(&self) -> f64 {
+        1.0 + GUARD_MARGIN * (self.cfg.forecast_horizon_seconds / 60.0).max(0.0).sqrt()
+    }
+
+    /// The guard margin while guarded, 1 otherwise.
+    fn guard_factor(&self) -> f64 {
+        if self.sizing == Sizing::Guarded {
+            self.guard_margin()
+        } else {
+            1.0
+        }
+    }
+
+    /// The demand the fleet is sized for over the horizon, by the sizing in force, and never
+    /// under the burst reserve of the hold.
+    fn forecast(&mut self, now: f64, current: f64) -> f64 {
+        let guarded = self.trend_forecast(now, current, MAX_TREND_GAIN) * self.guard_margin();
+        if let Some(s) = self.history.back_mut() {
+            s.guarded = guarded;
+        }
+        let recent = |w: f64| self.history.iter().filter(move |s| now - s.t <= w);
+        let sized = match self.sizing {
+            Sizing::Reactive => self.trend_forecast(now, current, MAX_TREND_GAIN),
+            Sizing::Lean => self.trend_forecast(now, current, 0.0),
+            Sizing::Guarded => recent(GUARD_LOOKBACK_SECONDS)
+                .map(|s| s.guarded)
+                .fold(guarded, f64::max),
+        };
+        recent(RESERVE_HOLD_SECONDS)
+            .map(|s| s.reserve)
+            .fold(sized, f64::max)
+    }
+
     /// The larger of the recent peak (bursts recur within a horizon) and the current demand
     /// carried forward by its trend. The trend is the slope of the demand averaged twice, and
-    /// its gain is capped at half the current demand: a burst's first seconds have a steep
-    /// slope that says little about the next minute.
-    fn forecast(&self, now: f64, current: f64) -> f64 {
+    /// its gain is capped at `gain` times the current demand: a burst's first seconds have a
+    /// steep slope that says little about the next minute.
+    fn trend_forecast(&self, now: f64, current: f64, gain: f64) -> f64 {
         let cfg = &self.cfg;
         let pts = self
             .history
@@ -539,8 +654,7 @@ impl Policy {
             .filter(|s| now - s.t <= cfg.trend_window_seconds)
             .map(|s| (s.t, s.trend_base));
         let trend = slope(pts).unwrap_or(0.0).max(0.0);
-        let projected =
-            current + (trend * cfg.forecast_horizon_seconds).min(current * MAX_TREND_GAIN);
+        let projected = current + (trend * cfg.forecast_horizon_seconds).min(current * gain);
         projected.max(self.peak(now, cfg.forecast_horizon_seconds))
     }
 

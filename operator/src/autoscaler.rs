@@ -70,6 +70,7 @@ pub fn policy_config(isvc: &InferenceService, p: &AutoscalingPolicySpec) -> Poli
         backlog_drain_seconds: p.forecast_horizon_seconds.max(1) as f64,
         drain_timeout_seconds: p.drain_timeout_seconds as f64,
         pod_limits: pod_limits(isvc),
+        ttft_objective_seconds: s.ttft_objective_ms().map(|ms| ms as f64 / 1000.0),
     }
 }
 

@@ -261,8 +261,10 @@ impl Default for SidecarSettings {
 #[serde(rename_all = "camelCase")]
 pub struct AutoscalingPolicySpec {
     /// Share of a replica's capacity (`replicaCapacity`) the policy plans to use; the rest
-    /// absorbs bursts while new replicas start. Default: 0.7 for a service with a TTFT
-    /// objective (`spec.slo.ttftP99Ms`: its engines admit deadline-first), 0.6 without.
+    /// absorbs bursts while new replicas start. Default: 1.0 for a service with a TTFT
+    /// objective (`spec.slo.ttftP99Ms`): its engines admit deadline-first and count their late
+    /// requests, and the policy adds a margin only while the SLO's error budget burns. 0.6
+    /// without.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.05, max = 1.0))]
     pub target_utilization: Option<f64>,

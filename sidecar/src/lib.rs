@@ -2,6 +2,7 @@
 //! pod's cgroup) and the engine's KV pressure, forecasts the time to redline, lowers the
 //! engine's batch limits before the KV cache runs out, and reports to the operator.
 
+pub mod arrivals;
 pub mod device;
 pub mod guard;
 pub mod metrics;

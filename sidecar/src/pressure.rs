@@ -11,6 +11,8 @@ use std::collections::VecDeque;
 
 use redline_api::{Derived, DeviceReading, EngineReading, GuardSettings, Level};
 
+use crate::arrivals::ArrivalCurve;
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ModelConfig {
     /// Seconds of samples the growth slope is fitted over.
@@ -27,6 +29,9 @@ pub struct ModelConfig {
     /// Forecast horizons are widened by this factor to leave a level (hysteresis on time).
     pub horizon_exit_factor: f64,
     pub calm_seconds: f64,
+    /// How long the arrival curve remembers a burst: at least the operator's decision
+    /// interval, so every burst is in some report it reads.
+    pub arrival_memory_seconds: f64,
 }
 
 impl Default for ModelConfig {
@@ -39,6 +44,7 @@ impl Default for ModelConfig {
             critical_exit_margin: 0.1,
             horizon_exit_factor: 1.5,
             calm_seconds: 2.0,
+            arrival_memory_seconds: 10.0,
         }
     }
 }
@@ -93,6 +99,8 @@ pub struct PressureModel {
     prompt_tokens: Counter,
     generation_tokens: Counter,
     late_requests: Counter,
+    first_tokens: Counter,
+    arrivals: ArrivalCurve,
     level: Level,
     /// Since when the pressure has been below the current level's exit thresholds.
     calm_since: Option<f64>,
@@ -108,6 +116,8 @@ impl PressureModel {
             prompt_tokens: Counter::default(),
             generation_tokens: Counter::default(),
             late_requests: Counter::default(),
+            first_tokens: Counter::default(),
+            arrivals: ArrivalCurve::new(cfg.arrival_memory_seconds),
             level: Level::Ok,
             calm_since: None,
         }
@@ -190,6 +200,12 @@ impl PressureModel {
             self.cfg.rate_window_seconds,
             engine.requests_late_total,
         );
+        let first_tokens_per_second =
+            self.first_tokens
+                .rate(now, self.cfg.rate_window_seconds, engine.first_tokens_total);
+        let prompt_arrival_peaks = self
+            .arrivals
+            .observe(now, engine.prompt_tokens_received_total);
         let headroom_ratio = (1.0 - usage).min(device_ratio.map_or(1.0, |r| 1.0 - r));
         let level = self.next_level(
             now,
@@ -208,6 +224,8 @@ impl PressureModel {
             prompt_tokens_per_second,
             generation_tokens_per_second,
             late_requests_per_second,
+            first_tokens_per_second,
+            prompt_arrival_peaks,
         }
     }
 
@@ -360,6 +378,7 @@ mod tests {
             prompt_tokens_received_total: Some(prompt),
             generation_tokens_total: Some(gen),
             requests_late_total: Some(gen / 50),
+            first_tokens_total: Some(gen / 10),
             ..engine(0.1, 0)
         };
         assert_eq!(
@@ -372,6 +391,7 @@ mod tests {
         assert_eq!(d.prompt_tokens_per_second, Some(1500.0));
         assert_eq!(d.generation_tokens_per_second, Some(50.0));
         assert_eq!(d.late_requests_per_second, Some(1.0), "1 late request to 2");
+        assert_eq!(d.first_tokens_per_second, Some(5.0));
         let d = m.observe(2.5, &at(10, 0), &none(), &g);
         assert_eq!(
             d.prompt_tokens_per_second, None,

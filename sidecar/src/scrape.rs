@@ -46,6 +46,9 @@ pub fn parse(text: &str) -> Result<EngineReading, ScrapeError> {
             waiting_prompt_tokens: whole("redline_engine_waiting_prompt_tokens"),
             draining: sum("redline_engine_draining").map(|v| v > 0.0),
             requests_late_total: whole("redline_engine_requests_late_total"),
+            first_tokens_total: scrape
+                .histogram("redline_engine_time_to_first_token_seconds")
+                .map(|h| h.count),
         });
     }
     // vLLM renamed gpu_cache_usage_perc to kv_cache_usage_perc; accept both.
@@ -68,6 +71,7 @@ pub fn parse(text: &str) -> Result<EngineReading, ScrapeError> {
         waiting_prompt_tokens: None,
         draining: None,
         requests_late_total: None,
+        first_tokens_total: None,
     })
 }
 
@@ -105,6 +109,10 @@ redline_engine_waiting_prompt_tokens 1200
 redline_engine_draining 1
 # TYPE redline_engine_requests_late_total counter
 redline_engine_requests_late_total 4
+# TYPE redline_engine_time_to_first_token_seconds histogram
+redline_engine_time_to_first_token_seconds_bucket{le=\"+Inf\"} 90
+redline_engine_time_to_first_token_seconds_sum 12.5
+redline_engine_time_to_first_token_seconds_count 90
 # TYPE vllm:kv_cache_usage_perc gauge
 vllm:kv_cache_usage_perc 0.25
 ";
@@ -119,6 +127,7 @@ vllm:kv_cache_usage_perc 0.25
         assert_eq!(r.waiting_prompt_tokens, Some(1200));
         assert_eq!(r.draining, Some(true));
         assert_eq!(r.requests_late_total, Some(4));
+        assert_eq!(r.first_tokens_total, Some(90));
         assert_eq!(
             r.limits,
             Some(Limits {

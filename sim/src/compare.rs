@@ -49,6 +49,7 @@ impl Setup {
             backlog_drain_seconds: horizon,
             drain_timeout_seconds: defaults::DRAIN_TIMEOUT_SECONDS,
             pod_limits: profile.limits,
+            ttft_objective_seconds: Some(slo.ttft_seconds),
         };
         Self {
             sim: SimConfig {

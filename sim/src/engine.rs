@@ -79,6 +79,10 @@ pub struct Engine {
     pub preemptions_total: u64,
     pub prompt_tokens_received_total: u64,
     pub generation_tokens_total: u64,
+    /// First tokens served after the TTFT objective, and all first tokens (the engine's
+    /// `requests_late_total` and TTFT histogram count).
+    pub requests_late_total: u64,
+    pub first_tokens_total: u64,
 }
 
 impl Engine {
@@ -94,6 +98,8 @@ impl Engine {
             preemptions_total: 0,
             prompt_tokens_received_total: 0,
             generation_tokens_total: 0,
+            requests_late_total: 0,
+            first_tokens_total: 0,
         }
     }
 

@@ -331,7 +331,15 @@ impl<'a> Sim<'a> {
         }
         let res = self.pods[id].engine.apply(&step);
         for r in res.first_tokens {
-            self.records[r].first_token.get_or_insert(now);
+            if self.records[r].first_token.is_some() {
+                continue;
+            }
+            self.records[r].first_token = Some(now);
+            let engine = &mut self.pods[id].engine;
+            engine.first_tokens_total += 1;
+            if now - self.trace[r].arrival > self.cfg.slo.ttft_seconds {
+                engine.requests_late_total += 1;
+            }
         }
         for r in res.finished {
             self.records[r].finish = Some(now);
@@ -370,8 +378,10 @@ impl<'a> Sim<'a> {
             generation_tokens_total: Some(e.generation_tokens_total),
             waiting_prompt_tokens: Some(e.waiting_tokens()),
             draining: Some(pod.phase == Phase::Draining),
-            // The fleet judges each request against the SLO itself.
-            requests_late_total: None,
+            // redline's engine counts late requests when it has a TTFT objective, which is
+            // what puts it in deadline order.
+            requests_late_total: (cfg.queue == Queue::Deadline).then_some(e.requests_late_total),
+            first_tokens_total: Some(e.first_tokens_total),
         };
         let device = DeviceReading {
             backend: "none".into(),

@@ -68,13 +68,13 @@ fn on_the_code_trace_redline_keeps_the_slo_for_less_than_static_without_flapping
     assert!(capped.reversals_per_10_min <= 1.0, "{capped:?}");
     assert!(capped.replica_seconds >= oracle.replica_seconds);
     // The same sizing a cold start late misses the bursts' starts: on this trace it needs a
-    // spare replica to meet 99%, so the oracle's cost is not reachable by reacting alone
-    // (docs/autoscaling.md, "What foresight is worth"). redline, which only reacts, stays
-    // within 10% of that reserve's cost.
+    // spare replica all hour to meet 99% (docs/autoscaling.md, "What foresight is worth").
+    // redline, which only reacts too, spends its error budget on the bursts the queue absorbs
+    // instead, and costs less than that spare.
     assert!(c.late_spare >= 1, "{late:?}");
     assert!(late.ttft_attainment >= 0.99, "{late:?}");
     assert!(
-        redline.replica_seconds < 1.1 * late.replica_seconds,
+        redline.replica_seconds < late.replica_seconds,
         "{redline:?} vs {late:?}"
     );
 }

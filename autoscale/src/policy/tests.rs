@@ -1,5 +1,6 @@
 use super::*;
 use proptest::prelude::*;
+use redline_api::ArrivalPeak;
 
 fn cfg() -> PolicyConfig {
     PolicyConfig {
@@ -22,6 +23,7 @@ fn cfg() -> PolicyConfig {
         backlog_drain_seconds: 10.0,
         drain_timeout_seconds: 60.0,
         pod_limits: Limits::new(32, 512),
+        ttft_objective_seconds: None,
     }
 }
 
@@ -36,6 +38,9 @@ fn signals(prompt_tps: f64, running: u64) -> PodSignals {
         generation_tokens_per_second: Some(0.0),
         preemptions_per_second: 0.0,
         level: Level::Ok,
+        arrival_peaks: Vec::new(),
+        late_per_second: None,
+        first_tokens_per_second: None,
     }
 }
 
@@ -76,6 +81,94 @@ fn scales_up_to_the_demand_in_steps_and_counts_starting_pods() {
     o.desired = 4;
     o.now = 40.0;
     assert_eq!(p.decide(&o).action, Action::Hold, "4 carry the demand");
+}
+
+/// A service with a 2 s TTFT objective, planned at full capacity (the default with one), its
+/// pods counting `late` of 20 first tokens per second and seeing bursts of `burst` tokens
+/// within a second.
+fn with_slo(now: f64, desired: u32, total_tps: f64, late: f64, burst: u64) -> Observation {
+    let mut o = obs(now, desired, desired, total_tps);
+    let n = desired as f64;
+    for v in &mut o.pods {
+        let s = v.signals.as_mut().expect("ready pods report");
+        s.late_per_second = Some(late / n);
+        s.first_tokens_per_second = Some(20.0 / n);
+        s.arrival_peaks = vec![ArrivalPeak {
+            window_seconds: 1.0,
+            tokens: burst / desired as u64,
+        }];
+    }
+    o
+}
+
+fn slo_cfg() -> PolicyConfig {
+    PolicyConfig {
+        target_utilization: 1.0,
+        ttft_objective_seconds: Some(2.0),
+        ..cfg()
+    }
+}
+
+#[test]
+fn the_error_budget_decides_the_margin() {
+    // A ramp from 1000 to 1900 tokens/s on two replicas of 1000: it fits them at full capacity.
+    let ramp = |t: f64| 1000.0 + 15.0 * t.min(60.0);
+    let run = |late: f64| {
+        let mut p = Policy::new(slo_cfg());
+        let mut last = None;
+        for i in 0..=12 {
+            let t = i as f64 * 5.0;
+            last = Some(p.decide(&with_slo(t, 2, ramp(t), late, 0)));
+        }
+        last.expect("decided")
+    };
+    // Nothing late: planned lean, no trend, no margin: two replicas carry it.
+    let lean = run(0.0);
+    assert_eq!(lean.action, Action::Hold, "{}", lean.reason);
+    assert!(lean.forecast < 2.0, "{}", lean.forecast);
+    // Late requests burning the budget: the trend and the margin for the cold start.
+    let guarded = run(1.0);
+    assert!(
+        matches!(guarded.action, Action::ScaleUp { from: 2, .. }),
+        "{}",
+        guarded.reason
+    );
+    // The trend (up to half the demand again) times 1.2 (cold start 60 s).
+    assert!(
+        guarded.forecast > 1.2 * 1.3 * lean.forecast,
+        "{}",
+        guarded.forecast
+    );
+    // Without an objective nothing is counted: the load-only forecast, with its trend.
+    let mut p = Policy::new(PolicyConfig {
+        ttft_objective_seconds: None,
+        ..slo_cfg()
+    });
+    let mut reactive = None;
+    for i in 0..=12 {
+        let t = i as f64 * 5.0;
+        reactive = Some(p.decide(&with_slo(t, 2, ramp(t), 1.0, 0)).forecast);
+    }
+    let reactive = reactive.expect("decided");
+    assert!(
+        reactive > lean.forecast && reactive < guarded.forecast,
+        "{reactive}"
+    );
+}
+
+#[test]
+fn the_burst_reserve_adds_one_replica_at_a_time() {
+    let mut p = Policy::new(slo_cfg());
+    // A steady 500 tokens/s, but 20000 tokens land within a second: 20000 / (1000 x 2.5 s)
+    // = 8 replicas would prefill that within 1.5 s of queueing. The reserve is capped at one
+    // over the smallest fleet of its hold.
+    let d = p.decide(&with_slo(0.0, 2, 500.0, 0.0, 20_000));
+    assert_eq!(d.action, Action::ScaleUp { from: 2, to: 3 }, "{}", d.reason);
+    let d = p.decide(&with_slo(15.0, 3, 500.0, 0.0, 20_000));
+    assert_eq!(d.action, Action::Hold, "{}", d.reason);
+    // Three minutes on, the hold's smallest fleet is 3: one more.
+    let d = p.decide(&with_slo(200.0, 3, 500.0, 0.0, 20_000));
+    assert_eq!(d.action, Action::ScaleUp { from: 3, to: 4 }, "{}", d.reason);
 }
 
 /// The forecast at the end of `load` (prompt tokens/s every 5 s from t = 0), with the trend
@@ -409,6 +502,9 @@ struct Tick {
     stale: bool,
     starting: u32,
     dt: f64,
+    /// Late first tokens per second over the fleet (counted only for a service with a TTFT
+    /// objective), of 20 first tokens per second.
+    late: f64,
 }
 
 fn tick() -> impl Strategy<Value = Tick> {
@@ -418,13 +514,15 @@ fn tick() -> impl Strategy<Value = Tick> {
         prop::bool::weighted(0.1),
         0u32..3,
         1.0f64..10.0,
+        prop_oneof![3 => Just(0.0), 1 => 0.0f64..2.0],
     )
-        .prop_map(|(tps, missing, stale, starting, dt)| Tick {
+        .prop_map(|(tps, missing, stale, starting, dt, late)| Tick {
             tps,
             missing,
             stale,
             starting,
             dt,
+            late,
         })
 }
 
@@ -444,7 +542,15 @@ fn observe(t: f64, desired: u32, k: &Tick) -> Observation {
     let ready = desired - starting;
     let mut pods: Vec<PodView> = (0..ready)
         .map(|i| {
-            let mut s = signals(k.tps / ready.max(1) as f64, (i % 3) as u64);
+            let share = 1.0 / ready.max(1) as f64;
+            let mut s = signals(k.tps * share, (i % 3) as u64);
+            s.late_per_second = Some(k.late * share);
+            s.first_tokens_per_second = Some(20.0 * share);
+            // A burst within each second: the sidecar's arrival curve.
+            s.arrival_peaks = vec![ArrivalPeak {
+                window_seconds: 1.0,
+                tokens: (2.0 * k.tps * share) as u64,
+            }];
             if k.stale && i == 0 {
                 s.sample_age_seconds = 60.0;
             }
@@ -479,6 +585,7 @@ fn bursts() -> impl Strategy<Value = Vec<Tick>> {
                 stale: false,
                 starting: 0,
                 dt,
+                late: if tps > 10_000.0 { 1.0 } else { 0.0 },
             };
             vec![k; (secs / dt).ceil() as usize]
         })
@@ -510,8 +617,10 @@ fn check_invariants(
     span: u32,
     start: u32,
     trend_smoothing: f64,
+    slo: bool,
 ) -> Result<(), TestCaseError> {
     let mut c = cfg();
+    c.ttft_objective_seconds = slo.then_some(2.0);
     c.min_replicas = min;
     c.max_replicas = min + span;
     c.trend_smoothing_seconds = trend_smoothing;
@@ -609,8 +718,9 @@ proptest! {
         span in 0u32..6,
         start in 0u32..10,
         trend_smoothing in prop_oneof![Just(0.0), Just(15.0)],
+        slo: bool,
     ) {
-        check_invariants(&ticks, min, span, start, trend_smoothing)?;
+        check_invariants(&ticks, min, span, start, trend_smoothing, slo)?;
     }
 
     #[test]
@@ -620,14 +730,16 @@ proptest! {
         span in 2u32..6,
         start in 0u32..4,
         trend_smoothing in prop_oneof![Just(0.0), Just(15.0)],
+        slo: bool,
     ) {
-        check_invariants(&ticks, min, span, start, trend_smoothing)?;
+        check_invariants(&ticks, min, span, start, trend_smoothing, slo)?;
     }
 
     /// Same inputs, same decisions: the operator and the simulator agree.
     #[test]
-    fn decisions_are_deterministic(ticks in prop::collection::vec(tick(), 1..60)) {
-        let (mut a, mut b) = (Policy::new(cfg()), Policy::new(cfg()));
+    fn decisions_are_deterministic(ticks in prop::collection::vec(tick(), 1..60), slo: bool) {
+        let c = PolicyConfig { ttft_objective_seconds: slo.then_some(2.0), ..cfg() };
+        let (mut a, mut b) = (Policy::new(c), Policy::new(c));
         let (mut t, mut desired) = (0.0, 1);
         for k in &ticks {
             t += k.dt;

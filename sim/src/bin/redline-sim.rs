@@ -142,6 +142,10 @@ fn setup(a: &Args, profile: &EngineProfile, cold_start: f64) -> Setup {
     setup.policy_interval_seconds = a.policy_interval;
     setup.oracle_window_seconds = a.oracle_window;
     setup.sim.queue = a.queue;
+    // The operator gives the engines the objective, which puts them in deadline order.
+    if a.queue != Queue::Deadline {
+        setup.policy.ttft_objective_seconds = None;
+    }
     setup.baseline_queue = a.baseline_queue;
     setup
 }

@@ -1,0 +1,206 @@
+//! The SLO's error budget, and how much margin it asks the policy to plan with.
+//!
+//! A TTFT objective at p99 allows 1% of requests late. The engines count the requests whose
+//! first token came after the objective, and all first tokens; summed over the pods and over a
+//! rolling window, their ratio against the 1% is the **burn rate** (1.0: the budget is spent
+//! as fast as it accrues). While nothing burns, the policy plans lean: bursts the queue absorbs
+//! buy no replicas. The first late requests in a clean window buy one catch-up (the recent
+//! burst sized again with margin); a burn rate over 1 keeps the margin until it falls back.
+//! No other autoscaler reads its own SLO this way: KServe, KEDA and Dynamo's planner size by
+//! load alone, so they carry the margin all the time.
+
+use std::collections::VecDeque;
+
+/// How the policy sizes the fleet now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sizing {
+    /// The engines do not count late requests: the load-only forecast with its trend.
+    Reactive,
+    /// Nothing burns: full measured capacity, no trend, a capped burst reserve.
+    Lean,
+    /// The budget burns: the trend forecast with a margin for the cold start.
+    Guarded,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BudgetConfig {
+    /// Share of requests allowed late (0.01 for a p99 objective).
+    pub allowed_late: f64,
+    /// The budget is counted over this rolling window.
+    pub window_seconds: f64,
+    /// Burn rate at which the first late requests of a clean window buy a catch-up.
+    pub warn_burn: f64,
+    /// How long that catch-up lasts.
+    pub catch_up_seconds: f64,
+    /// Burn rate over which the margin stays on.
+    pub overspent_burn: f64,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        Self {
+            allowed_late: 0.01,
+            window_seconds: 3600.0,
+            warn_burn: 0.3,
+            catch_up_seconds: 60.0,
+            overspent_burn: 1.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ErrorBudget {
+    cfg: BudgetConfig,
+    /// (time, late, first tokens) counted since the previous entry.
+    counts: VecDeque<(f64, f64, f64)>,
+    late: f64,
+    first: f64,
+    /// When the current catch-up began; `None` while armed (the window is clean).
+    catch_up_since: Option<f64>,
+    last: Option<f64>,
+}
+
+impl ErrorBudget {
+    pub fn new(cfg: BudgetConfig) -> Self {
+        Self {
+            cfg,
+            counts: VecDeque::new(),
+            late: 0.0,
+            first: 0.0,
+            catch_up_since: None,
+            last: None,
+        }
+    }
+
+    /// The burn rate over the window: late requests over the ones the budget allows (at least
+    /// one, so the first late request of a quiet start is not an infinite burn).
+    pub fn burn(&self) -> f64 {
+        self.late / (self.cfg.allowed_late * self.first).max(1.0)
+    }
+
+    /// Counts the fleet's late and first-token rates at `now` (per second, summed over the
+    /// pods; `None` when no pod counts late requests) and says how to size.
+    pub fn observe(&mut self, now: f64, rates: Option<(f64, f64)>) -> Sizing {
+        let Some((late, first)) = rates else {
+            self.last = Some(now);
+            return Sizing::Reactive;
+        };
+        // A clock that went back: start the window afresh.
+        if self.last.is_some_and(|t| t > now) {
+            *self = Self::new(self.cfg);
+        }
+        let dt = self.last.map_or(0.0, |t| now - t);
+        self.last = Some(now);
+        let (late, first) = (late.max(0.0) * dt, first.max(0.0) * dt);
+        self.counts.push_back((now, late, first));
+        self.late += late;
+        self.first += first;
+        while self
+            .counts
+            .front()
+            .is_some_and(|&(t, _, _)| now - t > self.cfg.window_seconds)
+        {
+            let (_, l, f) = self.counts.pop_front().expect("checked");
+            self.late -= l;
+            self.first -= f;
+        }
+        // Sums of floats drift: a window with no late request left is clean.
+        if self.counts.iter().all(|&(_, l, _)| l == 0.0) {
+            self.late = 0.0;
+            self.catch_up_since = None;
+        }
+        let burn = self.burn();
+        if burn > self.cfg.overspent_burn {
+            return Sizing::Guarded;
+        }
+        if burn > self.cfg.warn_burn {
+            let since = *self.catch_up_since.get_or_insert(now);
+            if now - since < self.cfg.catch_up_seconds {
+                return Sizing::Guarded;
+            }
+        }
+        Sizing::Lean
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn budget() -> ErrorBudget {
+        ErrorBudget::new(BudgetConfig::default())
+    }
+
+    #[test]
+    fn no_late_counts_means_the_load_only_forecast() {
+        assert_eq!(budget().observe(0.0, None), Sizing::Reactive);
+    }
+
+    #[test]
+    fn first_late_requests_buy_one_catch_up_then_an_overspent_budget_keeps_the_margin() {
+        let mut b = budget();
+        // 10 first tokens a second, none late, for 100 s: 1000 served, 10 allowed.
+        for t in 0..=20 {
+            assert_eq!(b.observe(t as f64 * 5.0, Some((0.0, 10.0))), Sizing::Lean);
+        }
+        // 4 late in the next 5 s: burn 0.4, over the warning: a catch-up of 60 s.
+        assert_eq!(b.observe(105.0, Some((0.8, 10.0))), Sizing::Guarded);
+        assert!((b.burn() - 4.0 / 10.5).abs() < 1e-9);
+        assert_eq!(b.observe(160.0, Some((0.0, 0.0))), Sizing::Guarded);
+        assert_eq!(
+            b.observe(170.0, Some((0.0, 0.0))),
+            Sizing::Lean,
+            "one catch-up"
+        );
+        // 10 more late: the budget is overspent, the margin stays while it is.
+        assert_eq!(b.observe(175.0, Some((2.0, 10.0))), Sizing::Guarded);
+        assert!(b.burn() > 1.0);
+        assert_eq!(b.observe(600.0, Some((0.0, 0.0))), Sizing::Guarded);
+    }
+
+    #[test]
+    fn the_window_forgets_and_a_clean_window_rearms_the_catch_up() {
+        let mut b = ErrorBudget::new(BudgetConfig {
+            window_seconds: 100.0,
+            ..BudgetConfig::default()
+        });
+        b.observe(0.0, Some((0.0, 100.0)));
+        assert_eq!(b.observe(5.0, Some((1.0, 100.0))), Sizing::Guarded);
+        assert_eq!(b.observe(70.0, Some((0.0, 100.0))), Sizing::Lean);
+        // The late requests leave the window: clean again, armed again.
+        assert_eq!(b.observe(110.0, Some((0.0, 100.0))), Sizing::Lean);
+        assert_eq!(b.burn(), 0.0);
+        assert_eq!(b.observe(115.0, Some((10.0, 100.0))), Sizing::Guarded);
+    }
+
+    proptest! {
+        /// The burn rate is the window's late count over its allowance, recounted from
+        /// scratch: the running sums never drift from it, and the sizing follows it.
+        #[test]
+        fn the_burn_rate_matches_a_recount(
+            steps in prop::collection::vec((1.0f64..30.0, 0.0f64..3.0, 0.0f64..50.0), 1..200),
+        ) {
+            let cfg = BudgetConfig { window_seconds: 600.0, ..BudgetConfig::default() };
+            let mut b = ErrorBudget::new(cfg);
+            let mut now = 0.0;
+            b.observe(now, Some((0.0, 0.0)));
+            let mut seen = Vec::new();
+            for (dt, late, first) in steps {
+                now += dt;
+                let sizing = b.observe(now, Some((late, first)));
+                seen.push((now, late * dt, first * dt));
+                let inside = seen.iter().filter(|s| now - s.0 <= cfg.window_seconds);
+                let (l, f) = inside.fold((0.0, 0.0), |a, s| (a.0 + s.1, a.1 + s.2));
+                let burn = l / (cfg.allowed_late * f).max(1.0);
+                prop_assert!((b.burn() - burn).abs() < 1e-6 * burn.max(1.0));
+                if burn > cfg.overspent_burn + 1e-6 {
+                    prop_assert_eq!(sizing, Sizing::Guarded);
+                }
+                if burn <= cfg.warn_burn - 1e-6 {
+                    prop_assert_eq!(sizing, Sizing::Lean);
+                }
+            }
+        }
+    }
+}

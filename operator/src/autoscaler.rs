@@ -673,11 +673,15 @@ spec:
         assert_eq!(c.pod_limits.max_num_seqs, 32);
         assert!(c.min_replicas <= c.max_replicas);
         // Unset, the target utilization follows how the engines admit: deadline-first when
-        // the service has a TTFT objective.
+        // the service has a TTFT objective, which the policy then sizes its error budget by.
         let unset = AutoscalingPolicySpec::default();
-        assert_eq!(policy_config(&isvc(BASE), &unset).target_utilization, 0.6);
+        let without = policy_config(&isvc(BASE), &unset);
+        assert_eq!(without.target_utilization, 0.6);
+        assert_eq!(without.ttft_objective_seconds, None);
         let with_slo = isvc(&format!("{BASE}  slo: {{ttftP99Ms: 2000}}\n"));
-        assert_eq!(policy_config(&with_slo, &unset).target_utilization, 0.7);
+        let with = policy_config(&with_slo, &unset);
+        assert_eq!(with.target_utilization, 1.0);
+        assert_eq!(with.ttft_objective_seconds, Some(2.0));
     }
 
     fn pod(yaml: &str) -> Pod {

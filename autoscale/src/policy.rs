@@ -362,10 +362,11 @@ impl Policy {
                 out.action = Action::ScaleUp { from: desired, to };
                 out.reason = format!(
                     "demand forecast {forecast:.2} replicas over {:.0}s (now {:.2}, kv {:.0}%), \
-                     {starting} starting",
+                     {starting} starting; {}",
                     cfg.forecast_horizon_seconds,
                     smoothed,
-                    d.kv_usage * 100.0
+                    d.kv_usage * 100.0,
+                    self.sizing_text()
                 );
                 return self.with_limits(out, obs);
             }
@@ -582,6 +583,19 @@ impl Policy {
         match self.budget.observe(now, rates) {
             Sizing::Reactive => Sizing::Guarded,
             s => s,
+        }
+    }
+
+    /// How the forecast was sized, for the decision's reason.
+    fn sizing_text(&self) -> String {
+        let burn = self.budget.burn();
+        match self.sizing {
+            Sizing::Reactive => "sized by load".into(),
+            Sizing::Lean => format!("lean, error budget burn {burn:.2}"),
+            Sizing::Guarded => format!(
+                "guarded x{:.2}, error budget burn {burn:.2}",
+                self.guard_margin()
+            ),
         }
     }
 

@@ -416,8 +416,10 @@ impl Policy {
             match self.down_blocker(now, desired, starting + unschedulable) {
                 Err(why) => out.reason = why,
                 Ok(peak) => {
-                    // The fewest replicas that carry the window's peak with the margin.
-                    let fit = ((peak / DOWN_MARGIN).ceil() as u32).max(min);
+                    // The fewest replicas that carry the window's peak with the margin, and
+                    // never fewer than the forecast wants now: a drain under it would be
+                    // cancelled at the next tick.
+                    let fit = ((peak / DOWN_MARGIN).ceil() as u32).max(wanted).max(min);
                     let k = desired.saturating_sub(fit).min(cfg.max_step.max(1));
                     let pods = pick_drain(obs, stale, k as usize);
                     if pods.is_empty() {
@@ -615,11 +617,17 @@ impl Policy {
         let low = self
             .history
             .iter()
-            .filter(|s| now - s.t <= RESERVE_HOLD_SECONDS)
+            .filter(|s| now - s.t <= self.within_hold(RESERVE_HOLD_SECONDS))
             .map(|s| s.desired)
             .fold(desired as f64, f64::min);
         // Just under what `needed` turns into one more replica than the cap.
         burst.min((low + RESERVE_MAX_OVER) * (1.0 + UP_TOLERANCE) - 0.01)
+    }
+
+    /// `seconds`, but no longer than the scale-down window in force: what the forecast holds,
+    /// the scale-down check must see too, or a drain it allows is cancelled at the next tick.
+    fn within_hold(&self, seconds: f64) -> f64 {
+        seconds.min(self.hold)
     }
 
     /// What guarded sizing multiplies the forecast by.
@@ -647,11 +655,11 @@ impl Policy {
         let sized = match self.sizing {
             Sizing::Reactive => self.trend_forecast(now, current, MAX_TREND_GAIN),
             Sizing::Lean => self.trend_forecast(now, current, 0.0),
-            Sizing::Guarded => recent(GUARD_LOOKBACK_SECONDS)
+            Sizing::Guarded => recent(self.within_hold(GUARD_LOOKBACK_SECONDS))
                 .map(|s| s.guarded)
                 .fold(guarded, f64::max),
         };
-        recent(RESERVE_HOLD_SECONDS)
+        recent(self.within_hold(RESERVE_HOLD_SECONDS))
             .map(|s| s.reserve)
             .fold(sized, f64::max)
     }

@@ -171,6 +171,40 @@ fn the_burst_reserve_adds_one_replica_at_a_time() {
     assert_eq!(d.action, Action::ScaleUp { from: 3, to: 4 }, "{}", d.reason);
 }
 
+#[test]
+fn after_a_burst_that_burnt_the_budget_a_short_window_drains_without_cancelling() {
+    // The example's short windows (scale-down 30 s, horizon 15 s), on a CPU node where most
+    // requests are late: the budget stays overspent. The burst reserve and the guarded
+    // look-back are held no longer than the scale-down window, so a drain that window allows
+    // is not cancelled by demand the forecast still remembers.
+    let mut p = Policy::new(PolicyConfig {
+        scale_down_window_seconds: 30.0,
+        forecast_horizon_seconds: 15.0,
+        ..slo_cfg()
+    });
+    let mut desired = 3;
+    let mut acts = Vec::new();
+    for i in 0..=60 {
+        let t = i as f64 * 5.0;
+        let (tps, late, burst) = if t < 40.0 {
+            (2500.0, 2.0, 8000)
+        } else {
+            (0.0, 0.0, 0)
+        };
+        let d = p.decide(&with_slo(t, desired, tps, late, burst));
+        if d.action != Action::Hold {
+            acts.push((t, d.action.clone()));
+        }
+        desired = d.replicas;
+    }
+    assert!(
+        acts.iter()
+            .all(|(_, a)| !matches!(a, Action::CancelDrain { .. })),
+        "{acts:?}"
+    );
+    assert!(desired < 3, "never scaled down: {acts:?}");
+}
+
 /// The forecast at the end of `load` (prompt tokens/s every 5 s from t = 0), with the trend
 /// fitted to the demand averaged again over `trend_smoothing` seconds.
 fn forecast_after(load: impl Fn(f64) -> f64, until: f64, trend_smoothing: f64) -> f64 {

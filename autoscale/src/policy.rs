@@ -336,8 +336,12 @@ impl Policy {
         // Demand came back while pods drain: keep them (still there, warm, no cold start).
         if !self.draining.is_empty() && wanted > serving {
             let pods: Vec<String> = self.draining.drain(..).map(|d| d.pod).collect();
-            out.reason =
-                format!("demand forecast {forecast:.2} replicas needs {wanted}: drain cancelled");
+            out.reason = format!(
+                "demand forecast {forecast:.2} replicas (now {smoothed:.2}, reserve {reserve:.2}, \
+                     {} pods reporting; {}) needs {wanted}: drain cancelled",
+                reporting.len(),
+                self.sizing_text()
+            );
             out.action = Action::CancelDrain { pods };
             return self.with_limits(out, obs);
         }

@@ -8,6 +8,9 @@
 //! - **Up early.** The forecast over the horizon (at least a pod's cold start) is the larger of
 //!   the recent peak (bursts recur) and the current demand plus its trend. Pods still starting
 //!   count as capacity, so a burst does not add a replica per tick while the first ones load.
+//! - **Sized by the SLO.** With a TTFT objective, the error budget ([`crate::budget`]) decides
+//!   the margin: none while no request is late (no trend either, and a capped reserve for the
+//!   bursts the sidecars measure), a cold-start margin once requests go late.
 //! - **Down late and safe.** Only when the peak demand over the whole scale-down window fits
 //!   on fewer replicas with a margin (at most `max_step` at once), with every pod reporting fresh data
 //!   for that whole window, nothing starting, and not within the window after a scale-up or

@@ -14,7 +14,8 @@ use std::collections::VecDeque;
 /// How the policy sizes the fleet now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sizing {
-    /// The engines do not count late requests: the load-only forecast with its trend.
+    /// No TTFT objective: the load-only forecast with its trend (the policy's choice; the
+    /// budget has nothing to say then).
     Reactive,
     /// Nothing burns: full measured capacity, no trend, a capped burst reserve.
     Lean,
@@ -55,6 +56,8 @@ pub struct ErrorBudget {
     counts: VecDeque<(f64, f64, f64)>,
     late: f64,
     first: f64,
+    /// When the last late request was counted: the window is clean once it has left.
+    last_late: Option<f64>,
     /// When the current catch-up began; `None` while armed (the window is clean).
     catch_up_since: Option<f64>,
     last: Option<f64>,
@@ -67,6 +70,7 @@ impl ErrorBudget {
             counts: VecDeque::new(),
             late: 0.0,
             first: 0.0,
+            last_late: None,
             catch_up_since: None,
             last: None,
         }
@@ -79,11 +83,12 @@ impl ErrorBudget {
     }
 
     /// Counts the fleet's late and first-token rates at `now` (per second, summed over the
-    /// pods; `None` when no pod counts late requests) and says how to size.
-    pub fn observe(&mut self, now: f64, rates: Option<(f64, f64)>) -> Sizing {
+    /// pods) and says how to size; `None` when no pod counts late requests (nothing to size
+    /// by).
+    pub fn observe(&mut self, now: f64, rates: Option<(f64, f64)>) -> Option<Sizing> {
         let Some((late, first)) = rates else {
             self.last = Some(now);
-            return Sizing::Reactive;
+            return None;
         };
         // A clock that went back: start the window afresh.
         if self.last.is_some_and(|t| t > now) {
@@ -93,6 +98,9 @@ impl ErrorBudget {
         self.last = Some(now);
         let (late, first) = (late.max(0.0) * dt, first.max(0.0) * dt);
         self.counts.push_back((now, late, first));
+        if late > 0.0 {
+            self.last_late = Some(now);
+        }
         self.late += late;
         self.first += first;
         while self
@@ -105,21 +113,22 @@ impl ErrorBudget {
             self.first -= f;
         }
         // Sums of floats drift: a window with no late request left is clean.
-        if self.counts.iter().all(|&(_, l, _)| l == 0.0) {
+        if self
+            .last_late
+            .is_none_or(|t| now - t > self.cfg.window_seconds)
+        {
             self.late = 0.0;
             self.catch_up_since = None;
         }
         let burn = self.burn();
-        if burn > self.cfg.overspent_burn {
-            return Sizing::Guarded;
-        }
-        if burn > self.cfg.warn_burn {
-            let since = *self.catch_up_since.get_or_insert(now);
-            if now - since < self.cfg.catch_up_seconds {
-                return Sizing::Guarded;
-            }
-        }
-        Sizing::Lean
+        let guarded = burn > self.cfg.overspent_burn
+            || (burn > self.cfg.warn_burn
+                && now - *self.catch_up_since.get_or_insert(now) < self.cfg.catch_up_seconds);
+        Some(if guarded {
+            Sizing::Guarded
+        } else {
+            Sizing::Lean
+        })
     }
 }
 
@@ -133,8 +142,8 @@ mod tests {
     }
 
     #[test]
-    fn no_late_counts_means_the_load_only_forecast() {
-        assert_eq!(budget().observe(0.0, None), Sizing::Reactive);
+    fn no_late_counts_means_nothing_to_size_by() {
+        assert_eq!(budget().observe(0.0, None), None);
     }
 
     #[test]
@@ -142,21 +151,24 @@ mod tests {
         let mut b = budget();
         // 10 first tokens a second, none late, for 100 s: 1000 served, 10 allowed.
         for t in 0..=20 {
-            assert_eq!(b.observe(t as f64 * 5.0, Some((0.0, 10.0))), Sizing::Lean);
+            assert_eq!(
+                b.observe(t as f64 * 5.0, Some((0.0, 10.0))),
+                Some(Sizing::Lean)
+            );
         }
         // 4 late in the next 5 s: burn 0.4, over the warning: a catch-up of 60 s.
-        assert_eq!(b.observe(105.0, Some((0.8, 10.0))), Sizing::Guarded);
+        assert_eq!(b.observe(105.0, Some((0.8, 10.0))), Some(Sizing::Guarded));
         assert!((b.burn() - 4.0 / 10.5).abs() < 1e-9);
-        assert_eq!(b.observe(160.0, Some((0.0, 0.0))), Sizing::Guarded);
+        assert_eq!(b.observe(160.0, Some((0.0, 0.0))), Some(Sizing::Guarded));
         assert_eq!(
             b.observe(170.0, Some((0.0, 0.0))),
-            Sizing::Lean,
+            Some(Sizing::Lean),
             "one catch-up"
         );
         // 10 more late: the budget is overspent, the margin stays while it is.
-        assert_eq!(b.observe(175.0, Some((2.0, 10.0))), Sizing::Guarded);
+        assert_eq!(b.observe(175.0, Some((2.0, 10.0))), Some(Sizing::Guarded));
         assert!(b.burn() > 1.0);
-        assert_eq!(b.observe(600.0, Some((0.0, 0.0))), Sizing::Guarded);
+        assert_eq!(b.observe(600.0, Some((0.0, 0.0))), Some(Sizing::Guarded));
     }
 
     #[test]
@@ -166,12 +178,12 @@ mod tests {
             ..BudgetConfig::default()
         });
         b.observe(0.0, Some((0.0, 100.0)));
-        assert_eq!(b.observe(5.0, Some((1.0, 100.0))), Sizing::Guarded);
-        assert_eq!(b.observe(70.0, Some((0.0, 100.0))), Sizing::Lean);
+        assert_eq!(b.observe(5.0, Some((1.0, 100.0))), Some(Sizing::Guarded));
+        assert_eq!(b.observe(70.0, Some((0.0, 100.0))), Some(Sizing::Lean));
         // The late requests leave the window: clean again, armed again.
-        assert_eq!(b.observe(110.0, Some((0.0, 100.0))), Sizing::Lean);
+        assert_eq!(b.observe(110.0, Some((0.0, 100.0))), Some(Sizing::Lean));
         assert_eq!(b.burn(), 0.0);
-        assert_eq!(b.observe(115.0, Some((10.0, 100.0))), Sizing::Guarded);
+        assert_eq!(b.observe(115.0, Some((10.0, 100.0))), Some(Sizing::Guarded));
     }
 
     proptest! {
@@ -195,10 +207,10 @@ mod tests {
                 let burn = l / (cfg.allowed_late * f).max(1.0);
                 prop_assert!((b.burn() - burn).abs() < 1e-6 * burn.max(1.0));
                 if burn > cfg.overspent_burn + 1e-6 {
-                    prop_assert_eq!(sizing, Sizing::Guarded);
+                    prop_assert_eq!(sizing, Some(Sizing::Guarded));
                 }
                 if burn <= cfg.warn_burn - 1e-6 {
-                    prop_assert_eq!(sizing, Sizing::Lean);
+                    prop_assert_eq!(sizing, Some(Sizing::Lean));
                 }
             }
         }

@@ -193,7 +193,7 @@ struct Sample {
     trend_base: f64,
     /// The burst reserve in replicas (0 without one), and the replicas asked for then.
     reserve: f64,
-    desired: f64,
+    desired: u32,
     /// The guarded forecast (see [`Sizing::Guarded`]).
     guarded: f64,
     /// Every pod that should report did, with fresh data.
@@ -538,7 +538,7 @@ impl Policy {
             smoothed,
             trend_base,
             reserve,
-            desired: desired as f64,
+            desired,
             guarded: 0.0,
             complete,
         });
@@ -575,7 +575,7 @@ impl Policy {
     }
 
     /// How to size now: by load alone without a TTFT objective; with one, by the error
-    /// budget, guarded while the engines do not count their late requests.
+    /// budget, guarded while no engine counts its late requests.
     fn sizing_now(&mut self, now: f64, reporting: &[&PodSignals]) -> Sizing {
         if self.cfg.ttft_objective_seconds.is_none() {
             return Sizing::Reactive;
@@ -589,10 +589,7 @@ impl Policy {
                 )
             })
         });
-        match self.budget.observe(now, rates) {
-            Sizing::Reactive => Sizing::Guarded,
-            s => s,
-        }
+        self.budget.observe(now, rates).unwrap_or(Sizing::Guarded)
     }
 
     /// How the forecast was sized, for the decision's reason.
@@ -626,7 +623,7 @@ impl Policy {
             .iter()
             .filter(|s| now - s.t <= self.within_hold(RESERVE_HOLD_SECONDS))
             .map(|s| s.desired)
-            .fold(desired as f64, f64::min);
+            .fold(desired, u32::min) as f64;
         // Just under what `needed` turns into one more replica than the cap.
         burst.min((low + RESERVE_MAX_OVER) * (1.0 + UP_TOLERANCE) - 0.01)
     }
@@ -654,13 +651,14 @@ impl Policy {
     /// The demand the fleet is sized for over the horizon, by the sizing in force, and never
     /// under the burst reserve of the hold.
     fn forecast(&mut self, now: f64, current: f64) -> f64 {
-        let guarded = self.trend_forecast(now, current, MAX_TREND_GAIN) * self.guard_margin();
+        let trend = self.trend_forecast(now, current, MAX_TREND_GAIN);
+        let guarded = trend * self.guard_margin();
         if let Some(s) = self.history.back_mut() {
             s.guarded = guarded;
         }
         let recent = |w: f64| self.history.iter().filter(move |s| now - s.t <= w);
         let sized = match self.sizing {
-            Sizing::Reactive => self.trend_forecast(now, current, MAX_TREND_GAIN),
+            Sizing::Reactive => trend,
             Sizing::Lean => self.trend_forecast(now, current, 0.0),
             Sizing::Guarded => recent(self.within_hold(GUARD_LOOKBACK_SECONDS))
                 .map(|s| s.guarded)

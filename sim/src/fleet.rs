@@ -337,7 +337,11 @@ impl<'a> Sim<'a> {
             self.records[r].first_token = Some(now);
             let engine = &mut self.pods[id].engine;
             engine.first_tokens_total += 1;
-            if now - self.trace[r].arrival > self.cfg.slo.ttft_seconds {
+            // As redline's engine: late against the objective it was given, if any.
+            if engine
+                .ttft_objective
+                .is_some_and(|o| now - self.trace[r].arrival > o)
+            {
                 engine.requests_late_total += 1;
             }
         }
@@ -378,9 +382,7 @@ impl<'a> Sim<'a> {
             generation_tokens_total: Some(e.generation_tokens_total),
             waiting_prompt_tokens: Some(e.waiting_tokens()),
             draining: Some(pod.phase == Phase::Draining),
-            // redline's engine counts late requests when it has a TTFT objective, which is
-            // what puts it in deadline order.
-            requests_late_total: (cfg.queue == Queue::Deadline).then_some(e.requests_late_total),
+            requests_late_total: e.ttft_objective.map(|_| e.requests_late_total),
             first_tokens_total: Some(e.first_tokens_total),
         };
         let device = DeviceReading {

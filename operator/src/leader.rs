@@ -1,7 +1,15 @@
 //! Leader election on a coordination.k8s.io Lease, so two operator replicas never reconcile at
 //! once. Optimistic concurrency (resourceVersion) decides races; a leader that cannot renew
-//! within the lease duration stops (the process exits and its Deployment restarts it).
+//! within the lease duration stops reconciling and campaigns again. A leader that is stopped
+//! (SIGTERM: a rolling update, a drained node) releases the lease, so the standby takes over
+//! at its next try instead of after the lease expires.
+//!
+//! A standby is ready (its `/readyz` answers 200): readiness says the process works, not that
+//! it leads. Were it "leads", a rolling update of one replica could never finish (the new pod
+//! waits for the lease the old one keeps until the new one is ready) and a second replica
+//! would never count as available.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -33,11 +41,51 @@ pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> Decision {
     }
 }
 
+/// What this instance is in the election, as `/readyz` and the `leader` gauge report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// No answer from the API server about the lease yet.
+    Starting,
+    /// Another instance leads; this one is ready to take over.
+    Standby,
+    Leader,
+}
+
+/// The current [`Role`], shared between the election and the HTTP handlers.
+#[derive(Debug, Default)]
+pub struct RoleCell(AtomicU8);
+
+impl RoleCell {
+    pub fn get(&self) -> Role {
+        match self.0.load(Ordering::SeqCst) {
+            0 => Role::Starting,
+            1 => Role::Standby,
+            _ => Role::Leader,
+        }
+    }
+    pub fn set(&self, r: Role) {
+        self.0.store(r as u8, Ordering::SeqCst);
+    }
+}
+
+/// Pure: the lease once its holder has let it go. Like client-go's release: no holder, a
+/// duration of one second; the transition count stays (the next holder adds one).
+pub fn released(spec: &LeaseSpec, now: Timestamp) -> LeaseSpec {
+    LeaseSpec {
+        holder_identity: None,
+        lease_duration_seconds: Some(1),
+        acquire_time: Some(MicroTime(now)),
+        renew_time: Some(MicroTime(now)),
+        ..spec.clone()
+    }
+}
+
 pub struct LeaseLock {
     pub api: Api<Lease>,
     pub name: String,
     pub identity: String,
     pub duration: Duration,
+    pub role: std::sync::Arc<RoleCell>,
 }
 
 impl LeaseLock {
@@ -104,20 +152,54 @@ impl LeaseLock {
         }
     }
 
+    /// Lets the lease go if this instance holds it. One attempt: on failure the lease expires
+    /// on its own within its duration.
+    pub async fn release(&self) {
+        let r = async {
+            let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+                return Ok(false);
+            };
+            let Some(spec) = lease.spec.as_ref() else {
+                return Ok(false);
+            };
+            if spec.holder_identity.as_deref() != Some(&self.identity) {
+                return Ok(false);
+            }
+            lease.spec = Some(released(spec, Timestamp::now()));
+            // resourceVersion is carried: a lease someone took meanwhile is not overwritten.
+            self.api
+                .replace(&self.name, &PostParams::default(), &lease)
+                .await
+                .map(|_| true)
+        }
+        .await;
+        self.role.set(Role::Standby);
+        match r {
+            Ok(true) => info!(lease = %self.name, "released the lease"),
+            Ok(false) => {}
+            Err(e) => {
+                warn!(lease = %self.name, "could not release the lease (it expires on its own): {e}")
+            }
+        }
+    }
+
     /// Blocks until this instance is the leader.
     pub async fn acquire(&self) {
         let mut waiting_logged = false;
         loop {
             match self.try_acquire().await {
                 Ok(true) => {
+                    self.role.set(Role::Leader);
                     info!(lease = %self.name, identity = %self.identity, "became leader");
                     return;
                 }
-                Ok(false) if !waiting_logged => {
-                    info!(lease = %self.name, "another instance leads; waiting");
-                    waiting_logged = true;
+                Ok(false) => {
+                    self.role.set(Role::Standby);
+                    if !waiting_logged {
+                        info!(lease = %self.name, "another instance leads; standing by");
+                        waiting_logged = true;
+                    }
                 }
-                Ok(false) => {}
                 Err(e) => warn!(lease = %self.name, "leader election: {e}"),
             }
             tokio::time::sleep(self.duration / 3).await;
@@ -133,11 +215,13 @@ impl LeaseLock {
             match self.try_acquire().await {
                 Ok(true) => last_ok = tokio::time::Instant::now(),
                 Ok(false) => {
+                    self.role.set(Role::Standby);
                     warn!(lease = %self.name, "leadership lost to another instance");
                     return;
                 }
                 Err(e) => {
                     if last_ok.elapsed() >= self.duration {
+                        self.role.set(Role::Starting);
                         warn!(lease = %self.name, "could not renew the lease within {:?}: {e}", self.duration);
                         return;
                     }
@@ -176,5 +260,33 @@ mod tests {
             Decision::Take,
             "released"
         );
+    }
+
+    #[test]
+    fn a_released_lease_is_anyones_at_once() {
+        let now = Timestamp::from_second(100).unwrap();
+        let held = LeaseSpec {
+            lease_transitions: Some(4),
+            ..spec("a", 99, 15)
+        };
+        assert_eq!(decide(Some(&held), "b", now), Decision::Wait);
+        let r = released(&held, now);
+        assert_eq!(decide(Some(&r), "b", now), Decision::Take);
+        assert_eq!(
+            r.lease_transitions,
+            Some(4),
+            "the next holder counts the transition"
+        );
+        assert_eq!(r.holder_identity, None);
+    }
+
+    #[test]
+    fn the_role_cell_round_trips() {
+        let c = RoleCell::default();
+        assert_eq!(c.get(), Role::Starting);
+        for r in [Role::Standby, Role::Leader, Role::Starting] {
+            c.set(r);
+            assert_eq!(c.get(), r);
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! The operator's own Prometheus metrics (prefix `redline_operator_`).
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -10,6 +10,7 @@ pub struct Metrics {
     pub events: IntCounterVec,
     pub pressure_reads: IntCounterVec,
     pub scaling_decisions: IntCounterVec,
+    pub leader: IntGauge,
 }
 
 impl Default for Metrics {
@@ -59,6 +60,11 @@ impl Default for Metrics {
             &["action"],
         )
         .unwrap();
+        let leader = IntGauge::new(
+            "redline_operator_leader",
+            "1 while this instance holds the leader Lease and reconciles",
+        )
+        .unwrap();
         for c in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),
@@ -66,6 +72,7 @@ impl Default for Metrics {
             Box::new(events.clone()),
             Box::new(pressure_reads.clone()),
             Box::new(scaling_decisions.clone()),
+            Box::new(leader.clone()),
         ] {
             registry.register(c).unwrap();
         }
@@ -77,6 +84,7 @@ impl Default for Metrics {
             events,
             pressure_reads,
             scaling_decisions,
+            leader,
         }
     }
 }

@@ -4,11 +4,14 @@
 //! status; the scale subresource resizes the Deployment; with autoscaling on, idle spare pods
 //! are drained and removed (load/tests/closed_loop.rs drives the loop with a trace);
 //! invalid services are refused by the API server or marked Degraded while valid ones keep
-//! reconciling; deleting a service garbage-collects its children.
+//! reconciling; a `helm upgrade` to two replicas of a new build rolls the operator, hands the
+//! leader Lease over and fails over to the standby; deleting a service garbage-collects its
+//! children.
 
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
@@ -79,6 +82,71 @@ async fn replicasets(client: &Client, ns: &str, name: &str) -> Vec<String> {
             .collect();
     names.sort();
     names
+}
+
+async fn lease_holder(leases: &Api<Lease>) -> Result<String, String> {
+    leases
+        .get("redline-operator")
+        .await
+        .map_err(|e| e.to_string())
+        .map(|l| l.spec.and_then(|s| s.holder_identity).unwrap_or_default())
+}
+
+/// The one operator pod that leads (its `/readyz` says "leader", its gauge is 1, the Lease
+/// names it; not `not`), when the two Ready pods of the upgraded release are one leader and
+/// one standby.
+async fn one_leader(
+    client: &Client,
+    leases: &Api<Lease>,
+    not: Option<&str>,
+) -> Result<String, String> {
+    let pods = Api::<Pod>::namespaced(client.clone(), RELEASE_NS)
+        .list(&ListParams::default().labels("app.kubernetes.io/name=redline-operator"))
+        .await
+        .map_err(|e| e.to_string())?
+        .items;
+    let mut roles = Vec::new();
+    for p in pods.iter().filter(|p| testing::is_ready(p)) {
+        let name = p.metadata.name.clone().unwrap();
+        let image = p.spec.as_ref().unwrap().containers[0].image.clone();
+        let get = |path: &'static str| {
+            testing::pod_http(client, RELEASE_NS, &name, 8080, "GET", path, None)
+        };
+        let role = get("/readyz").await.unwrap_or_else(|e| e);
+        let gauge = get("/metrics")
+            .await
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l == "redline_operator_leader 1");
+        roles.push((name, image, role, gauge));
+    }
+    let lease = lease_holder(leases).await?;
+    let upgraded = roles.iter().all(|(_, image, _, _)| {
+        image
+            .as_deref()
+            .is_some_and(|i| i.ends_with(":e2e-upgrade"))
+    });
+    let leaders: Vec<&String> = roles
+        .iter()
+        .filter(|(_, _, role, gauge)| role == "leader" && *gauge)
+        .map(|(name, ..)| name)
+        .collect();
+    let standbys = roles
+        .iter()
+        .filter(|(_, _, role, gauge)| role == "standby" && !*gauge)
+        .count();
+    match leaders.as_slice() {
+        [name]
+            if roles.len() == 2
+                && upgraded
+                && standbys == 1
+                && **name == lease
+                && not != Some(name.as_str()) =>
+        {
+            Ok((*name).clone())
+        }
+        _ => Err(format!("lease {lease:?}, pods {roles:?}")),
+    }
 }
 
 #[tokio::test]
@@ -515,6 +583,81 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
             .sum();
         assert_eq!(restarts, 0, "the operator recovered in place");
     }
+
+    // `helm upgrade` to a new build (a new image tag) and two replicas: the rolling update
+    // finishes (`--wait`: the new pods are Ready, the standby too), the old pod lets the lease
+    // go as it stops instead of leaving it to expire, exactly one new pod leads, the new leader
+    // reconciles, and when it is deleted the standby takes over.
+    let old_op = op.metadata.name.clone().unwrap();
+    let leases: Api<Lease> = Api::namespaced(client.clone(), RELEASE_NS);
+    assert_eq!(lease_holder(&leases).await.unwrap(), old_op);
+    run_helm(&[
+        "upgrade",
+        "redline",
+        repo().join("charts/redline").to_str().unwrap(),
+        "--namespace",
+        RELEASE_NS,
+        "--set",
+        "image.tag=e2e-upgrade",
+        "--set",
+        "replicas=2",
+        "--wait",
+        "--timeout",
+        "90s",
+    ]);
+    wait_for(
+        "the old operator pod gone",
+        Duration::from_secs(60),
+        || async {
+            match op_pods.get_opt(&old_op).await {
+                Ok(None) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    // Without the release it would hold the lease for up to 15 s after its process exited.
+    assert_ne!(
+        lease_holder(&leases).await.unwrap(),
+        old_op,
+        "the stopped leader kept the lease"
+    );
+    let new_leader = wait_for(
+        "one new operator pod leading, one standing by",
+        Duration::from_secs(45),
+        || one_leader(&client, &leases, None),
+    )
+    .await;
+    let mut upgraded = example();
+    upgraded.metadata.name = Some("after-upgrade".into());
+    upgraded.spec.replicas = Some(0);
+    upgraded.spec.min_replicas = 0;
+    isvcs
+        .create(&PostParams::default(), &upgraded)
+        .await
+        .unwrap();
+    wait_for(
+        "after-upgrade reconciled by the new leader",
+        Duration::from_secs(30),
+        || async {
+            deployments
+                .get_opt("after-upgrade")
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("absent".to_string())
+        },
+    )
+    .await;
+    op_pods
+        .delete(&new_leader, &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(
+        "the standby leading after the leader's pod was deleted",
+        Duration::from_secs(60),
+        || one_leader(&client, &leases, Some(&new_leader)),
+    )
+    .await;
 
     // Deleting the service garbage-collects its Deployment and Service (owner references).
     isvcs

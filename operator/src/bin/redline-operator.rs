@@ -5,13 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
+use axum::http::StatusCode;
 use axum::routing::get;
 use clap::{Parser, Subcommand};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
 use redline_operator::children::Defaults;
 use redline_operator::controller::{self, Context};
-use redline_operator::leader::LeaseLock;
+use redline_operator::leader::{LeaseLock, Role, RoleCell};
 use redline_operator::metrics::Metrics;
 use tracing::{info, warn};
 
@@ -115,22 +116,23 @@ async fn run(args: RunArgs) -> Result<()> {
     if let Some(i) = args.sidecar_image {
         defaults.sidecar_image = i;
     }
-    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let role = Arc::new(RoleCell::default());
     let http = {
-        let (m, r) = (metrics.clone(), ready.clone());
+        let (m, r) = (metrics.clone(), role.clone());
         let app = axum::Router::new()
             .route("/metrics", get(move || async move { m.render() }))
             .route("/healthz", get(|| async { "ok" }))
+            // Ready as leader or as standby (see leader.rs); the body says which.
             .route(
                 "/readyz",
                 get(move || async move {
-                    if r.load(std::sync::atomic::Ordering::SeqCst) {
-                        (axum::http::StatusCode::OK, "ok")
-                    } else {
-                        (
-                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                            "waiting for leadership",
-                        )
+                    match r.get() {
+                        Role::Leader => (StatusCode::OK, "leader"),
+                        Role::Standby => (StatusCode::OK, "standby"),
+                        Role::Starting => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "starting: no answer about the leader Lease yet",
+                        ),
                     }
                 }),
             );
@@ -143,6 +145,7 @@ async fn run(args: RunArgs) -> Result<()> {
         name: args.lease_name.clone(),
         identity: identity.clone(),
         duration: Duration::from_secs(15),
+        role: role.clone(),
     });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     // Lead, reconcile until leadership is lost (e.g. the API server was unreachable for longer
@@ -155,7 +158,8 @@ async fn run(args: RunArgs) -> Result<()> {
                 _ = tokio::signal::ctrl_c() => break,
             }
         }
-        ready.store(true, std::sync::atomic::Ordering::SeqCst);
+        role.set(Role::Leader);
+        metrics.leader.set(1);
         let ctx = Arc::new(Context::new(
             client.clone(),
             defaults.clone(),
@@ -178,7 +182,7 @@ async fn run(args: RunArgs) -> Result<()> {
             _ = tokio::signal::ctrl_c() => true,
             _ = lost => { warn!("not the leader any more: reconciling stops until re-elected"); false }
         };
-        ready.store(false, std::sync::atomic::Ordering::SeqCst);
+        metrics.leader.set(0);
         let _ = stop_tx.send(());
         // A reconcile stuck on an unreachable API server must not outlive our leadership.
         if tokio::time::timeout(Duration::from_secs(10), &mut controller)
@@ -188,6 +192,10 @@ async fn run(args: RunArgs) -> Result<()> {
             controller.abort();
         }
         if stopping {
+            // Only now: a standby that took over earlier could reconcile beside us.
+            if let Some(l) = &lock {
+                l.release().await;
+            }
             break;
         }
     }

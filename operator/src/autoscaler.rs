@@ -30,7 +30,7 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::children::{self, SIDECAR_PORT};
-use crate::conditions::{self, Cond, NEAR_REDLINE};
+use crate::conditions::{self, Cond, AUTOSCALER_OWNED, NEAR_REDLINE, RESOURCES_AVAILABLE};
 use crate::controller::{Context, Error};
 use crate::crd::{
     late_requests_text, AutoscalingPolicy, AutoscalingPolicySpec, Decision, InferenceService,
@@ -110,6 +110,55 @@ pub fn pod_phase(pod: &Pod, draining: bool) -> Option<PodPhase> {
     } else {
         PodPhase::Starting
     })
+}
+
+/// Whether every pod of the service found a node: `ResourcesAvailable` False with the
+/// scheduler's own words (e.g. "0/2 nodes are available: 2 Insufficient nvidia.com/gpu.") while
+/// any waits for one.
+pub fn resources_condition(pods: &[Pod]) -> Cond<'static> {
+    let waiting: Vec<(String, String)> = pods
+        .iter()
+        .filter(|p| pod_phase(p, false) == Some(PodPhase::Unschedulable))
+        .map(|p| {
+            let why = p
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_deref())
+                .unwrap_or_default()
+                .iter()
+                .find(|c| c.type_ == "PodScheduled")
+                .and_then(|c| c.message.clone())
+                .unwrap_or_default();
+            (p.name_any(), why)
+        })
+        .collect();
+    match waiting.as_slice() {
+        [] => Cond {
+            type_: RESOURCES_AVAILABLE,
+            ok: Some(true),
+            reason: "Scheduled",
+            message: "every pod has a node".into(),
+        },
+        [(pod, why), ..] => Cond {
+            type_: RESOURCES_AVAILABLE,
+            ok: Some(false),
+            reason: "Unschedulable",
+            message: format!(
+                "{} pod(s) cannot be scheduled ({pod}: {why}); the autoscaler adds none while one \
+                 waits",
+                waiting.len()
+            ),
+        },
+    }
+}
+
+/// Whether `status` says a pod is waiting for a node (so the condition must be written again
+/// even when the service has no pods left).
+fn reports_unschedulable(isvc: &InferenceService) -> bool {
+    isvc.status
+        .as_ref()
+        .and_then(|s| conditions::find(&s.conditions, RESOURCES_AVAILABLE))
+        .is_some_and(|c| c.status == "False")
 }
 
 /// The KV usage shown by `kubectl get` and whether the service is near its redline; `None`
@@ -198,8 +247,8 @@ impl Autoscaler {
                 let k = key(&isvc);
                 let mine = pods.remove(&k).unwrap_or_default();
                 let enabled = isvc.spec.autoscaling.as_ref().is_some_and(|a| a.enabled);
-                if mine.is_empty() && !enabled {
-                    continue; // Nothing to read, nothing to decide.
+                if mine.is_empty() && !enabled && !reports_unschedulable(&isvc) {
+                    continue; // Nothing to read, nothing to decide, nothing to clear.
                 }
                 let r = self.service(&isvc, mine).await;
                 let st = self.services.entry(k.clone()).or_default();
@@ -405,8 +454,17 @@ impl Autoscaler {
         } else if let Some(st) = self.services.get_mut(&k) {
             st.policy = None;
         }
-        self.write_status(isvc, &name, &ns, &views, &reports, decision.as_ref())
-            .await
+        let resources = resources_condition(&pods);
+        self.write_status(
+            isvc,
+            &name,
+            &ns,
+            &views,
+            &reports,
+            decision.as_ref(),
+            resources,
+        )
+        .await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -501,6 +559,7 @@ impl Autoscaler {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn write_status(
         &mut self,
         isvc: &InferenceService,
@@ -509,6 +568,7 @@ impl Autoscaler {
         views: &[(String, PodPhase, Option<String>)],
         reports: &[Option<PressureReport>],
         d: Option<&PolicyDecision>,
+        resources: Cond<'static>,
     ) -> Result<(), Error> {
         let got: Vec<&PressureReport> = reports.iter().flatten().collect();
         let summary = pressure_summary(&got);
@@ -537,20 +597,34 @@ impl Autoscaler {
             },
         };
         let current = isvc.status.clone().unwrap_or_default();
-        let near = conditions::merge(
+        let was = conditions::find(&current.conditions, RESOURCES_AVAILABLE)
+            .map(|c| (c.status.clone(), c.reason.clone()));
+        // Once per episode: the condition stays False while the pod waits.
+        if resources.ok == Some(false) && was != Some(("False".into(), "Unschedulable".into())) {
+            self.ctx
+                .event(
+                    isvc,
+                    EventType::Warning,
+                    "Unschedulable",
+                    "Schedule",
+                    resources.message.clone(),
+                )
+                .await;
+        }
+        let ours = conditions::merge(
             &current.conditions,
             Timestamp::now(),
             isvc.metadata.generation,
-            vec![cond],
+            vec![cond, resources],
         );
         // The reconciler's conditions as they are, ours replaced (the list is one value to a
         // 1.20 API server).
         let conds: Vec<_> = current
             .conditions
             .iter()
-            .filter(|c| c.type_ != NEAR_REDLINE)
+            .filter(|c| !AUTOSCALER_OWNED.contains(&c.type_.as_str()))
             .cloned()
-            .chain(near)
+            .chain(ours)
             .collect();
         let draining = d.map(|d| d.draining.clone()).unwrap_or_default();
         let pod_limits: Vec<PodLimits> = views
@@ -700,6 +774,25 @@ spec:
         assert_eq!(pod_phase(&loading, true), Some(PodPhase::Ready));
         assert_eq!(pod_phase(&pending, false), Some(PodPhase::Unschedulable));
         assert_eq!(pod_phase(&gone, false), None);
+    }
+
+    #[test]
+    fn a_pod_without_a_node_makes_resources_unavailable_in_the_schedulers_words() {
+        let ready =
+            pod("metadata: {name: a}\nstatus: {conditions: [{type: Ready, status: 'True'}]}");
+        let loading = pod(
+            "metadata: {name: b}\nstatus: {conditions: [{type: PodScheduled, status: 'True'}]}",
+        );
+        let c = resources_condition(&[ready.clone(), loading]);
+        assert_eq!((c.ok, c.reason), (Some(true), "Scheduled"));
+        let pending = pod("metadata: {name: c}\nstatus: {conditions: [{type: PodScheduled, status: 'False', reason: Unschedulable, message: '0/2 nodes are available: 2 Insufficient nvidia.com/gpu.'}]}");
+        let c = resources_condition(&[ready.clone(), pending.clone(), pending]);
+        assert_eq!((c.ok, c.reason), (Some(false), "Unschedulable"));
+        assert!(c.message.starts_with("2 pod(s) cannot be scheduled (c: 0/2 nodes are available: 2 Insufficient nvidia.com/gpu.)"), "{}", c.message);
+        // A pod being deleted is the ReplicaSet's business, not a capacity problem.
+        let leaving = pod("metadata: {name: d, deletionTimestamp: '2026-01-01T00:00:00Z'}\nstatus: {conditions: [{type: PodScheduled, status: 'False', reason: Unschedulable}]}");
+        assert_eq!(resources_condition(&[ready, leaving]).ok, Some(true));
+        assert_eq!(resources_condition(&[]).ok, Some(true));
     }
 
     fn report(usage: f64, level: Level) -> PressureReport {

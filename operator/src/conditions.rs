@@ -9,6 +9,13 @@ pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
 /// True when the service's pods are close to running out of KV cache or device memory.
 pub const NEAR_REDLINE: &str = "NearRedline";
+/// False (reason `Unschedulable`) while a pod of the service waits for a node with room for it;
+/// the autoscaler adds no replica meanwhile. The name and reason are Knative's (a Revision's
+/// ResourcesAvailable), which KServe users meet in the same situation.
+pub const RESOURCES_AVAILABLE: &str = "ResourcesAvailable";
+/// The conditions the autoscaling loop writes (from pods and sidecars); the reconciler keeps
+/// them as they are.
+pub const AUTOSCALER_OWNED: [&str; 2] = [NEAR_REDLINE, RESOURCES_AVAILABLE];
 
 pub struct Cond<'a> {
     pub type_: &'a str,

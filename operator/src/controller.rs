@@ -21,7 +21,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::children::{self, Defaults};
-use crate::conditions::{self, Cond, DEGRADED, NEAR_REDLINE, PROGRESSING, READY};
+use crate::conditions::{self, Cond, AUTOSCALER_OWNED, DEGRADED, PROGRESSING, READY};
 use crate::crd::{AutoscalingPolicy, InferenceService, InferenceServiceStatus};
 use crate::metrics::Metrics;
 use crate::validate;
@@ -157,7 +157,7 @@ async fn reconcile_inner(isvc: &InferenceService, ctx: &Context) -> Result<Actio
         }
         let status = InferenceServiceStatus {
             observed_generation: generation,
-            conditions: with_near_redline(
+            conditions: with_autoscaler_conditions(
                 conditions::merge(
                     &previous.conditions,
                     now,
@@ -337,7 +337,7 @@ async fn reconcile_inner(isvc: &InferenceService, ctx: &Context) -> Result<Actio
         ready_replicas: ready,
         selector: Some(children::selector_string(isvc)),
         observed_generation: generation,
-        conditions: with_near_redline(
+        conditions: with_autoscaler_conditions(
             conditions::merge(&previous.conditions, now, generation, conds),
             &previous,
         ),
@@ -368,12 +368,14 @@ fn reconciler_fields(s: &InferenceServiceStatus) -> InferenceServiceStatus {
     }
 }
 
-/// `conds` plus the NearRedline condition found in `previous`.
-fn with_near_redline(
+/// `conds` plus the autoscaling loop's conditions found in `previous`.
+fn with_autoscaler_conditions(
     mut conds: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
     previous: &InferenceServiceStatus,
 ) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
-    conds.extend(conditions::find(&previous.conditions, NEAR_REDLINE).cloned());
+    for t in AUTOSCALER_OWNED {
+        conds.extend(conditions::find(&previous.conditions, t).cloned());
+    }
     conds
 }
 

@@ -407,9 +407,10 @@ pub struct InferenceServiceStatus {
     pub selector: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Ready, Progressing, Degraded and NearRedline, in Kubernetes' condition format. A map
+    /// Ready, Progressing, Degraded, NearRedline and ResourcesAvailable (False, reason
+    /// Unschedulable, while a pod waits for a node), in Kubernetes' condition format. A map
     /// keyed by type for server-side apply: the reconciler owns the first three, the
-    /// autoscaling loop NearRedline.
+    /// autoscaling loop the last two.
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

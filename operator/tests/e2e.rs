@@ -259,7 +259,13 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
         "nothing decided while off"
     );
     // The reconciler's conditions and the loop's live side by side (a map keyed by type).
-    for t in ["Ready", "Progressing", "Degraded", "NearRedline"] {
+    for t in [
+        "Ready",
+        "Progressing",
+        "Degraded",
+        "NearRedline",
+        "ResourcesAvailable",
+    ] {
         assert!(
             observed.conditions.iter().any(|c| c.type_ == t),
             "{t}: {observed:?}"
@@ -518,6 +524,76 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
         }
     })
     .await;
+
+    // A pod no node has room for (3 GPUs; no node has more than 2): ResourcesAvailable turns
+    // False in the scheduler's words, with one Warning Event however many passes see it, and
+    // True again once the service asks for nothing it cannot get.
+    let mut big = example();
+    big.metadata.name = Some("too-big".into());
+    big.spec.resources =
+        Some(serde_json::from_value(json!({"limits": {"nvidia.com/gpu": "3"}})).unwrap());
+    isvcs.create(&PostParams::default(), &big).await.unwrap();
+    let resources = |name: &str, want: &'static str| {
+        let (isvcs, name) = (isvcs.clone(), name.to_string());
+        async move {
+            let i = isvcs.get(&name).await.map_err(|e| e.to_string())?;
+            let c = i.status.and_then(|s| {
+                s.conditions
+                    .into_iter()
+                    .find(|c| c.type_ == "ResourcesAvailable")
+            });
+            match c {
+                Some(c) if c.status == want => Ok(c),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    };
+    let unavailable = wait_for(
+        "too-big: ResourcesAvailable False",
+        Duration::from_secs(60),
+        || resources("too-big", "False"),
+    )
+    .await;
+    assert_eq!(unavailable.reason, "Unschedulable");
+    assert!(
+        unavailable.message.contains("Insufficient nvidia.com/gpu"),
+        "{}",
+        unavailable.message
+    );
+    // Three more passes of the loop (5 s apart) see it still waiting.
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    let op_name = op.metadata.name.clone().unwrap();
+    let m = testing::pod_http(&client, RELEASE_NS, &op_name, 8080, "GET", "/metrics", None)
+        .await
+        .unwrap();
+    assert!(
+        m.lines()
+            .any(|l| l == r#"redline_operator_events_total{reason="Unschedulable"} 1"#),
+        "one Unschedulable event: {}",
+        m.lines()
+            .filter(|l| l.contains("events_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    isvcs
+        .patch(
+            "too-big",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 0, "minReplicas": 0}})),
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "too-big: ResourcesAvailable True",
+        Duration::from_secs(60),
+        || resources("too-big", "True"),
+    )
+    .await;
+    assert_eq!(
+        resources(&name, "True").await.map(|c| c.reason),
+        Ok("Scheduled".to_string()),
+        "the service whose pod runs"
+    );
 
     // The API server restarts (local cluster only: a kind control plane is not ours to
     // restart): the operator recovers without crashing, reconciles a service created afterwards,

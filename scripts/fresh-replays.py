@@ -1,18 +1,22 @@
 #!/usr/bin/env python3
-"""redline on sixteen replays of the code trace that no policy setting was tuned on: other time
-compressions, prompt scales, cold starts and TTFT objectives. `redline-sim --targets` checks the
-eleven replays the settings were chosen on; this is the check that they hold elsewhere
-(docs/autoscaling.md, "Sizing by the error budget"). Usage, after
-`cargo build --release -p redline-sim` (about 3 minutes on 2 cores):
+"""redline on replays that no policy setting was tuned on: sixteen of the code trace (other time
+compressions, prompt scales, cold starts and TTFT objectives) and six of a second workload, 13
+minutes of the conversation trace (sim/traces/README.md), with its tokens scaled up so that the
+fleet grows past the two-replica floor. `redline-sim --targets` checks the eleven replays the
+settings were chosen on; this is the check that they hold elsewhere (docs/autoscaling.md,
+"Sizing by the error budget" and "A second workload: conversations"). Usage, after
+`cargo build --release -p redline-sim` (about 4 minutes on 2 cores):
 
     python3 scripts/fresh-replays.py [path/to/redline-sim]
 
-Prints one row per replay (TTFT attainment, cost vs the oracle, reversals per 10 minutes) and
-exits 1 if any replay falls under 99% TTFT attainment."""
+Prints one row per replay (TTFT attainment, cost vs the oracle, reversals per 10 minutes, and
+the best static fleet's attainment and cost against redline's) and exits 1 if any replay falls
+under 99% TTFT attainment."""
 import concurrent.futures as cf
 import os
 import subprocess
 import sys
+import tempfile
 
 B = sys.argv[1] if len(sys.argv) > 1 else os.path.join(
     os.environ.get("CARGO_TARGET_DIR", "target"), "release", "redline-sim")
@@ -24,24 +28,37 @@ REPLAYS = [
     "--cold-start 180 --time-compression 4", "--ttft-slo 1.5",
     "--ttft-slo 1.5 --time-compression 4", "--ttft-slo 3 --time-compression 2",
     "--token-scale 0.75 --time-compression 4",
-]
+] + [f"--trace sim/traces/azure-llm-2023-conv-13min.csv {f}" for f in [
+    "--token-scale 2", "--token-scale 4", "--token-scale 6", "--token-scale 4 --cold-start 120",
+    "--token-scale 2 --time-compression 2", "--token-scale 3 --time-compression 2",
+]]
 
 
 def redline_row(flags):
-    """(TTFT attainment %, cost vs oracle, reversals per 10 minutes) of redline's row."""
-    out = subprocess.run([B, *flags.split()], capture_output=True, text=True, check=True).stdout
+    """(TTFT attainment %, cost vs oracle, reversals per 10 minutes, best static's TTFT
+    attainment %, best static's replica-seconds over redline's) from one run."""
+    with tempfile.TemporaryDirectory() as d:
+        out = subprocess.run([B, *flags.split(), "--plot", os.path.join(d, "plot.png")],
+                             capture_output=True, text=True, check=True).stdout
+    rows = {}
     for line in out.splitlines():
         c = [x.strip() for x in line.split("|")]
-        if len(c) > 10 and c[1] == "redline":
-            return float(c[2].rstrip("%")), float(c[6].rstrip("x")), float(c[10])
-    raise SystemExit(f"no redline row for {flags}:\n{out}")
+        if len(c) > 10:
+            rows[c[1].split(" (")[0]] = c
+    if "redline" not in rows or "best static" not in rows:
+        raise SystemExit(f"no redline or static row for {flags}:\n{out}")
+    r, s = rows["redline"], rows["best static"]
+    return (float(r[2].rstrip("%")), float(r[6].rstrip("x")), float(r[10]),
+            float(s[2].rstrip("%")), float(s[5]) / float(r[5]))
 
 
 with cf.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
     rows = list(pool.map(redline_row, REPLAYS))
-print("| replay | TTFT SLO | vs oracle | reversals /10 min |\n|---|---:|---:|---:|")
-for flags, (att, cost, rev) in zip(REPLAYS, rows):
-    print(f"| `{flags}` | {att:.2f}% | {cost:.2f}x | {rev:.2f} |")
+print("| replay | TTFT SLO | vs oracle | reversals /10 min | best static: TTFT SLO, cost vs redline |")
+print("|---|---:|---:|---:|---|")
+for flags, (att, cost, rev, s_att, s_cost) in zip(REPLAYS, rows):
+    name = flags.replace("--trace sim/traces/azure-llm-2023-conv-13min.csv", "conversations")
+    print(f"| `{name}` | {att:.2f}% | {cost:.2f}x | {rev:.2f} | {s_att:.2f}%, {s_cost:.2f}x |")
 short = [f for f, r in zip(REPLAYS, rows) if r[0] < 99.0]
 print(f"{len(REPLAYS) - len(short)} of {len(REPLAYS)} replays keep >= 99%", file=sys.stderr)
 sys.exit(1 if short else 0)

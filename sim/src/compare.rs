@@ -205,39 +205,65 @@ pub fn tuned_hpa(trace: &[Request], cfg: &SimConfig, setup: &Setup, recipe: &Out
     o
 }
 
-/// Per window, the fewest replicas that serve the requests arriving in it within the SLO,
-/// simulated alone on warm replicas.
+/// Windows of history each window of [`oracle_schedule`] is sized on top of.
+pub const ORACLE_LOOKBACK_WINDOWS: usize = 3;
+
+/// Per window, in order, the fewest replicas that serve the requests arriving in it within the
+/// SLO, on warm replicas that have served the windows before it with the counts already chosen
+/// (up to [`ORACLE_LOOKBACK_WINDOWS`] of them are replayed first; only the window's own requests
+/// are judged). Sized alone, each window started empty: a workload whose answers outlast a
+/// window (long conversations: a request decoding for 30 s holds its KV and batch slot into
+/// the next one), or a fleet that falls behind and carries a queue, got fewer replicas than
+/// it needs in every window (38% attainment on the conversation trace with tokens x4).
 pub fn oracle_schedule(trace: &[Request], setup: &Setup) -> Vec<u32> {
     let w = setup.oracle_window_seconds;
     let end = trace.last().map_or(0.0, |r| r.arrival);
     let windows = (end / w).floor() as usize + 1;
     let min = setup.policy.min_replicas.max(1);
-    (0..windows)
-        .map(|i| {
-            let t0 = i as f64 * w;
-            let slice: Vec<Request> = trace
-                .iter()
-                .filter(|r| r.arrival >= t0 && r.arrival < t0 + w)
-                .map(|r| Request {
-                    arrival: r.arrival - t0,
-                    ..*r
-                })
-                .collect();
-            if slice.is_empty() {
-                return min;
-            }
-            (min..=setup.policy.max_replicas.max(min))
-                .find(|&n| {
-                    let cfg = SimConfig {
-                        initial_replicas: n,
-                        tail_seconds: 120.0,
-                        ..setup.sim.clone()
-                    };
-                    meets(&simulate(&slice, &cfg, &mut Static(n), None), setup)
-                })
-                .unwrap_or(setup.policy.max_replicas.max(min))
-        })
-        .collect()
+    let max = setup.policy.max_replicas.max(min);
+    let mut chosen: Vec<u32> = Vec::with_capacity(windows);
+    for i in 0..windows {
+        let t0 = i as f64 * w;
+        if !trace.iter().any(|r| r.arrival >= t0 && r.arrival < t0 + w) {
+            chosen.push(min);
+            continue;
+        }
+        let first = i.saturating_sub(ORACLE_LOOKBACK_WINDOWS);
+        let from = first as f64 * w;
+        let slice: Vec<Request> = trace
+            .iter()
+            .filter(|r| r.arrival >= from && r.arrival < t0 + w)
+            .map(|r| Request {
+                arrival: r.arrival - from,
+                ..*r
+            })
+            .collect();
+        let n = (min..=max)
+            .find(|&n| {
+                let mut schedule = chosen[first..i].to_vec();
+                schedule.push(n);
+                let cfg = SimConfig {
+                    initial_replicas: schedule[0],
+                    cold_start_seconds: 0.0,
+                    tail_seconds: 120.0,
+                    ..setup.sim.clone()
+                };
+                let mut history = Oracle {
+                    min,
+                    window_seconds: w,
+                    cold_start_seconds: 0.0,
+                    lead_seconds: 0.0,
+                    spare: 0,
+                    schedule,
+                };
+                let mut o = simulate(&slice, &cfg, &mut history, None);
+                o.requests.retain(|r| r.arrival >= t0 - from);
+                meets(&o, setup)
+            })
+            .unwrap_or(max);
+        chosen.push(n);
+    }
+    chosen
 }
 
 pub fn compare(trace: &[Request], setup: &Setup, mp: Option<&MultiProgress>) -> Comparison {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{Pod, PodCondition, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::events::EventType;
@@ -100,36 +100,38 @@ pub fn pod_phase(pod: &Pod, draining: bool) -> Option<PodPhase> {
         // A draining pod turns not ready on purpose: it still holds requests.
         return Some(PodPhase::Ready);
     }
-    let unschedulable = conds.iter().any(|c| {
-        c.type_ == "PodScheduled"
-            && c.status == "False"
-            && c.reason.as_deref() == Some("Unschedulable")
-    });
-    Some(if unschedulable {
+    Some(if scheduling_failure(pod).is_some() {
         PodPhase::Unschedulable
     } else {
         PodPhase::Starting
     })
 }
 
+/// The scheduler's `PodScheduled` False/`Unschedulable` condition, while it has one.
+fn scheduling_failure(pod: &Pod) -> Option<&PodCondition> {
+    pod.status
+        .as_ref()?
+        .conditions
+        .as_deref()?
+        .iter()
+        .find(|c| {
+            c.type_ == "PodScheduled"
+                && c.status == "False"
+                && c.reason.as_deref() == Some("Unschedulable")
+        })
+}
+
 /// Whether every pod of the service found a node: `ResourcesAvailable` False with the
 /// scheduler's own words (e.g. "0/2 nodes are available: 2 Insufficient nvidia.com/gpu.") while
 /// any waits for one.
 pub fn resources_condition(pods: &[Pod]) -> Cond<'static> {
-    let waiting: Vec<(String, String)> = pods
+    // A pod being deleted is the ReplicaSet's business, not a capacity problem.
+    let waiting: Vec<(String, &str)> = pods
         .iter()
-        .filter(|p| pod_phase(p, false) == Some(PodPhase::Unschedulable))
-        .map(|p| {
-            let why = p
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.as_deref())
-                .unwrap_or_default()
-                .iter()
-                .find(|c| c.type_ == "PodScheduled")
-                .and_then(|c| c.message.clone())
-                .unwrap_or_default();
-            (p.name_any(), why)
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| {
+            let c = scheduling_failure(p)?;
+            Some((p.name_any(), c.message.as_deref().unwrap_or_default()))
         })
         .collect();
     match waiting.as_slice() {

@@ -44,7 +44,8 @@ pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> Decision {
 /// What this instance is in the election, as `/readyz` and the `leader` gauge report it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
-    /// No answer from the API server about the lease yet.
+    /// No answer from the API server about the lease yet, or none within a lease duration
+    /// since leading.
     Starting,
     /// Another instance leads; this one is ready to take over.
     Standby,

@@ -62,7 +62,7 @@ impl Default for Metrics {
         .unwrap();
         let leader = IntGauge::new(
             "redline_operator_leader",
-            "1 while this instance holds the leader Lease and reconciles",
+            "1 while this instance leads and reconciles (set from its election role when scraped)",
         )
         .unwrap();
         for c in [

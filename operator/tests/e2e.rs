@@ -36,6 +36,28 @@ fn example() -> InferenceService {
     i
 }
 
+/// The example under another name, scaled to zero: a service the operator reconciles (its
+/// Deployment appears) without starting an engine.
+fn idle_example(name: &str) -> InferenceService {
+    let mut i = example();
+    i.metadata.name = Some(name.into());
+    i.spec.replicas = Some(0);
+    i.spec.min_replicas = 0;
+    i
+}
+
+/// Waits for the Deployment the operator makes for service `name`.
+async fn wait_for_deployment(deployments: &Api<Deployment>, name: &str, what: &str) {
+    wait_for(what, Duration::from_secs(30), || async {
+        deployments
+            .get_opt(name)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("absent".to_string())
+    })
+    .await;
+}
+
 async fn wait_ready_replicas(
     api: &Api<InferenceService>,
     name: &str,
@@ -448,10 +470,7 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
         .create(&PostParams::default(), &inverted)
         .await
         .unwrap();
-    let mut other = example();
-    other.metadata.name = Some("other".into());
-    other.spec.replicas = Some(0);
-    other.spec.min_replicas = 0;
+    let mut other = idle_example("other");
     other.spec.autoscaling = Some(AutoscalingSpec {
         enabled: false,
         policy_ref: Some("shared".into()),
@@ -482,14 +501,7 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
         deployments.get_opt("inverted").await.unwrap().is_none(),
         "no children for an invalid spec"
     );
-    wait_for("other's Deployment", Duration::from_secs(30), || async {
-        deployments
-            .get_opt("other")
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or("absent".to_string())
-    })
-    .await;
+    wait_for_deployment(&deployments, "other", "other's Deployment").await;
 
     // A missing AutoscalingPolicy is reported; creating it clears that (the policy watch).
     let degraded_reason = |i: InferenceService| {
@@ -601,10 +613,7 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
     if testing::is_local_cluster() {
         let rs_before = replicasets(&client, &ns.name, &name).await;
         testing::redline_cluster(&["restart-apiserver", "--down-seconds", "3"]);
-        let mut after = example();
-        after.metadata.name = Some("after-restart".into());
-        after.spec.replicas = Some(0);
-        after.spec.min_replicas = 0;
+        let after = idle_example("after-restart");
         wait_for(
             "creating a service after the restart",
             Duration::from_secs(30),
@@ -704,24 +713,14 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
         || one_leader(&client, &leases, None),
     )
     .await;
-    let mut upgraded = example();
-    upgraded.metadata.name = Some("after-upgrade".into());
-    upgraded.spec.replicas = Some(0);
-    upgraded.spec.min_replicas = 0;
     isvcs
-        .create(&PostParams::default(), &upgraded)
+        .create(&PostParams::default(), &idle_example("after-upgrade"))
         .await
         .unwrap();
-    wait_for(
+    wait_for_deployment(
+        &deployments,
+        "after-upgrade",
         "after-upgrade reconciled by the new leader",
-        Duration::from_secs(30),
-        || async {
-            deployments
-                .get_opt("after-upgrade")
-                .await
-                .map_err(|e| e.to_string())?
-                .ok_or("absent".to_string())
-        },
     )
     .await;
     op_pods

@@ -72,6 +72,32 @@ impl Setup {
             attainment_target: 0.99,
         }
     }
+
+    /// The clairvoyant oracle on `schedule` (per-window replicas): it starts each window's
+    /// replicas one cold start ahead.
+    pub fn oracle(&self, schedule: Vec<u32>) -> Oracle {
+        Oracle {
+            min: self.policy.min_replicas.max(1),
+            window_seconds: self.oracle_window_seconds,
+            cold_start_seconds: self.sim.cold_start_seconds,
+            lead_seconds: self.sim.cold_start_seconds,
+            spare: 0,
+            schedule,
+        }
+    }
+
+    /// Where every policy starts: a fleet sized for the first cold start's load (per
+    /// `oracle`), as one that was already running when the trace begins. No policy can know
+    /// the load before its first sample, and a cold first burst would swamp the comparison.
+    pub fn start(&self, oracle: &Oracle) -> SimConfig {
+        SimConfig {
+            initial_replicas: oracle
+                .need(0.0, self.sim.cold_start_seconds)
+                .max(self.policy.min_replicas)
+                .max(1),
+            ..self.sim.clone()
+        }
+    }
 }
 
 /// The policies a [`Comparison`] runs, in the order of its rows.
@@ -222,17 +248,18 @@ pub fn oracle_schedule(trace: &[Request], setup: &Setup) -> Vec<u32> {
     let min = setup.policy.min_replicas.max(1);
     let max = setup.policy.max_replicas.max(min);
     let mut chosen: Vec<u32> = Vec::with_capacity(windows);
+    // The trace is in arrival order: a window's requests are a slice of it.
+    let at = |t: f64| trace.partition_point(|r| r.arrival < t);
     for i in 0..windows {
         let t0 = i as f64 * w;
-        if !trace.iter().any(|r| r.arrival >= t0 && r.arrival < t0 + w) {
+        if at(t0) == at(t0 + w) {
             chosen.push(min);
             continue;
         }
         let first = i.saturating_sub(ORACLE_LOOKBACK_WINDOWS);
         let from = first as f64 * w;
-        let slice: Vec<Request> = trace
+        let slice: Vec<Request> = trace[at(from)..at(t0 + w)]
             .iter()
-            .filter(|r| r.arrival >= from && r.arrival < t0 + w)
             .map(|r| Request {
                 arrival: r.arrival - from,
                 ..*r
@@ -248,13 +275,11 @@ pub fn oracle_schedule(trace: &[Request], setup: &Setup) -> Vec<u32> {
                     tail_seconds: 120.0,
                     ..setup.sim.clone()
                 };
+                // Warm replicas that follow the schedule as its windows begin.
                 let mut history = Oracle {
-                    min,
-                    window_seconds: w,
                     cold_start_seconds: 0.0,
                     lead_seconds: 0.0,
-                    spare: 0,
-                    schedule,
+                    ..setup.oracle(schedule)
                 };
                 let mut o = simulate(&slice, &cfg, &mut history, None);
                 o.requests.retain(|r| r.arrival >= t0 - from);
@@ -272,25 +297,8 @@ pub fn compare(trace: &[Request], setup: &Setup, mp: Option<&MultiProgress>) -> 
     if let Some(pb) = pb {
         pb.finish();
     }
-    let oracle = Oracle {
-        min: setup.policy.min_replicas.max(1),
-        window_seconds: setup.oracle_window_seconds,
-        cold_start_seconds: setup.sim.cold_start_seconds,
-        lead_seconds: setup.sim.cold_start_seconds,
-        spare: 0,
-        schedule: schedule.clone(),
-    };
-    // Every policy starts with a fleet sized for the first cold start's load, as one that was
-    // already running when the trace begins: no policy can know the load before its first
-    // sample, and a cold first burst would swamp the comparison.
-    let initial = oracle
-        .need(0.0, setup.sim.cold_start_seconds)
-        .max(setup.policy.min_replicas)
-        .max(1);
-    let start = SimConfig {
-        initial_replicas: initial,
-        ..setup.sim.clone()
-    };
+    let oracle = setup.oracle(schedule.clone());
+    let start = setup.start(&oracle);
     let baseline = SimConfig {
         queue: setup.baseline_queue,
         ..start.clone()

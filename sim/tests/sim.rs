@@ -8,7 +8,7 @@ use redline_sim::compare::{compare, oracle_schedule, Setup};
 use redline_sim::fleet::{simulate, Queue, SimConfig, Slo};
 use redline_sim::profile::EngineProfile;
 use redline_sim::report::summarize;
-use redline_sim::scalers::{HpaQueue, Oracle, Redline, Static};
+use redline_sim::scalers::{HpaQueue, Redline, Static};
 use redline_sim::trace::{read, Replay, Request};
 
 fn trace(replay: Replay) -> Vec<Request> {
@@ -198,19 +198,9 @@ fn the_oracle_meets_its_slo_when_answers_outlast_its_window() {
     .expect("the bundled conversation excerpt");
     let setup = Setup::new(EngineProfile::gpu_8b(), 60.0, SLO, 2, 16);
     let schedule = oracle_schedule(&t, &setup);
-    let mut oracle = Oracle {
-        min: 2,
-        window_seconds: setup.oracle_window_seconds,
-        cold_start_seconds: 60.0,
-        lead_seconds: 60.0,
-        spare: 0,
-        schedule: schedule.clone(),
-    };
-    let cfg = SimConfig {
-        initial_replicas: oracle.need(0.0, 60.0).max(2),
-        ..setup.sim.clone()
-    };
-    let s = summarize(&simulate(&t, &cfg, &mut oracle, None), &SLO);
+    let mut oracle = setup.oracle(schedule.clone());
+    let start = setup.start(&oracle);
+    let s = summarize(&simulate(&t, &start, &mut oracle, None), &SLO);
     assert!(s.ttft_attainment >= 0.99, "{schedule:?}: {s:?}");
     // More than the two-replica floor somewhere: the load is real.
     assert!(schedule.iter().any(|&n| n > 2), "{schedule:?}");

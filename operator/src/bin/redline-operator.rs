@@ -120,7 +120,16 @@ async fn run(args: RunArgs) -> Result<()> {
     let http = {
         let (m, r) = (metrics.clone(), role.clone());
         let app = axum::Router::new()
-            .route("/metrics", get(move || async move { m.render() }))
+            .route(
+                "/metrics",
+                get({
+                    let r = r.clone();
+                    move || async move {
+                        m.leader.set(i64::from(r.get() == Role::Leader));
+                        m.render()
+                    }
+                }),
+            )
             .route("/healthz", get(|| async { "ok" }))
             // Ready as leader or as standby (see leader.rs); the body says which.
             .route(
@@ -159,7 +168,6 @@ async fn run(args: RunArgs) -> Result<()> {
             }
         }
         role.set(Role::Leader);
-        metrics.leader.set(1);
         let ctx = Arc::new(Context::new(
             client.clone(),
             defaults.clone(),
@@ -182,7 +190,10 @@ async fn run(args: RunArgs) -> Result<()> {
             _ = tokio::signal::ctrl_c() => true,
             _ = lost => { warn!("not the leader any more: reconciling stops until re-elected"); false }
         };
-        metrics.leader.set(0);
+        // Not reconciling any more (the Lease may be held until released below).
+        if role.get() == Role::Leader {
+            role.set(Role::Standby);
+        }
         let _ = stop_tx.send(());
         // A reconcile stuck on an unreachable API server must not outlive our leadership.
         if tokio::time::timeout(Duration::from_secs(10), &mut controller)

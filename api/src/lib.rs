@@ -69,6 +69,10 @@ pub struct EngineReading {
     pub kv_usage_ratio: f64,
     pub kv_blocks_total: Option<u64>,
     pub kv_blocks_used: Option<u64>,
+    /// Tokens per KV block: with `kv_blocks_total`, the pool's size in tokens, which turns
+    /// the generated tokens' rate into the pool's growth.
+    #[serde(default)]
+    pub kv_block_size: Option<u64>,
     pub requests_running: u64,
     pub requests_waiting: u64,
     pub preemptions_total: u64,
@@ -104,6 +108,7 @@ impl EngineReading {
             kv_usage_ratio,
             kv_blocks_total: None,
             kv_blocks_used: None,
+            kv_block_size: None,
             requests_running: 0,
             requests_waiting: 0,
             preemptions_total: 0,
@@ -125,6 +130,12 @@ pub struct Derived {
     pub headroom_ratio: f64,
     /// KV usage growth, ratio of the pool per second (least squares over the window).
     pub kv_growth_per_second: f64,
+    /// The growth the running sequences' decoding makes (generated tokens over the pool's
+    /// tokens, per second; admissions and completions left out): what the forecast
+    /// extrapolates. `None` when the engine does not say how large its pool is in tokens, and
+    /// the forecast extrapolates `kv_growth_per_second` instead.
+    #[serde(default)]
+    pub kv_decode_growth_per_second: Option<f64>,
     /// Predicted seconds until KV usage reaches the redline ratio; `None` when not rising.
     pub seconds_to_redline: Option<f64>,
     /// Predicted seconds until device memory is full; `None` when not rising or not known.
@@ -167,6 +178,7 @@ impl Default for Derived {
         Self {
             headroom_ratio: 1.0,
             kv_growth_per_second: 0.0,
+            kv_decode_growth_per_second: None,
             seconds_to_redline: None,
             device_seconds_to_full: None,
             preemptions_per_second: 0.0,

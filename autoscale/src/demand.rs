@@ -108,6 +108,8 @@ pub struct Demand {
     pub compute: f64,
     /// Mean KV usage over the pods counted.
     pub kv_usage: f64,
+    /// The KV term alone: the sum over pods of usage over the target, in replicas.
+    pub kv_replicas: f64,
     pub pods: usize,
 }
 
@@ -134,6 +136,7 @@ pub fn demand<'a>(pods: impl IntoIterator<Item = &'a PodSignals>, c: &DemandConf
         let by_compute = compute / c.target_utilization.max(1e-3);
         let by_kv = kv / c.target_kv_usage.max(1e-3);
         d.replicas += by_compute.max(by_kv);
+        d.kv_replicas += by_kv;
         d.compute += compute;
         kv_sum += kv;
         d.pods += 1;

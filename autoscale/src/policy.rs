@@ -191,6 +191,11 @@ struct Sample {
     raw: f64,
     smoothed: f64,
     trend_base: f64,
+    /// The KV term alone (see [`Demand::kv_replicas`]), and that averaged over the trend's
+    /// smoothing window.
+    kv_raw: f64,
+    kv: f64,
+    kv_trend_base: f64,
     /// The burst reserve in replicas (0 without one), and the replicas asked for then.
     reserve: f64,
     desired: u32,
@@ -287,7 +292,7 @@ impl Policy {
         let d = demand(reporting.iter().copied(), &cfg.demand_config());
         self.sizing = self.sizing_now(now, &reporting);
         let reserve = self.reserve(now, obs.desired, &reporting);
-        let smoothed = self.remember(now, d.replicas, complete, reserve, obs.desired);
+        let smoothed = self.remember(now, &d, complete, reserve, obs.desired);
         let forecast = self.forecast(now, smoothed);
 
         let starting = count(obs, PodPhase::Starting);
@@ -523,7 +528,15 @@ impl Policy {
     }
 
     /// Records a raw demand sample and returns the smoothed demand.
-    fn remember(&mut self, now: f64, raw: f64, complete: bool, reserve: f64, desired: u32) -> f64 {
+    fn remember(
+        &mut self,
+        now: f64,
+        d: &Demand,
+        complete: bool,
+        reserve: f64,
+        desired: u32,
+    ) -> f64 {
+        let raw = d.replicas;
         // Time going backwards (a reset clock) would break every window: start afresh.
         if self.history.back().is_some_and(|s| s.t > now) {
             self.history.clear();
@@ -532,11 +545,18 @@ impl Policy {
         let trend_base = self.mean(now, self.cfg.trend_smoothing_seconds, smoothed, |s| {
             s.smoothed
         });
+        let kv = self.mean(now, self.cfg.demand_smoothing_seconds, d.kv_replicas, |s| {
+            s.kv_raw
+        });
+        let kv_trend_base = self.mean(now, self.cfg.trend_smoothing_seconds, kv, |s| s.kv);
         self.history.push_back(Sample {
             t: now,
             raw,
             smoothed,
             trend_base,
+            kv_raw: d.kv_replicas,
+            kv,
+            kv_trend_base,
             reserve,
             desired,
             guarded: 0.0,
@@ -659,7 +679,9 @@ impl Policy {
         let recent = |w: f64| self.history.iter().filter(move |s| now - s.t <= w);
         let sized = match self.sizing {
             Sizing::Reactive => trend,
-            Sizing::Lean => self.trend_forecast(now, current, 0.0),
+            Sizing::Lean => self
+                .trend_forecast(now, current, 0.0)
+                .max(current + self.kv_rise(now, current)),
             Sizing::Guarded => recent(self.within_hold(GUARD_LOOKBACK_SECONDS))
                 .map(|s| s.guarded)
                 .fold(guarded, f64::max),
@@ -683,6 +705,22 @@ impl Policy {
         let trend = slope(pts).unwrap_or(0.0).max(0.0);
         let projected = current + (trend * cfg.forecast_horizon_seconds).min(current * gain);
         projected.max(self.peak(now, cfg.forecast_horizon_seconds))
+    }
+
+    /// What the KV pools' filling adds over the horizon while sizing lean, capped like the
+    /// trend's gain. Lean sizing takes no trend because a burst of arrivals waits in the queue
+    /// instead of buying replicas. The pools' fill is not a burst: it is the sequences in
+    /// flight, a stock that grows while answers outlast the arrivals between them, and once
+    /// the pools are full every new request waits for one to finish. A replica started when
+    /// they are full comes a cold start late (docs/autoscaling.md, "A second workload").
+    fn kv_rise(&self, now: f64, current: f64) -> f64 {
+        let pts = self
+            .history
+            .iter()
+            .filter(|s| now - s.t <= self.cfg.trend_window_seconds)
+            .map(|s| (s.t, s.kv_trend_base));
+        let rise = slope(pts).unwrap_or(0.0).max(0.0) * self.cfg.forecast_horizon_seconds;
+        rise.min(current * MAX_TREND_GAIN)
     }
 
     fn with_limits(&self, mut out: Decision, obs: &Observation) -> Decision {

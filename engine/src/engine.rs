@@ -82,6 +82,8 @@ pub struct StepOutput {
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct Stats {
     pub kv_blocks_total: usize,
+    /// Tokens per KV block: with the block counts, the pool's size in tokens.
+    pub kv_block_size: usize,
     pub kv_blocks_used: usize,
     pub running: usize,
     pub waiting: usize,
@@ -230,6 +232,7 @@ impl Engine {
     pub fn stats(&self) -> Stats {
         Stats {
             kv_blocks_total: self.sched.kv().num_blocks(),
+            kv_block_size: self.sched.kv().block_size(),
             kv_blocks_used: self.sched.kv().num_used_blocks(),
             running: self.sched.num_running(),
             waiting: self.sched.num_waiting(),

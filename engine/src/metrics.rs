@@ -12,6 +12,7 @@ pub struct Metrics {
     registry: Registry,
     kv_blocks_total: IntGauge,
     kv_blocks_used: IntGauge,
+    kv_block_size: IntGauge,
     kv_usage: Gauge,
     running: IntGauge,
     waiting: IntGauge,
@@ -88,6 +89,7 @@ impl Metrics {
         Self {
             kv_blocks_total: int_gauge(p("kv_blocks_total"), "KV cache blocks in the pool."),
             kv_blocks_used: int_gauge(p("kv_blocks_used"), "KV cache blocks held by sequences."),
+            kv_block_size: int_gauge(p("kv_block_size"), "Tokens per KV cache block."),
             kv_usage: gauge(Opts::new(
                 p("kv_cache_usage_ratio"),
                 "Used / total KV blocks (0..1).",
@@ -203,6 +205,7 @@ impl Metrics {
         };
         self.kv_blocks_total.set(s.kv_blocks_total as i64);
         self.kv_blocks_used.set(s.kv_blocks_used as i64);
+        self.kv_block_size.set(s.kv_block_size as i64);
         self.kv_usage.set(usage);
         self.vllm_kv_usage.set(usage);
         self.running.set(s.running as i64);

@@ -389,6 +389,7 @@ async fn chat_non_streaming_usage_models_and_metric_names() {
     for name in [
         "redline_engine_kv_blocks_total",
         "redline_engine_kv_blocks_used",
+        "redline_engine_kv_block_size",
         "redline_engine_kv_cache_usage_ratio",
         "redline_engine_requests_running",
         "redline_engine_requests_waiting",
@@ -416,6 +417,8 @@ async fn chat_non_streaming_usage_models_and_metric_names() {
         );
     }
     assert!(s.metric("redline_engine_generation_tokens_total").await >= 1.0);
+    // The server's default --block-size: the sidecar sizes the pool in tokens with it.
+    assert_eq!(s.metric("redline_engine_kv_block_size").await, 16.0);
     // Everything admitted was received first; nothing waits once the requests are done.
     let received = s
         .metric("redline_engine_prompt_tokens_received_total")

@@ -12,6 +12,7 @@ pub struct Metrics {
     kv_usage: Gauge,
     headroom: Gauge,
     growth: Gauge,
+    decode_growth: Gauge,
     seconds_to_redline: Gauge,
     level: IntGauge,
     sample_age: Gauge,
@@ -88,6 +89,12 @@ impl Default for Metrics {
                 "kv_growth_per_second",
                 "KV usage growth (ratio of the pool per second).",
             ),
+            decode_growth: g(
+                "kv_decode_growth_per_second",
+                "KV growth from the running sequences' decoding, what the forecast \
+                 extrapolates (ratio of the pool per second; NaN when the pool's size in \
+                 tokens is unknown).",
+            ),
             seconds_to_redline: g(
                 "seconds_to_redline",
                 "Predicted seconds until KV usage reaches the redline (+Inf when not rising).",
@@ -139,6 +146,7 @@ impl Metrics {
         }
         self.headroom.set(r.derived.headroom_ratio);
         self.growth.set(r.derived.kv_growth_per_second);
+        set_opt(&self.decode_growth, r.derived.kv_decode_growth_per_second);
         self.seconds_to_redline
             .set(r.derived.seconds_to_redline.unwrap_or(f64::INFINITY));
         self.level.set(r.derived.level as i64);

@@ -2,10 +2,19 @@
 //! forecast and a level. Pure (time is an argument), so it is proptested here and reused as is
 //! by the simulator.
 //!
-//! Growth is a least-squares slope over a sliding window, so one noisy scrape does not move the
-//! forecast much. The level goes up at once and comes down only after the pressure has stayed
-//! under the lower (exit) thresholds for `calm_seconds`: a pod hovering at a threshold does not
-//! flap between levels.
+//! The forecast extrapolates the growth the running sequences make on their own: the tokens
+//! they generate, one per sequence per step, over the pool's size in tokens. What the KV usage
+//! does besides is admissions (a prompt's blocks, taken at once when it is prefilled: a step,
+//! not a trend, and what the guard itself controls) and completions (blocks freed). A slope of
+//! the usage mixes the three: on long prompts a few prefills within its window look like a
+//! climb to the redline within seconds, and a guard that believed it held admission at a third
+//! of the pool (docs/autoscaling.md, "A second workload: conversations"). The usage's slope
+//! (least squares over a sliding window) is still reported, and is the forecast for engines
+//! that do not say how large their pool is in tokens.
+//!
+//! The level goes up at once and comes down only after the pressure has stayed under the lower
+//! (exit) thresholds for `calm_seconds`: a pod hovering at a threshold does not flap between
+//! levels.
 
 use std::collections::VecDeque;
 
@@ -15,13 +24,14 @@ use crate::arrivals::ArrivalCurve;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ModelConfig {
-    /// Seconds of samples the growth slope is fitted over.
+    /// Seconds of samples the growth slope and the decode rate are measured over.
     pub window_seconds: f64,
     /// Seconds token rates are averaged over: at least the operator's decision interval, so
     /// every arrival between two decisions is seen.
     pub rate_window_seconds: f64,
     /// How far under the redline KV usage becomes elevated, and how far under it must fall to
-    /// return to ok (ratios of the pool).
+    /// return to ok (ratios of the pool). Small: the forecast is the reserve that the running
+    /// sequences' growth needs, and a wide fixed band held admission while the pool had room.
     pub elevated_margin: f64,
     pub elevated_exit_margin: f64,
     /// How far under the redline (as a ratio of the pool) usage must fall to leave critical.
@@ -39,8 +49,8 @@ impl Default for ModelConfig {
         Self {
             window_seconds: 3.0,
             rate_window_seconds: 10.0,
-            elevated_margin: 0.2,
-            elevated_exit_margin: 0.3,
+            elevated_margin: 0.05,
+            elevated_exit_margin: 0.1,
             critical_exit_margin: 0.1,
             horizon_exit_factor: 1.5,
             calm_seconds: 2.0,
@@ -58,6 +68,34 @@ pub fn seconds_until(value: f64, rate: f64, limit: f64) -> Option<f64> {
         return Some(0.0);
     }
     (rate > 1e-4).then(|| (limit - value) / rate)
+}
+
+/// What the level is judged on.
+#[derive(Debug, Clone, Copy)]
+struct Pressure {
+    usage: f64,
+    /// The share of the pool the next admission takes at once (see [`next_admission`]).
+    next_admission: f64,
+    seconds_to_redline: Option<f64>,
+    preempting: bool,
+}
+
+/// The share of the pool the engine can admit before a cut reaches it: the step under way
+/// was scheduled under the old limits, and the guard's cut lands for the next one, so two
+/// steps' token budgets. The forecast leaves admissions out (a step, not a trend), so the
+/// level looks this far ahead instead. A fifth of the pool on a small CPU engine's, half a
+/// percent on a GPU's; 0 when the engine does not say.
+fn next_admission(e: &EngineReading) -> f64 {
+    match (e.limits, pool_tokens(e)) {
+        (Some(l), Some(pool)) => 2.0 * l.max_batched_tokens as f64 / pool,
+        _ => 0.0,
+    }
+}
+
+/// The KV pool's size in tokens, when the engine says.
+fn pool_tokens(e: &EngineReading) -> Option<f64> {
+    let tokens = e.kv_blocks_total? * e.kv_block_size?;
+    (tokens > 0).then_some(tokens as f64)
 }
 
 /// A monotonic counter's samples over the window, for its rate.
@@ -98,6 +136,8 @@ pub struct PressureModel {
     preemptions: VecDeque<(f64, u64)>,
     prompt_tokens: Counter,
     generation_tokens: Counter,
+    /// Generated tokens over the short window: the decode growth.
+    decoded_tokens: Counter,
     late_requests: Counter,
     first_tokens: Counter,
     arrivals: ArrivalCurve,
@@ -115,6 +155,7 @@ impl PressureModel {
             preemptions: VecDeque::new(),
             prompt_tokens: Counter::default(),
             generation_tokens: Counter::default(),
+            decoded_tokens: Counter::default(),
             late_requests: Counter::default(),
             first_tokens: Counter::default(),
             arrivals: ArrivalCurve::new(cfg.arrival_memory_seconds),
@@ -177,7 +218,23 @@ impl PressureModel {
         keep(&mut self.device);
 
         let growth = slope(self.kv.iter().copied()).unwrap_or(0.0);
-        let seconds_to_redline = seconds_until(usage, growth, guard.redline_ratio);
+        let decode_growth = self
+            .decoded_tokens
+            .rate(now, horizon, engine.generation_tokens_total)
+            .zip(pool_tokens(engine))
+            .map(|(tokens_per_second, pool)| tokens_per_second / pool);
+        // Admissions fed by a queue that could carry the pool to the redline on its own go on
+        // until it does: then they are a trend too.
+        let queue = match (engine.waiting_prompt_tokens, pool_tokens(engine)) {
+            (Some(t), Some(pool)) => t as f64 / pool,
+            _ => 0.0,
+        };
+        let forecast_growth = match decode_growth {
+            Some(d) if usage + queue < guard.redline_ratio => d,
+            Some(d) => d.max(growth),
+            None => growth,
+        };
+        let seconds_to_redline = seconds_until(usage, forecast_growth, guard.redline_ratio);
         let device_seconds_to_full = device_ratio.and_then(|r| {
             slope(self.device.iter().copied()).and_then(|s| seconds_until(r, s, 1.0))
         });
@@ -207,16 +264,17 @@ impl PressureModel {
             .arrivals
             .observe(now, engine.prompt_tokens_received_total);
         let headroom_ratio = (1.0 - usage).min(device_ratio.map_or(1.0, |r| 1.0 - r));
-        let level = self.next_level(
-            now,
-            guard,
+        let pressure = Pressure {
             usage,
+            next_admission: next_admission(engine),
             seconds_to_redline,
-            preemptions_per_second,
-        );
+            preempting: preemptions_per_second > 0.0,
+        };
+        let level = self.next_level(now, guard, pressure);
         Derived {
             headroom_ratio,
             kv_growth_per_second: growth,
+            kv_decode_growth_per_second: decode_growth,
             seconds_to_redline,
             device_seconds_to_full,
             preemptions_per_second,
@@ -230,14 +288,7 @@ impl PressureModel {
     }
 
     /// The level the pressure calls for: `exit` applies the wider (leaving) thresholds.
-    fn classify(
-        &self,
-        g: &GuardSettings,
-        usage: f64,
-        ttr: Option<f64>,
-        preempting: bool,
-        exit: bool,
-    ) -> Level {
+    fn classify(&self, g: &GuardSettings, p: Pressure, exit: bool) -> Level {
         let c = &self.cfg;
         let (h, redline, elevated) = if exit {
             (
@@ -252,26 +303,18 @@ impl PressureModel {
                 g.redline_ratio - c.elevated_margin,
             )
         };
-        let within = |secs: f64| ttr.is_some_and(|t| t < secs);
-        if preempting || usage >= redline || within(h) {
+        let within = |secs: f64| p.seconds_to_redline.is_some_and(|t| t < secs);
+        if p.preempting || p.usage >= redline || within(h) {
             Level::Critical
-        } else if usage >= elevated || within(3.0 * h) {
+        } else if p.usage >= elevated || p.usage + p.next_admission >= redline || within(3.0 * h) {
             Level::Elevated
         } else {
             Level::Ok
         }
     }
 
-    fn next_level(
-        &mut self,
-        now: f64,
-        g: &GuardSettings,
-        usage: f64,
-        ttr: Option<f64>,
-        preempt_rate: f64,
-    ) -> Level {
-        let preempting = preempt_rate > 0.0;
-        let enter = self.classify(g, usage, ttr, preempting, false);
+    fn next_level(&mut self, now: f64, g: &GuardSettings, p: Pressure) -> Level {
+        let enter = self.classify(g, p, false);
         if enter >= self.level {
             if enter > self.level {
                 self.level = enter;
@@ -279,7 +322,7 @@ impl PressureModel {
             self.calm_since = None;
             return self.level;
         }
-        let exit = self.classify(g, usage, ttr, preempting, true);
+        let exit = self.classify(g, p, true);
         if exit >= self.level {
             self.calm_since = None;
             return self.level;
@@ -348,6 +391,40 @@ mod tests {
                 &GuardSettings::default(),
             );
         }
+        assert_eq!(d.level, Level::Critical);
+    }
+
+    /// Long prompts admitted one after another: the usage climbs 15% of the pool per second
+    /// for two seconds while the running sequences generate 16 tokens/s (1% of a 1,600-token
+    /// pool). The decode growth is the forecast; an engine that does not say its block size
+    /// gets the slope's, which calls the admissions a climb to the redline.
+    #[test]
+    fn prefills_are_steps_and_decoding_is_the_trend() {
+        let run = |block_size: Option<u64>| {
+            let mut m = PressureModel::new(ModelConfig::default());
+            let mut d = Derived::default();
+            for i in 0..=8 {
+                let t = i as f64 * 0.25;
+                let e = EngineReading {
+                    kv_block_size: block_size,
+                    generation_tokens_total: Some((16.0 * t) as u64),
+                    ..engine(0.10 + 0.15 * t, 0)
+                };
+                d = m.observe(t, &e, &none(), &GuardSettings::default());
+            }
+            d
+        };
+        let d = run(Some(16));
+        assert!((d.kv_growth_per_second - 0.15).abs() < 1e-9);
+        assert_eq!(d.kv_decode_growth_per_second, Some(0.01));
+        // At t = 2 usage is 0.4: (0.9 - 0.4) / 0.01 = 50 s.
+        let ttr = d.seconds_to_redline.unwrap();
+        assert!((ttr - 50.0).abs() < 1e-6, "{ttr}");
+        assert_eq!(d.level, Level::Ok);
+        let d = run(None);
+        assert_eq!(d.kv_decode_growth_per_second, None);
+        let ttr = d.seconds_to_redline.unwrap();
+        assert!((ttr - 0.5 / 0.15).abs() < 1e-6, "{ttr}");
         assert_eq!(d.level, Level::Critical);
     }
 

@@ -37,6 +37,7 @@ pub fn parse(text: &str) -> Result<EngineReading, ScrapeError> {
             kv_usage_ratio: usage,
             kv_blocks_total: sum("redline_engine_kv_blocks_total").map(|v| v as u64),
             kv_blocks_used: sum("redline_engine_kv_blocks_used").map(|v| v as u64),
+            kv_block_size: max("redline_engine_kv_block_size").map(|v| v as u64),
             requests_running: count("redline_engine_requests_running"),
             requests_waiting: count("redline_engine_requests_waiting"),
             preemptions_total: count("redline_engine_preemptions_total"),
@@ -60,6 +61,7 @@ pub fn parse(text: &str) -> Result<EngineReading, ScrapeError> {
         kv_usage_ratio: usage,
         kv_blocks_total: None,
         kv_blocks_used: None,
+        kv_block_size: None,
         requests_running: count("vllm:num_requests_running"),
         requests_waiting: count("vllm:num_requests_waiting"),
         preemptions_total: count("vllm:num_preemptions_total").max(count("vllm:num_preemptions")),
@@ -89,6 +91,8 @@ redline_engine_kv_cache_usage_ratio 0.25
 redline_engine_kv_blocks_total 128
 # TYPE redline_engine_kv_blocks_used gauge
 redline_engine_kv_blocks_used 32
+# TYPE redline_engine_kv_block_size gauge
+redline_engine_kv_block_size 16
 # TYPE redline_engine_requests_running gauge
 redline_engine_requests_running 3
 # TYPE redline_engine_requests_waiting gauge
@@ -120,6 +124,7 @@ vllm:kv_cache_usage_perc 0.25
         assert_eq!(r.flavor, EngineFlavor::Redline);
         assert_eq!(r.kv_usage_ratio, 0.25);
         assert_eq!((r.kv_blocks_total, r.kv_blocks_used), (Some(128), Some(32)));
+        assert_eq!(r.kv_block_size, Some(16));
         assert_eq!((r.requests_running, r.requests_waiting), (3, 7));
         assert_eq!(r.preemptions_total, 2);
         assert_eq!(r.prompt_tokens_received_total, Some(5000));

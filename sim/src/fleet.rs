@@ -374,6 +374,7 @@ impl<'a> Sim<'a> {
             kv_usage_ratio: e.kv_usage(),
             kv_blocks_total: Some(e.total_blocks() as u64),
             kv_blocks_used: Some(e.used_blocks() as u64),
+            kv_block_size: Some(cfg.profile.block_size as u64),
             requests_running: e.running() as u64,
             requests_waiting: e.waiting() as u64,
             preemptions_total: e.preemptions_total,

@@ -156,6 +156,34 @@ fn the_error_budget_decides_the_margin() {
     );
 }
 
+/// Nothing late and the compute load flat, while the pods' KV pools fill from 10% to 60% in a
+/// minute (answers outlasting the arrivals between them). The KV term stays under the two
+/// replicas throughout (1.71 at 60%), but the fill carries on: lean sizing starts a third one
+/// while it rises, a cold start before the pools are full. The same pools holding at 60%
+/// start nothing.
+#[test]
+fn lean_sizing_starts_a_replica_while_the_kv_pools_fill() {
+    let first_up = |kv: fn(f64) -> f64| {
+        let mut p = Policy::new(slo_cfg());
+        (0..=12).find_map(|i| {
+            let t = i as f64 * 5.0;
+            let mut o = with_slo(t, 2, 200.0, 0.0, 0);
+            for v in &mut o.pods {
+                v.signals.as_mut().expect("ready pods report").kv_usage = kv(t);
+            }
+            let d = p.decide(&o);
+            assert!(d.demand.kv_replicas < 2.0, "{}", d.demand.kv_replicas);
+            matches!(d.action, Action::ScaleUp { from: 2, to: 3 }).then(|| {
+                assert!(d.reason.contains("lean"), "{}", d.reason);
+                t
+            })
+        })
+    };
+    let up = first_up(|t| 0.1 + 0.5 * t / 60.0).expect("a scale-up while the pools fill");
+    assert!(up < 60.0, "at {up} s");
+    assert_eq!(first_up(|_| 0.6), None);
+}
+
 #[test]
 fn the_burst_reserve_adds_one_replica_at_a_time() {
     let mut p = Policy::new(slo_cfg());

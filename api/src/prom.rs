@@ -107,6 +107,20 @@ impl Exposition {
         })
     }
 
+    /// Label `label` of family `name`'s samples, read as numbers: what an info metric says in
+    /// its labels (vLLM's `cache_config_info{block_size="16",...} 1`). Samples without it, or
+    /// with something else than a number there, are skipped.
+    pub fn label_values<'a>(
+        &'a self,
+        name: &str,
+        label: &'a str,
+    ) -> impl Iterator<Item = f64> + 'a {
+        self.family(name).into_iter().flat_map(move |f| {
+            f.iter_samples()
+                .filter_map(move |s| s.get_labelset().ok()?.get_label_value(label)?.parse().ok())
+        })
+    }
+
     /// Sum over every label set; `None` when the family is absent.
     pub fn sum(&self, name: &str) -> Option<f64> {
         self.values(name, &[]).reduce(|a, b| a + b)

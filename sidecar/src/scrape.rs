@@ -15,6 +15,9 @@ pub enum ScrapeError {
     NotAnEngine,
 }
 
+/// vLLM's cache config, an info metric (its values are in the labels).
+const CACHE_CONFIG: &str = "vllm:cache_config_info";
+
 pub fn parse(text: &str) -> Result<EngineReading, ScrapeError> {
     let scrape = Exposition::parse(text).map_err(|e| ScrapeError::Parse(e.0))?;
     let (sum, max) = (|n: &str| scrape.sum(n), |n: &str| scrape.max(n));
@@ -59,9 +62,17 @@ pub fn parse(text: &str) -> Result<EngineReading, ScrapeError> {
     Ok(EngineReading {
         flavor: EngineFlavor::Vllm,
         kv_usage_ratio: usage,
-        kv_blocks_total: None,
+        // Its cache config, as an info metric: the pool's size, for the decode forecast (data-
+        // parallel engines: their pools together, as the generated tokens are counted).
+        kv_blocks_total: scrape
+            .label_values(CACHE_CONFIG, "num_gpu_blocks")
+            .reduce(|a, b| a + b)
+            .map(|v| v as u64),
         kv_blocks_used: None,
-        kv_block_size: None,
+        kv_block_size: scrape
+            .label_values(CACHE_CONFIG, "block_size")
+            .reduce(f64::max)
+            .map(|v| v as u64),
         requests_running: count("vllm:num_requests_running"),
         requests_waiting: count("vllm:num_requests_waiting"),
         preemptions_total: count("vllm:num_preemptions_total").max(count("vllm:num_preemptions")),
@@ -158,6 +169,9 @@ vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.75
 # TYPE vllm:num_preemptions_total counter
 vllm:num_preemptions_total{engine="0",model_name="m"} 3.0
 vllm:num_preemptions_total{engine="1",model_name="m"} 1.0
+# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig
+# TYPE vllm:cache_config_info gauge
+vllm:cache_config_info{block_size="16",cache_dtype="auto",enable_prefix_caching="True",gpu_memory_utilization="0.9",num_cpu_blocks="None",num_gpu_blocks="26624"} 1.0
 "#;
         let r = parse(text).unwrap();
         assert_eq!(r.flavor, EngineFlavor::Vllm);
@@ -165,6 +179,11 @@ vllm:num_preemptions_total{engine="1",model_name="m"} 1.0
         assert_eq!((r.requests_running, r.requests_waiting), (6, 1));
         assert_eq!(r.preemptions_total, 4);
         assert_eq!((r.limits, r.requests_late_total), (None, None));
+        // The pool in tokens, from the cache config's labels ("None" is no number).
+        assert_eq!(
+            (r.kv_blocks_total, r.kv_block_size),
+            (Some(26624), Some(16))
+        );
     }
 
     #[test]

@@ -8,9 +8,12 @@
 //! not a trend, and what the guard itself controls) and completions (blocks freed). A slope of
 //! the usage mixes the three: on long prompts a few prefills within its window look like a
 //! climb to the redline within seconds, and a guard that believed it held admission at a third
-//! of the pool (docs/autoscaling.md, "A second workload: conversations"). The usage's slope
-//! (least squares over a sliding window) is still reported, and is the forecast for engines
-//! that do not say how large their pool is in tokens.
+//! of the pool (docs/autoscaling.md, "A second workload: conversations"). Admissions come back
+//! in two ways: a queue whose prompts could carry the pool to the redline on their own is a
+//! trend (the usage's slope joins the forecast), and the level is elevated when two steps'
+//! token budgets would reach the redline (a cut lands only for the step after the one under
+//! way). The usage's slope (least squares over a sliding window) is still reported, and is the
+//! forecast for engines that do not say how large their pool is in tokens.
 //!
 //! The level goes up at once and comes down only after the pressure has stayed under the lower
 //! (exit) thresholds for `calm_seconds`: a pod hovering at a threshold does not flap between
@@ -426,6 +429,43 @@ mod tests {
         let ttr = d.seconds_to_redline.unwrap();
         assert!((ttr - 0.5 / 0.15).abs() < 1e-6, "{ttr}");
         assert_eq!(d.level, Level::Critical);
+    }
+
+    /// The same climb with requests waiting or a large token budget: a queue that could take
+    /// the pool past the redline makes the slope the forecast again, and two steps' budgets
+    /// that would reach it make the level elevated.
+    #[test]
+    fn admissions_count_when_a_queue_or_two_steps_could_reach_the_redline() {
+        let run = |waiting_tokens: u64, budget: u32| {
+            let mut m = PressureModel::new(ModelConfig::default());
+            let mut d = Derived::default();
+            for i in 0..=8 {
+                let t = i as f64 * 0.25;
+                let e = EngineReading {
+                    kv_block_size: Some(16),
+                    generation_tokens_total: Some((16.0 * t) as u64),
+                    requests_waiting: u64::from(waiting_tokens > 0),
+                    waiting_prompt_tokens: Some(waiting_tokens),
+                    limits: Some(redline_api::Limits::new(8, budget)),
+                    ..engine(0.10 + 0.15 * t, 0)
+                };
+                d = m.observe(t, &e, &none(), &GuardSettings::default());
+            }
+            d
+        };
+        // A 1,600-token pool at 0.4: 900 waiting tokens would take it past 0.9.
+        let d = run(900, 16);
+        let ttr = d.seconds_to_redline.unwrap();
+        assert!((ttr - 0.5 / 0.15).abs() < 1e-6, "{ttr}");
+        assert_eq!(d.level, Level::Critical);
+        // 400 would not: decoding alone, and two 16-token steps are 2% of the pool.
+        let d = run(400, 16);
+        assert!((d.seconds_to_redline.unwrap() - 50.0).abs() < 1e-6);
+        assert_eq!(d.level, Level::Ok);
+        // Two steps of 480 tokens would take 60% of it.
+        let d = run(0, 480);
+        assert!((d.seconds_to_redline.unwrap() - 50.0).abs() < 1e-6);
+        assert_eq!(d.level, Level::Elevated);
     }
 
     #[test]

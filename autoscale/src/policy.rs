@@ -9,8 +9,9 @@
 //!   the recent peak (bursts recur) and the current demand plus its trend. Pods still starting
 //!   count as capacity, so a burst does not add a replica per tick while the first ones load.
 //! - **Sized by the SLO.** With a TTFT objective, the error budget ([`crate::budget`]) decides
-//!   the margin: none while no request is late (no trend either, and a capped reserve for the
-//!   bursts the sidecars measure), a cold-start margin once requests go late.
+//!   the margin: none while no request is late (no trend either but the KV pools' filling,
+//!   and a capped reserve for the bursts the sidecars measure), a cold-start margin once
+//!   requests go late.
 //! - **Down late and safe.** Only when the peak demand over the whole scale-down window fits
 //!   on fewer replicas with a margin (at most `max_step` at once), with every pod reporting fresh data
 //!   for that whole window, nothing starting, and not within the window after a scale-up or
@@ -191,8 +192,8 @@ struct Sample {
     raw: f64,
     smoothed: f64,
     trend_base: f64,
-    /// The KV term alone (see [`Demand::kv_replicas`]), and that averaged over the trend's
-    /// smoothing window.
+    /// The KV term alone (see [`Demand::kv_replicas`]): as measured, averaged like the
+    /// demand, and that averaged again over the trend's smoothing window.
     kv_raw: f64,
     kv: f64,
     kv_trend_base: f64,

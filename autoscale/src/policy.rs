@@ -184,19 +184,21 @@ impl Decision {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
-struct Sample {
-    t: f64,
-    /// Demand in replicas as measured, averaged over the smoothing window, and that averaged
-    /// again over the trend's smoothing window.
+/// A load in replicas as measured, averaged over the demand's smoothing window, and that
+/// averaged again over the trend's smoothing window (what its trend is fitted to).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Averaged {
     raw: f64,
     smoothed: f64,
     trend_base: f64,
-    /// The KV term alone (see [`Demand::kv_replicas`]): as measured, averaged like the
-    /// demand, and that averaged again over the trend's smoothing window.
-    kv_raw: f64,
-    kv: f64,
-    kv_trend_base: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Sample {
+    t: f64,
+    demand: Averaged,
+    /// The KV term alone (see [`Demand::kv_replicas`]).
+    kv: Averaged,
     /// The burst reserve in replicas (0 without one), and the replicas asked for then.
     reserve: f64,
     desired: u32,
@@ -508,7 +510,7 @@ impl Policy {
         }
         let k = self.guard_factor();
         let peak = window
-            .map(|s| (s.smoothed * k).max(s.reserve))
+            .map(|s| (s.demand.smoothed * k).max(s.reserve))
             .fold(0.0, f64::max);
         let fits = (desired - 1) as f64 * DOWN_MARGIN;
         if peak > fits {
@@ -537,27 +539,15 @@ impl Policy {
         reserve: f64,
         desired: u32,
     ) -> f64 {
-        let raw = d.replicas;
         // Time going backwards (a reset clock) would break every window: start afresh.
         if self.history.back().is_some_and(|s| s.t > now) {
             self.history.clear();
         }
-        let smoothed = self.mean(now, self.cfg.demand_smoothing_seconds, raw, |s| s.raw);
-        let trend_base = self.mean(now, self.cfg.trend_smoothing_seconds, smoothed, |s| {
-            s.smoothed
-        });
-        let kv = self.mean(now, self.cfg.demand_smoothing_seconds, d.kv_replicas, |s| {
-            s.kv_raw
-        });
-        let kv_trend_base = self.mean(now, self.cfg.trend_smoothing_seconds, kv, |s| s.kv);
+        let demand = self.averaged(now, d.replicas, |s| s.demand);
         self.history.push_back(Sample {
             t: now,
-            raw,
-            smoothed,
-            trend_base,
-            kv_raw: d.kv_replicas,
-            kv,
-            kv_trend_base,
+            demand,
+            kv: self.averaged(now, d.kv_replicas, |s| s.kv),
             reserve,
             desired,
             guarded: 0.0,
@@ -574,11 +564,25 @@ impl Policy {
         while self.history.get(1).is_some_and(|s| now - s.t >= keep) {
             self.history.pop_front();
         }
-        smoothed
+        demand.smoothed
+    }
+
+    /// `raw`, and its averages over the windows before `now` of the load `of` picks.
+    fn averaged(&self, now: f64, raw: f64, of: fn(&Sample) -> Averaged) -> Averaged {
+        let cfg = &self.cfg;
+        let smoothed = self.mean(now, cfg.demand_smoothing_seconds, raw, |s| of(s).raw);
+        let trend_base = self.mean(now, cfg.trend_smoothing_seconds, smoothed, |s| {
+            of(s).smoothed
+        });
+        Averaged {
+            raw,
+            smoothed,
+            trend_base,
+        }
     }
 
     /// The mean of `newest` and of `field` over the samples less than `window` old.
-    fn mean(&self, now: f64, window: f64, newest: f64, field: fn(&Sample) -> f64) -> f64 {
+    fn mean(&self, now: f64, window: f64, newest: f64, field: impl Fn(&Sample) -> f64) -> f64 {
         let (sum, n) = self
             .history
             .iter()
@@ -591,7 +595,7 @@ impl Policy {
         self.history
             .iter()
             .filter(|s| now - s.t <= window)
-            .map(|s| s.smoothed)
+            .map(|s| s.demand.smoothed)
             .fold(0.0, f64::max)
     }
 
@@ -698,12 +702,7 @@ impl Policy {
     /// steep slope that says little about the next minute.
     fn trend_forecast(&self, now: f64, current: f64, gain: f64) -> f64 {
         let cfg = &self.cfg;
-        let pts = self
-            .history
-            .iter()
-            .filter(|s| now - s.t <= cfg.trend_window_seconds)
-            .map(|s| (s.t, s.trend_base));
-        let trend = slope(pts).unwrap_or(0.0).max(0.0);
+        let trend = self.rise_per_second(now, |s| s.demand);
         let projected = current + (trend * cfg.forecast_horizon_seconds).min(current * gain);
         projected.max(self.peak(now, cfg.forecast_horizon_seconds))
     }
@@ -715,13 +714,18 @@ impl Policy {
     /// the pools are full every new request waits for one to finish. A replica started when
     /// they are full comes a cold start late (docs/autoscaling.md, "A second workload").
     fn kv_rise(&self, now: f64, current: f64) -> f64 {
+        let rise = self.rise_per_second(now, |s| s.kv) * self.cfg.forecast_horizon_seconds;
+        rise.min(current * MAX_TREND_GAIN)
+    }
+
+    /// The slope over the trend window of the load `of` picks, averaged twice; 0 when falling.
+    fn rise_per_second(&self, now: f64, of: fn(&Sample) -> Averaged) -> f64 {
         let pts = self
             .history
             .iter()
             .filter(|s| now - s.t <= self.cfg.trend_window_seconds)
-            .map(|s| (s.t, s.kv_trend_base));
-        let rise = slope(pts).unwrap_or(0.0).max(0.0) * self.cfg.forecast_horizon_seconds;
-        rise.min(current * MAX_TREND_GAIN)
+            .map(|s| (s.t, of(s).trend_base));
+        slope(pts).unwrap_or(0.0).max(0.0)
     }
 
     fn with_limits(&self, mut out: Decision, obs: &Observation) -> Decision {

@@ -88,8 +88,8 @@ struct Pressure {
 /// steps' token budgets. The forecast leaves admissions out (a step, not a trend), so the
 /// level looks this far ahead instead. A fifth of the pool on a small CPU engine's, half a
 /// percent on a GPU's; 0 when the engine does not say.
-fn next_admission(e: &EngineReading) -> f64 {
-    match (e.limits, pool_tokens(e)) {
+fn next_admission(e: &EngineReading, pool: Option<f64>) -> f64 {
+    match (e.limits, pool) {
         (Some(l), Some(pool)) => 2.0 * l.max_batched_tokens as f64 / pool,
         _ => 0.0,
     }
@@ -123,7 +123,14 @@ impl Counter {
         while self.samples.front().is_some_and(|(t, _)| now - t > window) {
             self.samples.pop_front();
         }
-        match (self.samples.front(), self.samples.back()) {
+        self.recent_rate(now, window)
+    }
+
+    /// The rate over the last `window` seconds of the samples kept (at most the window the
+    /// last [`Counter::rate`] kept): a shorter view of the same counter.
+    fn recent_rate(&self, now: f64, window: f64) -> Option<f64> {
+        let mut recent = self.samples.iter().filter(|(t, _)| now - t <= window);
+        match (recent.next(), self.samples.back()) {
             (Some(&(t0, c0)), Some(&(t1, c1))) if t1 > t0 => Some((c1 - c0) as f64 / (t1 - t0)),
             _ => None,
         }
@@ -136,11 +143,9 @@ pub struct PressureModel {
     cfg: ModelConfig,
     kv: VecDeque<(f64, f64)>,
     device: VecDeque<(f64, f64)>,
-    preemptions: VecDeque<(f64, u64)>,
+    preemptions: Counter,
     prompt_tokens: Counter,
     generation_tokens: Counter,
-    /// Generated tokens over the short window: the decode growth.
-    decoded_tokens: Counter,
     late_requests: Counter,
     first_tokens: Counter,
     arrivals: ArrivalCurve,
@@ -155,10 +160,9 @@ impl PressureModel {
             cfg,
             kv: VecDeque::new(),
             device: VecDeque::new(),
-            preemptions: VecDeque::new(),
+            preemptions: Counter::default(),
             prompt_tokens: Counter::default(),
             generation_tokens: Counter::default(),
-            decoded_tokens: Counter::default(),
             late_requests: Counter::default(),
             first_tokens: Counter::default(),
             arrivals: ArrivalCurve::new(cfg.arrival_memory_seconds),
@@ -194,23 +198,6 @@ impl PressureModel {
         self.kv.push_back((now, usage));
         keep(&mut self.kv);
 
-        // A counter that went down means the engine restarted: start the rate afresh.
-        if self
-            .preemptions
-            .back()
-            .is_some_and(|&(_, c)| c > engine.preemptions_total)
-        {
-            self.preemptions.clear();
-        }
-        self.preemptions.push_back((now, engine.preemptions_total));
-        while self
-            .preemptions
-            .front()
-            .is_some_and(|(t, _)| now - t > horizon)
-        {
-            self.preemptions.pop_front();
-        }
-
         let device_ratio = match (device.memory_used_bytes, device.memory_total_bytes) {
             (Some(u), Some(t)) if t > 0 => Some((u as f64 / t as f64).clamp(0.0, 1.0)),
             _ => None,
@@ -221,14 +208,20 @@ impl PressureModel {
         keep(&mut self.device);
 
         let growth = slope(self.kv.iter().copied()).unwrap_or(0.0);
+        let generation_tokens_per_second = self.generation_tokens.rate(
+            now,
+            self.cfg.rate_window_seconds,
+            engine.generation_tokens_total,
+        );
+        let pool = pool_tokens(engine);
         let decode_growth = self
-            .decoded_tokens
-            .rate(now, horizon, engine.generation_tokens_total)
-            .zip(pool_tokens(engine))
+            .generation_tokens
+            .recent_rate(now, horizon)
+            .zip(pool)
             .map(|(tokens_per_second, pool)| tokens_per_second / pool);
         // Admissions fed by a queue that could carry the pool to the redline on its own go on
         // until it does: then they are a trend too.
-        let queue = match (engine.waiting_prompt_tokens, pool_tokens(engine)) {
+        let queue = match (engine.waiting_prompt_tokens, pool) {
             (Some(t), Some(pool)) => t as f64 / pool,
             _ => 0.0,
         };
@@ -241,19 +234,14 @@ impl PressureModel {
         let device_seconds_to_full = device_ratio.and_then(|r| {
             slope(self.device.iter().copied()).and_then(|s| seconds_until(r, s, 1.0))
         });
-        let preemptions_per_second = match (self.preemptions.front(), self.preemptions.back()) {
-            (Some(&(t0, c0)), Some(&(t1, c1))) if t1 > t0 => (c1 - c0) as f64 / (t1 - t0),
-            _ => 0.0,
-        };
+        let preemptions_per_second = self
+            .preemptions
+            .rate(now, horizon, Some(engine.preemptions_total))
+            .unwrap_or(0.0);
         let prompt_tokens_per_second = self.prompt_tokens.rate(
             now,
             self.cfg.rate_window_seconds,
             engine.prompt_tokens_received_total,
-        );
-        let generation_tokens_per_second = self.generation_tokens.rate(
-            now,
-            self.cfg.rate_window_seconds,
-            engine.generation_tokens_total,
         );
         let late_requests_per_second = self.late_requests.rate(
             now,
@@ -269,7 +257,7 @@ impl PressureModel {
         let headroom_ratio = (1.0 - usage).min(device_ratio.map_or(1.0, |r| 1.0 - r));
         let pressure = Pressure {
             usage,
-            next_admission: next_admission(engine),
+            next_admission: next_admission(engine, pool),
             seconds_to_redline,
             preempting: preemptions_per_second > 0.0,
         };

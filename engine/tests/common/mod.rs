@@ -24,43 +24,64 @@ pub struct Server {
     pub admin: String,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Two distinct free localhost ports: both listeners are held while the second is picked, so
+/// the OS cannot hand out the same port twice.
+fn free_ports() -> (u16, u16) {
+    let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    (
+        a.local_addr().unwrap().port(),
+        b.local_addr().unwrap().port(),
+    )
 }
 
 impl Server {
+    /// Starts the engine and waits for `/ready`. A port picked free can be taken by another
+    /// process's outgoing connection before the engine binds it (the local cluster's components
+    /// hold many), so an engine that exits because its address is in use is started again on
+    /// new ports; any other early exit fails at once with the engine's own error.
     pub async fn start(extra: &[&str]) -> Server {
-        let (port, admin_port) = (free_port(), free_port());
-        let log = std::env::temp_dir().join(format!("redline-engine-test-{port}.log"));
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_redline-engine"))
-            .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--admin-port", &admin_port.to_string(), "--threads", "2"])
-            .arg("--model")
-            .arg(model_path())
-            .args(extra)
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
-            .spawn()
-            .expect("start redline-engine");
-        let s = Server {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            admin: format!("http://127.0.0.1:{admin_port}"),
-        };
-        let c = reqwest::Client::new();
-        for _ in 0..600 {
-            if let Ok(r) = c.get(format!("{}/ready", s.base)).send().await {
-                if r.status().is_success() {
-                    return s;
+        for _ in 0..5 {
+            let (port, admin_port) = free_ports();
+            let log = std::env::temp_dir().join(format!("redline-engine-test-{port}.log"));
+            let err = log.with_extension("err");
+            let child = std::process::Command::new(env!("CARGO_BIN_EXE_redline-engine"))
+                .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--admin-port", &admin_port.to_string(), "--threads", "2"])
+                .arg("--model")
+                .arg(model_path())
+                .args(extra)
+                .stdout(std::fs::File::create(&log).unwrap())
+                .stderr(std::fs::File::create(&err).unwrap())
+                .spawn()
+                .expect("start redline-engine");
+            let mut s = Server {
+                child,
+                base: format!("http://127.0.0.1:{port}"),
+                admin: format!("http://127.0.0.1:{admin_port}"),
+            };
+            let c = reqwest::Client::new();
+            // Two minutes: six engines load at once on a 2-core CI machine beside a cluster.
+            for _ in 0..1200 {
+                if let Ok(r) = c.get(format!("{}/ready", s.base)).send().await {
+                    if r.status().is_success() {
+                        return s;
+                    }
                 }
+                if let Some(status) = s.child.try_wait().unwrap() {
+                    let stderr = std::fs::read_to_string(&err).unwrap_or_default();
+                    if stderr.contains("Address already in use") {
+                        break;
+                    }
+                    panic!("the engine exited ({status}) before it was ready:\n{stderr}");
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            if s.child.try_wait().unwrap().is_none() {
+                panic!("engine not ready after 120 s; see {}", log.display());
+            }
         }
-        panic!("engine not ready after 60 s; see {}", log.display());
+        panic!("no free ports for the engine after 5 tries");
     }
 
     pub fn url(&self, path: &str) -> String {

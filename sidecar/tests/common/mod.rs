@@ -10,13 +10,19 @@ use serde_json::Value;
 
 pub const TOKEN: &str = "s3cret-test-token";
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Two distinct free localhost ports: both listeners are held while the second is picked, so
+/// the OS cannot hand out the same port twice.
+pub fn free_ports() -> (u16, u16) {
+    let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    (
+        a.local_addr().unwrap().port(),
+        b.local_addr().unwrap().port(),
+    )
 }
+
+/// How many times a process is started on new ports when its port was taken meanwhile.
+const PORT_TRIES: usize = 5;
 
 /// `redline-engine` of this build. Cargo builds only this package's binaries for its tests,
 /// so build the engine's here; test executables live in target/<profile>/deps. Built for the
@@ -43,14 +49,32 @@ pub fn log_file(name: &str) -> (std::fs::File, PathBuf) {
     (std::fs::File::create(&path).unwrap(), path)
 }
 
-pub async fn wait_http(url: &str, what: &str, log: &Path, secs: u64) {
+/// How a started process ended its wait.
+#[derive(PartialEq)]
+pub enum Started {
+    Up,
+    /// It exited because its port was taken between picking and binding (by another process's
+    /// outgoing connection, say): start it again on new ports.
+    PortTaken,
+}
+
+/// Waits until `url` answers 2xx. A process that exits first fails the test at once with its
+/// log, except when its address was in use.
+pub async fn wait_http(url: &str, what: &str, child: &mut Child, log: &Path, secs: u64) -> Started {
     let c = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < deadline {
         if let Ok(r) = c.get(url).send().await {
             if r.status().is_success() {
-                return;
+                return Started::Up;
             }
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            if text.contains("Address already in use") {
+                return Started::PortTaken;
+            }
+            panic!("{what} exited ({status}) before {url} answered:\n{text}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -71,18 +95,31 @@ pub struct Engine {
 
 impl Engine {
     pub async fn start(name: &str, args: &[&str]) -> Engine {
-        let mut e = Engine {
-            child: Command::new("true").spawn().unwrap(),
-            port: free_port(),
-            admin_port: free_port(),
-            args: args.iter().map(|s| s.to_string()).collect(),
-            name: name.to_owned(),
-        };
-        e.spawn().await;
-        e
+        for _ in 0..PORT_TRIES {
+            let (port, admin_port) = free_ports();
+            let mut e = Engine {
+                child: Command::new("true").spawn().unwrap(),
+                port,
+                admin_port,
+                args: args.iter().map(|s| s.to_string()).collect(),
+                name: name.to_owned(),
+            };
+            if e.try_spawn().await == Started::Up {
+                return e;
+            }
+        }
+        panic!("no free ports for the engine after {PORT_TRIES} tries");
     }
 
+    /// Starts the engine again on its ports (after `kill`).
     pub async fn spawn(&mut self) {
+        assert!(
+            self.try_spawn().await == Started::Up,
+            "the engine's port was taken while it was down"
+        );
+    }
+
+    async fn try_spawn(&mut self) -> Started {
         let (log, path) = log_file(&format!("engine-{}", self.name));
         self.child = Command::new(engine_bin())
             .args(["serve", "--host", "127.0.0.1", "--threads", "2"])
@@ -93,7 +130,8 @@ impl Engine {
             .stderr(log)
             .spawn()
             .expect("start redline-engine");
-        wait_http(&self.url("/ready"), "engine", &path, 120).await;
+        let url = self.url("/ready");
+        wait_http(&url, "engine", &mut self.child, &path, 120).await
     }
 
     pub fn kill(&mut self) {
@@ -152,27 +190,32 @@ impl Sidecar {
         let dir = tempfile::tempdir().unwrap();
         let token = dir.path().join("token");
         std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
-        let port = free_port();
-        let (log, path) = log_file(&format!("sidecar-{name}"));
-        let child = Command::new(env!("CARGO_BIN_EXE_redline-sidecar"))
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--engine-url", &engine.url("")])
-            .args(["--engine-admin-url", &engine.admin()])
-            .args(["--device", "auto"])
-            .arg("--token-file")
-            .arg(&token)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start redline-sidecar");
-        let base = format!("http://127.0.0.1:{port}");
-        wait_http(&format!("{base}/health"), "sidecar", &path, 30).await;
-        Sidecar {
-            child,
-            base,
-            _dir: dir,
+        for _ in 0..PORT_TRIES {
+            let (port, _) = free_ports();
+            let (log, path) = log_file(&format!("sidecar-{name}"));
+            let mut child = Command::new(env!("CARGO_BIN_EXE_redline-sidecar"))
+                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--engine-url", &engine.url("")])
+                .args(["--engine-admin-url", &engine.admin()])
+                .args(["--device", "auto"])
+                .arg("--token-file")
+                .arg(&token)
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("start redline-sidecar");
+            let base = format!("http://127.0.0.1:{port}");
+            let health = format!("{base}/health");
+            if wait_http(&health, "sidecar", &mut child, &path, 30).await == Started::Up {
+                return Sidecar {
+                    child,
+                    base,
+                    _dir: dir,
+                };
+            }
         }
+        panic!("no free port for the sidecar after {PORT_TRIES} tries");
     }
 
     pub async fn pressure(&self) -> PressureReport {

@@ -376,11 +376,12 @@ impl Policy {
                 out.replicas = to;
                 out.action = Action::ScaleUp { from: desired, to };
                 out.reason = format!(
-                    "demand forecast {forecast:.2} replicas over {:.0}s (now {:.2}, kv {:.0}%), \
+                    "demand forecast {forecast:.2} replicas over {:.0}s (now {:.2}, kv {:.0}%{}), \
                      {starting} starting; {}",
                     cfg.forecast_horizon_seconds,
                     smoothed,
                     d.kv_usage * 100.0,
+                    self.parts_text(now, smoothed),
                     self.sizing_text()
                 );
                 return self.with_limits(out, obs);
@@ -630,6 +631,33 @@ impl Policy {
         }
     }
 
+    /// What lean sizing added to the demand, for a scale-up's reason: the KV pools' rise and
+    /// the burst reserve in force, where they count.
+    fn parts_text(&self, now: f64, current: f64) -> String {
+        let mut text = String::new();
+        if self.sizing == Sizing::Lean {
+            let rise = self.kv_rise(now, current);
+            if rise > 0.005 {
+                text += &format!(", kv rise +{rise:.2}");
+            }
+        }
+        let reserve = self.reserve_in_force(now);
+        if reserve > current {
+            text += &format!(", reserve {reserve:.2}");
+        }
+        text
+    }
+
+    /// The largest burst reserve of the hold: the forecast never sizes under it.
+    fn reserve_in_force(&self, now: f64) -> f64 {
+        let hold = self.within_hold(RESERVE_HOLD_SECONDS);
+        self.history
+            .iter()
+            .filter(|s| now - s.t <= hold)
+            .map(|s| s.reserve)
+            .fold(0.0, f64::max)
+    }
+
     /// Replicas for the largest burst the sidecars measured lately (see
     /// [`RESERVE_QUEUE_SHARE`]), capped at [`RESERVE_MAX_OVER`] over the smallest fleet of the
     /// hold; 0 without a TTFT objective.
@@ -691,9 +719,7 @@ impl Policy {
                 .map(|s| s.guarded)
                 .fold(guarded, f64::max),
         };
-        recent(self.within_hold(RESERVE_HOLD_SECONDS))
-            .map(|s| s.reserve)
-            .fold(sized, f64::max)
+        sized.max(self.reserve_in_force(now))
     }
 
     /// The larger of the recent peak (bursts recur within a horizon) and the current demand

@@ -175,6 +175,7 @@ fn lean_sizing_starts_a_replica_while_the_kv_pools_fill() {
             assert!(d.demand.kv_replicas < 2.0, "{}", d.demand.kv_replicas);
             matches!(d.action, Action::ScaleUp { from: 2, to: 3 }).then(|| {
                 assert!(d.reason.contains("lean"), "{}", d.reason);
+                assert!(d.reason.contains("kv rise +"), "{}", d.reason);
                 t
             })
         })
@@ -192,6 +193,7 @@ fn the_burst_reserve_adds_one_replica_at_a_time() {
     // over the smallest fleet of its hold.
     let d = p.decide(&with_slo(0.0, 2, 500.0, 0.0, 20_000));
     assert_eq!(d.action, Action::ScaleUp { from: 2, to: 3 }, "{}", d.reason);
+    assert!(d.reason.contains("reserve 3.14"), "{}", d.reason);
     let d = p.decide(&with_slo(15.0, 3, 500.0, 0.0, 20_000));
     assert_eq!(d.action, Action::Hold, "{}", d.reason);
     // Three minutes on, the hold's smallest fleet is 3: one more.

@@ -12,10 +12,11 @@
 //!   the margin: none while no request is late (no trend either but the KV pools' filling,
 //!   and a capped reserve for the bursts the sidecars measure), a cold-start margin once
 //!   requests go late.
-//! - **Down late and safe.** Only when the peak demand over the whole scale-down window fits
-//!   on fewer replicas with a margin (at most `max_step` at once), with every pod reporting fresh data
-//!   for that whole window, nothing starting, and not within the window after a scale-up or
-//!   after its pods turned Ready.
+//! - **Down late and safe.** Only when the peak demand over the whole scale-down window
+//!   (sizing lean, with the KV pools' rise that lean sizing adds: a drain at a peak of it is
+//!   called back by the next rise) fits on fewer replicas with a margin (at most `max_step`
+//!   at once), with every pod reporting fresh data for that whole window, nothing starting,
+//!   and not within the window after a scale-up or after its pods turned Ready.
 //!   A scale-down that reverses a scale-up waits four windows after the previous such one, so
 //!   bursts that keep coming are ridden out on held replicas instead of paid for in reversals.
 //! - **Down through drain.** The chosen pod takes no new requests and finishes what it holds;
@@ -204,6 +205,9 @@ struct Sample {
     desired: u32,
     /// The guarded forecast (see [`Sizing::Guarded`]).
     guarded: f64,
+    /// Lean sizing's forecast: the demand and the KV pools' rise. The scale-down check takes
+    /// its peak, so that a drain never goes under what lean sizing would scale up to.
+    lean: f64,
     /// Every pod that should report did, with fresh data.
     complete: bool,
 }
@@ -511,7 +515,14 @@ impl Policy {
         }
         let k = self.guard_factor();
         let peak = window
-            .map(|s| (s.demand.smoothed * k).max(s.reserve))
+            .map(|s| {
+                let lean = if self.sizing == Sizing::Lean {
+                    s.lean
+                } else {
+                    0.0
+                };
+                (s.demand.smoothed * k).max(s.reserve).max(lean)
+            })
             .fold(0.0, f64::max);
         let fits = (desired - 1) as f64 * DOWN_MARGIN;
         if peak > fits {
@@ -552,6 +563,7 @@ impl Policy {
             reserve,
             desired,
             guarded: 0.0,
+            lean: 0.0,
             complete,
         });
         let keep = (self.cfg.scale_down_window_seconds * MAX_HOLD_FACTOR)
@@ -709,12 +721,14 @@ impl Policy {
         if let Some(s) = self.history.back_mut() {
             s.guarded = guarded;
         }
+        let lean = current + self.kv_rise(now, current);
+        if let Some(s) = self.history.back_mut() {
+            s.lean = lean;
+        }
         let recent = |w: f64| self.history.iter().filter(move |s| now - s.t <= w);
         let sized = match self.sizing {
             Sizing::Reactive => trend,
-            Sizing::Lean => self
-                .trend_forecast(now, current, 0.0)
-                .max(current + self.kv_rise(now, current)),
+            Sizing::Lean => self.trend_forecast(now, current, 0.0).max(lean),
             Sizing::Guarded => recent(self.within_hold(GUARD_LOOKBACK_SECONDS))
                 .map(|s| s.guarded)
                 .fold(guarded, f64::max),

@@ -186,6 +186,34 @@ fn lean_sizing_starts_a_replica_while_the_kv_pools_fill() {
 }
 
 #[test]
+fn a_drain_waits_while_the_kv_pools_rise_would_call_the_replica_back() {
+    // Three pods whose pools fill for a minute and empty again (conversations that end): the
+    // KV term peaks at 3 x 0.32 / 0.7 = 1.37, under the 1.7 two pods carry with the margin,
+    // but while the pools fill, lean sizing adds their rise over the horizon (about +0.5) and
+    // wants the third pod. Drained at such a peak, it would be started again.
+    let drains = |kv: fn(f64) -> f64| {
+        let mut p = Policy::new(slo_cfg());
+        (0..=100).any(|i| {
+            let t = i as f64 * 5.0;
+            let mut o = with_slo(t, 3, 300.0, 0.0, 0);
+            for v in &mut o.pods {
+                v.signals.as_mut().expect("ready pods report").kv_usage = kv(t);
+            }
+            let d = p.decide(&o);
+            assert!(
+                !matches!(d.action, Action::ScaleUp { .. }),
+                "at {t} s: {}",
+                d.reason
+            );
+            matches!(d.action, Action::Drain { .. })
+        })
+    };
+    assert!(!drains(|t| 0.2 + 0.12 * (t % 60.0) / 60.0));
+    // The same peak, held flat: nothing rises, two pods carry it.
+    assert!(drains(|_| 0.32));
+}
+
+#[test]
 fn the_burst_reserve_adds_one_replica_at_a_time() {
     let mut p = Policy::new(slo_cfg());
     // A steady 500 tokens/s, but 20000 tokens land within a second: 20000 / (1000 x 2.5 s)

@@ -101,6 +101,14 @@ fn with_slo(now: f64, desired: u32, total_tps: f64, late: f64, burst: u64) -> Ob
     o
 }
 
+/// `o` with every pod's KV cache at `kv`.
+fn with_kv(mut o: Observation, kv: f64) -> Observation {
+    for v in &mut o.pods {
+        v.signals.as_mut().expect("ready pods report").kv_usage = kv;
+    }
+    o
+}
+
 fn slo_cfg() -> PolicyConfig {
     PolicyConfig {
         target_utilization: 1.0,
@@ -167,11 +175,7 @@ fn lean_sizing_starts_a_replica_while_the_kv_pools_fill() {
         let mut p = Policy::new(slo_cfg());
         (0..=12).find_map(|i| {
             let t = i as f64 * 5.0;
-            let mut o = with_slo(t, 2, 200.0, 0.0, 0);
-            for v in &mut o.pods {
-                v.signals.as_mut().expect("ready pods report").kv_usage = kv(t);
-            }
-            let d = p.decide(&o);
+            let d = p.decide(&with_kv(with_slo(t, 2, 200.0, 0.0, 0), kv(t)));
             assert!(d.demand.kv_replicas < 2.0, "{}", d.demand.kv_replicas);
             matches!(d.action, Action::ScaleUp { from: 2, to: 3 }).then(|| {
                 assert!(d.reason.contains("lean"), "{}", d.reason);
@@ -195,11 +199,7 @@ fn a_drain_waits_while_the_kv_pools_rise_would_call_the_replica_back() {
         let mut p = Policy::new(slo_cfg());
         (0..=100).any(|i| {
             let t = i as f64 * 5.0;
-            let mut o = with_slo(t, 3, 300.0, 0.0, 0);
-            for v in &mut o.pods {
-                v.signals.as_mut().expect("ready pods report").kv_usage = kv(t);
-            }
-            let d = p.decide(&o);
+            let d = p.decide(&with_kv(with_slo(t, 3, 300.0, 0.0, 0), kv(t)));
             assert!(
                 !matches!(d.action, Action::ScaleUp { .. }),
                 "at {t} s: {}",

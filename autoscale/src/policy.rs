@@ -514,14 +514,12 @@ impl Policy {
             return Err("missing or stale pressure reports in the window".into());
         }
         let k = self.guard_factor();
+        // Sizing lean, k is 1 and each sample's lean forecast is its demand plus the KV rise.
+        let lean = self.sizing == Sizing::Lean;
         let peak = window
             .map(|s| {
-                let lean = if self.sizing == Sizing::Lean {
-                    s.lean
-                } else {
-                    0.0
-                };
-                (s.demand.smoothed * k).max(s.reserve).max(lean)
+                let sized = if lean { s.lean } else { s.demand.smoothed * k };
+                sized.max(s.reserve)
             })
             .fold(0.0, f64::max);
         let fits = (desired - 1) as f64 * DOWN_MARGIN;
@@ -647,11 +645,9 @@ impl Policy {
     /// the burst reserve in force, where they count.
     fn parts_text(&self, now: f64, current: f64) -> String {
         let mut text = String::new();
-        if self.sizing == Sizing::Lean {
-            let rise = self.kv_rise(now, current);
-            if rise > 0.005 {
-                text += &format!(", kv rise +{rise:.2}");
-            }
+        let rise = self.history.back().map_or(0.0, |s| s.lean - current);
+        if self.sizing == Sizing::Lean && rise > 0.005 {
+            text += &format!(", kv rise +{rise:.2}");
         }
         let reserve = self.reserve_in_force(now);
         if reserve > current {
@@ -718,11 +714,9 @@ impl Policy {
     fn forecast(&mut self, now: f64, current: f64) -> f64 {
         let trend = self.trend_forecast(now, current, MAX_TREND_GAIN);
         let guarded = trend * self.guard_margin();
-        if let Some(s) = self.history.back_mut() {
-            s.guarded = guarded;
-        }
         let lean = current + self.kv_rise(now, current);
         if let Some(s) = self.history.back_mut() {
+            s.guarded = guarded;
             s.lean = lean;
         }
         let recent = |w: f64| self.history.iter().filter(move |s| now - s.t <= w);

@@ -35,6 +35,34 @@ fn free_ports() -> (u16, u16) {
     )
 }
 
+/// Waits for the engine's `/ready`: true once it answers, false when the engine exited
+/// because its address was in use. Any other exit, or two minutes without an answer (six
+/// engines load at once on a 2-core CI machine beside a cluster), fails the test.
+async fn ready_or_port_taken(
+    child: &mut std::process::Child,
+    base: &str,
+    log: &std::path::Path,
+    err: &std::path::Path,
+) -> bool {
+    let c = reqwest::Client::new();
+    for _ in 0..1200 {
+        if let Ok(r) = c.get(format!("{base}/ready")).send().await {
+            if r.status().is_success() {
+                return true;
+            }
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            let stderr = std::fs::read_to_string(err).unwrap_or_default();
+            if stderr.contains("Address already in use") {
+                return false;
+            }
+            panic!("the engine exited ({status}) before it was ready:\n{stderr}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("engine not ready after 120 s; see {}", log.display());
+}
+
 impl Server {
     /// Starts the engine and waits for `/ready`. A port picked free can be taken by another
     /// process's outgoing connection before the engine binds it (the local cluster's components
@@ -60,25 +88,8 @@ impl Server {
                 base: format!("http://127.0.0.1:{port}"),
                 admin: format!("http://127.0.0.1:{admin_port}"),
             };
-            let c = reqwest::Client::new();
-            // Two minutes: six engines load at once on a 2-core CI machine beside a cluster.
-            for _ in 0..1200 {
-                if let Ok(r) = c.get(format!("{}/ready", s.base)).send().await {
-                    if r.status().is_success() {
-                        return s;
-                    }
-                }
-                if let Some(status) = s.child.try_wait().unwrap() {
-                    let stderr = std::fs::read_to_string(&err).unwrap_or_default();
-                    if stderr.contains("Address already in use") {
-                        break;
-                    }
-                    panic!("the engine exited ({status}) before it was ready:\n{stderr}");
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-            if s.child.try_wait().unwrap().is_none() {
-                panic!("engine not ready after 120 s; see {}", log.display());
+            if ready_or_port_taken(&mut s.child, &s.base, &log, &err).await {
+                return s;
             }
         }
         panic!("no free ports for the engine after 5 tries");

@@ -10,7 +10,7 @@ use redline_autoscale::{defaults, PolicyConfig};
 use crate::fleet::{simulate, Autoscaler, Outcome, Queue, SimConfig, Slo};
 use crate::profile::EngineProfile;
 use crate::report::{summarize, Summary};
-use crate::reversal_cap::cheapest_with_reversals;
+use crate::reversal_cap::{cheapest_with_reversals, Cap};
 use crate::scalers::{HpaQueue, Kpa, Oracle, Redline, Static};
 use crate::trace::Request;
 
@@ -125,7 +125,8 @@ pub struct Comparison {
     pub outcomes: Vec<Outcome>,
     pub static_replicas: u32,
     pub oracle_schedule: Vec<u32>,
-    /// The cheapest cover of `oracle_schedule` with at most one reversal per 10 minutes.
+    /// The replicas the oracle asks for per window (each window's replicas a cold start
+    /// early) held to one reversal per 10 minutes at the least cost.
     pub capped_schedule: Vec<u32>,
     /// The spare replicas the late oracle needed ([`late_oracle`]).
     pub late_spare: u32,
@@ -332,14 +333,28 @@ pub fn compare(trace: &[Request], setup: &Setup, mp: Option<&MultiProgress>) -> 
     if let Some(pb) = pb {
         pb.finish();
     }
-    // The issue caps reversals at one per 10 minutes, counted up to the last arrival.
+    // The issue caps reversals at one per 10 minutes, counted up to the last arrival. The cap
+    // is on the replicas asked for, which rise a cold start before the windows that need
+    // them and fall as those end: so the schedule capped is what the oracle asks for in each
+    // window (the most the windows of the next cold start need), and it is run as it is.
     let end = trace.last().map_or(0.0, |r| r.arrival);
-    let capped_schedule = cheapest_with_reversals(&schedule, (end / 600.0).floor() as u32);
+    let w = oracle.window_seconds;
+    let asked: Vec<u32> = (0..schedule.len())
+        .map(|k| oracle.need(k as f64 * w, k as f64 * w + oracle.lead_seconds))
+        .collect();
+    let capped_schedule = cheapest_with_reversals(&asked, Cap::one_per(600.0, end, w));
     let mut capped = Oracle {
         schedule: capped_schedule.clone(),
+        cold_start_seconds: 0.0,
+        lead_seconds: 0.0,
         ..oracle.clone()
     };
-    let mut o = run(trace, &start, &mut capped, mp);
+    // From its own first window: from the others' start, a step at once would set a direction.
+    let capped_start = SimConfig {
+        initial_replicas: capped.need(0.0, 0.0).max(start.initial_replicas),
+        ..start.clone()
+    };
+    let mut o = run(trace, &capped_start, &mut capped, mp);
     o.name = "oracle, <= 1 reversal/10 min".into();
     outcomes.push(o);
     let late = Oracle {

@@ -167,7 +167,8 @@ pub struct Outcome {
     pub replica_seconds: f64,
     pub preemptions: u64,
     pub scale_actions: u32,
-    pub reversals: u32,
+    /// When the desired replicas reversed direction, within the trace.
+    pub reversals: Vec<f64>,
     pub guard_actions: u64,
     pub duration_seconds: f64,
     /// (time, replicas) at every change of the desired replicas.
@@ -498,7 +499,7 @@ impl<'a> Sim<'a> {
             // answers the trace's end, which a service that keeps running never sees.
             if self.direction.change(self.desired, cmd.replicas) && now <= self.out.duration_seconds
             {
-                self.out.reversals += 1;
+                self.out.reversals.push(now);
             }
             self.out.scale_actions += 1;
             self.out.scale_events.push((now, cmd.replicas));
@@ -612,7 +613,7 @@ pub fn simulate(
             replica_seconds: 0.0,
             preemptions: 0,
             scale_actions: 0,
-            reversals: 0,
+            reversals: Vec::new(),
             guard_actions: 0,
             duration_seconds: last_arrival,
             scale_events: Vec::new(),

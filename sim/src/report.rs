@@ -17,7 +17,13 @@ pub struct Summary {
     pub failed: usize,
     pub scale_actions: u32,
     pub reversals: u32,
+    /// The replay's length up to its last arrival (what the rate is counted over).
+    pub duration_seconds: f64,
     pub reversals_per_10_min: f64,
+    /// The most reversals within any 10 minutes: the cap read strictly. The rate hides a
+    /// cluster in a long replay, and over-counts one reversal in a replay shorter than 10
+    /// minutes.
+    pub most_reversals_in_10_min: u32,
     pub peak_kv_usage: f64,
     pub guard_actions: u64,
 }
@@ -65,18 +71,33 @@ pub fn summarize(o: &Outcome, slo: &Slo) -> Summary {
         redline_events: o.preemptions + refused as u64,
         failed,
         scale_actions: o.scale_actions,
-        reversals: o.reversals,
-        reversals_per_10_min: o.reversals as f64 / (o.duration_seconds / 600.0).max(1e-9),
+        reversals: o.reversals.len() as u32,
+        duration_seconds: o.duration_seconds,
+        reversals_per_10_min: o.reversals.len() as f64 / (o.duration_seconds / 600.0).max(1e-9),
+        most_reversals_in_10_min: most_within(&o.reversals, 600.0),
         peak_kv_usage: o.series.iter().map(|s| s.max_kv_usage).fold(0.0, f64::max),
         guard_actions: o.guard_actions,
     }
 }
 
+/// The most of `times` (ascending) within any window of `window` seconds.
+pub fn most_within(times: &[f64], window: f64) -> u32 {
+    let mut first = 0;
+    let mut most = 0;
+    for (i, &t) in times.iter().enumerate() {
+        while t - times[first] >= window {
+            first += 1;
+        }
+        most = most.max(i + 1 - first);
+    }
+    most as u32
+}
+
 /// One markdown table, ratios against `reference` (the oracle's replica-seconds).
 pub fn table(rows: &[Summary], reference: Option<f64>) -> String {
     let mut s = String::from(
-        "| policy | TTFT SLO | ITL SLO | TTFT p99 | replica-s | vs oracle | redline events | failed | scalings | reversals /10 min | peak KV | guard actions |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| policy | TTFT SLO | ITL SLO | TTFT p99 | replica-s | vs oracle | redline events | failed | scalings | reversals /10 min | most in 10 min | peak KV | guard actions |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         let ratio = reference.map_or("-".to_string(), |o| {
@@ -88,7 +109,7 @@ pub fn table(rows: &[Summary], reference: Option<f64>) -> String {
             "never".into()
         };
         s += &format!(
-            "| {} | {:.2}% | {:.2}% | {} | {:.0} | {} | {} | {} | {} | {:.2} | {:.0}% | {} |\n",
+            "| {} | {:.2}% | {:.2}% | {} | {:.0} | {} | {} | {} | {} | {:.2} | {} | {:.0}% | {} |\n",
             r.name,
             r.ttft_attainment * 100.0,
             r.itl_attainment * 100.0,
@@ -99,6 +120,7 @@ pub fn table(rows: &[Summary], reference: Option<f64>) -> String {
             r.failed,
             r.scale_actions,
             r.reversals_per_10_min,
+            r.most_reversals_in_10_min,
             r.peak_kv_usage * 100.0,
             r.guard_actions,
         );

@@ -23,36 +23,64 @@ impl Direction {
     }
 }
 
-/// Direction reversals in a schedule, counted as the fleet counts them.
-pub fn reversals(schedule: &[u32]) -> u32 {
-    let mut d = Direction::default();
-    schedule
-        .windows(2)
-        .map(|w| u32::from(d.change(w[0], w[1])))
-        .sum()
+/// Where a schedule (one value per window) may reverse: at most `total` times, and each
+/// reversal at least `gap` windows after the one before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cap {
+    pub total: u32,
+    pub gap: usize,
 }
 
-/// The schedule `s` with `s[i] >= needs[i]` and at most `cap` reversals whose sum is least
-/// (ties: the same choice every time). Dynamic programming over (window, level,
-/// reversals used, last direction); levels are the needs' own values, since any optimal
-/// plateau can be lowered to the largest need it covers.
-pub fn cheapest_with_reversals(needs: &[u32], cap: u32) -> Vec<u32> {
+impl Cap {
+    /// At most one reversal per `period` seconds of a `length`-second schedule of
+    /// `window`-second windows: as a rate over the whole, and within any `period`.
+    pub fn one_per(period: f64, length: f64, window: f64) -> Self {
+        Self {
+            total: (length / period).floor() as u32,
+            gap: (period / window).ceil() as usize,
+        }
+    }
+
+    /// Whether `schedule` keeps to the cap.
+    pub fn allows(&self, schedule: &[u32]) -> bool {
+        let r = reversal_windows(schedule);
+        r.len() as u64 <= u64::from(self.total) && r.windows(2).all(|p| p[1] - p[0] >= self.gap)
+    }
+}
+
+/// The windows `schedule` reverses direction at (the first window of the new level).
+pub fn reversal_windows(schedule: &[u32]) -> Vec<usize> {
+    let mut d = Direction::default();
+    (1..schedule.len())
+        .filter(|&i| d.change(schedule[i - 1], schedule[i]))
+        .collect()
+}
+
+/// The schedule `s` with `s[i] >= needs[i]` that keeps to `cap` and whose sum is least (ties:
+/// the same choice every time). Dynamic programming over (window, level, reversals used,
+/// last direction, windows since the last reversal); levels are the needs' own values, since
+/// any optimal plateau can be lowered to the largest need it covers.
+pub fn cheapest_with_reversals(needs: &[u32], cap: Cap) -> Vec<u32> {
     if needs.is_empty() {
         return Vec::new();
     }
     let mut levels: Vec<u32> = needs.to_vec();
     levels.sort_unstable();
     levels.dedup();
-    let (nl, nr) = (levels.len(), cap as usize + 1);
+    let nl = levels.len();
+    // More reversals than changes of window cannot happen: no need to count past them.
+    let nr = (cap.total as usize).min(needs.len()) + 1;
+    // Windows since the last reversal, counted up to the gap (also: none yet).
+    let ng = cap.gap + 1;
     // Directions: 0 none yet, 1 up, 2 down.
-    let idx = |l: usize, r: usize, d: usize| (l * nr + r) * 3 + d;
-    let size = nl * nr * 3;
+    let idx = |l: usize, r: usize, d: usize, g: usize| ((l * nr + r) * 3 + d) * ng + g;
+    let size = nl * nr * 3 * ng;
     const NONE: u64 = u64::MAX;
     let mut cost = vec![NONE; size];
     let mut from: Vec<Vec<usize>> = Vec::with_capacity(needs.len());
     for (l, &v) in levels.iter().enumerate() {
         if v >= needs[0] {
-            cost[idx(l, 0, 0)] = v as u64;
+            cost[idx(l, 0, 0, ng - 1)] = v as u64;
         }
     }
     from.push(vec![usize::MAX; size]);
@@ -62,24 +90,32 @@ pub fn cheapest_with_reversals(needs: &[u32], cap: u32) -> Vec<u32> {
         for l in 0..nl {
             for r in 0..nr {
                 for d in 0..3 {
-                    let c = cost[idx(l, r, d)];
-                    if c == NONE {
-                        continue;
-                    }
-                    for (m, &v) in levels.iter().enumerate().filter(|(_, &v)| v >= need) {
-                        let (nd, nr2) = match m.cmp(&l) {
-                            std::cmp::Ordering::Equal => (d, r),
-                            std::cmp::Ordering::Greater => (1, r + usize::from(d == 2)),
-                            std::cmp::Ordering::Less => (2, r + usize::from(d == 1)),
-                        };
-                        if nr2 >= nr {
+                    for g in 0..ng {
+                        let c = cost[idx(l, r, d, g)];
+                        if c == NONE {
                             continue;
                         }
-                        let j = idx(m, nr2, nd);
-                        let total = c + v as u64;
-                        if total < next[j] {
-                            next[j] = total;
-                            back[j] = idx(l, r, d);
+                        for (m, &v) in levels.iter().enumerate().filter(|(_, &v)| v >= need) {
+                            let nd = match m.cmp(&l) {
+                                std::cmp::Ordering::Equal => d,
+                                std::cmp::Ordering::Greater => 1,
+                                std::cmp::Ordering::Less => 2,
+                            };
+                            let reverses = d != 0 && nd != d;
+                            let (r2, g2) = if reverses {
+                                if r + 1 >= nr || (r > 0 && g + 1 < cap.gap) {
+                                    continue;
+                                }
+                                (r + 1, 0)
+                            } else {
+                                (r, (g + 1).min(ng - 1))
+                            };
+                            let j = idx(m, r2, nd, g2);
+                            let total = c + v as u64;
+                            if total < next[j] {
+                                next[j] = total;
+                                back[j] = idx(l, r, d, g);
+                            }
                         }
                     }
                 }
@@ -94,7 +130,7 @@ pub fn cheapest_with_reversals(needs: &[u32], cap: u32) -> Vec<u32> {
         .expect("the highest level alone covers every need with no reversal");
     let mut out = vec![0; needs.len()];
     for i in (0..needs.len()).rev() {
-        out[i] = levels[at / (nr * 3)];
+        out[i] = levels[at / (nr * 3 * ng)];
         at = from[i][at];
     }
     out
@@ -107,6 +143,7 @@ mod tests {
 
     #[test]
     fn reversals_count_changes_of_direction_only() {
+        let reversals = |s: &[u32]| reversal_windows(s).len();
         assert_eq!(reversals(&[]), 0);
         assert_eq!(reversals(&[2, 2, 3, 3, 5]), 0);
         assert_eq!(reversals(&[2, 5, 5, 2]), 1);
@@ -114,22 +151,50 @@ mod tests {
         assert_eq!(reversals(&[5, 4, 2, 2, 4]), 1);
     }
 
+    fn total(n: u32) -> Cap {
+        Cap { total: n, gap: 0 }
+    }
+
     #[test]
     fn each_reversal_allowed_buys_back_a_valley() {
         let needs = [1, 3, 1, 3, 1];
-        let sum = |cap| cheapest_with_reversals(&needs, cap).iter().sum::<u32>();
+        let sum = |cap| {
+            cheapest_with_reversals(&needs, total(cap))
+                .iter()
+                .sum::<u32>()
+        };
         // Monotone (1,3,3,3,3 or 3,3,3,3,1), one valley filled (1,3,3,3,1), all followed.
         assert_eq!([sum(0), sum(1), sum(2), sum(3)], [13, 11, 11, 9]);
-        assert_eq!(cheapest_with_reversals(&needs, 1), vec![1, 3, 3, 3, 1]);
-        assert_eq!(cheapest_with_reversals(&needs, 3), needs.to_vec());
+        assert_eq!(
+            cheapest_with_reversals(&needs, total(1)),
+            vec![1, 3, 3, 3, 1]
+        );
+        assert_eq!(cheapest_with_reversals(&needs, total(3)), needs.to_vec());
     }
 
-    fn brute_force(needs: &[u32], cap: u32) -> u64 {
+    #[test]
+    fn reversals_too_close_together_are_not_allowed() {
+        // Two valleys: following both reverses at windows 2 (up), 3 (down) and 4 (up); the
+        // first change, down, reverses nothing.
+        let needs = [3, 1, 3, 1, 3];
+        assert_eq!(reversal_windows(&needs), vec![2, 3, 4]);
+        let spaced = |gap| Cap { total: 4, gap };
+        assert_eq!(cheapest_with_reversals(&needs, spaced(1)), needs.to_vec());
+        // Two windows between reversals: one valley is filled, whichever is cheaper.
+        let s = cheapest_with_reversals(&needs, spaced(2));
+        assert_eq!((s.iter().sum::<u32>(), reversal_windows(&s).len()), (13, 1));
+        let s = cheapest_with_reversals(&[3, 1, 3, 1, 1, 3], spaced(2));
+        assert_eq!(s, vec![3, 3, 3, 1, 1, 3]);
+        let cap = Cap::one_per(600.0, 3599.0, 60.0);
+        assert_eq!((cap.total, cap.gap), (5, 10));
+    }
+
+    fn brute_force(needs: &[u32], cap: Cap) -> u64 {
         let top = *needs.iter().max().unwrap();
         let mut best = u64::MAX;
         let mut s: Vec<u32> = needs.to_vec();
         loop {
-            if reversals(&s) <= cap {
+            if cap.allows(&s) {
                 best = best.min(s.iter().map(|&v| v as u64).sum());
             }
             // Next candidate, odometer-style, each digit from needs[i] to top.
@@ -152,15 +217,17 @@ mod tests {
         #[test]
         fn the_schedule_covers_the_needs_within_the_cap_at_the_least_cost(
             needs in proptest::collection::vec(1u32..5, 1..7),
-            cap in 0u32..4,
+            total in 0u32..4,
+            gap in 0usize..4,
         ) {
+            let cap = Cap { total, gap };
             let s = cheapest_with_reversals(&needs, cap);
             prop_assert_eq!(s.len(), needs.len());
             prop_assert!(s.iter().zip(&needs).all(|(a, b)| a >= b), "{:?} {:?}", s, needs);
-            prop_assert!(reversals(&s) <= cap, "{:?}", s);
+            prop_assert!(cap.allows(&s), "{:?}", s);
             let sum: u64 = s.iter().map(|&v| v as u64).sum();
             prop_assert_eq!(sum, brute_force(&needs, cap));
-            if reversals(&needs) <= cap {
+            if cap.allows(&needs) {
                 prop_assert_eq!(s, needs);
             }
         }

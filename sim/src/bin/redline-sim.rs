@@ -231,9 +231,10 @@ fn main() -> Result<()> {
         "\nbest static: {} replicas; oracle per {:.0} s window: {:?}",
         c.static_replicas, setup.oracle_window_seconds, c.oracle_schedule
     );
-    if c.capped_schedule != c.oracle_schedule {
-        println!("oracle under the reversal cap: {:?}", c.capped_schedule);
-    }
+    println!(
+        "oracle under the reversal cap, replicas asked for per window: {:?}",
+        c.capped_schedule
+    );
     if a.explain {
         println!("\nredline's decisions:");
         for line in &c.redline_decisions {

@@ -453,7 +453,8 @@ impl Policy {
                             })
                             .collect();
                         out.reason = format!(
-                            "peak demand {peak:.2} over {:.0}s fits on {} replicas",
+                            "{} {peak:.2} over {:.0}s fits on {} replicas",
+                            self.peak_name(),
                             self.hold,
                             desired - pods.len() as u32
                         );
@@ -525,10 +526,19 @@ impl Policy {
         let fits = (desired - 1) as f64 * DOWN_MARGIN;
         if peak > fits {
             return Err(format!(
-                "peak demand {peak:.2} over {w:.0}s needs {desired}"
+                "{} {peak:.2} over {w:.0}s needs {desired}",
+                self.peak_name()
             ));
         }
         Ok(peak)
+    }
+
+    /// What the scale-down check's peak is of, for a reason.
+    fn peak_name(&self) -> &'static str {
+        match self.sizing {
+            Sizing::Lean => "peak demand and KV rise",
+            _ => "peak demand",
+        }
     }
 
     /// Whether a scale-down now would reverse the last scaling action.

@@ -3,8 +3,9 @@
 //! The targets ask for at most one direction reversal per 10 minutes and for
 //! replica-seconds within 1.15x of the oracle, and the oracle itself is not capped: it follows
 //! every window's need, up and down. [`cheapest_with_reversals`] finds the cheapest schedule
-//! that covers the same per-window needs with at most a given number of reversals, so the
-//! simulator can show the oracle under the cap next to the one without it.
+//! that covers the same per-window needs within a [`Cap`] (so many reversals in all, each so
+//! many windows after the last), so the simulator can show the oracle under the cap next to
+//! the one without it.
 
 /// The direction of the last change in replicas, and whether the next one reverses it: a
 /// change up after a change down, or down after up. The fleet counts its reversals with it.

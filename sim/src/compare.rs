@@ -86,15 +86,13 @@ impl Setup {
         }
     }
 
-    /// Where every policy starts: a fleet sized for the first cold start's load (per
-    /// `oracle`), as one that was already running when the trace begins. No policy can know
-    /// the load before its first sample, and a cold first burst would swamp the comparison.
+    /// Where every policy starts: a fleet sized for the first cold start's load (what
+    /// `oracle` asks for at 0), as one that was already running when the trace begins. No
+    /// policy can know the load before its first sample, and a cold first burst would swamp
+    /// the comparison.
     pub fn start(&self, oracle: &Oracle) -> SimConfig {
         SimConfig {
-            initial_replicas: oracle
-                .need(0.0, self.sim.cold_start_seconds)
-                .max(self.policy.min_replicas)
-                .max(1),
+            initial_replicas: oracle.asked(0.0),
             ..self.sim.clone()
         }
     }
@@ -343,7 +341,7 @@ pub fn compare(trace: &[Request], setup: &Setup, mp: Option<&MultiProgress>) -> 
     let end = trace.last().map_or(0.0, |r| r.arrival);
     let w = oracle.window_seconds;
     let asked: Vec<u32> = (0..schedule.len())
-        .map(|k| oracle.need(k as f64 * w, k as f64 * w + oracle.lead_seconds))
+        .map(|k| oracle.asked(k as f64 * w))
         .collect();
     let capped_schedule = cheapest_with_reversals(&asked, Cap::one_per(600.0, end, w));
     let mut capped = Oracle {
@@ -353,11 +351,7 @@ pub fn compare(trace: &[Request], setup: &Setup, mp: Option<&MultiProgress>) -> 
         ..oracle.clone()
     };
     // From its own first window: from the others' start, a step at once would set a direction.
-    let capped_start = SimConfig {
-        initial_replicas: capped.need(0.0, 0.0).max(start.initial_replicas),
-        ..start.clone()
-    };
-    let mut o = run(trace, &capped_start, &mut capped, mp);
+    let mut o = run(trace, &setup.start(&capped), &mut capped, mp);
     o.name = "oracle, <= 1 reversal/10 min".into();
     outcomes.push(o);
     let late = Oracle {

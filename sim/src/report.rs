@@ -17,9 +17,8 @@ pub struct Summary {
     pub failed: usize,
     pub scale_actions: u32,
     pub reversals: u32,
-    /// The replay's length up to its last arrival (what the rate is counted over).
+    /// The replay's length up to its last arrival (what reversals are counted over).
     pub duration_seconds: f64,
-    pub reversals_per_10_min: f64,
     /// The most reversals within any 10 minutes: the cap read strictly. The rate hides a
     /// cluster in a long replay, and over-counts one reversal in a replay shorter than 10
     /// minutes.
@@ -73,10 +72,16 @@ pub fn summarize(o: &Outcome, slo: &Slo) -> Summary {
         scale_actions: o.scale_actions,
         reversals: o.reversals.len() as u32,
         duration_seconds: o.duration_seconds,
-        reversals_per_10_min: o.reversals.len() as f64 / (o.duration_seconds / 600.0).max(1e-9),
         most_reversals_in_10_min: most_within(&o.reversals, 600.0),
         peak_kv_usage: o.series.iter().map(|s| s.max_kv_usage).fold(0.0, f64::max),
         guard_actions: o.guard_actions,
+    }
+}
+
+impl Summary {
+    /// Reversals as a rate over the replay.
+    pub fn reversals_per_10_min(&self) -> f64 {
+        f64::from(self.reversals) / (self.duration_seconds / 600.0).max(1e-9)
     }
 }
 
@@ -119,7 +124,7 @@ pub fn table(rows: &[Summary], reference: Option<f64>) -> String {
             r.redline_events,
             r.failed,
             r.scale_actions,
-            r.reversals_per_10_min,
+            r.reversals_per_10_min(),
             r.most_reversals_in_10_min,
             r.peak_kv_usage * 100.0,
             r.guard_actions,

@@ -303,6 +303,18 @@ impl Oracle {
             .max()
             .unwrap_or(0)
     }
+
+    /// The replicas it asks for at `now`: the most any window needs over the cold start up
+    /// to as far ahead as it sees. For the clairvoyant oracle, from now until a pod started
+    /// now is Ready; for the late one, the cold start just past (what it learns now, its pods
+    /// serve a cold start from now); with no cold start and no lead, the window of `now`
+    /// alone, so its schedule is followed as it is.
+    pub fn asked(&self, now: f64) -> u32 {
+        let seen = now + self.lead_seconds;
+        self.need(seen - self.cold_start_seconds, seen)
+            .max(self.min)
+            + self.spare
+    }
 }
 
 impl Autoscaler for Oracle {
@@ -320,16 +332,8 @@ impl Autoscaler for Oracle {
         1.0
     }
     fn decide(&mut self, now: f64, _: &FleetView) -> Command {
-        // The most any window needs over the cold start up to as far ahead as it sees: for the
-        // clairvoyant oracle, from now until a pod started now is Ready; for the late one, the
-        // cold start just past (what it learns now, its pods serve a cold start from now).
-        let seen = now + self.lead_seconds;
-        let replicas = self
-            .need(seen - self.cold_start_seconds, seen)
-            .max(self.min)
-            + self.spare;
         Command {
-            replicas,
+            replicas: self.asked(now),
             ..Default::default()
         }
     }

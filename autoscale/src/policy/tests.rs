@@ -109,6 +109,24 @@ fn with_kv(mut o: Observation, kv: f64) -> Observation {
     o
 }
 
+/// A fresh policy's decisions every 5 s for `ticks` ticks: `desired` replicas serving `tps`
+/// tokens/s, nothing late, every pod's KV usage `kv(t)`.
+fn kv_ticks(
+    desired: u32,
+    tps: f64,
+    kv: fn(f64) -> f64,
+    ticks: usize,
+) -> impl Iterator<Item = (f64, Decision)> {
+    let mut p = Policy::new(slo_cfg());
+    (0..=ticks).map(move |i| {
+        let t = i as f64 * 5.0;
+        (
+            t,
+            p.decide(&with_kv(with_slo(t, desired, tps, 0.0, 0), kv(t))),
+        )
+    })
+}
+
 fn slo_cfg() -> PolicyConfig {
     PolicyConfig {
         target_utilization: 1.0,
@@ -172,10 +190,7 @@ fn the_error_budget_decides_the_margin() {
 #[test]
 fn lean_sizing_starts_a_replica_while_the_kv_pools_fill() {
     let first_up = |kv: fn(f64) -> f64| {
-        let mut p = Policy::new(slo_cfg());
-        (0..=12).find_map(|i| {
-            let t = i as f64 * 5.0;
-            let d = p.decide(&with_kv(with_slo(t, 2, 200.0, 0.0, 0), kv(t)));
+        kv_ticks(2, 200.0, kv, 12).find_map(|(t, d)| {
             assert!(d.demand.kv_replicas < 2.0, "{}", d.demand.kv_replicas);
             matches!(d.action, Action::ScaleUp { from: 2, to: 3 }).then(|| {
                 assert!(d.reason.contains("lean"), "{}", d.reason);
@@ -196,10 +211,7 @@ fn a_drain_waits_while_the_kv_pools_rise_would_call_the_replica_back() {
     // but while the pools fill, lean sizing adds their rise over the horizon (about +0.5) and
     // wants the third pod. Drained at such a peak, it would be started again.
     let drains = |kv: fn(f64) -> f64| {
-        let mut p = Policy::new(slo_cfg());
-        (0..=100).any(|i| {
-            let t = i as f64 * 5.0;
-            let d = p.decide(&with_kv(with_slo(t, 3, 300.0, 0.0, 0), kv(t)));
+        kv_ticks(3, 300.0, kv, 100).any(|(t, d)| {
             assert!(
                 !matches!(d.action, Action::ScaleUp { .. }),
                 "at {t} s: {}",

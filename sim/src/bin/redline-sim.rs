@@ -7,10 +7,10 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use redline_autoscale::defaults;
-use redline_sim::compare::{compare, Row, Setup};
+use redline_sim::compare::{budget_oracle, compare, Row, Setup};
 use redline_sim::fleet::{Queue, Slo};
 use redline_sim::profile::EngineProfile;
-use redline_sim::report::table;
+use redline_sim::report::{summarize, table};
 use redline_sim::targets::{self, Check, SCENARIOS, TARGETS};
 use redline_sim::trace::{self, Replay, Request};
 
@@ -91,6 +91,10 @@ struct Args {
     /// still set the profile, SLO and policy).
     #[arg(long)]
     targets: bool,
+    /// Also run the clairvoyant oracle that spends the error budget over the whole replay
+    /// (greedy; seconds at x4, a minute or more at x1) and print it after the table.
+    #[arg(long)]
+    budget_oracle: bool,
 }
 
 fn queue_name(q: Queue) -> String {
@@ -235,6 +239,22 @@ fn main() -> Result<()> {
         "oracle under the reversal cap, replicas asked for per window: {:?}",
         c.capped_schedule
     );
+    let mut runs: Vec<_> = c.outcomes.iter().collect();
+    let spent;
+    if a.budget_oracle {
+        let (schedule, o) = budget_oracle(&trace, &setup, c.oracle_schedule.clone());
+        let s = summarize(&o, &setup.sim.slo);
+        println!(
+            "oracle spending the error budget, per {:.0} s window: {schedule:?}: TTFT SLO {:.2}%, {:.0} replica-s, {:.2}x the oracle; redline {:.2}x of it",
+            setup.oracle_window_seconds,
+            s.ttft_attainment * 100.0,
+            s.replica_seconds,
+            s.replica_seconds / c.row(Row::Oracle).replica_seconds,
+            c.row(Row::Redline).replica_seconds / s.replica_seconds
+        );
+        spent = o;
+        runs.push(&spent);
+    }
     if a.explain {
         println!("\nredline's decisions:");
         for line in &c.redline_decisions {
@@ -264,7 +284,6 @@ fn main() -> Result<()> {
     if let Some(dir) = a.plot.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let runs: Vec<_> = c.outcomes.iter().collect();
     redline_sim::plot::write(
         &a.plot,
         &format!(

@@ -225,6 +225,24 @@ fn a_drain_waits_while_the_kv_pools_rise_would_call_the_replica_back() {
     assert!(drains(|_| 0.32));
 }
 
+/// Whether three replicas serving `tps` tokens/s (1000 each at full capacity), nothing late,
+/// drain one within 200 s.
+fn lean_drains_at(tps: f64) -> bool {
+    let mut p = Policy::new(slo_cfg());
+    (0..=40).any(|i| {
+        let d = p.decide(&with_slo(i as f64 * 5.0, 3, tps, 0.0, 0));
+        matches!(d.action, Action::Drain { .. })
+    })
+}
+
+#[test]
+fn while_nothing_burns_a_drain_leaves_the_survivors_at_90_percent() {
+    // Two replicas carry 1750 tokens/s at 87.5% of full capacity: a drain while lean (at the
+    // guarded margin, 85%, it waited), but not 1850 (92.5%).
+    assert!(lean_drains_at(1750.0));
+    assert!(!lean_drains_at(1850.0));
+}
+
 #[test]
 fn the_burst_reserve_adds_one_replica_at_a_time() {
     let mut p = Policy::new(slo_cfg());

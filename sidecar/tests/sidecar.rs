@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use common::{metric, Engine, Sidecar, TOKEN};
 use redline_api::prom::Exposition;
 use redline_api::Level;
+use redline_sidecar::guard::Reason;
 use serde_json::{json, Value};
 
 /// Polls `f` every 100 ms until it returns `Some`, or panics after `secs`.
@@ -139,7 +140,8 @@ async fn replay(engine: &Engine, sidecar: &Sidecar) -> Outcome {
                 let p = sidecar.pressure().await;
                 worst_level = worst_level.max(p.derived.level);
                 // A cut's reason; following the operator's bounds is not one.
-                let cut = p.limits.guard_reason.as_deref().is_some_and(|r| r != "operator bounds");
+                let bounds = Reason::Bounds.to_string();
+                let cut = p.limits.guard_reason.is_some_and(|r| r != bounds);
                 if kv_before_first_cut.is_none() && cut {
                     kv_before_first_cut = Some(peak_kv);
                 }

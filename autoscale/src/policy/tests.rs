@@ -228,11 +228,7 @@ fn a_drain_waits_while_the_kv_pools_rise_would_call_the_replica_back() {
 /// Whether three replicas serving `tps` tokens/s (1000 each at full capacity), nothing late,
 /// drain one within 200 s.
 fn lean_drains_at(tps: f64) -> bool {
-    let mut p = Policy::new(slo_cfg());
-    (0..=40).any(|i| {
-        let d = p.decide(&with_slo(i as f64 * 5.0, 3, tps, 0.0, 0));
-        matches!(d.action, Action::Drain { .. })
-    })
+    kv_ticks(3, tps, |_| 0.1, 40).any(|(_, d)| matches!(d.action, Action::Drain { .. }))
 }
 
 #[test]

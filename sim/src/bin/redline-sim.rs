@@ -239,11 +239,11 @@ fn main() -> Result<()> {
         "oracle under the reversal cap, replicas asked for per window: {:?}",
         c.capped_schedule
     );
-    let mut runs: Vec<_> = c.outcomes.iter().collect();
-    let spent;
-    if a.budget_oracle {
-        let (schedule, o) = budget_oracle(&trace, &setup, c.oracle_schedule.clone());
-        let s = summarize(&o, &setup.sim.slo);
+    let spent = a
+        .budget_oracle
+        .then(|| budget_oracle(&trace, &setup, c.oracle_schedule.clone()));
+    if let Some((schedule, o)) = &spent {
+        let s = summarize(o, &setup.sim.slo);
         println!(
             "oracle spending the error budget, per {:.0} s window: {schedule:?}: TTFT SLO {:.2}%, {:.0} replica-s, {:.2}x the oracle; redline {:.2}x of it",
             setup.oracle_window_seconds,
@@ -252,8 +252,6 @@ fn main() -> Result<()> {
             s.replica_seconds / c.row(Row::Oracle).replica_seconds,
             c.row(Row::Redline).replica_seconds / s.replica_seconds
         );
-        spent = o;
-        runs.push(&spent);
     }
     if a.explain {
         println!("\nredline's decisions:");
@@ -284,6 +282,11 @@ fn main() -> Result<()> {
     if let Some(dir) = a.plot.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    let runs: Vec<_> = c
+        .outcomes
+        .iter()
+        .chain(spent.iter().map(|(_, o)| o))
+        .collect();
     redline_sim::plot::write(
         &a.plot,
         &format!(

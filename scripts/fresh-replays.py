@@ -4,7 +4,7 @@ compressions, prompt scales, cold starts and TTFT objectives) and six of a secon
 minutes of the conversation trace (sim/traces/README.md), with its tokens scaled up so that the
 fleet grows past the two-replica floor. `redline-sim --targets` checks the eleven replays the
 settings were chosen on; this is the check that they hold elsewhere (docs/autoscaling.md,
-"Sizing by the error budget" and "A second workload: conversations"). Usage, after
+"Other workloads, and replays no setting was tuned on"). Usage, after
 `cargo build --release -p redline-sim` (about 4 minutes on 2 cores):
 
     python3 scripts/fresh-replays.py [path/to/redline-sim]

@@ -1,0 +1,137 @@
+//! Every manifest under examples/ is what the CRDs accept and what the operator would act on:
+//! each document parses into its Rust type with no field dropped (a 1.20 API server prunes
+//! unknown fields silently, so a typo would be lost without a word), passes the checks the
+//! reconciler reports as `InvalidSpec`, names only policies the examples define, and turns
+//! into a policy configuration within the CRD's ranges.
+
+use std::path::PathBuf;
+
+use redline_operator::autoscaler::policy_config;
+use redline_operator::crd::{AutoscalingPolicy, AutoscalingPolicySpec, InferenceService};
+use redline_operator::validate::problems;
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The places where `original` has something `parsed` lacks or holds differently.
+fn dropped(original: &Value, parsed: &Value, path: &str, out: &mut Vec<String>) {
+    match (original, parsed) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in a {
+                let p = format!("{path}.{k}");
+                match b.get(k) {
+                    Some(w) => dropped(v, w, &p, out),
+                    None => out.push(p),
+                }
+            }
+        }
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
+            for (i, (v, w)) in a.iter().zip(b).enumerate() {
+                dropped(v, w, &format!("{path}[{i}]"), out);
+            }
+        }
+        (Value::Number(a), Value::Number(b)) if a.as_f64() == b.as_f64() => {}
+        _ if original == parsed => {}
+        _ => out.push(format!("{path}: {original} became {parsed}")),
+    }
+}
+
+fn documents() -> Vec<(String, Value)> {
+    let mut docs = Vec::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo().join("examples"))
+        .expect("examples/")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 2, "examples/ lost its manifests: {files:?}");
+    for f in files {
+        let text = std::fs::read_to_string(&f).expect("read example");
+        for d in serde_yaml::Deserializer::from_str(&text) {
+            let v: Value = serde::Deserialize::deserialize(d).expect("YAML document");
+            docs.push((f.file_name().unwrap().to_string_lossy().into_owned(), v));
+        }
+    }
+    docs
+}
+
+fn check_round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(
+    file: &str,
+    doc: &Value,
+) -> T {
+    let parsed: T =
+        serde_json::from_value(doc.clone()).unwrap_or_else(|e| panic!("{file}: {e}\n{doc:#}"));
+    let mut lost = Vec::new();
+    dropped(doc, &serde_json::to_value(&parsed).unwrap(), "", &mut lost);
+    assert!(
+        lost.is_empty(),
+        "{file}: fields the CRD does not keep: {lost:?}"
+    );
+    parsed
+}
+
+#[test]
+fn every_example_is_a_valid_resource_with_no_field_dropped() {
+    let mut services = Vec::new();
+    let mut policies = Vec::new();
+    for (file, doc) in documents() {
+        match doc["kind"].as_str() {
+            Some("InferenceService") => {
+                let s: InferenceService = check_round_trip(&file, &doc);
+                let p = problems(&s.spec);
+                assert!(p.is_empty(), "{file}: {p:?}");
+                services.push((file, s));
+            }
+            Some("AutoscalingPolicy") => {
+                let p: AutoscalingPolicy = check_round_trip(&file, &doc);
+                policies.push(p);
+            }
+            other => panic!("{file}: unexpected kind {other:?}"),
+        }
+    }
+    assert!(!services.is_empty() && !policies.is_empty());
+    for (file, s) in &services {
+        let a = s.spec.autoscaling.clone().unwrap_or_default();
+        let spec: AutoscalingPolicySpec = match &a.policy_ref {
+            Some(name) => policies
+                .iter()
+                .find(|p| p.metadata.name.as_deref() == Some(name.as_str()))
+                .unwrap_or_else(|| panic!("{file}: policyRef {name} is not in examples/"))
+                .spec
+                .clone(),
+            None => a.policy.unwrap_or_default(),
+        };
+        let c = policy_config(s, &spec);
+        assert!(
+            c.min_replicas >= 1 && c.min_replicas <= c.max_replicas,
+            "{file}: {c:?}"
+        );
+        assert!(
+            c.forecast_horizon_seconds >= 1.0
+                && c.scale_down_window_seconds >= c.forecast_horizon_seconds
+                && (0.05..=0.99).contains(&c.target_kv_usage)
+                && c.capacity.prompt_tokens_per_second > 0.0
+                && c.capacity.generation_tokens_per_second > 0.0,
+            "{file}: {c:?}"
+        );
+        // A service with a TTFT objective plans by its error budget.
+        if s.spec.slo.as_ref().and_then(|x| x.ttft_p99_ms).is_some() {
+            assert!(c.ttft_objective_seconds.is_some(), "{file}");
+        }
+    }
+}
+
+#[test]
+fn a_misspelled_field_is_caught() {
+    let doc: Value = serde_json::json!({
+        "apiVersion": "redline.dev/v1alpha1", "kind": "AutoscalingPolicy",
+        "metadata": {"name": "p"},
+        "spec": {"scaleDownWindowSecond": 30}
+    });
+    let mut lost = Vec::new();
+    let parsed: AutoscalingPolicy = serde_json::from_value(doc.clone()).unwrap();
+    dropped(&doc, &serde_json::to_value(&parsed).unwrap(), "", &mut lost);
+    assert_eq!(lost, vec![".spec.scaleDownWindowSecond".to_string()]);
+}

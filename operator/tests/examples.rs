@@ -9,11 +9,8 @@ use std::path::PathBuf;
 use redline_operator::autoscaler::policy_config;
 use redline_operator::crd::{AutoscalingPolicy, AutoscalingPolicySpec, InferenceService};
 use redline_operator::validate::problems;
+use redline_testcluster::testing::repo;
 use serde_json::Value;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 /// The places where `original` has something `parsed` lacks or holds differently.
 fn dropped(original: &Value, parsed: &Value, path: &str, out: &mut Vec<String>) {
@@ -108,6 +105,8 @@ fn every_example_is_a_valid_resource_with_no_field_dropped() {
             c.min_replicas >= 1 && c.min_replicas <= c.max_replicas,
             "{file}: {c:?}"
         );
+        // Not a rule the operator enforces, but one an example should keep: a window shorter
+        // than the horizon would drain replicas the forecast bought for within it.
         assert!(
             c.forecast_horizon_seconds >= 1.0
                 && c.scale_down_window_seconds >= c.forecast_horizon_seconds

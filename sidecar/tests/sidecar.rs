@@ -131,6 +131,8 @@ async fn replay(engine: &Engine, sidecar: &Sidecar) -> Outcome {
     tokio::pin!(done);
     let (mut peak_kv, mut worst_level) = (0.0f64, Level::Ok);
     let mut kv_before_first_cut = None;
+    // A cut's reason; following the operator's bounds is not one.
+    let bounds = Reason::Bounds.to_string();
     loop {
         tokio::select! {
             _ = &mut done => break,
@@ -139,8 +141,6 @@ async fn replay(engine: &Engine, sidecar: &Sidecar) -> Outcome {
                 peak_kv = peak_kv.max(metric(&m, "redline_engine_kv_cache_usage_ratio"));
                 let p = sidecar.pressure().await;
                 worst_level = worst_level.max(p.derived.level);
-                // A cut's reason; following the operator's bounds is not one.
-                let bounds = Reason::Bounds.to_string();
                 let cut = p.limits.guard_reason.is_some_and(|r| r != bounds);
                 if kv_before_first_cut.is_none() && cut {
                     kv_before_first_cut = Some(peak_kv);

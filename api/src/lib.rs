@@ -98,6 +98,13 @@ pub struct EngineReading {
     /// are a share of.
     #[serde(default)]
     pub first_tokens_total: Option<u64>,
+    /// The inter-token latency histogram's sum (seconds) and count. Over a window their
+    /// increases' ratio is the mean gap between a sequence's tokens, which is the engine's
+    /// step time: its fixed cost stretched by the work the load brings.
+    #[serde(default)]
+    pub inter_token_seconds_total: Option<f64>,
+    #[serde(default)]
+    pub inter_tokens_total: Option<u64>,
 }
 
 impl EngineReading {
@@ -119,6 +126,8 @@ impl EngineReading {
             draining: None,
             requests_late_total: None,
             first_tokens_total: None,
+            inter_token_seconds_total: None,
+            inter_tokens_total: None,
         }
     }
 }
@@ -155,6 +164,11 @@ pub struct Derived {
     /// Requests that got their first token, per second over the window (same source).
     #[serde(default)]
     pub first_tokens_per_second: Option<f64>,
+    /// The mean inter-token latency over the load window (a minute by default: long enough
+    /// to see past a burst, so it says how loaded the engine runs, not what one burst did).
+    /// `None` when the engine does not export the histogram or no token came in the window.
+    #[serde(default)]
+    pub mean_inter_token_latency_seconds: Option<f64>,
     /// The pod's arrival curve: for each window of [`ARRIVAL_WINDOWS_SECONDS`], the most prompt
     /// tokens that arrived within any such window lately. Empty when the engine does not count
     /// prompt tokens on arrival.
@@ -187,6 +201,7 @@ impl Default for Derived {
             generation_tokens_per_second: None,
             late_requests_per_second: None,
             first_tokens_per_second: None,
+            mean_inter_token_latency_seconds: None,
             prompt_arrival_peaks: Vec::new(),
         }
     }

@@ -18,6 +18,7 @@ pub struct Metrics {
     sample_age: Gauge,
     engine_up: IntGauge,
     preemption_rate: Gauge,
+    mean_itl: Gauge,
     device_used: Gauge,
     device_total: Gauge,
     device_util: Gauge,
@@ -106,6 +107,11 @@ impl Default for Metrics {
             ),
             engine_up: ig("engine_up", "1 when the last engine scrape succeeded."),
             preemption_rate: g("preemptions_per_second", "The engine's preemption rate."),
+            mean_itl: g(
+                "mean_inter_token_latency_seconds",
+                "The engine's mean inter-token latency over the last minute (NaN when it \
+                 exports no histogram or nothing decoded).",
+            ),
             device_used: g("device_memory_used_bytes", "Device memory in use."),
             device_total: g("device_memory_total_bytes", "Device memory in total."),
             device_util: g("device_utilization_ratio", "Device utilization (0..1)."),
@@ -153,6 +159,7 @@ impl Metrics {
         set_opt(&self.sample_age, r.sample_age_seconds);
         self.engine_up.set(i64::from(r.engine_reachable));
         self.preemption_rate.set(r.derived.preemptions_per_second);
+        set_opt(&self.mean_itl, r.derived.mean_inter_token_latency_seconds);
         self.record_device(&r.device);
         if let Some(l) = r.limits.guard_limits {
             self.limit_seqs.set(l.max_num_seqs.into());

@@ -45,6 +45,8 @@ pub struct ModelConfig {
     /// How long the arrival curve remembers a burst: at least the operator's decision
     /// interval, so every burst is in some report it reads.
     pub arrival_memory_seconds: f64,
+    /// Seconds the mean inter-token latency is measured over: the engine's load, past a burst.
+    pub load_window_seconds: f64,
 }
 
 impl Default for ModelConfig {
@@ -58,6 +60,7 @@ impl Default for ModelConfig {
             horizon_exit_factor: 1.5,
             calm_seconds: 2.0,
             arrival_memory_seconds: 10.0,
+            load_window_seconds: 60.0,
         }
     }
 }
@@ -137,6 +140,37 @@ impl Counter {
     }
 }
 
+/// A histogram's sum and count over a sliding window: the mean of what it observed lately.
+#[derive(Debug, Clone, Default)]
+struct MeanOver {
+    samples: VecDeque<(f64, f64, u64)>,
+}
+
+impl MeanOver {
+    /// The mean of the observations made in the last `window` seconds; `None` without the
+    /// histogram or without an observation in the window. A count that went down (an engine
+    /// restart) starts the window afresh.
+    fn mean(&mut self, now: f64, window: f64, sum: Option<f64>, count: Option<u64>) -> Option<f64> {
+        let (Some(sum), Some(count)) = (sum, count) else {
+            self.samples.clear();
+            return None;
+        };
+        if self.samples.back().is_some_and(|&(_, _, c)| c > count) {
+            self.samples.clear();
+        }
+        self.samples.push_back((now, sum, count));
+        while self
+            .samples
+            .front()
+            .is_some_and(|(t, _, _)| now - t > window)
+        {
+            self.samples.pop_front();
+        }
+        let (&(_, s0, c0), &(_, s1, c1)) = (self.samples.front()?, self.samples.back()?);
+        (c1 > c0).then(|| ((s1 - s0) / (c1 - c0) as f64).max(0.0))
+    }
+}
+
 /// The sliding windows and the level with its hysteresis state.
 #[derive(Debug, Clone)]
 pub struct PressureModel {
@@ -148,6 +182,7 @@ pub struct PressureModel {
     generation_tokens: Counter,
     late_requests: Counter,
     first_tokens: Counter,
+    inter_token_latency: MeanOver,
     arrivals: ArrivalCurve,
     level: Level,
     /// Since when the pressure has been below the current level's exit thresholds.
@@ -165,6 +200,7 @@ impl PressureModel {
             generation_tokens: Counter::default(),
             late_requests: Counter::default(),
             first_tokens: Counter::default(),
+            inter_token_latency: MeanOver::default(),
             arrivals: ArrivalCurve::new(cfg.arrival_memory_seconds),
             level: Level::Ok,
             calm_since: None,
@@ -251,6 +287,12 @@ impl PressureModel {
         let first_tokens_per_second =
             self.first_tokens
                 .rate(now, self.cfg.rate_window_seconds, engine.first_tokens_total);
+        let mean_inter_token_latency_seconds = self.inter_token_latency.mean(
+            now,
+            self.cfg.load_window_seconds,
+            engine.inter_token_seconds_total,
+            engine.inter_tokens_total,
+        );
         let prompt_arrival_peaks = self
             .arrivals
             .observe(now, engine.prompt_tokens_received_total);
@@ -274,6 +316,7 @@ impl PressureModel {
             generation_tokens_per_second,
             late_requests_per_second,
             first_tokens_per_second,
+            mean_inter_token_latency_seconds,
             prompt_arrival_peaks,
         }
     }
@@ -508,6 +551,45 @@ mod tests {
             (None, None),
             "not exported: unknown, not zero"
         );
+    }
+
+    #[test]
+    fn the_mean_inter_token_latency_is_the_windows_and_survives_an_engine_restart() {
+        let cfg = ModelConfig {
+            load_window_seconds: 10.0,
+            ..ModelConfig::default()
+        };
+        let mut m = PressureModel::new(cfg);
+        let g = GuardSettings::default();
+        let at = |sum: f64, count: u64| EngineReading {
+            inter_token_seconds_total: Some(sum),
+            inter_tokens_total: Some(count),
+            ..engine(0.1, 0)
+        };
+        let mean = |m: &mut PressureModel, t: f64, e: &EngineReading| {
+            m.observe(t, e, &none(), &g)
+                .mean_inter_token_latency_seconds
+        };
+        assert_eq!(mean(&mut m, 0.0, &at(0.0, 0)), None, "one sample");
+        // 100 gaps of 10 ms, then 100 of 30 ms: the window holds both, then the second alone.
+        assert_eq!(mean(&mut m, 5.0, &at(1.0, 100)), Some(0.01));
+        let both = mean(&mut m, 10.0, &at(4.0, 200)).unwrap();
+        assert!((both - 0.02).abs() < 1e-12, "{both}");
+        let late = mean(&mut m, 15.0, &at(7.0, 300)).unwrap();
+        assert!((late - 0.03).abs() < 1e-12, "{late}");
+        assert_eq!(
+            mean(&mut m, 16.0, &at(7.0, 300)),
+            Some(0.03),
+            "no new token"
+        );
+        assert_eq!(
+            mean(&mut m, 26.0, &at(7.0, 300)),
+            None,
+            "none in the window"
+        );
+        assert_eq!(mean(&mut m, 27.0, &at(0.5, 10)), None, "restarted");
+        assert_eq!(mean(&mut m, 28.0, &at(0.9, 30)), Some(0.02));
+        assert_eq!(mean(&mut m, 29.0, &engine(0.1, 0)), None, "not exported");
     }
 
     #[test]

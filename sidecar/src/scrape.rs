@@ -24,6 +24,7 @@ pub fn parse(text: &str) -> Result<EngineReading, ScrapeError> {
     let count = |name: &str| sum(name).unwrap_or(0.0).max(0.0) as u64;
     let whole = |name: &str| sum(name).map(|v| v.max(0.0) as u64);
     if let Some(usage) = max("redline_engine_kv_cache_usage_ratio") {
+        let itl = scrape.histogram("redline_engine_inter_token_latency_seconds");
         let limits = match (
             max("redline_engine_max_num_seqs"),
             max("redline_engine_max_batched_tokens"),
@@ -53,12 +54,17 @@ pub fn parse(text: &str) -> Result<EngineReading, ScrapeError> {
             first_tokens_total: scrape
                 .histogram("redline_engine_time_to_first_token_seconds")
                 .map(|h| h.count),
+            inter_token_seconds_total: itl.as_ref().map(|h| h.sum),
+            inter_tokens_total: itl.map(|h| h.count),
         });
     }
     // vLLM renamed gpu_cache_usage_perc to kv_cache_usage_perc; accept both.
     let usage = max("vllm:kv_cache_usage_perc")
         .or_else(|| max("vllm:gpu_cache_usage_perc"))
         .ok_or(ScrapeError::NotAnEngine)?;
+    let vllm_itl = scrape
+        .histogram("vllm:inter_token_latency_seconds")
+        .or_else(|| scrape.histogram("vllm:time_per_output_token_seconds"));
     Ok(EngineReading {
         flavor: EngineFlavor::Vllm,
         kv_usage_ratio: usage,
@@ -85,6 +91,9 @@ pub fn parse(text: &str) -> Result<EngineReading, ScrapeError> {
         draining: None,
         requests_late_total: None,
         first_tokens_total: None,
+        // vLLM's name until 0.11 (time per output token), and since.
+        inter_token_seconds_total: vllm_itl.as_ref().map(|h| h.sum),
+        inter_tokens_total: vllm_itl.map(|h| h.count),
     })
 }
 
@@ -128,6 +137,11 @@ redline_engine_requests_late_total 4
 redline_engine_time_to_first_token_seconds_bucket{le=\"+Inf\"} 90
 redline_engine_time_to_first_token_seconds_sum 12.5
 redline_engine_time_to_first_token_seconds_count 90
+# TYPE redline_engine_inter_token_latency_seconds histogram
+redline_engine_inter_token_latency_seconds_bucket{le=\"0.05\"} 380
+redline_engine_inter_token_latency_seconds_bucket{le=\"+Inf\"} 400
+redline_engine_inter_token_latency_seconds_sum 8
+redline_engine_inter_token_latency_seconds_count 400
 # TYPE vllm:kv_cache_usage_perc gauge
 vllm:kv_cache_usage_perc 0.25
 ";
@@ -144,6 +158,10 @@ vllm:kv_cache_usage_perc 0.25
         assert_eq!(r.draining, Some(true));
         assert_eq!(r.requests_late_total, Some(4));
         assert_eq!(r.first_tokens_total, Some(90));
+        assert_eq!(
+            (r.inter_token_seconds_total, r.inter_tokens_total),
+            (Some(8.0), Some(400))
+        );
         assert_eq!(
             r.limits,
             Some(Limits {
@@ -172,6 +190,13 @@ vllm:num_preemptions_total{engine="1",model_name="m"} 1.0
 # HELP vllm:cache_config_info Information of the LLMEngine CacheConfig
 # TYPE vllm:cache_config_info gauge
 vllm:cache_config_info{block_size="16",cache_dtype="auto",enable_prefix_caching="True",gpu_memory_utilization="0.9",num_cpu_blocks="None",num_gpu_blocks="26624"} 1.0
+# TYPE vllm:time_per_output_token_seconds histogram
+vllm:time_per_output_token_seconds_bucket{engine="0",le="+Inf",model_name="m"} 100.0
+vllm:time_per_output_token_seconds_sum{engine="0",model_name="m"} 1.5
+vllm:time_per_output_token_seconds_count{engine="0",model_name="m"} 100.0
+vllm:time_per_output_token_seconds_bucket{engine="1",le="+Inf",model_name="m"} 50.0
+vllm:time_per_output_token_seconds_sum{engine="1",model_name="m"} 0.5
+vllm:time_per_output_token_seconds_count{engine="1",model_name="m"} 50.0
 "#;
         let r = parse(text).unwrap();
         assert_eq!(r.flavor, EngineFlavor::Vllm);
@@ -183,6 +208,11 @@ vllm:cache_config_info{block_size="16",cache_dtype="auto",enable_prefix_caching=
         assert_eq!(
             (r.kv_blocks_total, r.kv_block_size),
             (Some(26624), Some(16))
+        );
+        // The gaps between tokens, both engines' (its name before 0.11).
+        assert_eq!(
+            (r.inter_token_seconds_total, r.inter_tokens_total),
+            (Some(2.0), Some(150))
         );
     }
 

@@ -103,6 +103,9 @@ struct Outcome {
     cuts_timed: f64,
     cuts_within_1s: f64,
     worst_level: Level,
+    /// The sidecar's mean inter-token latency at the end, and the engine's over the burst.
+    mean_itl: Option<f64>,
+    engine_mean_itl: f64,
 }
 
 /// Replays the burst against `engine` (watched by `sidecar`) and measures what happened.
@@ -149,6 +152,10 @@ async fn replay(engine: &Engine, sidecar: &Sidecar) -> Outcome {
         }
     }
     let m = engine.metrics().await;
+    let itl = Exposition::parse(&m)
+        .expect("the engine's metrics parse")
+        .histogram("redline_engine_inter_token_latency_seconds")
+        .expect("the engine's inter-token latency histogram");
     let sm = Exposition::parse(&sidecar.metrics().await).expect("the sidecar's metrics parse");
     let reaction = sm
         .histogram("redline_sidecar_guard_reaction_seconds")
@@ -166,6 +173,12 @@ async fn replay(engine: &Engine, sidecar: &Sidecar) -> Outcome {
         cuts_timed: reaction.count as f64,
         cuts_within_1s: reaction.at_most(1.0).unwrap_or(0) as f64,
         worst_level,
+        mean_itl: sidecar
+            .pressure()
+            .await
+            .derived
+            .mean_inter_token_latency_seconds,
+        engine_mean_itl: itl.sum / itl.count.max(1) as f64,
     };
     eprintln!("{n} requests: {o:?}");
     o
@@ -244,6 +257,19 @@ async fn the_guard_prevents_the_preemptions_a_trace_burst_causes_without_it() {
         "a cut took more than a second from the pressure seen to the engine's ack: {on:?}"
     );
     assert!(on.worst_level >= Level::Elevated, "{on:?}");
+    // The load signal the report carries besides KV: the engine's mean gap between tokens
+    // over the last minute, from its histogram, close to the burst's whole mean.
+    for o in [&off, &on] {
+        let itl = o
+            .mean_itl
+            .expect("a mean inter-token latency in the report");
+        let ratio = itl / o.engine_mean_itl;
+        assert!(
+            (0.5..2.0).contains(&ratio),
+            "the report's mean inter-token latency {itl:.4} s is far from the engine's {:.4} s: {o:?}",
+            o.engine_mean_itl
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -83,6 +83,10 @@ pub struct Engine {
     /// `requests_late_total` and TTFT histogram count).
     pub requests_late_total: u64,
     pub first_tokens_total: u64,
+    /// The inter-token latency histogram's sum and count: a sequence that decodes in a step
+    /// waited that step for its token.
+    pub inter_token_seconds_total: f64,
+    pub inter_tokens_total: u64,
 }
 
 impl Engine {
@@ -100,6 +104,8 @@ impl Engine {
             generation_tokens_total: 0,
             requests_late_total: 0,
             first_tokens_total: 0,
+            inter_token_seconds_total: 0.0,
+            inter_tokens_total: 0,
         }
     }
 
@@ -299,6 +305,9 @@ impl Engine {
                 self.generation_tokens_total += 1;
                 if s.generated == 1 {
                     out.first_tokens.push(req);
+                } else {
+                    self.inter_token_seconds_total += step.seconds;
+                    self.inter_tokens_total += 1;
                 }
             }
         }

@@ -386,6 +386,8 @@ impl<'a> Sim<'a> {
             draining: Some(pod.phase == Phase::Draining),
             requests_late_total: e.ttft_objective.map(|_| e.requests_late_total),
             first_tokens_total: Some(e.first_tokens_total),
+            inter_token_seconds_total: Some(e.inter_token_seconds_total),
+            inter_tokens_total: Some(e.inter_tokens_total),
         };
         let device = DeviceReading {
             backend: "none".into(),

@@ -85,6 +85,36 @@ impl Summary {
     }
 }
 
+/// How full the pools ran and how long a sequence waited between tokens, up to the last
+/// arrival: the mean KV usage over pods and time, the fullest pool's mean, and the mean
+/// inter-token latency over every generated token after a first.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pools {
+    pub mean_kv_usage: f64,
+    pub mean_fullest_kv_usage: f64,
+    pub mean_inter_token_latency_seconds: f64,
+}
+
+pub fn pools(o: &Outcome) -> Pools {
+    let span: Vec<_> = o
+        .series
+        .iter()
+        .filter(|s| s.t <= o.duration_seconds && s.ready > 0)
+        .collect();
+    let n = span.len().max(1) as f64;
+    let (gaps, tokens) = o
+        .requests
+        .iter()
+        .filter(|r| r.output_tokens > 1)
+        .filter_map(|r| Some((r.finish? - r.first_token?, f64::from(r.output_tokens - 1))))
+        .fold((0.0, 0.0), |(g, t), (dg, dt)| (g + dg, t + dt));
+    Pools {
+        mean_kv_usage: span.iter().map(|s| s.kv_usage).sum::<f64>() / n,
+        mean_fullest_kv_usage: span.iter().map(|s| s.max_kv_usage).sum::<f64>() / n,
+        mean_inter_token_latency_seconds: if tokens > 0.0 { gaps / tokens } else { 0.0 },
+    }
+}
+
 /// The most of `times` (ascending) within any window of `window` seconds.
 pub fn most_within(times: &[f64], window: f64) -> u32 {
     let mut first = 0;
@@ -131,4 +161,61 @@ pub fn table(rows: &[Summary], reference: Option<f64>) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::{RequestRecord, SamplePoint};
+
+    #[test]
+    fn pools_average_over_the_span_and_weigh_latency_by_token() {
+        let sample = |t: f64, ready: u32, kv: f64, max: f64| SamplePoint {
+            t,
+            replicas: ready,
+            ready,
+            kv_usage: kv,
+            max_kv_usage: max,
+            waiting: 0,
+        };
+        let request = |first: f64, finish: f64, output_tokens: u32| RequestRecord {
+            arrival: 0.0,
+            first_token: Some(first),
+            finish: Some(finish),
+            output_tokens,
+            refused: false,
+            failed: false,
+        };
+        let o = Outcome {
+            name: "x".into(),
+            // Before the first pod is ready and after the last arrival: not counted.
+            series: vec![
+                sample(0.0, 0, 0.0, 0.0),
+                sample(1.0, 2, 0.2, 0.3),
+                sample(2.0, 2, 0.4, 0.5),
+                sample(11.0, 2, 0.9, 0.9),
+            ],
+            // 10 gaps of 10 ms and 2 of 40 ms: 15 ms a token, where the requests' own means
+            // (10 and 40 ms) would average 25.
+            requests: vec![
+                request(1.0, 1.1, 11),
+                request(1.0, 1.08, 3),
+                request(1.0, 1.0, 1),
+            ],
+            replica_seconds: 0.0,
+            preemptions: 0,
+            scale_actions: 0,
+            reversals: Vec::new(),
+            guard_actions: 0,
+            duration_seconds: 10.0,
+            scale_events: Vec::new(),
+        };
+        let p = pools(&o);
+        assert!((p.mean_kv_usage - 0.3).abs() < 1e-12, "{p:?}");
+        assert!((p.mean_fullest_kv_usage - 0.4).abs() < 1e-12, "{p:?}");
+        assert!(
+            (p.mean_inter_token_latency_seconds - 0.015).abs() < 1e-12,
+            "{p:?}"
+        );
+    }
 }

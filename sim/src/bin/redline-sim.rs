@@ -260,6 +260,16 @@ fn main() -> Result<()> {
         }
     }
     for o in &c.outcomes {
+        if a.explain {
+            let p = redline_sim::report::pools(o);
+            println!(
+                "{}: KV usage {:.1}% on average, the fullest pool {:.1}%; mean inter-token latency {:.1} ms",
+                o.name,
+                p.mean_kv_usage * 100.0,
+                p.mean_fullest_kv_usage * 100.0,
+                p.mean_inter_token_latency_seconds * 1000.0
+            );
+        }
         if !o.scale_events.is_empty() {
             let at: Vec<String> = o
                 .scale_events

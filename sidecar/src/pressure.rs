@@ -107,7 +107,7 @@ fn pool_tokens(e: &EngineReading) -> Option<f64> {
 /// A monotonic counter's samples over the window, for its rate.
 #[derive(Debug, Clone, Default)]
 struct Counter {
-    samples: VecDeque<(f64, u64)>,
+    samples: VecDeque<(f64, f64)>,
 }
 
 impl Counter {
@@ -115,6 +115,11 @@ impl Counter {
     /// counter or there is only one sample. A counter that went down (an engine restart) starts
     /// the window afresh.
     fn rate(&mut self, now: f64, window: f64, value: Option<u64>) -> Option<f64> {
+        self.rate_of(now, window, value.map(|v| v as f64))
+    }
+
+    /// [`Counter::rate`] of a counter that is not whole (a histogram's sum of seconds).
+    fn rate_of(&mut self, now: f64, window: f64, value: Option<f64>) -> Option<f64> {
         let Some(v) = value else {
             self.samples.clear();
             return None;
@@ -134,40 +139,9 @@ impl Counter {
     fn recent_rate(&self, now: f64, window: f64) -> Option<f64> {
         let mut recent = self.samples.iter().filter(|(t, _)| now - t <= window);
         match (recent.next(), self.samples.back()) {
-            (Some(&(t0, c0)), Some(&(t1, c1))) if t1 > t0 => Some((c1 - c0) as f64 / (t1 - t0)),
+            (Some(&(t0, c0)), Some(&(t1, c1))) if t1 > t0 => Some((c1 - c0) / (t1 - t0)),
             _ => None,
         }
-    }
-}
-
-/// A histogram's sum and count over a sliding window: the mean of what it observed lately.
-#[derive(Debug, Clone, Default)]
-struct MeanOver {
-    samples: VecDeque<(f64, f64, u64)>,
-}
-
-impl MeanOver {
-    /// The mean of the observations made in the last `window` seconds; `None` without the
-    /// histogram or without an observation in the window. A count that went down (an engine
-    /// restart) starts the window afresh.
-    fn mean(&mut self, now: f64, window: f64, sum: Option<f64>, count: Option<u64>) -> Option<f64> {
-        let (Some(sum), Some(count)) = (sum, count) else {
-            self.samples.clear();
-            return None;
-        };
-        if self.samples.back().is_some_and(|&(_, _, c)| c > count) {
-            self.samples.clear();
-        }
-        self.samples.push_back((now, sum, count));
-        while self
-            .samples
-            .front()
-            .is_some_and(|(t, _, _)| now - t > window)
-        {
-            self.samples.pop_front();
-        }
-        let (&(_, s0, c0), &(_, s1, c1)) = (self.samples.front()?, self.samples.back()?);
-        (c1 > c0).then(|| ((s1 - s0) / (c1 - c0) as f64).max(0.0))
     }
 }
 
@@ -182,7 +156,9 @@ pub struct PressureModel {
     generation_tokens: Counter,
     late_requests: Counter,
     first_tokens: Counter,
-    inter_token_latency: MeanOver,
+    /// The inter-token latency histogram's sum and count: their rates' ratio is its mean.
+    inter_token_seconds: Counter,
+    inter_tokens: Counter,
     arrivals: ArrivalCurve,
     level: Level,
     /// Since when the pressure has been below the current level's exit thresholds.
@@ -200,7 +176,8 @@ impl PressureModel {
             generation_tokens: Counter::default(),
             late_requests: Counter::default(),
             first_tokens: Counter::default(),
-            inter_token_latency: MeanOver::default(),
+            inter_token_seconds: Counter::default(),
+            inter_tokens: Counter::default(),
             arrivals: ArrivalCurve::new(cfg.arrival_memory_seconds),
             level: Level::Ok,
             calm_since: None,
@@ -287,12 +264,16 @@ impl PressureModel {
         let first_tokens_per_second =
             self.first_tokens
                 .rate(now, self.cfg.rate_window_seconds, engine.first_tokens_total);
-        let mean_inter_token_latency_seconds = self.inter_token_latency.mean(
-            now,
-            self.cfg.load_window_seconds,
-            engine.inter_token_seconds_total,
-            engine.inter_tokens_total,
-        );
+        let load_window = self.cfg.load_window_seconds;
+        let mean_inter_token_latency_seconds = match (
+            self.inter_token_seconds
+                .rate_of(now, load_window, engine.inter_token_seconds_total),
+            self.inter_tokens
+                .rate(now, load_window, engine.inter_tokens_total),
+        ) {
+            (Some(seconds), Some(tokens)) if tokens > 0.0 => Some(seconds / tokens),
+            _ => None,
+        };
         let prompt_arrival_peaks = self
             .arrivals
             .observe(now, engine.prompt_tokens_received_total);

@@ -105,6 +105,15 @@ pub struct EngineReading {
     pub inter_token_seconds_total: Option<f64>,
     #[serde(default)]
     pub inter_tokens_total: Option<u64>,
+    /// The step-duration histogram's sum (seconds the engine spent stepping) and count
+    /// (steps). Over a window, the first's rate is the share of the time the engine was
+    /// busy, and the second's times the fixed cost of a step is the part of it any batch
+    /// takes: what is left is the work the load brings, weighed by time (the inter-token
+    /// histogram weighs a step by the sequences decoding in it).
+    #[serde(default)]
+    pub step_seconds_total: Option<f64>,
+    #[serde(default)]
+    pub steps_total: Option<u64>,
 }
 
 impl EngineReading {
@@ -128,6 +137,8 @@ impl EngineReading {
             first_tokens_total: None,
             inter_token_seconds_total: None,
             inter_tokens_total: None,
+            step_seconds_total: None,
+            steps_total: None,
         }
     }
 }
@@ -169,6 +180,12 @@ pub struct Derived {
     /// `None` when the engine does not export the histogram or no token came in the window.
     #[serde(default)]
     pub mean_inter_token_latency_seconds: Option<f64>,
+    /// The share of the load window the engine spent stepping, and its steps per second
+    /// (same window). `None` when the engine does not export its step histogram.
+    #[serde(default)]
+    pub busy_share: Option<f64>,
+    #[serde(default)]
+    pub steps_per_second: Option<f64>,
     /// The pod's arrival curve: for each window of [`ARRIVAL_WINDOWS_SECONDS`], the most prompt
     /// tokens that arrived within any such window lately. Empty when the engine does not count
     /// prompt tokens on arrival.
@@ -202,6 +219,8 @@ impl Default for Derived {
             late_requests_per_second: None,
             first_tokens_per_second: None,
             mean_inter_token_latency_seconds: None,
+            busy_share: None,
+            steps_per_second: None,
             prompt_arrival_peaks: Vec::new(),
         }
     }

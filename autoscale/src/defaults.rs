@@ -2,11 +2,6 @@
 //! operator's CRD defaults), and what `redline-sim` measures unless told otherwise. One place,
 //! so the numbers the docs report are the numbers a user runs.
 
-/// KV-cache usage the pods are steered towards, on average. A Service spreads requests by
-/// count, not by their contexts, so the pods' pools fill unevenly (0.3 to 0.9 at once on long
-/// conversations): at a mean of 0.5 the fullest reaches the guard's redline, not at 0.7
-/// (docs/autoscaling.md, "A second workload: conversations").
-pub const TARGET_KV_USAGE: f64 = 0.5;
 /// A GPU pod's time to Ready (the forecast horizon is at least that).
 pub const FORECAST_HORIZON_SECONDS: f64 = 60.0;
 /// The trend is fitted over this window...

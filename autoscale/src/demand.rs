@@ -19,6 +19,11 @@ use serde::{Deserialize, Serialize};
 pub struct ReplicaCapacity {
     pub prompt_tokens_per_second: f64,
     pub generation_tokens_per_second: f64,
+    /// The step of one sequence decoding alone: the fixed cost every step pays whatever its
+    /// batch (an 8B model's weights read once). `None` when the bench did not measure it; the
+    /// KV term then takes the pools to shrink in proportion to the replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_seconds: Option<f64>,
 }
 
 /// What the policy reads from one pod's pressure report.
@@ -41,6 +46,10 @@ pub struct PodSignals {
     /// when the engine does not count them.
     pub late_per_second: Option<f64>,
     pub first_tokens_per_second: Option<f64>,
+    /// The share of the load window the engine spent stepping, and its steps per second;
+    /// `None` when it does not export its step histogram.
+    pub busy_share: Option<f64>,
+    pub steps_per_second: Option<f64>,
 }
 
 impl PodSignals {
@@ -64,6 +73,8 @@ impl PodSignals {
             arrival_peaks: r.derived.prompt_arrival_peaks.clone(),
             late_per_second: r.derived.late_requests_per_second,
             first_tokens_per_second: r.derived.first_tokens_per_second,
+            busy_share: r.derived.busy_share,
+            steps_per_second: r.derived.steps_per_second,
         })
     }
 }
@@ -88,12 +99,33 @@ pub fn default_target_utilization(engines_know_ttft_objective: bool) -> f64 {
     }
 }
 
+/// The KV usage to steer the pods towards when the policy knows a replica's fixed step cost
+/// (`true`: the KV term follows the pools as queues, [`kv_need`]) and when it does not (it
+/// then takes the pools to shrink in proportion to the replicas). A Service spreads requests
+/// by count, not by their contexts, so the pools fill unevenly (0.3 to 0.9 at once on long
+/// conversations). Taken proportionally, a mean of 0.7 lets drains refill the pools past the
+/// guard's redline, and 0.5 holds; by the law, 0.7 holds on every replay of both traces
+/// (docs/autoscaling.md, "A second workload: conversations" and "The load share").
+pub const TARGET_KV_USAGE_PROPORTIONAL: f64 = 0.5;
+pub const TARGET_KV_USAGE_BY_LOAD: f64 = 0.7;
+
+/// The default target KV usage for a replica whose fixed step cost is (`true`) or is not
+/// known.
+pub fn default_target_kv_usage(knows_step_seconds: bool) -> f64 {
+    if knows_step_seconds {
+        TARGET_KV_USAGE_BY_LOAD
+    } else {
+        TARGET_KV_USAGE_PROPORTIONAL
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DemandConfig {
     pub capacity: ReplicaCapacity,
     /// Share of a replica's capacity the policy plans to use (the rest absorbs bursts while new
     /// replicas start).
     pub target_utilization: f64,
+    /// KV usage each pod is steered towards ([`default_target_kv_usage`]).
     pub target_kv_usage: f64,
     /// The backlog counts as the rate that clears it within this many seconds.
     pub backlog_drain_seconds: f64,
@@ -108,8 +140,13 @@ pub struct Demand {
     pub compute: f64,
     /// Mean KV usage over the pods counted.
     pub kv_usage: f64,
-    /// The KV term alone: the sum over pods of usage over the target, in replicas.
+    /// The KV term alone, summed over the pods ([`kv_need`]), in replicas.
     pub kv_replicas: f64,
+    /// The part of the KV term that rises as the pools fill ([`kv_fill`]): what lean sizing
+    /// extrapolates.
+    pub kv_fill: f64,
+    /// The pods' load shares summed ([`load_share`]): replicas' worth of work, by time.
+    pub load_share: f64,
     pub pods: usize,
 }
 
@@ -134,9 +171,12 @@ pub fn demand<'a>(pods: impl IntoIterator<Item = &'a PodSignals>, c: &DemandConf
         let kv = p.kv_usage.clamp(0.0, 1.0);
         let compute = compute_load(p, c).unwrap_or(0.0);
         let by_compute = compute / c.target_utilization.max(1e-3);
-        let by_kv = kv / c.target_kv_usage.max(1e-3);
+        let share = load_share(p, &c.capacity);
+        let by_kv = kv_need(kv, share, c.target_kv_usage);
         d.replicas += by_compute.max(by_kv);
         d.kv_replicas += by_kv;
+        d.kv_fill += kv_fill(kv, share, c.target_kv_usage);
+        d.load_share += share;
         d.compute += compute;
         kv_sum += kv;
         d.pods += 1;
@@ -145,6 +185,48 @@ pub fn demand<'a>(pods: impl IntoIterator<Item = &'a PodSignals>, c: &DemandConf
         d.kv_usage = kv_sum / d.pods as f64;
     }
     d
+}
+
+/// Most of a pod's time [`load_share`] credits to its load. Near 1 a pool's size swings with
+/// the slightest change of load, and the estimate with the noise of the window.
+const MAX_LOAD_SHARE: f64 = 0.9;
+
+/// The share of a pod's time its load's work takes: the time it spent stepping, less the
+/// fixed cost of each step. A continuous-batching engine runs a step whatever the batch, and
+/// the load's work (prefill chunks, each sequence's token, the context its attention reads)
+/// stretches it: a busy engine's step is its fixed cost over `1 - share`. Weighed by time, not
+/// by the sequences decoding in each step (which counts a burst of short answers many times
+/// over). `0` without the step histogram or the fixed cost.
+fn load_share(p: &PodSignals, cap: &ReplicaCapacity) -> f64 {
+    match (p.busy_share, p.steps_per_second, cap.step_seconds) {
+        (Some(busy), Some(steps), Some(step)) => (busy - steps * step).clamp(0.0, MAX_LOAD_SHARE),
+        _ => 0.0,
+    }
+}
+
+/// A pod's KV need in replicas: how many of its kind would hold its load with each pool at
+/// `target`. A sequence holds its blocks while it decodes, and it decodes at the stretched
+/// step, so a pool holds `a x share / (1 - share)` (Little's law; `a` is the workload's: its
+/// sequences' context over the pool, per fixed step). Spread over `f` times the replicas the
+/// share is divided by `f`; solving for the usage at `target` gives
+/// `share + usage x (1 - share) / target`. A straight `usage / target` (share 0) takes the
+/// pools to shrink in proportion: they shrink more, so it buys too many replicas for a full
+/// pool, and a drain it allows refills the rest past their target (docs/autoscaling.md,
+/// "Pools as queues").
+fn kv_need(usage: f64, share: f64, target: f64) -> f64 {
+    share + usage * (1.0 - share) / target.max(1e-3)
+}
+
+/// [`kv_need`] as far as it measures the pools filling, for their rise over the horizon.
+/// Its usage part is the pools themselves; its share part is the load's work, whose rise is a
+/// compute trend (a burst of prompts stretches the steps for a few seconds, and waits in the
+/// queue) until the pools hold half their target, and from there the stock of sequences in
+/// flight that stretches the steps. Measured with `redline-sim`: the share's whole rise
+/// made the code trace's near-empty pools (9%) call for a replica over a 120 s horizon
+/// (docs/autoscaling.md, "The load share").
+fn kv_fill(usage: f64, share: f64, target: f64) -> f64 {
+    let target = target.max(1e-3);
+    usage * (1.0 - share) / target + share * (2.0 * usage / target).min(1.0)
 }
 
 /// Replicas, at full capacity, that would have prefilled the pods' recent bursts each within
@@ -174,12 +256,14 @@ pub fn burst_replicas<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn cfg() -> DemandConfig {
         DemandConfig {
             capacity: ReplicaCapacity {
                 prompt_tokens_per_second: 1000.0,
                 generation_tokens_per_second: 100.0,
+                step_seconds: None,
             },
             target_utilization: 0.5,
             target_kv_usage: 0.8,
@@ -201,6 +285,8 @@ mod tests {
             arrival_peaks: Vec::new(),
             late_per_second: None,
             first_tokens_per_second: None,
+            busy_share: None,
+            steps_per_second: None,
         }
     }
 
@@ -227,5 +313,92 @@ mod tests {
         p.running = 10;
         // 20 waiting behind 10 running: the queue counts twice the batch's load.
         assert!((demand(&[p], &cfg()).compute - 1.5).abs() < 1e-9);
+    }
+
+    fn busy(mut p: PodSignals, busy: f64, steps: f64) -> PodSignals {
+        p.busy_share = Some(busy);
+        p.steps_per_second = Some(steps);
+        p
+    }
+
+    #[test]
+    fn the_load_share_is_the_time_stepping_less_each_steps_fixed_cost() {
+        let mut c = cfg();
+        let p = busy(pod(0.0, 0.0, 0.4), 0.5, 40.0);
+        // Without the fixed cost the pools shrink in proportion: 0.4 / 0.8.
+        assert!((demand(std::slice::from_ref(&p), &c).kv_replicas - 0.5).abs() < 1e-12);
+        c.capacity.step_seconds = Some(0.005);
+        let d = demand(std::slice::from_ref(&p), &c);
+        // Busy half the time, 40 steps of 5 ms fixed cost: 0.3 of it is the load's work.
+        assert!((d.load_share - 0.3).abs() < 1e-12, "{}", d.load_share);
+        assert!((d.kv_replicas - (0.3 + 0.4 * 0.7 / 0.8)).abs() < 1e-12);
+        // An engine stepping back to back is at most MAX_LOAD_SHARE loaded; one that only
+        // pays fixed costs (a lone short sequence) is not loaded at all.
+        let full = demand(&[busy(pod(0.0, 0.0, 0.4), 1.0, 10.0)], &c);
+        assert_eq!(full.load_share, MAX_LOAD_SHARE);
+        let idle = demand(&[busy(pod(0.0, 0.0, 0.4), 0.2, 40.0)], &c);
+        assert_eq!(idle.load_share, 0.0);
+        // A sidecar that cannot say (vLLM): proportional again.
+        let mut p = p;
+        p.busy_share = None;
+        assert!((demand(&[p], &c).kv_replicas - 0.5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_fill_takes_the_loads_rise_only_once_the_pools_hold_half_their_target() {
+        // Empty pools fill nothing, however busy the engine (a prefill burst).
+        assert_eq!(kv_fill(0.0, 0.8, 0.7), 0.0);
+        // Small pools: their usage part and a share of the load in proportion.
+        let f = kv_fill(0.07, 0.5, 0.7);
+        assert!((f - (0.07 * 0.5 / 0.7 + 0.5 * 0.2)).abs() < 1e-12, "{f}");
+        // From half the target on, the whole need.
+        for u in [0.35, 0.5, 0.9] {
+            assert!((kv_fill(u, 0.4, 0.7) - kv_need(u, 0.4, 0.7)).abs() < 1e-12);
+        }
+    }
+
+    proptest! {
+        /// Pools that follow Little's law with the stretched step (`usage = a x share /
+        /// (1 - share)`, one `a` for the workload) sit exactly at the target when the load
+        /// is spread over the replicas the KV need asks for, from any fleet size: the need
+        /// inverts the law. A proportional rescale of pools under their target drains too
+        /// far: they refill past it.
+        #[test]
+        fn the_kv_need_sizes_pools_that_follow_the_law_to_the_target(
+            a in 0.01f64..2.0,
+            share in 0.01f64..0.85,
+            pods in 1usize..12,
+            target in 0.3f64..0.95,
+        ) {
+            let usage = a * share / (1.0 - share);
+            prop_assume!(usage < 1.0);
+            let need = pods as f64 * kv_need(usage, share, target);
+            // The same load over `need` replicas: each pod's share scales by pods / need.
+            let spread = share * pods as f64 / need;
+            prop_assert!(spread < 1.0);
+            let at_need = a * spread / (1.0 - spread);
+            prop_assert!((at_need - target).abs() < 1e-9, "{} at {} replicas", at_need, need);
+            let proportional = pods as f64 * usage / target;
+            let spread = share * pods as f64 / proportional;
+            if spread < 1.0 {
+                prop_assert!(a * spread / (1.0 - spread) > target || usage > target);
+            }
+        }
+
+        /// The need grows with the usage and never falls under the load share (the replicas
+        /// its work takes at full time), and the fill is within the need.
+        #[test]
+        fn the_kv_need_is_monotone_and_the_fill_within_it(
+            u in 0.0f64..1.0,
+            du in 0.0f64..0.5,
+            share in 0.0f64..0.9,
+            target in 0.05f64..0.99,
+        ) {
+            let need = kv_need(u, share, target);
+            prop_assert!(kv_need(u + du, share, target) >= need);
+            prop_assert!(need >= share);
+            prop_assert!(kv_fill(u, share, target) <= need + 1e-12);
+            prop_assert!(kv_fill(u, share, target) >= 0.0);
+        }
     }
 }

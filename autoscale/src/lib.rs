@@ -13,5 +13,7 @@ pub mod defaults;
 pub mod demand;
 pub mod policy;
 
-pub use demand::{default_target_utilization, Demand, PodSignals, ReplicaCapacity};
+pub use demand::{
+    default_target_kv_usage, default_target_utilization, Demand, PodSignals, ReplicaCapacity,
+};
 pub use policy::{Action, Decision, Observation, PodPhase, PodView, Policy, PolicyConfig};

@@ -204,7 +204,7 @@ struct Averaged {
 struct Sample {
     t: f64,
     demand: Averaged,
-    /// The KV term alone (see [`Demand::kv_replicas`]).
+    /// The KV term's fill (see [`Demand::kv_fill`]).
     kv: Averaged,
     /// The burst reserve in replicas (0 without one), and the replicas asked for then.
     reserve: f64,
@@ -583,7 +583,7 @@ impl Policy {
         self.history.push_back(Sample {
             t: now,
             demand,
-            kv: self.averaged(now, d.kv_replicas, |s| s.kv),
+            kv: self.averaged(now, d.kv_fill, |s| s.kv),
             reserve,
             desired,
             guarded: 0.0,

@@ -29,6 +29,10 @@ pub struct Metrics {
     /// Requests whose first token came after the TTFT objective, when the engine has one.
     late: IntCounter,
     itl: Histogram,
+    /// Every engine step's duration: its sum over a window is the time the engine was busy,
+    /// and its count times a lone sequence's step the part of it any batch would take, so the
+    /// rest is the load's work (the autoscaler's load share).
+    step: Histogram,
     pub request_latency: Histogram,
     vllm_kv_usage: Gauge,
     vllm_running: IntGauge,
@@ -43,6 +47,9 @@ const TTFT_BUCKETS: &[f64] = &[
 ];
 const ITL_BUCKETS: &[f64] = &[
     0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+];
+const STEP_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 const LATENCY_BUCKETS: &[f64] = &[
     0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0,
@@ -148,6 +155,13 @@ impl Metrics {
                 )
                 .buckets(ITL_BUCKETS.to_vec()),
             ),
+            step: hist(
+                HistogramOpts::new(
+                    p("step_duration_seconds"),
+                    "Duration of each engine step (a forward pass over the scheduled batch).",
+                )
+                .buckets(STEP_BUCKETS.to_vec()),
+            ),
             request_latency: hist(
                 HistogramOpts::new(p("request_latency_seconds"), "Arrival to last token.")
                     .buckets(LATENCY_BUCKETS.to_vec()),
@@ -194,6 +208,10 @@ impl Metrics {
     pub fn observe_itl(&self, s: f64) {
         self.itl.observe(s);
         self.vllm_itl.observe(s);
+    }
+
+    pub fn observe_step(&self, s: f64) {
+        self.step.observe(s);
     }
 
     /// Publishes the engine's state after a step.

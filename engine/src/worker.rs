@@ -156,7 +156,10 @@ fn run(
             handle(&mut engine, &mut senders, &shared, &metrics, cmd);
         }
         if !engine.is_idle() {
-            match pool.install(|| engine.step()) {
+            let started = Instant::now();
+            let result = pool.install(|| engine.step());
+            metrics.observe_step(started.elapsed().as_secs_f64());
+            match result {
                 Ok(out) => deliver(&mut engine, &mut senders, &metrics, out.events),
                 Err(e) => {
                     // A model error is a bug or a corrupt file, not a property of one request:

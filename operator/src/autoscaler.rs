@@ -23,8 +23,8 @@ use kube::runtime::reflector::Store;
 use kube::{Api, ResourceExt};
 use redline_api::{GuardSettings, Level, Limits, LimitsRequest, PressureReport};
 use redline_autoscale::{
-    default_target_utilization, Action, Decision as PolicyDecision, Observation, PodPhase,
-    PodSignals, PodView, Policy, PolicyConfig, ReplicaCapacity,
+    default_target_kv_usage, default_target_utilization, Action, Decision as PolicyDecision,
+    Observation, PodPhase, PodSignals, PodView, Policy, PolicyConfig, ReplicaCapacity,
 };
 use serde_json::json;
 use tracing::{debug, info, warn};
@@ -54,11 +54,14 @@ pub fn policy_config(isvc: &InferenceService, p: &AutoscalingPolicySpec) -> Poli
         capacity: ReplicaCapacity {
             prompt_tokens_per_second: p.replica_capacity.prompt_tokens_per_second,
             generation_tokens_per_second: p.replica_capacity.generation_tokens_per_second,
+            step_seconds: p.replica_capacity.step_seconds,
         },
         target_utilization: p
             .target_utilization
             .unwrap_or_else(|| default_target_utilization(s.ttft_objective_ms().is_some())),
-        target_kv_usage: p.target_kv_usage,
+        target_kv_usage: p
+            .target_kv_usage
+            .unwrap_or_else(|| default_target_kv_usage(p.replica_capacity.step_seconds.is_some())),
         forecast_horizon_seconds: p.forecast_horizon_seconds as f64,
         trend_window_seconds: p.trend_window_seconds as f64,
         trend_smoothing_seconds: p.trend_smoothing_seconds as f64,
@@ -758,6 +761,20 @@ spec:
         let with = policy_config(&with_slo, &unset);
         assert_eq!(with.target_utilization, 1.0);
         assert_eq!(with.ttft_objective_seconds, Some(2.0));
+        // The target KV usage follows whether the bench measured one sequence's step: with
+        // it the pools are sized as queues (0.7), without proportionally (0.5); a written
+        // target is kept either way.
+        assert_eq!(without.target_kv_usage, 0.5);
+        assert_eq!(without.capacity.step_seconds, None);
+        let mut stepped = AutoscalingPolicySpec::default();
+        stepped.replica_capacity.step_seconds = Some(0.0063);
+        let c = policy_config(&isvc(BASE), &stepped);
+        assert_eq!(
+            (c.target_kv_usage, c.capacity.step_seconds),
+            (0.7, Some(0.0063))
+        );
+        stepped.target_kv_usage = Some(0.6);
+        assert_eq!(policy_config(&isvc(BASE), &stepped).target_kv_usage, 0.6);
     }
 
     fn pod(yaml: &str) -> Pod {

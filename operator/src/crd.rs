@@ -268,10 +268,12 @@ pub struct AutoscalingPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.05, max = 1.0))]
     pub target_utilization: Option<f64>,
-    /// KV-cache usage (0..1) the pods are steered towards.
-    #[serde(default = "target_kv")]
+    /// KV-cache usage (0..1) the pods are steered towards. Default: 0.7 when
+    /// `replicaCapacity.stepSeconds` is given (the policy then knows how the pools shrink as
+    /// replicas are added), 0.5 without.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.05, max = 0.99))]
-    pub target_kv_usage: f64,
+    pub target_kv_usage: Option<f64>,
     /// What one replica sustains within the SLO (measure with `redline-engine bench`; the
     /// default is the default model on 2 CPU cores).
     #[serde(default)]
@@ -327,6 +329,14 @@ pub struct ReplicaCapacity {
     #[serde(default = "cap_generation")]
     #[schemars(range(min = 0.001))]
     pub generation_tokens_per_second: f64,
+    /// Seconds of one engine step with a single sequence decoding (the bench's one-stream
+    /// inter-token latency): the fixed cost every step pays. With it the policy reads each
+    /// pod's load from the time its engine spends stepping, and sizes the KV pools as queues
+    /// (docs/autoscaling.md, "The load share"); engines that do not export their step
+    /// durations (vLLM) are sized as without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0001, max = 10.0))]
+    pub step_seconds: Option<f64>,
 }
 
 impl Default for ReplicaCapacity {
@@ -334,13 +344,11 @@ impl Default for ReplicaCapacity {
         Self {
             prompt_tokens_per_second: cap_prompt(),
             generation_tokens_per_second: cap_generation(),
+            step_seconds: None,
         }
     }
 }
 
-fn target_kv() -> f64 {
-    defaults::TARGET_KV_USAGE
-}
 fn cap_prompt() -> f64 {
     230.0
 }
@@ -379,7 +387,7 @@ impl Default for AutoscalingPolicySpec {
     fn default() -> Self {
         Self {
             target_utilization: None,
-            target_kv_usage: target_kv(),
+            target_kv_usage: None,
             replica_capacity: ReplicaCapacity::default(),
             forecast_horizon_seconds: horizon(),
             trend_window_seconds: trend_window(),

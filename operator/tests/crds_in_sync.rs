@@ -1,11 +1,7 @@
 //! The CRD YAML under crds/ is what the Rust types generate (`redline-operator crd`), and the
 //! chart ships the same files: regenerate with `cargo run -p redline-operator -- crd-files`.
 
-use std::path::PathBuf;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use redline_testcluster::testing::repo;
 
 #[test]
 fn checked_in_crds_match_the_rust_types() {

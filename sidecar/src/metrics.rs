@@ -19,6 +19,8 @@ pub struct Metrics {
     engine_up: IntGauge,
     preemption_rate: Gauge,
     mean_itl: Gauge,
+    busy_share: Gauge,
+    steps_per_second: Gauge,
     device_used: Gauge,
     device_total: Gauge,
     device_util: Gauge,
@@ -112,6 +114,15 @@ impl Default for Metrics {
                 "The engine's mean inter-token latency over the last minute (NaN when it \
                  exports no histogram or nothing decoded).",
             ),
+            busy_share: g(
+                "engine_busy_share",
+                "Share of the last minute the engine spent stepping (NaN when it exports no \
+                 step histogram).",
+            ),
+            steps_per_second: g(
+                "engine_steps_per_second",
+                "The engine's steps per second over the last minute (NaN as above).",
+            ),
             device_used: g("device_memory_used_bytes", "Device memory in use."),
             device_total: g("device_memory_total_bytes", "Device memory in total."),
             device_util: g("device_utilization_ratio", "Device utilization (0..1)."),
@@ -160,6 +171,8 @@ impl Metrics {
         self.engine_up.set(i64::from(r.engine_reachable));
         self.preemption_rate.set(r.derived.preemptions_per_second);
         set_opt(&self.mean_itl, r.derived.mean_inter_token_latency_seconds);
+        set_opt(&self.busy_share, r.derived.busy_share);
+        set_opt(&self.steps_per_second, r.derived.steps_per_second);
         self.record_device(&r.device);
         if let Some(l) = r.limits.guard_limits {
             self.limit_seqs.set(l.max_num_seqs.into());

@@ -159,6 +159,9 @@ pub struct PressureModel {
     /// The inter-token latency histogram's sum and count: their rates' ratio is its mean.
     inter_token_seconds: Counter,
     inter_tokens: Counter,
+    /// The step histogram's sum and count.
+    step_seconds: Counter,
+    steps: Counter,
     arrivals: ArrivalCurve,
     level: Level,
     /// Since when the pressure has been below the current level's exit thresholds.
@@ -178,6 +181,8 @@ impl PressureModel {
             first_tokens: Counter::default(),
             inter_token_seconds: Counter::default(),
             inter_tokens: Counter::default(),
+            step_seconds: Counter::default(),
+            steps: Counter::default(),
             arrivals: ArrivalCurve::new(cfg.arrival_memory_seconds),
             level: Level::Ok,
             calm_since: None,
@@ -274,6 +279,10 @@ impl PressureModel {
             (Some(seconds), Some(tokens)) if tokens > 0.0 => Some(seconds / tokens),
             _ => None,
         };
+        let busy_share = self
+            .step_seconds
+            .rate_of(now, load_window, engine.step_seconds_total);
+        let steps_per_second = self.steps.rate(now, load_window, engine.steps_total);
         let prompt_arrival_peaks = self
             .arrivals
             .observe(now, engine.prompt_tokens_received_total);
@@ -298,6 +307,8 @@ impl PressureModel {
             late_requests_per_second,
             first_tokens_per_second,
             mean_inter_token_latency_seconds,
+            busy_share,
+            steps_per_second,
             prompt_arrival_peaks,
         }
     }
@@ -571,6 +582,38 @@ mod tests {
         assert_eq!(mean(&mut m, 27.0, &at(0.5, 10)), None, "restarted");
         assert_eq!(mean(&mut m, 28.0, &at(0.9, 30)), Some(0.02));
         assert_eq!(mean(&mut m, 29.0, &engine(0.1, 0)), None, "not exported");
+    }
+
+    #[test]
+    fn the_busy_share_is_the_windows_stepping_time_over_its_length() {
+        let cfg = ModelConfig {
+            load_window_seconds: 10.0,
+            ..ModelConfig::default()
+        };
+        let mut m = PressureModel::new(cfg);
+        let g = GuardSettings::default();
+        let at = |busy: f64, steps: u64| EngineReading {
+            step_seconds_total: Some(busy),
+            steps_total: Some(steps),
+            ..engine(0.1, 0)
+        };
+        let mut busy = |t: f64, e: &EngineReading| {
+            let d = m.observe(t, e, &none(), &g);
+            (d.busy_share, d.steps_per_second)
+        };
+        assert_eq!(busy(0.0, &at(0.0, 0)), (None, None), "one sample");
+        // 5 s at a quarter busy in 50 steps, then 5 s fully busy in 100 steps.
+        assert_eq!(busy(5.0, &at(1.25, 50)), (Some(0.25), Some(10.0)));
+        let (share, steps) = busy(10.0, &at(6.25, 150));
+        assert!((share.unwrap() - 0.625).abs() < 1e-12, "{share:?}");
+        assert_eq!(steps, Some(15.0));
+        // The window forgets the first half.
+        let (share, _) = busy(15.0, &at(11.25, 250));
+        assert!((share.unwrap() - 1.0).abs() < 1e-12, "{share:?}");
+        // An engine restart starts the window afresh; an engine without the histogram, none.
+        assert_eq!(busy(16.0, &at(0.5, 10)), (None, None), "restarted");
+        assert_eq!(busy(18.0, &at(1.5, 30)), (Some(0.5), Some(10.0)));
+        assert_eq!(busy(19.0, &engine(0.1, 0)), (None, None), "not exported");
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub fn parse(text: &str) -> Result<EngineReading, ScrapeError> {
     let whole = |name: &str| sum(name).map(|v| v.max(0.0) as u64);
     if let Some(usage) = max("redline_engine_kv_cache_usage_ratio") {
         let itl = scrape.histogram("redline_engine_inter_token_latency_seconds");
+        let steps = scrape.histogram("redline_engine_step_duration_seconds");
         let limits = match (
             max("redline_engine_max_num_seqs"),
             max("redline_engine_max_batched_tokens"),
@@ -56,6 +57,8 @@ pub fn parse(text: &str) -> Result<EngineReading, ScrapeError> {
                 .map(|h| h.count),
             inter_token_seconds_total: itl.as_ref().map(|h| h.sum),
             inter_tokens_total: itl.map(|h| h.count),
+            step_seconds_total: steps.as_ref().map(|h| h.sum),
+            steps_total: steps.map(|h| h.count),
         });
     }
     // vLLM renamed gpu_cache_usage_perc to kv_cache_usage_perc; accept both.
@@ -94,6 +97,9 @@ pub fn parse(text: &str) -> Result<EngineReading, ScrapeError> {
         // vLLM's name until 0.11 (time per output token), and since.
         inter_token_seconds_total: vllm_itl.as_ref().map(|h| h.sum),
         inter_tokens_total: vllm_itl.map(|h| h.count),
+        // vLLM exports no step durations (only with detailed tracing on).
+        step_seconds_total: None,
+        steps_total: None,
     })
 }
 
@@ -142,6 +148,10 @@ redline_engine_inter_token_latency_seconds_bucket{le=\"0.05\"} 380
 redline_engine_inter_token_latency_seconds_bucket{le=\"+Inf\"} 400
 redline_engine_inter_token_latency_seconds_sum 8
 redline_engine_inter_token_latency_seconds_count 400
+# TYPE redline_engine_step_duration_seconds histogram
+redline_engine_step_duration_seconds_bucket{le=\"+Inf\"} 120
+redline_engine_step_duration_seconds_sum 3.5
+redline_engine_step_duration_seconds_count 120
 # TYPE vllm:kv_cache_usage_perc gauge
 vllm:kv_cache_usage_perc 0.25
 ";
@@ -161,6 +171,10 @@ vllm:kv_cache_usage_perc 0.25
         assert_eq!(
             (r.inter_token_seconds_total, r.inter_tokens_total),
             (Some(8.0), Some(400))
+        );
+        assert_eq!(
+            (r.step_seconds_total, r.steps_total),
+            (Some(3.5), Some(120))
         );
         assert_eq!(
             r.limits,
@@ -214,6 +228,7 @@ vllm:time_per_output_token_seconds_count{engine="1",model_name="m"} 50.0
             (r.inter_token_seconds_total, r.inter_tokens_total),
             (Some(2.0), Some(150))
         );
+        assert_eq!((r.step_seconds_total, r.steps_total), (None, None));
     }
 
     #[test]

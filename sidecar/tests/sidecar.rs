@@ -106,6 +106,9 @@ struct Outcome {
     /// The sidecar's mean inter-token latency at the end, and the engine's over the burst.
     mean_itl: Option<f64>,
     engine_mean_itl: f64,
+    /// The sidecar's busy share at the end, and the engine's stepping time over the burst.
+    busy_share: Option<f64>,
+    engine_busy_share: f64,
 }
 
 /// Replays the burst against `engine` (watched by `sidecar`) and measures what happened.
@@ -156,6 +159,10 @@ async fn replay(engine: &Engine, sidecar: &Sidecar) -> Outcome {
         .expect("the engine's metrics parse")
         .histogram("redline_engine_inter_token_latency_seconds")
         .expect("the engine's inter-token latency histogram");
+    let steps = Exposition::parse(&m)
+        .expect("the engine's metrics parse")
+        .histogram("redline_engine_step_duration_seconds")
+        .expect("the engine's step histogram");
     let sm = Exposition::parse(&sidecar.metrics().await).expect("the sidecar's metrics parse");
     let reaction = sm
         .histogram("redline_sidecar_guard_reaction_seconds")
@@ -164,21 +171,21 @@ async fn replay(engine: &Engine, sidecar: &Sidecar) -> Outcome {
         "  guard reactions (le, cumulative count): {:?}",
         reaction.buckets
     );
+    let seconds = start.elapsed().as_secs_f64();
+    let report = sidecar.pressure().await.derived;
     let o = Outcome {
         preemptions: metric(&m, "redline_engine_preemptions_total") - before,
         peak_kv,
         kv_before_first_cut,
-        seconds: start.elapsed().as_secs_f64(),
+        seconds,
         guard_actions: sm.sum("redline_sidecar_guard_actions_total").unwrap_or(0.0) as u64,
         cuts_timed: reaction.count as f64,
         cuts_within_1s: reaction.at_most(1.0).unwrap_or(0) as f64,
         worst_level,
-        mean_itl: sidecar
-            .pressure()
-            .await
-            .derived
-            .mean_inter_token_latency_seconds,
+        mean_itl: report.mean_inter_token_latency_seconds,
         engine_mean_itl: itl.sum / itl.count.max(1) as f64,
+        busy_share: report.busy_share,
+        engine_busy_share: steps.sum / seconds,
     };
     eprintln!("{n} requests: {o:?}");
     o
@@ -268,6 +275,14 @@ async fn the_guard_prevents_the_preemptions_a_trace_burst_causes_without_it() {
             (0.5..2.0).contains(&ratio),
             "the report's mean inter-token latency {itl:.4} s is far from the engine's {:.4} s: {o:?}",
             o.engine_mean_itl
+        );
+        // And the share of the time the engine spent stepping (the operator's load share):
+        // a burst keeps it stepping most of the time.
+        let busy = o.busy_share.expect("a busy share in the report");
+        assert!(
+            (0.5..=1.05).contains(&busy) && (0.5..2.0).contains(&(busy / o.engine_busy_share)),
+            "the report's busy share {busy:.3} is not the engine's {:.3}: {o:?}",
+            o.engine_busy_share
         );
     }
 }

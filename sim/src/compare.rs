@@ -36,7 +36,9 @@ impl Setup {
             max_replicas: max,
             capacity: profile.capacity(),
             target_utilization: redline_autoscale::default_target_utilization(true),
-            target_kv_usage: defaults::TARGET_KV_USAGE,
+            target_kv_usage: redline_autoscale::default_target_kv_usage(
+                profile.capacity().step_seconds.is_some(),
+            ),
             forecast_horizon_seconds: horizon,
             trend_window_seconds: defaults::TREND_WINDOW_SECONDS,
             trend_smoothing_seconds: defaults::TREND_SMOOTHING_SECONDS,

@@ -87,6 +87,9 @@ pub struct Engine {
     /// waited that step for its token.
     pub inter_token_seconds_total: f64,
     pub inter_tokens_total: u64,
+    /// The step histogram's sum and count.
+    pub step_seconds_total: f64,
+    pub steps_total: u64,
 }
 
 impl Engine {
@@ -106,6 +109,8 @@ impl Engine {
             first_tokens_total: 0,
             inter_token_seconds_total: 0.0,
             inter_tokens_total: 0,
+            step_seconds_total: 0.0,
+            steps_total: 0,
         }
     }
 
@@ -294,6 +299,8 @@ impl Engine {
     /// are all computed, finished sequences freed.
     pub fn apply(&mut self, step: &Step) -> StepResult {
         let mut out = StepResult::default();
+        self.step_seconds_total += step.seconds;
+        self.steps_total += 1;
         for &(req, n) in &step.work {
             // A sequence may have been preempted since (only by a later plan; never here).
             let Some(s) = self.running.iter_mut().find(|s| s.req == req) else {

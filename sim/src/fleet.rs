@@ -388,6 +388,8 @@ impl<'a> Sim<'a> {
             first_tokens_total: Some(e.first_tokens_total),
             inter_token_seconds_total: Some(e.inter_token_seconds_total),
             inter_tokens_total: Some(e.inter_tokens_total),
+            step_seconds_total: Some(e.step_seconds_total),
+            steps_total: Some(e.steps_total),
         };
         let device = DeviceReading {
             backend: "none".into(),

@@ -104,6 +104,8 @@ impl EngineProfile {
         ReplicaCapacity {
             prompt_tokens_per_second: prompt,
             generation_tokens_per_second: gen,
+            // A bench's one sequence decoding alone, at a short context: the fixed cost.
+            step_seconds: Some(self.step_seconds(1, 1)),
         }
     }
 

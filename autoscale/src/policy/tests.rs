@@ -9,6 +9,7 @@ fn cfg() -> PolicyConfig {
         capacity: ReplicaCapacity {
             prompt_tokens_per_second: 1000.0,
             generation_tokens_per_second: 100.0,
+            step_seconds: None,
         },
         target_utilization: 0.5,
         target_kv_usage: 0.7,
@@ -41,6 +42,8 @@ fn signals(prompt_tps: f64, running: u64) -> PodSignals {
         arrival_peaks: Vec::new(),
         late_per_second: None,
         first_tokens_per_second: None,
+        busy_share: None,
+        steps_per_second: None,
     }
 }
 

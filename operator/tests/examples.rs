@@ -1,8 +1,9 @@
 //! Every manifest under examples/ is what the CRDs accept and what the operator would act on:
 //! each document parses into its Rust type with no field dropped (a 1.20 API server prunes
 //! unknown fields silently, so a typo would be lost without a word), passes the checks the
-//! reconciler reports as `InvalidSpec`, names only policies the examples define, and turns
-//! into a policy configuration within the CRD's ranges.
+//! reconciler reports as `InvalidSpec`, keeps within the ranges, enums and types of the CRD's
+//! own schema (what the API server checks at `kubectl apply`), names only policies the
+//! examples define, and turns into a sane policy configuration.
 
 use std::path::PathBuf;
 
@@ -33,6 +34,89 @@ fn dropped(original: &Value, parsed: &Value, path: &str, out: &mut Vec<String>) 
         _ if original == parsed => {}
         _ => out.push(format!("{path}: {original} became {parsed}")),
     }
+}
+
+/// The places where `v` breaks the OpenAPI schema `schema` as a 1.20 API server checks it:
+/// type, minimum and maximum, enum. Unknown fields are [`dropped`]'s concern.
+fn out_of_schema(schema: &Value, v: &Value, path: &str, out: &mut Vec<String>) {
+    let ty = schema["type"].as_str();
+    let ok_type = match (ty, v) {
+        (None, _) | (_, Value::Null) => true,
+        (Some("object"), Value::Object(_)) | (Some("array"), Value::Array(_)) => true,
+        (Some("string"), Value::String(_)) | (Some("boolean"), Value::Bool(_)) => true,
+        (Some("integer"), Value::Number(n)) => n.is_i64() || n.is_u64(),
+        (Some("number"), Value::Number(_)) => true,
+        _ => false,
+    };
+    if !ok_type {
+        out.push(format!("{path}: {v} is not of type {}", ty.unwrap_or("?")));
+        return;
+    }
+    if let Some(x) = v.as_f64() {
+        if schema["minimum"].as_f64().is_some_and(|m| x < m) {
+            out.push(format!(
+                "{path}: {x} under the minimum {}",
+                schema["minimum"]
+            ));
+        }
+        if schema["maximum"].as_f64().is_some_and(|m| x > m) {
+            out.push(format!(
+                "{path}: {x} over the maximum {}",
+                schema["maximum"]
+            ));
+        }
+    }
+    if let Some(allowed) = schema["enum"].as_array() {
+        if !v.is_null() && !allowed.contains(v) {
+            out.push(format!("{path}: {v} is not one of {allowed:?}"));
+        }
+    }
+    match v {
+        Value::Object(fields) => {
+            for (k, field) in fields {
+                let p = format!("{path}.{k}");
+                if let Some(s) = schema["properties"].get(k) {
+                    out_of_schema(s, field, &p, out);
+                } else if let Some(s) = schema.get("additionalProperties").filter(|s| s.is_object())
+                {
+                    out_of_schema(s, field, &p, out);
+                }
+            }
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                out_of_schema(&schema["items"], item, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The CRD's schema for `kind`, as generated from the Rust types.
+fn schema_of(kind: &str) -> Value {
+    for (_, yaml) in redline_operator::crd_yaml() {
+        let crd: Value = serde_yaml::from_str(&yaml).expect("CRD YAML");
+        if crd["spec"]["names"]["kind"] == kind {
+            return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone();
+        }
+    }
+    panic!("no CRD for {kind}")
+}
+
+fn check_schema(file: &str, doc: &Value) {
+    let kind = doc["kind"].as_str().expect("kind");
+    let mut broken = Vec::new();
+    // metadata is the API server's, not the CRD's.
+    out_of_schema(
+        &schema_of(kind)["properties"]["spec"],
+        &doc["spec"],
+        ".spec",
+        &mut broken,
+    );
+    assert!(
+        broken.is_empty(),
+        "{file}: the API server would refuse {broken:?}"
+    );
 }
 
 fn documents() -> Vec<(String, Value)> {
@@ -74,6 +158,7 @@ fn every_example_is_a_valid_resource_with_no_field_dropped() {
     let mut services = Vec::new();
     let mut policies = Vec::new();
     for (file, doc) in documents() {
+        check_schema(&file, &doc);
         match doc["kind"].as_str() {
             Some("InferenceService") => {
                 let s: InferenceService = check_round_trip(&file, &doc);
@@ -133,4 +218,31 @@ fn a_misspelled_field_is_caught() {
     let parsed: AutoscalingPolicy = serde_json::from_value(doc.clone()).unwrap();
     dropped(&doc, &serde_json::to_value(&parsed).unwrap(), "", &mut lost);
     assert_eq!(lost, vec![".spec.scaleDownWindowSecond".to_string()]);
+}
+
+#[test]
+fn a_value_out_of_the_crds_range_is_caught() {
+    let doc: Value = serde_json::json!({
+        "apiVersion": "redline.dev/v1alpha1", "kind": "AutoscalingPolicy",
+        "metadata": {"name": "p"},
+        "spec": {"targetKvUsage": 1.5, "maxStep": 0, "replicaCapacity": {"stepSeconds": 0.006},
+                 "forecastHorizonSeconds": "60"}
+    });
+    let mut broken = Vec::new();
+    let schema = schema_of("AutoscalingPolicy");
+    out_of_schema(
+        &schema["properties"]["spec"],
+        &doc["spec"],
+        ".spec",
+        &mut broken,
+    );
+    broken.sort();
+    assert_eq!(
+        broken,
+        vec![
+            ".spec.forecastHorizonSeconds: \"60\" is not of type integer".to_string(),
+            ".spec.maxStep: 0 under the minimum 1.0".to_string(),
+            ".spec.targetKvUsage: 1.5 over the maximum 0.99".to_string(),
+        ]
+    );
 }

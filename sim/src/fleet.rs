@@ -173,6 +173,9 @@ pub struct Outcome {
     pub duration_seconds: f64,
     /// (time, replicas) at every change of the desired replicas.
     pub scale_events: Vec<(f64, u32)>,
+    /// The load's work over the trace, in engine-seconds: every step's time less a lone
+    /// sequence's step (what the policy's load share measures).
+    pub load_seconds: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -329,6 +332,10 @@ impl<'a> Sim<'a> {
         };
         if self.pods[id].phase == Phase::Gone {
             return;
+        }
+        if now <= self.out.duration_seconds {
+            let lone = self.cfg.profile.step_seconds(1, 1);
+            self.out.load_seconds += (step.seconds - lone).max(0.0);
         }
         let res = self.pods[id].engine.apply(&step);
         for r in res.first_tokens {
@@ -621,6 +628,7 @@ pub fn simulate(
             guard_actions: 0,
             duration_seconds: last_arrival,
             scale_events: Vec::new(),
+            load_seconds: 0.0,
         },
     };
     for _ in 0..cfg.initial_replicas {

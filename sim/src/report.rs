@@ -93,6 +93,9 @@ pub struct Pools {
     pub mean_kv_usage: f64,
     pub mean_fullest_kv_usage: f64,
     pub mean_inter_token_latency_seconds: f64,
+    /// The load's work over the trace in replicas' worth ([`Outcome::load_seconds`] over the
+    /// span): what the policy's load shares add up to, on average.
+    pub mean_load: f64,
 }
 
 pub fn pools(o: &Outcome) -> Pools {
@@ -112,6 +115,7 @@ pub fn pools(o: &Outcome) -> Pools {
         mean_kv_usage: span.iter().map(|s| s.kv_usage).sum::<f64>() / n,
         mean_fullest_kv_usage: span.iter().map(|s| s.max_kv_usage).sum::<f64>() / n,
         mean_inter_token_latency_seconds: if tokens > 0.0 { gaps / tokens } else { 0.0 },
+        mean_load: o.load_seconds / o.duration_seconds.max(1e-9),
     }
 }
 
@@ -209,8 +213,11 @@ mod tests {
             guard_actions: 0,
             duration_seconds: 10.0,
             scale_events: Vec::new(),
+            // 15 engine-seconds of work in 10 s: one and a half replicas' worth.
+            load_seconds: 15.0,
         };
         let p = pools(&o);
+        assert!((p.mean_load - 1.5).abs() < 1e-12, "{p:?}");
         assert!((p.mean_kv_usage - 0.3).abs() < 1e-12, "{p:?}");
         assert!((p.mean_fullest_kv_usage - 0.4).abs() < 1e-12, "{p:?}");
         assert!(

@@ -263,11 +263,12 @@ fn main() -> Result<()> {
         if a.explain {
             let p = redline_sim::report::pools(o);
             println!(
-                "{}: KV usage {:.1}% on average, the fullest pool {:.1}%; mean inter-token latency {:.1} ms",
+                "{}: KV usage {:.1}% on average, the fullest pool {:.1}%; mean inter-token latency {:.1} ms; load {:.2} replicas' worth",
                 o.name,
                 p.mean_kv_usage * 100.0,
                 p.mean_fullest_kv_usage * 100.0,
-                p.mean_inter_token_latency_seconds * 1000.0
+                p.mean_inter_token_latency_seconds * 1000.0,
+                p.mean_load
             );
         }
         if !o.scale_events.is_empty() {

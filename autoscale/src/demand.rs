@@ -5,11 +5,13 @@
 //! - compute: the tokens arriving per second over what one replica sustains within the SLO
 //!   (measured by a bench, as NVIDIA Dynamo's planner profiles its engines), plus the backlog
 //!   drained within a few seconds, over the target utilization;
-//! - KV memory: the pool's usage over the target usage.
+//! - KV memory: the replicas that would hold the pod's pool at the target usage, the pools
+//!   taken as queues ([`kv_need`]).
 //!
 //! Tokens are counted on arrival, so demand keeps rising when an engine saturates (the admitted
 //! rate would flatten at capacity and hide the rest). Utilization of the engine loop itself is
-//! no load signal: one decoding sequence keeps a batch engine busy all the time.
+//! no load signal: one decoding sequence keeps a batch engine busy all the time. Less each
+//! step's fixed cost it is ([`load_share`]), and the KV term reads it.
 
 use redline_api::{ArrivalPeak, Level, PressureReport};
 use serde::{Deserialize, Serialize};

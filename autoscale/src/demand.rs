@@ -6,12 +6,12 @@
 //!   (measured by a bench, as NVIDIA Dynamo's planner profiles its engines), plus the backlog
 //!   drained within a few seconds, over the target utilization;
 //! - KV memory: the replicas that would hold the pod's pool at the target usage, the pools
-//!   taken as queues ([`kv_need`]).
+//!   taken as queues (`kv_need`).
 //!
 //! Tokens are counted on arrival, so demand keeps rising when an engine saturates (the admitted
 //! rate would flatten at capacity and hide the rest). Utilization of the engine loop itself is
 //! no load signal: one decoding sequence keeps a batch engine busy all the time. Less each
-//! step's fixed cost it is ([`load_share`]), and the KV term reads it.
+//! step's fixed cost it is (`load_share`), and the KV term reads it.
 
 use redline_api::{ArrivalPeak, Level, PressureReport};
 use serde::{Deserialize, Serialize};
@@ -102,7 +102,7 @@ pub fn default_target_utilization(engines_know_ttft_objective: bool) -> f64 {
 }
 
 /// The KV usage to steer the pods towards when the policy knows a replica's fixed step cost
-/// (`true`: the KV term follows the pools as queues, [`kv_need`]) and when it does not (it
+/// (`true`: the KV term follows the pools as queues, `kv_need`) and when it does not (it
 /// then takes the pools to shrink in proportion to the replicas). A Service spreads requests
 /// by count, not by their contexts, so the pools fill unevenly (0.3 to 0.9 at once on long
 /// conversations). Taken proportionally, a mean of 0.7 lets drains refill the pools past the
@@ -142,12 +142,12 @@ pub struct Demand {
     pub compute: f64,
     /// Mean KV usage over the pods counted.
     pub kv_usage: f64,
-    /// The KV term alone, summed over the pods ([`kv_need`]), in replicas.
+    /// The KV term alone, summed over the pods (`kv_need`), in replicas.
     pub kv_replicas: f64,
-    /// The part of the KV term that rises as the pools fill ([`kv_fill`]): what lean sizing
+    /// The part of the KV term that rises as the pools fill (`kv_fill`): what lean sizing
     /// extrapolates.
     pub kv_fill: f64,
-    /// The pods' load shares summed ([`load_share`]): replicas' worth of work, by time.
+    /// The pods' load shares summed (`load_share`): replicas' worth of work, by time.
     pub load_share: f64,
     pub pods: usize,
 }
@@ -189,7 +189,7 @@ pub fn demand<'a>(pods: impl IntoIterator<Item = &'a PodSignals>, c: &DemandConf
     d
 }
 
-/// Most of a pod's time [`load_share`] credits to its load. Near 1 a pool's size swings with
+/// Most of a pod's time `load_share` credits to its load. Near 1 a pool's size swings with
 /// the slightest change of load, and the estimate with the noise of the window.
 const MAX_LOAD_SHARE: f64 = 0.9;
 
@@ -219,7 +219,7 @@ fn kv_need(usage: f64, share: f64, target: f64) -> f64 {
     share + usage * (1.0 - share) / target.max(1e-3)
 }
 
-/// [`kv_need`] as far as it measures the pools filling, for their rise over the horizon.
+/// `kv_need` as far as it measures the pools filling, for their rise over the horizon.
 /// Its usage part is the pools themselves; its share part is the load's work, whose rise is a
 /// compute trend (a burst of prompts stretches the steps for a few seconds, and waits in the
 /// queue) until the pools hold half their target, and from there the stock of sequences in

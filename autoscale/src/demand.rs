@@ -147,8 +147,6 @@ pub struct Demand {
     /// The part of the KV term that rises as the pools fill (`kv_fill`): what lean sizing
     /// extrapolates.
     pub kv_fill: f64,
-    /// The pods' load shares summed (`load_share`): replicas' worth of work, by time.
-    pub load_share: f64,
     pub pods: usize,
 }
 
@@ -178,7 +176,6 @@ pub fn demand<'a>(pods: impl IntoIterator<Item = &'a PodSignals>, c: &DemandConf
         d.replicas += by_compute.max(by_kv);
         d.kv_replicas += by_kv;
         d.kv_fill += kv_fill(kv, share, c.target_kv_usage);
-        d.load_share += share;
         d.compute += compute;
         kv_sum += kv;
         d.pods += 1;
@@ -228,8 +225,11 @@ fn kv_need(usage: f64, share: f64, target: f64) -> f64 {
 /// (docs/autoscaling.md, "The load share").
 fn kv_fill(usage: f64, share: f64, target: f64) -> f64 {
     let target = target.max(1e-3);
-    usage * (1.0 - share) / target + share * (2.0 * usage / target).min(1.0)
+    usage * (1.0 - share) / target + share * (usage / (FILL_SHARE_FROM * target)).min(1.0)
 }
+
+/// The share of its target a pool holds from which `kv_fill` takes the whole share's rise.
+const FILL_SHARE_FROM: f64 = 0.5;
 
 /// Replicas, at full capacity, that would have prefilled the pods' recent bursts each within
 /// `budget` seconds of queueing: for every window of the arrival curve, the prompt tokens that
@@ -332,14 +332,15 @@ mod tests {
         c.capacity.step_seconds = Some(0.005);
         let d = demand(std::slice::from_ref(&p), &c);
         // Busy half the time, 40 steps of 5 ms fixed cost: 0.3 of it is the load's work.
-        assert!((d.load_share - 0.3).abs() < 1e-12, "{}", d.load_share);
+        let share = load_share(&p, &c.capacity);
+        assert!((share - 0.3).abs() < 1e-12, "{share}");
         assert!((d.kv_replicas - (0.3 + 0.4 * 0.7 / 0.8)).abs() < 1e-12);
         // An engine stepping back to back is at most MAX_LOAD_SHARE loaded; one that only
         // pays fixed costs (a lone short sequence) is not loaded at all.
-        let full = demand(&[busy(pod(0.0, 0.0, 0.4), 1.0, 10.0)], &c);
-        assert_eq!(full.load_share, MAX_LOAD_SHARE);
-        let idle = demand(&[busy(pod(0.0, 0.0, 0.4), 0.2, 40.0)], &c);
-        assert_eq!(idle.load_share, 0.0);
+        let full = busy(pod(0.0, 0.0, 0.4), 1.0, 10.0);
+        assert_eq!(load_share(&full, &c.capacity), MAX_LOAD_SHARE);
+        let idle = busy(pod(0.0, 0.0, 0.4), 0.2, 40.0);
+        assert_eq!(load_share(&idle, &c.capacity), 0.0);
         // A sidecar that cannot say (vLLM): proportional again.
         let mut p = p;
         p.busy_share = None;

@@ -155,12 +155,11 @@ async fn replay(engine: &Engine, sidecar: &Sidecar) -> Outcome {
         }
     }
     let m = engine.metrics().await;
-    let itl = Exposition::parse(&m)
-        .expect("the engine's metrics parse")
+    let em = Exposition::parse(&m).expect("the engine's metrics parse");
+    let itl = em
         .histogram("redline_engine_inter_token_latency_seconds")
         .expect("the engine's inter-token latency histogram");
-    let steps = Exposition::parse(&m)
-        .expect("the engine's metrics parse")
+    let steps = em
         .histogram("redline_engine_step_duration_seconds")
         .expect("the engine's step histogram");
     let sm = Exposition::parse(&sidecar.metrics().await).expect("the sidecar's metrics parse");

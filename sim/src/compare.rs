@@ -31,13 +31,14 @@ impl Setup {
     /// The comparison with the defaults `redline-sim` documents (its flags change them).
     pub fn new(profile: EngineProfile, cold_start: f64, slo: Slo, min: u32, max: u32) -> Self {
         let horizon = cold_start.max(30.0);
+        let capacity = profile.capacity();
         let policy = PolicyConfig {
             min_replicas: min,
             max_replicas: max,
-            capacity: profile.capacity(),
+            capacity,
             target_utilization: redline_autoscale::default_target_utilization(true),
             target_kv_usage: redline_autoscale::default_target_kv_usage(
-                profile.capacity().step_seconds.is_some(),
+                capacity.step_seconds.is_some(),
             ),
             forecast_horizon_seconds: horizon,
             trend_window_seconds: defaults::TREND_WINDOW_SECONDS,

@@ -334,7 +334,7 @@ impl<'a> Sim<'a> {
             return;
         }
         if now <= self.out.duration_seconds {
-            let lone = self.cfg.profile.step_seconds(1, 1);
+            let lone = self.cfg.profile.lone_step_seconds();
             self.out.load_seconds += (step.seconds - lone).max(0.0);
         }
         let res = self.pods[id].engine.apply(&step);

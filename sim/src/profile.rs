@@ -92,6 +92,12 @@ impl EngineProfile {
             + self.per_context_token_seconds * context_read as f64
     }
 
+    /// One sequence decoding alone at a short context, as a bench measures it: the fixed cost
+    /// every step pays whatever its batch.
+    pub fn lone_step_seconds(&self) -> f64 {
+        self.step_seconds(1, 1)
+    }
+
     /// What one replica sustains: prompt tokens/s in full prefill steps, generated tokens/s
     /// with a full batch of typical contexts. What a bench of the engine would report; the
     /// policy is configured with it, as an operator would from such a bench.
@@ -104,8 +110,7 @@ impl EngineProfile {
         ReplicaCapacity {
             prompt_tokens_per_second: prompt,
             generation_tokens_per_second: gen,
-            // A bench's one sequence decoding alone, at a short context: the fixed cost.
-            step_seconds: Some(self.step_seconds(1, 1)),
+            step_seconds: Some(self.lone_step_seconds()),
         }
     }
 

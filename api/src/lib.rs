@@ -114,6 +114,11 @@ pub struct EngineReading {
     pub step_seconds_total: Option<f64>,
     #[serde(default)]
     pub steps_total: Option<u64>,
+    /// KV blocks given back by sequences that finished (or were cancelled), not by
+    /// preemptions. Over a window, its rate over the pool is what completions take off the
+    /// running sequences' growth.
+    #[serde(default)]
+    pub kv_blocks_freed_total: Option<u64>,
 }
 
 impl EngineReading {
@@ -139,6 +144,7 @@ impl EngineReading {
             inter_tokens_total: None,
             step_seconds_total: None,
             steps_total: None,
+            kv_blocks_freed_total: None,
         }
     }
 }
@@ -151,11 +157,17 @@ pub struct Derived {
     /// KV usage growth, ratio of the pool per second (least squares over the window).
     pub kv_growth_per_second: f64,
     /// The growth the running sequences' decoding makes (generated tokens over the pool's
-    /// tokens, per second; admissions and completions left out): what the forecast
-    /// extrapolates. `None` when the engine does not say how large its pool is in tokens, and
-    /// the forecast extrapolates `kv_growth_per_second` instead.
+    /// tokens, per second), less what completions free (`kv_release_per_second`, where the
+    /// engine counts it); admissions left out: what the forecast extrapolates. `None` when
+    /// the engine does not say how large its pool is in tokens, and the forecast
+    /// extrapolates `kv_growth_per_second` instead.
     #[serde(default)]
     pub kv_decode_growth_per_second: Option<f64>,
+    /// The share of the pool per second that finished requests give back (the smaller of its
+    /// rate over the last 10 s and over the growth window); `None` when the engine does not
+    /// count freed blocks (vLLM).
+    #[serde(default)]
+    pub kv_release_per_second: Option<f64>,
     /// Predicted seconds until KV usage reaches the redline ratio; `None` when not rising.
     pub seconds_to_redline: Option<f64>,
     /// Predicted seconds until device memory is full; `None` when not rising or not known.
@@ -210,6 +222,7 @@ impl Default for Derived {
             headroom_ratio: 1.0,
             kv_growth_per_second: 0.0,
             kv_decode_growth_per_second: None,
+            kv_release_per_second: None,
             seconds_to_redline: None,
             device_seconds_to_full: None,
             preemptions_per_second: 0.0,

@@ -17,6 +17,7 @@ pub struct Metrics {
     running: IntGauge,
     waiting: IntGauge,
     preemptions: IntCounter,
+    kv_blocks_freed: IntCounter,
     prefix_hit_tokens: IntCounter,
     pub prompt_tokens: IntCounter,
     pub prompt_tokens_received: IntCounter,
@@ -106,6 +107,10 @@ impl Metrics {
             preemptions: counter(Opts::new(
                 p("preemptions_total"),
                 "Sequences preempted (recomputed later) for lack of KV blocks.",
+            )),
+            kv_blocks_freed: counter(Opts::new(
+                p("kv_blocks_freed_total"),
+                "KV cache blocks given back by finished or aborted requests (not by preemptions).",
             )),
             prefix_hit_tokens: counter(Opts::new(
                 p("prefix_cache_hit_tokens_total"),
@@ -233,6 +238,10 @@ impl Metrics {
         let new_preempt = s.preemptions_total.saturating_sub(self.preemptions.get());
         self.preemptions.inc_by(new_preempt);
         self.vllm_preemptions.inc_by(new_preempt);
+        self.kv_blocks_freed.inc_by(
+            s.kv_blocks_freed_total
+                .saturating_sub(self.kv_blocks_freed.get()),
+        );
         let new_hits = s
             .prefix_hit_tokens
             .saturating_sub(self.prefix_hit_tokens.get());

@@ -78,6 +78,9 @@ pub struct Scheduler {
     next_admission: u64,
     prompt_tokens_received: u64,
     preemptions_total: u64,
+    /// Blocks that left use when finished or aborted sequences gave them back (preemptions'
+    /// blocks come back with the sequence: not counted).
+    kv_blocks_freed_total: u64,
     prefix_hit_tokens: u64,
     watermark_blocks: usize,
     /// Seconds; `None`: arrival order (vLLM's FCFS).
@@ -107,6 +110,7 @@ impl Scheduler {
             next_admission: 0,
             prompt_tokens_received: 0,
             preemptions_total: 0,
+            kv_blocks_freed_total: 0,
             prefix_hit_tokens: 0,
             watermark_blocks,
             ttft_objective: None,
@@ -165,6 +169,9 @@ impl Scheduler {
     }
     pub fn preemptions_total(&self) -> u64 {
         self.preemptions_total
+    }
+    pub fn kv_blocks_freed_total(&self) -> u64 {
+        self.kv_blocks_freed_total
     }
     /// Prompt tokens of every sequence ever queued: the demand, counted on arrival.
     pub fn prompt_tokens_received(&self) -> u64 {
@@ -377,7 +384,10 @@ impl Scheduler {
         let s = self.seqs.remove(&id)?;
         self.running.retain(|r| *r != id);
         self.waiting.retain(|w| *w != id);
+        // A block another sequence shares stays in use: count what leaves it.
+        let used = self.kv.num_used_blocks();
         self.kv.free(id);
+        self.kv_blocks_freed_total += (used - self.kv.num_used_blocks()) as u64;
         Some(s)
     }
 
@@ -514,10 +524,36 @@ mod tests {
         }
         assert_eq!(preempted.first(), Some(&2));
         assert_eq!(s.seq(2).unwrap().preemptions, 1);
+        assert_eq!(
+            s.kv_blocks_freed_total(),
+            0,
+            "a preemption's blocks come back"
+        );
         assert!(
             s.seq(1).unwrap().tokens.len() > 9,
             "the oldest kept decoding"
         );
+    }
+
+    #[test]
+    fn a_finished_sequence_frees_the_blocks_nobody_else_holds() {
+        let mut s = sched(64, 4, 64);
+        s.add(1, vec![5; 12], 0.0);
+        step(&mut s); // three full blocks, cached as a prefix
+        let mut prompt = vec![5; 12];
+        prompt.push(6);
+        s.add(2, prompt, 0.0);
+        step(&mut s); // 1 decodes into a fourth block; 2 shares the three and takes its own
+        assert_eq!(s.kv().num_used_blocks(), 5);
+        s.remove(1);
+        assert_eq!(
+            s.kv_blocks_freed_total(),
+            1,
+            "the shared prefix stays in use"
+        );
+        s.remove(2);
+        assert_eq!(s.kv_blocks_freed_total(), 5);
+        assert_eq!(s.kv().num_used_blocks(), 0);
     }
 
     #[test]

@@ -404,6 +404,7 @@ async fn chat_non_streaming_usage_models_and_metric_names() {
         "redline_engine_time_to_first_token_seconds_bucket",
         "redline_engine_inter_token_latency_seconds_bucket",
         "redline_engine_step_duration_seconds_bucket",
+        "redline_engine_kv_blocks_freed_total",
         "redline_engine_request_latency_seconds_bucket",
         "vllm:kv_cache_usage_perc",
         "vllm:num_requests_running",
@@ -427,6 +428,9 @@ async fn chat_non_streaming_usage_models_and_metric_names() {
     assert!(received >= s.metric("redline_engine_prompt_tokens_total").await && received > 0.0);
     assert_eq!(s.metric("redline_engine_waiting_prompt_tokens").await, 0.0);
     assert!(s.metric("redline_engine_kv_blocks_total").await > 0.0);
+    // The first request finished while the second still stepped: its blocks were counted
+    // back (the sidecar's forecast takes them off the decoding growth).
+    assert!(s.metric("redline_engine_kv_blocks_freed_total").await >= 1.0);
     // Every token came out of a step, each step timed; the two requests above ran one after
     // the other, so no step made two tokens.
     let h = redline_api::prom::Exposition::parse(&text)

@@ -13,6 +13,7 @@ pub struct Metrics {
     headroom: Gauge,
     growth: Gauge,
     decode_growth: Gauge,
+    release: Gauge,
     seconds_to_redline: Gauge,
     level: IntGauge,
     sample_age: Gauge,
@@ -94,9 +95,14 @@ impl Default for Metrics {
             ),
             decode_growth: g(
                 "kv_decode_growth_per_second",
-                "KV growth from the running sequences' decoding, what the forecast \
-                 extrapolates (ratio of the pool per second; NaN when the pool's size in \
-                 tokens is unknown).",
+                "KV growth from the running sequences' decoding less what completions free, \
+                 what the forecast extrapolates (ratio of the pool per second; NaN when the \
+                 pool's size in tokens is unknown).",
+            ),
+            release: g(
+                "kv_release_per_second",
+                "KV blocks finished requests give back (ratio of the pool per second; NaN \
+                 when the engine does not count them).",
             ),
             seconds_to_redline: g(
                 "seconds_to_redline",
@@ -164,6 +170,7 @@ impl Metrics {
         self.headroom.set(r.derived.headroom_ratio);
         self.growth.set(r.derived.kv_growth_per_second);
         set_opt(&self.decode_growth, r.derived.kv_decode_growth_per_second);
+        set_opt(&self.release, r.derived.kv_release_per_second);
         self.seconds_to_redline
             .set(r.derived.seconds_to_redline.unwrap_or(f64::INFINITY));
         self.level.set(r.derived.level as i64);

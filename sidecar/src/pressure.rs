@@ -3,9 +3,11 @@
 //! by the simulator.
 //!
 //! The forecast extrapolates the growth the running sequences make on their own: the tokens
-//! they generate, one per sequence per step, over the pool's size in tokens. What the KV usage
-//! does besides is admissions (a prompt's blocks, taken at once when it is prefilled: a step,
-//! not a trend, and what the guard itself controls) and completions (blocks freed). A slope of
+//! they generate, one per sequence per step, over the pool's size in tokens, less the blocks
+//! completions give back (where the engine counts them: in a steady state they balance, and
+//! decoding alone forecast a redline that never came). What the KV usage does besides is
+//! admissions (a prompt's blocks, taken at once when it is prefilled: a step, not a trend, and
+//! what the guard itself controls). A slope of
 //! the usage mixes the three: on long prompts a few prefills within its window look like a
 //! climb to the redline within seconds, and a guard that believed it held admission at a third
 //! of the pool (docs/autoscaling.md, "A second workload: conversations"). Admissions come back
@@ -154,6 +156,7 @@ pub struct PressureModel {
     preemptions: Counter,
     prompt_tokens: Counter,
     generation_tokens: Counter,
+    freed_blocks: Counter,
     late_requests: Counter,
     first_tokens: Counter,
     /// The inter-token latency histogram's sum and count: their rates' ratio is its mean.
@@ -177,6 +180,7 @@ impl PressureModel {
             preemptions: Counter::default(),
             prompt_tokens: Counter::default(),
             generation_tokens: Counter::default(),
+            freed_blocks: Counter::default(),
             late_requests: Counter::default(),
             first_tokens: Counter::default(),
             inter_token_seconds: Counter::default(),
@@ -232,11 +236,24 @@ impl PressureModel {
             engine.generation_tokens_total,
         );
         let pool = pool_tokens(engine);
+        // Completions free what running sequences had grown: the forecast is the growth net
+        // of them. Of the rate window's release and the short window's, the smaller: a lull
+        // in completions (only long sequences left running) shows at once, and one lumpy
+        // completion does not read as a lasting release.
+        let long_release = self.freed_blocks.rate(
+            now,
+            self.cfg.rate_window_seconds,
+            engine.kv_blocks_freed_total,
+        );
+        let release = long_release
+            .map(|r| r.min(self.freed_blocks.recent_rate(now, horizon).unwrap_or(0.0)))
+            .zip(engine.kv_blocks_total.filter(|&t| t > 0))
+            .map(|(blocks_per_second, total)| blocks_per_second / total as f64);
         let decode_growth = self
             .generation_tokens
             .recent_rate(now, horizon)
             .zip(pool)
-            .map(|(tokens_per_second, pool)| tokens_per_second / pool);
+            .map(|(tokens_per_second, pool)| tokens_per_second / pool - release.unwrap_or(0.0));
         // Admissions fed by a queue that could carry the pool to the redline on its own go on
         // until it does: then they are a trend too.
         let queue = match (engine.waiting_prompt_tokens, pool) {
@@ -298,6 +315,7 @@ impl PressureModel {
             headroom_ratio,
             kv_growth_per_second: growth,
             kv_decode_growth_per_second: decode_growth,
+            kv_release_per_second: release,
             seconds_to_redline,
             device_seconds_to_full,
             preemptions_per_second,
@@ -452,6 +470,55 @@ mod tests {
         let ttr = d.seconds_to_redline.unwrap();
         assert!((ttr - 0.5 / 0.15).abs() < 1e-6, "{ttr}");
         assert_eq!(d.level, Level::Critical);
+    }
+
+    /// Decoding at 2% of the pool per second while completions free 1.5%: the forecast is
+    /// the net 0.5%. When completions stop, the short window shows it at once and the
+    /// forecast is the whole decoding again, though the 10 s rate still remembers them.
+    #[test]
+    fn completions_free_what_decoding_grows() {
+        let mut m = PressureModel::new(ModelConfig::default());
+        let mut d = Derived::default();
+        let mut freed = 0.0;
+        for i in 0..=40 {
+            let t = i as f64 * 0.25;
+            let e = EngineReading {
+                kv_block_size: Some(16),
+                // 100 blocks of 16 tokens: 2% of the pool is 32 tokens a second.
+                generation_tokens_total: Some((32.0 * t) as u64),
+                kv_blocks_freed_total: Some(freed as u64),
+                ..engine(0.5, 0)
+            };
+            d = m.observe(t, &e, &none(), &GuardSettings::default());
+            freed += 1.5 * 0.25;
+        }
+        let release = d.kv_release_per_second.unwrap();
+        assert!((release - 0.015).abs() < 1e-3, "{release}");
+        let net = d.kv_decode_growth_per_second.unwrap();
+        assert!((net - 0.005).abs() < 1e-3, "{net}");
+        // (0.9 - 0.5) / 0.005 = 80 s, not the 20 s decoding alone would say.
+        let ttr = d.seconds_to_redline.unwrap();
+        assert!((ttr - 80.0).abs() < 20.0, "{ttr}");
+        for i in 41..=56 {
+            let t = i as f64 * 0.25;
+            let e = EngineReading {
+                kv_block_size: Some(16),
+                generation_tokens_total: Some((32.0 * t) as u64),
+                kv_blocks_freed_total: Some(freed as u64),
+                ..engine(0.5, 0)
+            };
+            d = m.observe(t, &e, &none(), &GuardSettings::default());
+        }
+        assert_eq!(d.kv_release_per_second, Some(0.0));
+        assert_eq!(d.kv_decode_growth_per_second, Some(0.02));
+        // An engine that does not count freed blocks: decoding alone, as before.
+        let e = EngineReading {
+            kv_block_size: Some(16),
+            generation_tokens_total: Some(32 * 15),
+            ..engine(0.5, 0)
+        };
+        let d = m.observe(15.0, &e, &none(), &GuardSettings::default());
+        assert_eq!(d.kv_release_per_second, None);
     }
 
     /// The same climb with requests waiting or a large token budget: a queue that could take

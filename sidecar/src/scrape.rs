@@ -59,6 +59,7 @@ pub fn parse(text: &str) -> Result<EngineReading, ScrapeError> {
             inter_tokens_total: itl.map(|h| h.count),
             step_seconds_total: steps.as_ref().map(|h| h.sum),
             steps_total: steps.map(|h| h.count),
+            kv_blocks_freed_total: whole("redline_engine_kv_blocks_freed_total"),
         });
     }
     // vLLM renamed gpu_cache_usage_perc to kv_cache_usage_perc; accept both.
@@ -100,6 +101,8 @@ pub fn parse(text: &str) -> Result<EngineReading, ScrapeError> {
         // vLLM exports no step durations (only with detailed tracing on).
         step_seconds_total: None,
         steps_total: None,
+        // vLLM does not count the blocks its finished requests free.
+        kv_blocks_freed_total: None,
     })
 }
 
@@ -152,6 +155,8 @@ redline_engine_inter_token_latency_seconds_count 400
 redline_engine_step_duration_seconds_bucket{le=\"+Inf\"} 120
 redline_engine_step_duration_seconds_sum 3.5
 redline_engine_step_duration_seconds_count 120
+# TYPE redline_engine_kv_blocks_freed_total counter
+redline_engine_kv_blocks_freed_total 640
 # TYPE vllm:kv_cache_usage_perc gauge
 vllm:kv_cache_usage_perc 0.25
 ";
@@ -176,6 +181,7 @@ vllm:kv_cache_usage_perc 0.25
             (r.step_seconds_total, r.steps_total),
             (Some(3.5), Some(120))
         );
+        assert_eq!(r.kv_blocks_freed_total, Some(640));
         assert_eq!(
             r.limits,
             Some(Limits {
@@ -229,6 +235,7 @@ vllm:time_per_output_token_seconds_count{engine="1",model_name="m"} 50.0
             (Some(2.0), Some(150))
         );
         assert_eq!((r.step_seconds_total, r.steps_total), (None, None));
+        assert_eq!(r.kv_blocks_freed_total, None);
     }
 
     #[test]

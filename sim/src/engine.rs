@@ -90,6 +90,8 @@ pub struct Engine {
     /// The step histogram's sum and count.
     pub step_seconds_total: f64,
     pub steps_total: u64,
+    /// Blocks given back by finished sequences.
+    pub kv_blocks_freed_total: u64,
 }
 
 impl Engine {
@@ -111,6 +113,7 @@ impl Engine {
             inter_tokens_total: 0,
             step_seconds_total: 0.0,
             steps_total: 0,
+            kv_blocks_freed_total: 0,
         }
     }
 
@@ -329,6 +332,7 @@ impl Engine {
         }
         self.running = keep;
         self.free_blocks += freed;
+        self.kv_blocks_freed_total += freed as u64;
         debug_assert!(self.free_blocks <= self.total_blocks);
         debug_assert_eq!(
             self.free_blocks + self.running.iter().map(|s| s.blocks).sum::<u32>(),

@@ -397,6 +397,7 @@ impl<'a> Sim<'a> {
             inter_tokens_total: Some(e.inter_tokens_total),
             step_seconds_total: Some(e.step_seconds_total),
             steps_total: Some(e.steps_total),
+            kv_blocks_freed_total: Some(e.kv_blocks_freed_total),
         };
         let device = DeviceReading {
             backend: "none".into(),

@@ -477,48 +477,49 @@ mod tests {
     /// forecast is the whole decoding again, though the 10 s rate still remembers them.
     #[test]
     fn completions_free_what_decoding_grows() {
+        // 100 blocks of 16 tokens: 2% of the pool is 32 tokens a second.
+        let reading = |t: f64, freed: Option<f64>| EngineReading {
+            kv_block_size: Some(16),
+            generation_tokens_total: Some((32.0 * t) as u64),
+            kv_blocks_freed_total: freed.map(|f| f as u64),
+            ..engine(0.5, 0)
+        };
         let mut m = PressureModel::new(ModelConfig::default());
         let mut d = Derived::default();
         let mut freed = 0.0;
-        for i in 0..=40 {
+        for i in 0..=56 {
             let t = i as f64 * 0.25;
-            let e = EngineReading {
-                kv_block_size: Some(16),
-                // 100 blocks of 16 tokens: 2% of the pool is 32 tokens a second.
-                generation_tokens_total: Some((32.0 * t) as u64),
-                kv_blocks_freed_total: Some(freed as u64),
-                ..engine(0.5, 0)
-            };
-            d = m.observe(t, &e, &none(), &GuardSettings::default());
-            freed += 1.5 * 0.25;
-        }
-        let release = d.kv_release_per_second.unwrap();
-        assert!((release - 0.015).abs() < 1e-3, "{release}");
-        let net = d.kv_decode_growth_per_second.unwrap();
-        assert!((net - 0.005).abs() < 1e-3, "{net}");
-        // (0.9 - 0.5) / 0.005 = 80 s, not the 20 s decoding alone would say.
-        let ttr = d.seconds_to_redline.unwrap();
-        assert!((ttr - 80.0).abs() < 20.0, "{ttr}");
-        for i in 41..=56 {
-            let t = i as f64 * 0.25;
-            let e = EngineReading {
-                kv_block_size: Some(16),
-                generation_tokens_total: Some((32.0 * t) as u64),
-                kv_blocks_freed_total: Some(freed as u64),
-                ..engine(0.5, 0)
-            };
-            d = m.observe(t, &e, &none(), &GuardSettings::default());
+            d = m.observe(
+                t,
+                &reading(t, Some(freed)),
+                &none(),
+                &GuardSettings::default(),
+            );
+            // Completions free 1.5% a second for 10 s, then stop.
+            if i < 40 {
+                freed += 1.5 * 0.25;
+            }
+            if i == 40 {
+                let release = d.kv_release_per_second.unwrap();
+                assert!((release - 0.015).abs() < 1e-3, "{release}");
+                let net = d.kv_decode_growth_per_second.unwrap();
+                assert!((net - 0.005).abs() < 1e-3, "{net}");
+                // (0.9 - 0.5) / 0.005 = 80 s, not the 20 s decoding alone would say.
+                let ttr = d.seconds_to_redline.unwrap();
+                assert!((ttr - 0.4 / net).abs() < 1e-6, "{ttr}");
+            }
         }
         assert_eq!(d.kv_release_per_second, Some(0.0));
         assert_eq!(d.kv_decode_growth_per_second, Some(0.02));
         // An engine that does not count freed blocks: decoding alone, as before.
-        let e = EngineReading {
-            kv_block_size: Some(16),
-            generation_tokens_total: Some(32 * 15),
-            ..engine(0.5, 0)
-        };
-        let d = m.observe(15.0, &e, &none(), &GuardSettings::default());
+        let d = m.observe(
+            15.0,
+            &reading(15.0, None),
+            &none(),
+            &GuardSettings::default(),
+        );
         assert_eq!(d.kv_release_per_second, None);
+        assert_eq!(d.kv_decode_growth_per_second, Some(0.02));
     }
 
     /// The same climb with requests waiting or a large token budget: a queue that could take

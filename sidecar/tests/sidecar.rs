@@ -109,11 +109,18 @@ struct Outcome {
     /// The sidecar's busy share at the end, and the engine's stepping time over the burst.
     busy_share: Option<f64>,
     engine_busy_share: f64,
+    /// Blocks the engine counted back from finished requests over the burst, and the largest
+    /// release rate (share of the pool per second) the sidecar's reports showed.
+    freed_blocks: f64,
+    peak_release: f64,
+    requests: usize,
 }
 
 /// Replays the burst against `engine` (watched by `sidecar`) and measures what happened.
 async fn replay(engine: &Engine, sidecar: &Sidecar) -> Outcome {
-    let before = metric(&engine.metrics().await, "redline_engine_preemptions_total");
+    let m0 = engine.metrics().await;
+    let before = metric(&m0, "redline_engine_preemptions_total");
+    let freed_before = metric(&m0, "redline_engine_kv_blocks_freed_total");
     let http = reqwest::Client::new();
     let start = Instant::now();
     let url = engine.url("/v1/completions");
@@ -135,7 +142,7 @@ async fn replay(engine: &Engine, sidecar: &Sidecar) -> Outcome {
     let n = clients.len();
     let done = futures_join(clients);
     tokio::pin!(done);
-    let (mut peak_kv, mut worst_level) = (0.0f64, Level::Ok);
+    let (mut peak_kv, mut worst_level, mut peak_release) = (0.0f64, Level::Ok, 0.0f64);
     let mut kv_before_first_cut = None;
     // A cut's reason; following the operator's bounds is not one.
     let bounds = Reason::Bounds.to_string();
@@ -147,6 +154,7 @@ async fn replay(engine: &Engine, sidecar: &Sidecar) -> Outcome {
                 peak_kv = peak_kv.max(metric(&m, "redline_engine_kv_cache_usage_ratio"));
                 let p = sidecar.pressure().await;
                 worst_level = worst_level.max(p.derived.level);
+                peak_release = peak_release.max(p.derived.kv_release_per_second.unwrap_or(0.0));
                 let cut = p.limits.guard_reason.is_some_and(|r| r != bounds);
                 if kv_before_first_cut.is_none() && cut {
                     kv_before_first_cut = Some(peak_kv);
@@ -185,6 +193,9 @@ async fn replay(engine: &Engine, sidecar: &Sidecar) -> Outcome {
         engine_mean_itl: itl.sum / itl.count.max(1) as f64,
         busy_share: report.busy_share,
         engine_busy_share: steps.sum / seconds,
+        freed_blocks: metric(&m, "redline_engine_kv_blocks_freed_total") - freed_before,
+        peak_release,
+        requests: n,
     };
     eprintln!("{n} requests: {o:?}");
     o
@@ -282,6 +293,13 @@ async fn the_guard_prevents_the_preemptions_a_trace_burst_causes_without_it() {
             (0.5..=1.05).contains(&busy) && (0.5..2.0).contains(&(busy / o.engine_busy_share)),
             "the report's busy share {busy:.3} is not the engine's {:.3}: {o:?}",
             o.engine_busy_share
+        );
+        // Every finished request gave its blocks back (at least one each: the prompts are
+        // distinct, no prefix is shared), and the reports saw completions free
+        // the pool (what the forecast takes off the decoding growth).
+        assert!(
+            o.freed_blocks >= o.requests as f64 && o.peak_release > 0.0 && o.peak_release <= 5.0,
+            "{o:?}"
         );
     }
 }

@@ -235,21 +235,11 @@ impl Metrics {
         self.vllm_running.set(s.running as i64);
         self.waiting.set(s.waiting as i64);
         self.vllm_waiting.set(s.waiting as i64);
-        let new_preempt = s.preemptions_total.saturating_sub(self.preemptions.get());
-        self.preemptions.inc_by(new_preempt);
+        let new_preempt = advance(&self.preemptions, s.preemptions_total);
         self.vllm_preemptions.inc_by(new_preempt);
-        self.kv_blocks_freed.inc_by(
-            s.kv_blocks_freed_total
-                .saturating_sub(self.kv_blocks_freed.get()),
-        );
-        let new_hits = s
-            .prefix_hit_tokens
-            .saturating_sub(self.prefix_hit_tokens.get());
-        self.prefix_hit_tokens.inc_by(new_hits);
-        let new_received = s
-            .prompt_tokens_received
-            .saturating_sub(self.prompt_tokens_received.get());
-        self.prompt_tokens_received.inc_by(new_received);
+        advance(&self.kv_blocks_freed, s.kv_blocks_freed_total);
+        advance(&self.prefix_hit_tokens, s.prefix_hit_tokens);
+        advance(&self.prompt_tokens_received, s.prompt_tokens_received);
         self.waiting_prompt_tokens.set(s.waiting_tokens as i64);
         self.set_limits(l);
     }
@@ -266,4 +256,12 @@ impl Metrics {
             .expect("text encoding cannot fail");
         String::from_utf8(buf).expect("prometheus text is utf-8")
     }
+}
+
+/// Brings `counter` up to the engine's running `total` and returns by how much it rose (the
+/// engine keeps its own totals; the exported counter follows them after each step).
+fn advance(counter: &IntCounter, total: u64) -> u64 {
+    let new = total.saturating_sub(counter.get());
+    counter.inc_by(new);
+    new
 }

@@ -296,9 +296,10 @@ async fn the_guard_prevents_the_preemptions_a_trace_burst_causes_without_it() {
         );
         // Every finished request gave its blocks back (at least one each: the prompts are
         // distinct, no prefix is shared), and the reports saw completions free
-        // the pool (what the forecast takes off the decoding growth).
+        // the pool (what the forecast takes off the decoding growth), in shares of the pool:
+        // tokens mistaken for blocks would read 16 times too high (0.15-0.17 measured).
         assert!(
-            o.freed_blocks >= o.requests as f64 && o.peak_release > 0.0 && o.peak_release <= 5.0,
+            o.freed_blocks >= o.requests as f64 && o.peak_release > 0.0 && o.peak_release <= 1.0,
             "{o:?}"
         );
     }

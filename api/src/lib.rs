@@ -119,6 +119,10 @@ pub struct EngineReading {
     /// running sequences' growth.
     #[serde(default)]
     pub kv_blocks_freed_total: Option<u64>,
+    /// The share of the KV pool an admission beside running requests may fill (redline-
+    /// engine: the sidecar sets it to the guard's redline).
+    #[serde(default)]
+    pub max_kv_usage: Option<f64>,
 }
 
 impl EngineReading {
@@ -145,6 +149,7 @@ impl EngineReading {
             step_seconds_total: None,
             steps_total: None,
             kv_blocks_freed_total: None,
+            max_kv_usage: None,
         }
     }
 }

@@ -25,6 +25,7 @@ pub struct Metrics {
     pub generation_tokens: IntCounter,
     max_num_seqs: IntGauge,
     max_batched_tokens: IntGauge,
+    max_kv_usage: Gauge,
     pub draining: IntGauge,
     ttft: Histogram,
     /// Requests whose first token came after the TTFT objective, when the engine has one.
@@ -145,6 +146,10 @@ impl Metrics {
                 p("max_batched_tokens"),
                 "Live limit on tokens per engine step.",
             ),
+            max_kv_usage: gauge(Opts::new(
+                p("max_kv_usage"),
+                "Live share of the KV pool an admission beside running requests may fill.",
+            )),
             draining: int_gauge(
                 p("draining"),
                 "1 while the engine drains (admits no new requests).",
@@ -247,6 +252,7 @@ impl Metrics {
     pub fn set_limits(&self, l: Limits) {
         self.max_num_seqs.set(l.max_num_seqs as i64);
         self.max_batched_tokens.set(l.max_batched_tokens as i64);
+        self.max_kv_usage.set(l.max_kv_usage);
     }
 
     pub fn render(&self) -> String {

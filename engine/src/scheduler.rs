@@ -24,10 +24,23 @@ use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 
 /// Live admission limits, changed at run time through the admin API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Limits {
     pub max_num_seqs: u32,
     pub max_batched_tokens: u32,
+    /// No admission beside running sequences past this share of the KV pool
+    /// (`redline_api::admission`); 1.0 leaves only the watermark.
+    pub max_kv_usage: f64,
+}
+
+impl Limits {
+    pub const fn new(max_num_seqs: u32, max_batched_tokens: u32) -> Self {
+        Self {
+            max_num_seqs,
+            max_batched_tokens,
+            max_kv_usage: 1.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -82,7 +95,6 @@ pub struct Scheduler {
     /// blocks come back with the sequence: not counted).
     kv_blocks_freed_total: u64,
     prefix_hit_tokens: u64,
-    watermark_blocks: usize,
     /// Seconds; `None`: arrival order (vLLM's FCFS).
     ttft_objective: Option<f64>,
     /// Tokens per second of well-filled steps, and their duration, smoothed; `None` until one
@@ -99,7 +111,6 @@ const THROUGHPUT_WEIGHT: f64 = 0.2;
 
 impl Scheduler {
     pub fn new(kv: KvCacheManager, limits: Limits) -> Self {
-        let watermark_blocks = redline_api::admission::watermark_blocks(kv.num_blocks());
         Self {
             kv,
             limits,
@@ -112,7 +123,6 @@ impl Scheduler {
             preemptions_total: 0,
             kv_blocks_freed_total: 0,
             prefix_hit_tokens: 0,
-            watermark_blocks,
             ttft_objective: None,
             throughput: None,
             step_seconds: 0.0,
@@ -317,8 +327,13 @@ impl Scheduler {
             let len = (s.tokens.len() - cached).min(*budget);
             let total = cached + len;
             let need_blocks = total.div_ceil(self.kv.block_size()) - self.kv.block_table(id).len();
-            let room = self.kv.num_free_blocks() >= need_blocks + self.watermark_blocks
-                || self.running.is_empty();
+            let room = redline_api::admission::admits(
+                self.kv.num_blocks(),
+                self.kv.num_used_blocks(),
+                need_blocks,
+                !self.running.is_empty(),
+                self.limits.max_kv_usage,
+            );
             if !room || !self.kv.allocate(id, total) {
                 self.kv.free(id); // release the prefix blocks we attached
                 break;
@@ -422,10 +437,7 @@ mod tests {
     fn sched(blocks: usize, seqs: u32, tokens: u32) -> Scheduler {
         Scheduler::new(
             KvCacheManager::new(blocks, 4, true),
-            Limits {
-                max_num_seqs: seqs,
-                max_batched_tokens: tokens,
-            },
+            Limits::new(seqs, tokens),
         )
     }
 
@@ -491,10 +503,7 @@ mod tests {
         }
         step(&mut s);
         assert_eq!(s.num_running(), 3);
-        s.set_limits(Limits {
-            max_num_seqs: 1,
-            max_batched_tokens: 64,
-        });
+        s.set_limits(Limits::new(1, 64));
         s.add(9, vec![9; 4], 0.0);
         let o = step(&mut s);
         assert_eq!(o.scheduled.len(), 3);
@@ -533,6 +542,34 @@ mod tests {
             s.seq(1).unwrap().tokens.len() > 9,
             "the oldest kept decoding"
         );
+    }
+
+    #[test]
+    fn no_admission_beside_others_crosses_the_kv_line() {
+        // 10 blocks of 4 tokens at a line of 0.7: an admission may leave at most 6 in use.
+        let mut s = sched(10, 8, 64);
+        s.set_limits(Limits {
+            max_kv_usage: 0.7,
+            ..Limits::new(8, 64)
+        });
+        // A lone prompt of 9 blocks (over the line): admitted, nobody else runs.
+        s.add(1, vec![1; 36], 0.0);
+        step(&mut s);
+        assert_eq!(s.kv().num_used_blocks(), 9);
+        s.remove(1);
+        // 2 runs (4 blocks, a fifth once it decodes); a prompt of 3 blocks would leave 8: it
+        // waits ...
+        s.add(2, vec![2; 16], 0.0);
+        step(&mut s);
+        s.add(3, vec![3; 12], 0.0);
+        step(&mut s);
+        assert_eq!((s.num_running(), s.num_waiting()), (1, 1));
+        assert_eq!(s.kv().num_used_blocks(), 5, "2 decoded into a fifth block");
+        // ... and is admitted at the watermark alone (1.0: 9 of 10).
+        s.set_limits(Limits::new(8, 64));
+        step(&mut s);
+        assert_eq!((s.num_running(), s.num_waiting()), (2, 0));
+        s.check_invariants();
     }
 
     #[test]
@@ -599,7 +636,7 @@ mod tests {
         Add(u8),
         Step,
         Finish(u8),
-        Limits(u8, u8),
+        Limits(u8, u8, u8),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -609,7 +646,7 @@ mod tests {
             Just(Op::Step),
             Just(Op::Step),
             any::<u8>().prop_map(Op::Finish),
-            (0u8..6, 1u8..40).prop_map(|(a, b)| Op::Limits(a, b)),
+            (0u8..6, 1u8..40, 1u8..=10).prop_map(|(a, b, c)| Op::Limits(a, b, c)),
         ]
     }
 
@@ -656,7 +693,10 @@ mod tests {
                         let id = live.remove(i as usize % live.len());
                         prop_assert!(s.remove(id).is_some());
                     }
-                    Op::Limits(a, b) => s.set_limits(Limits { max_num_seqs: a as u32, max_batched_tokens: b as u32 }),
+                    Op::Limits(a, b, c) => s.set_limits(Limits {
+                        max_kv_usage: c as f64 / 10.0,
+                        ..Limits::new(a as u32, b as u32)
+                    }),
                     _ => {}
                 }
                 s.check_invariants();

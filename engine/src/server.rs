@@ -555,6 +555,7 @@ async fn get_limits(State(st): State<Arc<AppState>>) -> Response {
             Json(json!({
                 "max_num_seqs": lim.max_num_seqs,
                 "max_batched_tokens": lim.max_batched_tokens,
+                "max_kv_usage": lim.max_kv_usage,
                 "ceiling": {"max_num_seqs": env.max_num_seqs, "max_batched_tokens": env.max_batched_tokens},
                 "kv_blocks_total": env.num_blocks,
                 "block_size": env.block_size,
@@ -571,6 +572,9 @@ async fn get_limits(State(st): State<Arc<AppState>>) -> Response {
 struct LimitsBody {
     max_num_seqs: u32,
     max_batched_tokens: u32,
+    /// Absent: unchanged.
+    #[serde(default)]
+    max_kv_usage: Option<f64>,
 }
 
 async fn put_limits(
@@ -588,6 +592,15 @@ async fn put_limits(
         )
         .into_response();
     }
+    if b.max_kv_usage
+        .is_some_and(|r| !redline_api::admission::valid_max_kv_usage(r))
+    {
+        return ApiError::invalid(
+            "max_kv_usage is the share of the KV pool admission may fill: in (0, 1]",
+            Some("max_kv_usage"),
+        )
+        .into_response();
+    }
     let Some(l) = st.loaded.get() else {
         return ApiError::invalid("the model is still loading", None)
             .status(StatusCode::SERVICE_UNAVAILABLE)
@@ -596,6 +609,7 @@ async fn put_limits(
     let want = Limits {
         max_num_seqs: b.max_num_seqs,
         max_batched_tokens: b.max_batched_tokens,
+        max_kv_usage: b.max_kv_usage.unwrap_or(l.engine.limits().max_kv_usage),
     };
     match l.engine.set_limits(want) {
         Some(applied) => {
@@ -604,6 +618,7 @@ async fn put_limits(
             Json(json!({
                 "max_num_seqs": applied.max_num_seqs,
                 "max_batched_tokens": applied.max_batched_tokens,
+                "max_kv_usage": applied.max_kv_usage,
                 "clamped": applied != want,
                 "ceiling": {"max_num_seqs": env.max_num_seqs, "max_batched_tokens": env.max_batched_tokens},
             }))
@@ -788,10 +803,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             prefix_caching: !args.no_prefix_caching,
             kv_dtype: args.kv_cache_dtype,
         };
-        let limits = Limits {
-            max_num_seqs: args.max_num_seqs.unwrap_or(args.max_num_seqs_ceiling),
-            max_batched_tokens: args.max_batched_tokens.max(1),
-        };
+        let limits = Limits::new(
+            args.max_num_seqs.unwrap_or(args.max_num_seqs_ceiling),
+            args.max_batched_tokens.max(1),
+        );
         let mut engine = crate::engine::Engine::new(model, codec.clone(), envelope, limits);
         engine.set_ttft_objective(args.ttft_objective_ms.map(Duration::from_millis));
         let handle = crate::worker::spawn(engine, st.metrics.clone());

@@ -220,6 +220,7 @@ fn handle(
             tracing::info!(
                 max_num_seqs = applied.max_num_seqs,
                 max_batched_tokens = applied.max_batched_tokens,
+                max_kv_usage = applied.max_kv_usage,
                 "limits changed"
             );
         }

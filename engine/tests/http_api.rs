@@ -196,6 +196,70 @@ async fn a_client_that_disconnects_frees_its_sequence_and_blocks_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_admission_beside_a_running_request_crosses_the_kv_line() {
+    // 16 blocks of 16 tokens; at a line of 0.5 an admission beside others may leave 7 in use.
+    let s = Server::start(&["--num-blocks", "16", "--block-size", "16"]).await;
+    let c = client();
+    let limits = format!("{}/admin/limits", s.admin);
+    for bad in [0.0, -0.5, 1.5] {
+        let r = c
+            .put(&limits)
+            .json(&json!({"max_num_seqs": 8, "max_batched_tokens": 256, "max_kv_usage": bad}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{bad}");
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["param"], "max_kv_usage", "{e}");
+    }
+    assert_eq!(s.metric("redline_engine_max_kv_usage").await, 1.0);
+    let put = |body: Value| {
+        let (c, limits) = (c.clone(), limits.clone());
+        async move {
+            let r = c.put(&limits).json(&body).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let r = put(json!({"max_num_seqs": 8, "max_batched_tokens": 256, "max_kv_usage": 0.5})).await;
+    assert_eq!(r["max_kv_usage"], 0.5, "{r}");
+    assert_eq!(s.metric("redline_engine_max_kv_usage").await, 0.5);
+
+    // A lone request may go past the line; once it holds 7 blocks, a second (one block of
+    // prompt) would leave 8: it waits.
+    let base = s.base.clone();
+    // Its whole life (200 tokens and the prompt) is 14 blocks: with the second's 2, the pool.
+    let long = tokio::spawn(async move { stream_text(&base, good_request(200)).await });
+    s.wait_metric("redline_engine_kv_blocks_used", 60, |v| v >= 7.0)
+        .await;
+    let base = s.base.clone();
+    let short = tokio::spawn(async move { stream_text(&base, good_request(8)).await });
+    s.wait_metric("redline_engine_requests_waiting", 30, |v| v == 1.0)
+        .await;
+    // Limits without a line keep the one set.
+    let r = put(json!({"max_num_seqs": 8, "max_batched_tokens": 256})).await;
+    assert_eq!(r["max_kv_usage"], 0.5, "{r}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        s.metric("redline_engine_requests_waiting").await,
+        1.0,
+        "admitted past the line"
+    );
+    let l: Value = c.get(&limits).send().await.unwrap().json().await.unwrap();
+    assert_eq!(l["max_kv_usage"], 0.5, "{l}");
+
+    // At 1.0 only the watermark is left (15 of 16): it joins the running one.
+    put(json!({"max_num_seqs": 8, "max_batched_tokens": 256, "max_kv_usage": 1.0})).await;
+    s.wait_metric("redline_engine_requests_waiting", 30, |v| v == 0.0)
+        .await;
+    assert!(!long.is_finished(), "admitted only once the first finished");
+    for r in [short.await.unwrap(), long.await.unwrap()] {
+        assert_eq!((r.2, r.3.as_deref()), (true, Some("length")));
+    }
+    assert_eq!(s.metric("redline_engine_preemptions_total").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_limits_gate_admission_without_evicting_and_drain_finishes_in_flight_work() {
     let s = Server::start(&["--max-num-seqs-ceiling", "8"]).await;
     let c = client();

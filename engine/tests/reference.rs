@@ -211,15 +211,7 @@ fn engine(
         prefix_caching,
         kv_dtype,
     };
-    Engine::new(
-        model,
-        codec,
-        env,
-        Limits {
-            max_num_seqs: 16,
-            max_batched_tokens: 64,
-        },
-    )
+    Engine::new(model, codec, env, Limits::new(16, 64))
 }
 
 fn report(name: &str, o: &Outcome, tol: f32) {

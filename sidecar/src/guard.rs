@@ -131,6 +131,18 @@ impl Reason {
     }
 }
 
+/// The share of the KV pool the engine may fill by admission beside running requests
+/// (`redline_api::admission`): the redline while the guard runs. The guard sees the pool
+/// once a scrape; the engine checks every admission, so no prompt admitted between two
+/// scrapes carries the pool past the line. Without the guard, the watermark alone.
+pub fn max_kv_usage(settings: &GuardSettings) -> f64 {
+    if settings.enabled {
+        settings.redline_ratio
+    } else {
+        1.0
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Change {
     pub limits: Limits,

@@ -60,6 +60,7 @@ pub fn parse(text: &str) -> Result<EngineReading, ScrapeError> {
             step_seconds_total: steps.as_ref().map(|h| h.sum),
             steps_total: steps.map(|h| h.count),
             kv_blocks_freed_total: whole("redline_engine_kv_blocks_freed_total"),
+            max_kv_usage: max("redline_engine_max_kv_usage"),
         });
     }
     // vLLM renamed gpu_cache_usage_perc to kv_cache_usage_perc; accept both.
@@ -103,6 +104,7 @@ pub fn parse(text: &str) -> Result<EngineReading, ScrapeError> {
         steps_total: None,
         // vLLM does not count the blocks its finished requests free.
         kv_blocks_freed_total: None,
+        max_kv_usage: None,
     })
 }
 
@@ -157,6 +159,8 @@ redline_engine_step_duration_seconds_sum 3.5
 redline_engine_step_duration_seconds_count 120
 # TYPE redline_engine_kv_blocks_freed_total counter
 redline_engine_kv_blocks_freed_total 640
+# TYPE redline_engine_max_kv_usage gauge
+redline_engine_max_kv_usage 0.9
 # TYPE vllm:kv_cache_usage_perc gauge
 vllm:kv_cache_usage_perc 0.25
 ";
@@ -182,6 +186,7 @@ vllm:kv_cache_usage_perc 0.25
             (Some(3.5), Some(120))
         );
         assert_eq!(r.kv_blocks_freed_total, Some(640));
+        assert_eq!(r.max_kv_usage, Some(0.9));
         assert_eq!(
             r.limits,
             Some(Limits {
@@ -236,6 +241,7 @@ vllm:time_per_output_token_seconds_count{engine="1",model_name="m"} 50.0
         );
         assert_eq!((r.step_seconds_total, r.steps_total), (None, None));
         assert_eq!(r.kv_blocks_freed_total, None);
+        assert_eq!(r.max_kv_usage, None);
     }
 
     #[test]

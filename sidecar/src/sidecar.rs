@@ -13,7 +13,7 @@ use redline_api::{
 use tracing::{info, warn};
 
 use crate::device::Device;
-use crate::guard::{Bounds, Guard, GuardConfig, Observation};
+use crate::guard::{max_kv_usage, Bounds, Guard, GuardConfig, Observation};
 use crate::metrics::Metrics;
 use crate::pressure::{ModelConfig, PressureModel};
 use crate::scrape;
@@ -199,10 +199,18 @@ struct Applied {
     ceiling: Option<Limits>,
 }
 
+/// `PUT /admin/limits`'s body: the guard's limits and the KV line admission stays under.
+#[derive(Debug, serde::Serialize)]
+struct EngineLimits {
+    #[serde(flatten)]
+    limits: Limits,
+    max_kv_usage: f64,
+}
+
 async fn put_engine_limits(
     http: &reqwest::Client,
     admin: &str,
-    l: Limits,
+    l: EngineLimits,
 ) -> Result<Applied, String> {
     let url = format!("{admin}/admin/limits");
     // A loaded engine answers between steps: give it longer than a scrape.
@@ -261,6 +269,7 @@ fn drain_to_apply(st: &State) -> Option<bool> {
 /// What one tick decided to send to the engine.
 struct Apply {
     limits: Limits,
+    max_kv_usage: f64,
     /// Set when the guard changed its mind (vs. re-applying after an engine restart).
     reason: Option<crate::guard::Reason>,
     from: Limits,
@@ -292,6 +301,7 @@ fn tick_state(
     let running = reading.requests_running;
     let usage = reading.kv_usage_ratio;
     let engine_limits = reading.limits;
+    let engine_line = reading.max_kv_usage;
     let flavor = reading.flavor;
     st.engine = Some(reading);
     st.derived = derived.clone();
@@ -302,6 +312,9 @@ fn tick_state(
     let target = *st.target.get_or_insert(live);
     let b = bounds(st, target);
     let settings = st.settings;
+    let line = max_kv_usage(&settings);
+    // An engine that exports no line (an older one) is not told one.
+    let line_differs = engine_line.is_some_and(|l| (l - line).abs() > 1e-6);
     let guard = st.guard.get_or_insert_with(|| Guard::new(gcfg, live));
     let from = guard.current();
     let obs = Observation {
@@ -312,13 +325,16 @@ fn tick_state(
     if let Some(c) = guard.step(now, obs, b, &settings) {
         return Some(Apply {
             limits: c.limits,
+            max_kv_usage: line,
             reason: Some(c.reason),
             from,
         });
     }
-    // The engine restarted (or a PUT was lost): hold it at the guard's limits.
-    (live != guard.current()).then(|| Apply {
+    // The engine restarted (or a PUT was lost, or the operator moved the redline): hold it at
+    // the guard's limits and line.
+    (live != guard.current() || line_differs).then(|| Apply {
         limits: guard.current(),
+        max_kv_usage: line,
         reason: None,
         from: live,
     })
@@ -366,7 +382,11 @@ pub async fn run(shared: std::sync::Arc<Shared>, device: Box<dyn Device>, cfg: C
             }
         }
         if let Some(a) = apply {
-            let result = put_engine_limits(&http, &admin, a.limits).await;
+            let body = EngineLimits {
+                limits: a.limits,
+                max_kv_usage: a.max_kv_usage,
+            };
+            let result = put_engine_limits(&http, &admin, body).await;
             let mut st = shared.state.lock().unwrap();
             match result {
                 Ok(Applied {
@@ -402,7 +422,8 @@ pub async fn run(shared: std::sync::Arc<Shared>, device: Box<dyn Device>, cfg: C
                         info!(
                             max_num_seqs = accepted.max_num_seqs,
                             max_batched_tokens = accepted.max_batched_tokens,
-                            "guard: re-applied limits to the engine"
+                            max_kv_usage = a.max_kv_usage,
+                            "guard: applied limits to the engine"
                         );
                     }
                 }
@@ -486,5 +507,30 @@ mod tests {
         let a: Applied =
             serde_json::from_str(r#"{"max_num_seqs": 8, "max_batched_tokens": 256}"#).unwrap();
         assert_eq!(a.ceiling, None);
+    }
+
+    #[test]
+    fn the_engine_is_held_at_the_guards_redline_for_admission() {
+        let shared = shared();
+        let mut st = shared.state.lock().unwrap();
+        let engine = |line: Option<f64>| {
+            Ok(EngineReading {
+                limits: Some(Limits::new(8, 256)),
+                max_kv_usage: line,
+                ..EngineReading::new(EngineFlavor::Redline, 0.1)
+            })
+        };
+        let g = GuardConfig::default();
+        // A fresh engine admits to its watermark: the first tick gives it the redline.
+        let a = tick_state(&mut st, 0.0, engine(Some(1.0)), g).expect("the line applied");
+        assert_eq!((a.limits, a.max_kv_usage), (Limits::new(8, 256), 0.9));
+        assert!(a.reason.is_none());
+        assert!(tick_state(&mut st, 0.25, engine(Some(0.9)), g).is_none());
+        // An engine that exports no line is not told one.
+        assert!(tick_state(&mut st, 0.5, engine(None), g).is_none());
+        // The guard turned off: the watermark alone again.
+        st.settings.enabled = false;
+        let a = tick_state(&mut st, 0.75, engine(Some(0.9)), g).expect("the line lifted");
+        assert_eq!(a.max_kv_usage, 1.0);
     }
 }

@@ -71,6 +71,9 @@ pub struct Engine {
     total_blocks: u32,
     free_blocks: u32,
     pub limits: Limits,
+    /// The share of the pool an admission beside running sequences may fill (the real
+    /// engine's `max_kv_usage`, which the sidecar sets to its guard's redline).
+    pub max_kv_usage: f64,
     /// Admission order, oldest first.
     running: Vec<Seq>,
     waiting: VecDeque<Seq>,
@@ -101,6 +104,7 @@ impl Engine {
             total_blocks: p.kv_blocks,
             free_blocks: p.kv_blocks,
             limits: p.limits,
+            max_kv_usage: 1.0,
             running: Vec::new(),
             waiting: VecDeque::new(),
             ttft_objective: None,
@@ -177,10 +181,6 @@ impl Engine {
         *free -= need;
         s.blocks += need;
         true
-    }
-
-    fn watermark_blocks(&self) -> u32 {
-        redline_api::admission::watermark_blocks(self.total_blocks as usize) as u32
     }
 
     fn preempt(&mut self, i: usize) {
@@ -264,9 +264,14 @@ impl Engine {
             let mut s = self.waiting[w].clone();
             let n = (s.len() - s.computed).min(budget);
             let target = s.computed + n;
-            // The engine's watermark (`redline_api::admission`).
             let need = target.div_ceil(self.block_size).saturating_sub(s.blocks);
-            if !self.running.is_empty() && self.free_blocks < need + self.watermark_blocks() {
+            if !redline_api::admission::admits(
+                self.total_blocks as usize,
+                self.used_blocks() as usize,
+                need as usize,
+                !self.running.is_empty(),
+                self.max_kv_usage,
+            ) {
                 break;
             }
             if !Self::grow(&mut self.free_blocks, self.block_size, &mut s, target) {

@@ -16,7 +16,9 @@ use redline_api::{
     DeviceReading, EngineFlavor, EngineReading, GuardSettings, Limits, LimitsStatus, PressureReport,
 };
 use redline_autoscale::{PodPhase, PodSignals};
-use redline_sidecar::guard::{Bounds, Guard, GuardConfig, Observation as GuardObservation};
+use redline_sidecar::guard::{
+    max_kv_usage, Bounds, Guard, GuardConfig, Observation as GuardObservation,
+};
 use redline_sidecar::pressure::{ModelConfig, PressureModel};
 
 use crate::engine::{Engine, Seq, Step};
@@ -398,6 +400,7 @@ impl<'a> Sim<'a> {
             step_seconds_total: Some(e.step_seconds_total),
             steps_total: Some(e.steps_total),
             kv_blocks_freed_total: Some(e.kv_blocks_freed_total),
+            max_kv_usage: Some(e.max_kv_usage),
         };
         let device = DeviceReading {
             backend: "none".into(),
@@ -405,6 +408,8 @@ impl<'a> Sim<'a> {
         };
         let derived = pod.pressure.observe(now, &reading, &device, &cfg.guard);
         if self.guard {
+            // As the real sidecar does on its first tick.
+            pod.engine.max_kv_usage = max_kv_usage(&cfg.guard);
             let min = Limits::new(1, cfg.profile.block_size);
             let obs = GuardObservation {
                 derived: &derived,

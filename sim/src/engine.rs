@@ -437,17 +437,19 @@ mod tests {
     }
 
     proptest! {
-        /// Whatever the pool, limits and requests: every request finishes (none is lost to
-        /// preemption), and the pool is whole again at the end.
+        /// Whatever the pool, limits, KV line and requests: every request finishes (none is
+        /// lost to preemption or starved by the line), and the pool is whole again at the end.
         #[test]
         fn every_request_finishes_and_no_block_leaks(
             blocks in 8u32..64,
             seqs in 1u32..8,
             tokens in 1u32..40,
             reqs in prop::collection::vec((1u32..20, 1u32..12), 1..12),
+            line in 1u32..=10,
         ) {
             let p = profile(blocks, seqs, tokens);
             let mut e = Engine::new(&p);
+            e.max_kv_usage = line as f64 / 10.0;
             let mut n = 0;
             for (i, &(pr, out)) in reqs.iter().enumerate() {
                 if e.fits(pr, out) {

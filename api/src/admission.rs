@@ -35,8 +35,9 @@ pub fn admits(
     !others_running || used + need <= max_admitted_blocks(num_blocks, max_kv_usage)
 }
 
-/// Whether `max_kv_usage` is a ceiling an engine accepts: a share of the pool in (0, 1].
-pub fn valid_max_kv_usage(r: f64) -> bool {
+/// Whether `r` is a share of the KV pool a line may be drawn at, in (0, 1]: the engine's
+/// `max_kv_usage`, and the guard's redline, which the sidecar passes on as it.
+pub fn valid_kv_share(r: f64) -> bool {
     r > 0.0 && r <= 1.0
 }
 

@@ -29,7 +29,7 @@ impl Envelope {
         Limits {
             max_num_seqs: l.max_num_seqs.min(self.max_num_seqs),
             max_batched_tokens: l.max_batched_tokens.min(self.max_batched_tokens),
-            max_kv_usage: l.max_kv_usage.clamp(f64::MIN_POSITIVE, 1.0),
+            ..l
         }
     }
     pub fn capacity_tokens(&self) -> usize {

@@ -593,7 +593,7 @@ async fn put_limits(
         .into_response();
     }
     if b.max_kv_usage
-        .is_some_and(|r| !redline_api::admission::valid_max_kv_usage(r))
+        .is_some_and(|r| !redline_api::admission::valid_kv_share(r))
     {
         return ApiError::invalid(
             "max_kv_usage is the share of the KV pool admission may fill: in (0, 1]",

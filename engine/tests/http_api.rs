@@ -252,7 +252,10 @@ async fn no_admission_beside_a_running_request_crosses_the_kv_line() {
     put(json!({"max_num_seqs": 8, "max_batched_tokens": 256, "max_kv_usage": 1.0})).await;
     s.wait_metric("redline_engine_requests_waiting", 30, |v| v == 0.0)
         .await;
-    assert!(!long.is_finished(), "admitted only once the first finished");
+    assert!(
+        !long.is_finished(),
+        "the second must be admitted beside the first, not after it"
+    );
     for r in [short.await.unwrap(), long.await.unwrap()] {
         assert_eq!((r.2, r.3.as_deref()), (true, Some("length")));
     }

@@ -62,7 +62,7 @@ pub fn validate(r: &LimitsRequest) -> Result<(), String> {
         if !(g.horizon_seconds.is_finite() && g.horizon_seconds > 0.0) {
             return Err("guard.horizon_seconds must be a positive number".into());
         }
-        if !(g.redline_ratio > 0.0 && g.redline_ratio <= 1.0) {
+        if !redline_api::admission::valid_kv_share(g.redline_ratio) {
             return Err("guard.redline_ratio must be in (0, 1]".into());
         }
     }

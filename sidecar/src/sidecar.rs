@@ -210,7 +210,7 @@ struct EngineLimits {
 async fn put_engine_limits(
     http: &reqwest::Client,
     admin: &str,
-    l: EngineLimits,
+    l: &EngineLimits,
 ) -> Result<Applied, String> {
     let url = format!("{admin}/admin/limits");
     // A loaded engine answers between steps: give it longer than a scrape.
@@ -268,8 +268,7 @@ fn drain_to_apply(st: &State) -> Option<bool> {
 
 /// What one tick decided to send to the engine.
 struct Apply {
-    limits: Limits,
-    max_kv_usage: f64,
+    body: EngineLimits,
     /// Set when the guard changed its mind (vs. re-applying after an engine restart).
     reason: Option<crate::guard::Reason>,
     from: Limits,
@@ -324,8 +323,10 @@ fn tick_state(
     };
     if let Some(c) = guard.step(now, obs, b, &settings) {
         return Some(Apply {
-            limits: c.limits,
-            max_kv_usage: line,
+            body: EngineLimits {
+                limits: c.limits,
+                max_kv_usage: line,
+            },
             reason: Some(c.reason),
             from,
         });
@@ -333,8 +334,10 @@ fn tick_state(
     // The engine restarted (or a PUT was lost, or the operator moved the redline): hold it at
     // the guard's limits and line.
     (live != guard.current() || line_differs).then(|| Apply {
-        limits: guard.current(),
-        max_kv_usage: line,
+        body: EngineLimits {
+            limits: guard.current(),
+            max_kv_usage: line,
+        },
         reason: None,
         from: live,
     })
@@ -382,11 +385,7 @@ pub async fn run(shared: std::sync::Arc<Shared>, device: Box<dyn Device>, cfg: C
             }
         }
         if let Some(a) = apply {
-            let body = EngineLimits {
-                limits: a.limits,
-                max_kv_usage: a.max_kv_usage,
-            };
-            let result = put_engine_limits(&http, &admin, body).await;
+            let result = put_engine_limits(&http, &admin, &a.body).await;
             let mut st = shared.state.lock().unwrap();
             match result {
                 Ok(Applied {
@@ -422,7 +421,7 @@ pub async fn run(shared: std::sync::Arc<Shared>, device: Box<dyn Device>, cfg: C
                         info!(
                             max_num_seqs = accepted.max_num_seqs,
                             max_batched_tokens = accepted.max_batched_tokens,
-                            max_kv_usage = a.max_kv_usage,
+                            max_kv_usage = a.body.max_kv_usage,
                             "guard: applied limits to the engine"
                         );
                     }
@@ -523,7 +522,10 @@ mod tests {
         let g = GuardConfig::default();
         // A fresh engine admits to its watermark: the first tick gives it the redline.
         let a = tick_state(&mut st, 0.0, engine(Some(1.0)), g).expect("the line applied");
-        assert_eq!((a.limits, a.max_kv_usage), (Limits::new(8, 256), 0.9));
+        assert_eq!(
+            (a.body.limits, a.body.max_kv_usage),
+            (Limits::new(8, 256), 0.9)
+        );
         assert!(a.reason.is_none());
         assert!(tick_state(&mut st, 0.25, engine(Some(0.9)), g).is_none());
         // An engine that exports no line is not told one.
@@ -531,6 +533,6 @@ mod tests {
         // The guard turned off: the watermark alone again.
         st.settings.enabled = false;
         let a = tick_state(&mut st, 0.75, engine(Some(0.9)), g).expect("the line lifted");
-        assert_eq!(a.max_kv_usage, 1.0);
+        assert_eq!(a.body.max_kv_usage, 1.0);
     }
 }

@@ -265,7 +265,7 @@ async fn the_guard_prevents_the_preemptions_a_trace_burst_causes_without_it() {
     // The guard acts before the pool reaches the redline. No admission crosses the line (the
     // engine checks each one against it); the sequences already running decode on, and a cut
     // never evicts them, so the pool may still pass it (before the engine held admission under
-    // the line, runs on 2 cores peaked at 0.92-0.99 about half the time; since, 0.75-0.83).
+    // the line, runs on 2 cores peaked at 0.92-0.99 about half the time; since, 0.68-0.89).
     // What the guard does guarantee is the redline event: no preemption (above), and a
     // pool that never fills.
     let first_cut = on.kv_before_first_cut.expect("the guard cut");

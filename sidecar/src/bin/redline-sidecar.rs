@@ -68,7 +68,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let a = Args::parse();
     anyhow::ensure!(
-        a.redline_ratio > 0.0 && a.redline_ratio <= 1.0,
+        redline_api::admission::valid_kv_share(a.redline_ratio),
         "--redline-ratio must be in (0, 1]"
     );
     anyhow::ensure!(a.interval_ms >= 10, "--interval-ms must be at least 10");

@@ -50,7 +50,7 @@ pub struct Run {
     pub settled: bool,
 }
 
-fn unix_ms() -> i64 {
+pub fn unix_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -153,7 +153,12 @@ pub async fn run(
 }
 
 /// The service's Events since the run started, oldest first.
-async fn events(client: &Client, ns: &str, name: &str, since_ms: i64) -> Result<Vec<EventRecord>> {
+pub async fn events(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    since_ms: i64,
+) -> Result<Vec<EventRecord>> {
     let list = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), ns)
         .list(&ListParams::default())
         .await

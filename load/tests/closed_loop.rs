@@ -8,12 +8,14 @@
 
 use std::time::Duration;
 
-use kube::api::PostParams;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{ListParams, PostParams};
 use kube::Api;
 use redline_load::report::{self, LIVE_HEADER};
 use redline_load::run::{self, Config};
 use redline_load::transport::Transport;
 use redline_load::workload::{self, CODE_BURST, CODE_TRACE};
+use redline_operator::children;
 use redline_operator::crd::InferenceService;
 use redline_testcluster::testing::{self, client, repo, wait_for, TestNs};
 
@@ -181,10 +183,113 @@ async fn a_trace_burst_scales_up_before_kv_runs_out_and_back_down_through_drains
     );
     assert!(s.drains >= 1 && s.scale_downs >= 1, "{:?}", result.events);
     let isvc = isvcs.get(&name).await.unwrap();
-    let st = isvc.status.unwrap();
+    let st = isvc.status.clone().unwrap();
     let last = st.last_decision.expect("a last decision in status");
     assert!(last.summary.ends_with("->1"), "{last:?}");
     assert!(last.reason.contains("drained"), "{last:?}");
     assert_eq!(isvc.spec.replicas, Some(1));
+
+    if testing::is_local_cluster() {
+        a_drain_left_by_an_operator_that_went_away_is_cancelled(&client, &ns.name, &isvc).await;
+    } else {
+        eprintln!("skipped the operator restart mid-drain: the host cannot reach pod IPs here");
+    }
     testing::run_helm(&["uninstall", "redline", "--namespace", RELEASE_NS, "--wait"]);
+}
+
+/// The operator goes away while its sidecar holds a pod drained (a leader replaced mid-drain:
+/// a `helm upgrade`, a node drain), and a new one starts with no memory of that drain. The
+/// engine turned not ready on purpose and would stay so for good, serving nothing; the new
+/// operator must serve it again and say so.
+async fn a_drain_left_by_an_operator_that_went_away_is_cancelled(
+    client: &kube::Client,
+    ns: &str,
+    isvc: &InferenceService,
+) {
+    let name = isvc.metadata.name.clone().unwrap();
+    let scale_operator = |n: &str| {
+        testing::run_kubectl(&[
+            "scale",
+            "deployment/redline-operator",
+            &format!("--replicas={n}"),
+            "--namespace",
+            RELEASE_NS,
+        ])
+    };
+    let op_pods: Api<Pod> = Api::namespaced(client.clone(), RELEASE_NS);
+    scale_operator("0");
+    wait_for("the operator gone", Duration::from_secs(60), || async {
+        let l = op_pods
+            .list(&ListParams::default().labels("app.kubernetes.io/name=redline-operator"))
+            .await
+            .map_err(|e| e.to_string())?;
+        if l.items.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{} operator pods", l.items.len()))
+        }
+    })
+    .await;
+
+    // What the operator's last PUT left: the same limits and guard, drain on.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let selector = format!("{}={name}", children::SERVICE_LABEL);
+    let list = pods
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .unwrap();
+    let live: Vec<&Pod> = list
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect();
+    assert_eq!(live.len(), 1, "one engine pod");
+    let pod = live[0].metadata.name.clone().unwrap();
+    let sidecar = testing::Sidecar::at(
+        client,
+        live[0],
+        &children::token_secret_name(isvc),
+        children::SIDECAR_PORT as u16,
+    )
+    .await;
+    sidecar.set_drain(true).await;
+    wait_for(
+        "the drained pod not ready",
+        Duration::from_secs(30),
+        || async {
+            let p = pods.get(&pod).await.map_err(|e| e.to_string())?;
+            if testing::is_ready(&p) {
+                Err("still ready".to_string())
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
+
+    let since = run::unix_ms();
+    scale_operator("1");
+    wait_for(
+        "the new operator serving the pod again",
+        Duration::from_secs(120),
+        || async {
+            let drain = sidecar.draining().await?;
+            let p = pods.get(&pod).await.map_err(|e| e.to_string())?;
+            if !drain && testing::is_ready(&p) {
+                Ok(())
+            } else {
+                Err(format!("drain {drain}, ready {}", testing::is_ready(&p)))
+            }
+        },
+    )
+    .await;
+    let events = run::events(client, ns, &name, since).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason == "DrainCancelled" && e.note.contains(&pod)),
+        "no DrainCancelled Event for {pod}: {events:?}"
+    );
+    let isvcs: Api<InferenceService> = Api::namespaced(client.clone(), ns);
+    assert_eq!(isvcs.get(&name).await.unwrap().spec.replicas, Some(1));
 }

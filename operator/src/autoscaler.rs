@@ -110,6 +110,33 @@ pub fn pod_phase(pod: &Pod, draining: bool) -> Option<PodPhase> {
     })
 }
 
+/// Whether a pod's sidecar holds a drain that no policy in this process started: an earlier
+/// leader's (the policy's memory is per process), or one under way when autoscaling was turned
+/// off. Its engine turned not ready on purpose and would stay so for good, serving nothing
+/// while the policy counted it as starting, which holds every scale-down. The operator serves
+/// it again, and a new drain comes only from a full window of fresh data, as after any restart.
+pub fn orphaned_drain(report: Option<&PressureReport>, draining_here: bool) -> bool {
+    !draining_here && report.is_some_and(|r| r.limits.drain)
+}
+
+/// Which pods' reports reach the policy and the status: the ready ones', as before, and a pod
+/// left draining reads as ready (it serves what it holds, as a drain of the policy's own does),
+/// so the policy, not draining it, tells its sidecar to stop. Every other not-ready pod's
+/// report is dropped.
+fn admit_reports(
+    views: &mut [(String, PodPhase, Option<String>)],
+    reports: &mut [Option<PressureReport>],
+    draining: &[String],
+) {
+    for ((n, phase, _), r) in views.iter_mut().zip(reports.iter_mut()) {
+        if orphaned_drain(r.as_ref(), draining.contains(n)) {
+            *phase = PodPhase::Ready;
+        } else if *phase != PodPhase::Ready {
+            *r = None;
+        }
+    }
+}
+
 /// The scheduler's `PodScheduled` False/`Unschedulable` condition, while it has one.
 fn scheduling_failure(pod: &Pod) -> Option<&PodCondition> {
     pod.status
@@ -399,23 +426,27 @@ impl Autoscaler {
             .and_then(|s| s.policy.as_ref())
             .map(|p| p.draining().map(String::from).collect())
             .unwrap_or_default();
-        // Read every pod's sidecar at once.
-        let views: Vec<(String, PodPhase, Option<String>)> = pods
-            .iter()
-            .filter_map(|p| {
-                let n = p.name_any();
-                let phase = pod_phase(p, draining.contains(&n))?;
-                let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone());
-                Some((n, phase, ip))
-            })
-            .collect();
+        // Read every pod's sidecar at once: a ready pod's for the policy, and a not-ready one
+        // whose containers run for a drain it may hold (`orphaned_drain`).
+        let mut views: Vec<(String, PodPhase, Option<String>)> = Vec::new();
+        let mut read: Vec<bool> = Vec::new();
+        for p in &pods {
+            let n = p.name_any();
+            let Some(phase) = pod_phase(p, draining.contains(&n)) else {
+                continue;
+            };
+            let st = p.status.as_ref();
+            let running = st.and_then(|s| s.phase.as_deref()) == Some("Running");
+            read.push(phase == PodPhase::Ready || (phase == PodPhase::Starting && running));
+            views.push((n, phase, st.and_then(|s| s.pod_ip.clone())));
+        }
         let this = &*self;
         let reads: Vec<Result<PressureReport, bool>> =
-            join_all(views.iter().map(|(_, phase, ip)| {
+            join_all(views.iter().zip(&read).map(|((_, _, ip), &read)| {
                 let token = &token;
                 async move {
-                    match (phase, ip) {
-                        (PodPhase::Ready, Some(ip)) => this.pressure(ip, token).await,
+                    match ip {
+                        Some(ip) if read => this.pressure(ip, token).await,
                         _ => Err(false),
                     }
                 }
@@ -428,7 +459,8 @@ impl Autoscaler {
                 st.token = None;
             }
         }
-        let reports: Vec<Option<PressureReport>> = reads.into_iter().map(Result::ok).collect();
+        let mut reports: Vec<Option<PressureReport>> = reads.into_iter().map(Result::ok).collect();
+        admit_reports(&mut views, &mut reports, &draining);
 
         let mut decision = None;
         if let Some(p) = &spec {
@@ -459,6 +491,8 @@ impl Autoscaler {
         } else if let Some(st) = self.services.get_mut(&k) {
             st.policy = None;
         }
+        self.cancel_orphaned_drains(isvc, &views, &reports, &draining, decision.as_ref(), &token)
+            .await;
         let resources = resources_condition(&pods);
         self.write_status(
             isvc,
@@ -470,6 +504,57 @@ impl Autoscaler {
             resources,
         )
         .await
+    }
+
+    /// Serves again every pod left draining by no drain of this operator's (`orphaned_drain`).
+    /// With a policy, `apply` has already told the sidecar (the pod is not among the
+    /// decision's drains); without one, this does. An Event and a log line each.
+    async fn cancel_orphaned_drains(
+        &self,
+        isvc: &InferenceService,
+        views: &[(String, PodPhase, Option<String>)],
+        reports: &[Option<PressureReport>],
+        draining_before: &[String],
+        d: Option<&PolicyDecision>,
+        token: &str,
+    ) {
+        for ((n, _, ip), r) in views.iter().zip(reports) {
+            let Some(r) = r else { continue };
+            let ours = draining_before.contains(n) || d.is_some_and(|d| d.draining.contains(n));
+            if !orphaned_drain(Some(r), ours) {
+                continue;
+            }
+            if d.is_none() {
+                let Some(l) = r.limits.target.or(r.engine.as_ref().and_then(|e| e.limits)) else {
+                    continue;
+                };
+                let body = LimitsRequest {
+                    max_num_seqs: l.max_num_seqs,
+                    max_batched_tokens: l.max_batched_tokens,
+                    min_num_seqs: None,
+                    min_batched_tokens: None,
+                    guard: Some(r.limits.guard),
+                    drain: false,
+                };
+                let Some(ip) = ip else { continue };
+                if !self.put_limits(ip, token, &body).await {
+                    continue;
+                }
+            }
+            self.ctx
+                .event(
+                    isvc,
+                    EventType::Normal,
+                    "DrainCancelled",
+                    "CancelDrain",
+                    format!(
+                        "{n} was left draining by no drain of this operator's (an earlier \
+                         leader's, or one under way when autoscaling was turned off): it serves \
+                         again"
+                    ),
+                )
+                .await;
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -837,6 +922,45 @@ spec:
             sample_age_seconds: Some(0.1),
             engine_reachable: true,
         }
+    }
+
+    #[test]
+    fn a_pod_left_draining_reads_as_serving_and_other_unready_pods_report_nothing() {
+        let draining = |on: bool| {
+            let mut r = report(0.1, Level::Ok);
+            r.limits.drain = on;
+            Some(r)
+        };
+        let view = |n: &str, phase| (n.to_string(), phase, Some("10.88.0.9".to_string()));
+        let mut views = vec![
+            view("ready", PodPhase::Ready),
+            view("loading", PodPhase::Starting),
+            view("left-draining", PodPhase::Starting),
+            view("ours", PodPhase::Ready),
+            view("ready-left-draining", PodPhase::Ready),
+        ];
+        let mut reports = vec![
+            draining(false),
+            draining(false),
+            draining(true),
+            draining(true),
+            draining(true),
+        ];
+        admit_reports(&mut views, &mut reports, &["ours".to_string()]);
+        let phases: Vec<PodPhase> = views.iter().map(|v| v.1).collect();
+        use PodPhase::*;
+        assert_eq!(phases, [Ready, Starting, Ready, Ready, Ready]);
+        let reported: Vec<bool> = reports.iter().map(Option::is_some).collect();
+        assert_eq!(reported, [true, false, true, true, true]);
+        // Left draining: by no drain of this policy's, whatever the pod's readiness.
+        assert!(orphaned_drain(reports[2].as_ref(), false));
+        assert!(orphaned_drain(reports[4].as_ref(), false));
+        assert!(
+            !orphaned_drain(reports[3].as_ref(), true),
+            "the policy's own"
+        );
+        assert!(!orphaned_drain(reports[0].as_ref(), false));
+        assert!(!orphaned_drain(None, false));
     }
 
     #[test]

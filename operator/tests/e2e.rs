@@ -17,6 +17,7 @@ use kube::api::{
     ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
 };
 use kube::{Api, Client};
+use redline_operator::children;
 use redline_operator::crd::{AutoscalingPolicy, AutoscalingSpec, InferenceService};
 use redline_testcluster::testing::{self, client, repo, run_helm, wait_for, TestNs};
 use serde_json::json;
@@ -292,6 +293,51 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
             observed.conditions.iter().any(|c| c.type_ == t),
             "{t}: {observed:?}"
         );
+    }
+
+    // A drain nobody holds (one under way when autoscaling was turned off, as here, or an
+    // earlier leader's) would keep the pod out of service for good: the operator, though it
+    // scales nothing, serves the pod again and says so. (Local cluster: the pod IP.)
+    if testing::is_local_cluster() {
+        let sidecar = testing::Sidecar::at(
+            &client,
+            &pods[0],
+            &children::token_secret_name(&isvc),
+            children::SIDECAR_PORT as u16,
+        )
+        .await;
+        sidecar.set_drain(true).await;
+        wait_for(
+            "a drain nobody holds cancelled",
+            Duration::from_secs(60),
+            || async {
+                let drain = sidecar.draining().await?;
+                let p = Api::<Pod>::namespaced(client.clone(), &ns.name)
+                    .get(&pod)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(
+                    client.clone(),
+                    &ns.name,
+                )
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?;
+                let said = events.items.iter().any(|e| {
+                    e.reason.as_deref() == Some("DrainCancelled")
+                        && e.note.as_deref().is_some_and(|n| n.contains(&pod))
+                });
+                if !drain && testing::is_ready(&p) && said {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "drain {drain}, ready {}, Event {said}",
+                        testing::is_ready(&p)
+                    ))
+                }
+            },
+        )
+        .await;
     }
 
     // `kubectl scale` (the scale subresource, which HPA and KEDA use too) resizes the Deployment.

@@ -307,3 +307,81 @@ impl Drop for LogsOnPanic {
         }
     }
 }
+
+/// A pod's pressure sidecar, reached at the pod IP with the operator's token, as the operator
+/// reaches it (the local cluster only: the host routes to pod IPs, and through the pod proxy
+/// the Authorization header would be the API server's). Tests use it to leave what an
+/// operator leaves behind.
+pub struct Sidecar {
+    url: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Sidecar {
+    /// `pod`'s sidecar on `port`, with the token in `namespace`'s Secret `token_secret`.
+    pub async fn at(client: &Client, pod: &Pod, token_secret: &str, port: u16) -> Sidecar {
+        let ns = pod.metadata.namespace.clone().expect("a namespaced pod");
+        let secret = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &ns)
+            .get(token_secret)
+            .await
+            .expect("the sidecar token Secret");
+        let token = secret
+            .data
+            .and_then(|mut d| d.remove("token"))
+            .expect("a token in the Secret");
+        let ip = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.clone())
+            .expect("a pod IP");
+        Sidecar {
+            url: format!("http://{ip}:{port}"),
+            token: String::from_utf8(token.0).expect("a UTF-8 token"),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// `GET /v1/pressure`.
+    pub async fn pressure(&self) -> Result<serde_json::Value, String> {
+        self.http
+            .get(format!("{}/v1/pressure", self.url))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Whether the sidecar holds its engine drained (`limits.drain` in its report).
+    pub async fn draining(&self) -> Result<bool, String> {
+        let r = self.pressure().await?;
+        r["limits"]["drain"]
+            .as_bool()
+            .ok_or_else(|| format!("no limits.drain in {r}"))
+    }
+
+    /// `PUT /v1/limits` with the limits and guard it holds now and `drain`: what an operator's
+    /// drain (or its cancellation) sends.
+    pub async fn set_drain(&self, drain: bool) {
+        let r = self.pressure().await.expect("a pressure report");
+        let target = &r["limits"]["target"];
+        let body = serde_json::json!({
+            "max_num_seqs": target["max_num_seqs"],
+            "max_batched_tokens": target["max_batched_tokens"],
+            "guard": r["limits"]["guard"],
+            "drain": drain,
+        });
+        self.http
+            .put(format!("{}/v1/limits", self.url))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .expect("the sidecar took the limits");
+    }
+}

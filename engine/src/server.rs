@@ -40,6 +40,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub loaded: OnceLock<Loaded>,
     pub created: u64,
+    /// Set on SIGTERM: the drain that follows ends the process, and no admin call lifts it.
+    shutting_down: std::sync::atomic::AtomicBool,
 }
 
 impl AppState {
@@ -49,6 +51,7 @@ impl AppState {
             metrics,
             loaded: OnceLock::new(),
             created: unix_now(),
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -647,10 +650,20 @@ async fn drain(State(st): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-async fn undrain(State(st): State<Arc<AppState>>) -> Json<Value> {
+/// Lifts an admin drain. A SIGTERM drain ends the process once empty: requests admitted again
+/// would be cut at the grace period's end, so it stays.
+async fn undrain(State(st): State<Arc<AppState>>) -> Response {
+    if st.shutting_down.load(Ordering::Relaxed) {
+        return ApiError::invalid(
+            "shutting down (SIGTERM): the drain ends with the process and cannot be cancelled",
+            None,
+        )
+        .status(StatusCode::CONFLICT)
+        .into_response();
+    }
     st.set_draining(false);
     tracing::info!("drain cancelled: admitting requests again");
-    Json(json!({"draining": false}))
+    Json(json!({"draining": false})).into_response()
 }
 
 /// Waits until the engine holds no request, or `grace` passes. Returns whether it emptied.
@@ -835,6 +848,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         _ = term.recv() => tracing::info!("SIGTERM: draining"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
     }
+    state.shutting_down.store(true, Ordering::Relaxed);
     state.set_draining(true);
     let grace = Duration::from_secs(args.drain_grace_seconds);
     if wait_until_empty(&state, grace).await {

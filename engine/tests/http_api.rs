@@ -377,6 +377,25 @@ async fn sigterm_drains_then_exits() {
         503,
         "not ready while draining"
     );
+    // The process ends with this drain: lifting it would admit requests the exit then cuts.
+    let undrain = client()
+        .delete(format!("{}/admin/drain", s.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(undrain.status(), 409, "a SIGTERM drain is not cancelled");
+    let body: Value = undrain.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("shutting down")),
+        "{body}"
+    );
+    assert_eq!(
+        client().get(s.url("/ready")).send().await.unwrap().status(),
+        503,
+        "still draining"
+    );
     let (_, _, done, finish) = inflight.await.unwrap();
     assert!(
         done && finish.as_deref() == Some("length"),

@@ -253,13 +253,21 @@ async fn set_engine_drain(http: &reqwest::Client, admin: &str, on: bool) -> Resu
 }
 
 /// What to tell the engine about draining, re-checked every tick (so a restarted engine is
-/// drained again): start a drain the operator wants, cancel only one this sidecar started.
-fn drain_to_apply(st: &State) -> Option<bool> {
-    let e = st
+/// drained again): start a drain the operator wants, cancel only one this sidecar holds. A
+/// drain the operator wants that the engine already has (an earlier sidecar process's, before
+/// this one restarted) becomes this sidecar's: left unheld, the operator's cancellation would
+/// leave the pod drained for good. A drain the operator never asked for is the pod ending
+/// (SIGTERM), not ours to cancel (the engine refuses to lift one anyway).
+fn drain_to_apply(st: &mut State) -> Option<bool> {
+    let draining = st
         .engine
         .as_ref()
-        .filter(|e| e.flavor == EngineFlavor::Redline)?;
-    match (st.drain, e.draining?) {
+        .filter(|e| e.flavor == EngineFlavor::Redline)?
+        .draining?;
+    if st.drain && draining {
+        st.drained_by_us = true;
+    }
+    match (st.drain, draining) {
         (true, false) => Some(true),
         (false, true) if st.drained_by_us => Some(false),
         _ => None,
@@ -367,7 +375,7 @@ pub async fn run(shared: std::sync::Arc<Shared>, device: Box<dyn Device>, cfg: C
             let mut st = shared.state.lock().unwrap();
             st.device = dev;
             let apply = tick_state(&mut st, now, scraped, cfg.guard_config);
-            (apply, drain_to_apply(&st))
+            (apply, drain_to_apply(&mut st))
         };
         if let Some(on) = drain {
             let result = set_engine_drain(&http, &admin, on).await;
@@ -479,17 +487,28 @@ mod tests {
             ..EngineReading::new(EngineFlavor::Redline, 0.0)
         };
         st.engine = Some(engine(false));
-        assert_eq!(drain_to_apply(&st), None);
+        assert_eq!(drain_to_apply(&mut st), None);
         st.drain = true;
-        assert_eq!(drain_to_apply(&st), Some(true));
+        assert_eq!(drain_to_apply(&mut st), Some(true));
         st.drained_by_us = true;
         st.engine = Some(engine(true));
-        assert_eq!(drain_to_apply(&st), None, "done");
+        assert_eq!(drain_to_apply(&mut st), None, "done");
         st.drain = false;
-        assert_eq!(drain_to_apply(&st), Some(false), "cancel our own drain");
+        assert_eq!(drain_to_apply(&mut st), Some(false), "cancel our own drain");
         // Draining on SIGTERM: the pod is ending, not ours to cancel.
         st.drained_by_us = false;
-        assert_eq!(drain_to_apply(&st), None);
+        assert_eq!(drain_to_apply(&mut st), None);
+        // A sidecar restarted mid-drain finds the engine drained by its predecessor: the
+        // operator's drain, once it says so again, is this one's to cancel.
+        st.drain = true;
+        assert_eq!(drain_to_apply(&mut st), None, "already draining");
+        assert!(st.drained_by_us);
+        st.drain = false;
+        assert_eq!(
+            drain_to_apply(&mut st),
+            Some(false),
+            "the operator's cancellation"
+        );
     }
 
     #[test]

@@ -368,6 +368,67 @@ async fn an_engine_restart_shows_as_stale_samples_and_the_sidecar_resumes_and_re
     assert!(errors >= 1.0, "the failed scrapes are counted");
 }
 
+/// The sidecar restarts while its engine is drained for a scale-down (the container's own
+/// restart: a crash, a liveness kill). The operator asks for the drain again, then cancels it
+/// (demand came back): the new sidecar must lift a drain its predecessor started, or the pod
+/// stays out of service for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_restarted_mid_drain_lifts_the_drain_when_the_operator_cancels_it() {
+    let engine = Engine::start("drain-restart", &["--kv-cache-mib", "16"]).await;
+    let http = reqwest::Client::new();
+    let put = |base: String, drain: bool| {
+        let http = http.clone();
+        async move {
+            let r = http
+                .put(format!("{base}/v1/limits"))
+                .bearer_auth(TOKEN)
+                .json(&json!({"max_num_seqs": 8, "max_batched_tokens": 128, "drain": drain}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    };
+    let ready = || async {
+        reqwest::get(engine.url("/ready"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    let first = Sidecar::start("drain-restart-1", &engine, &[]).await;
+    put(first.base.clone(), true).await;
+    eventually(10, "the engine drained", || async {
+        (ready().await == 503).then_some(())
+    })
+    .await;
+    drop(first);
+
+    let second = Sidecar::start("drain-restart-2", &engine, &[]).await;
+    eventually(10, "the new sidecar reading the engine", || async {
+        let p = second.pressure().await;
+        p.engine
+            .as_ref()
+            .is_some_and(|e| e.draining == Some(true))
+            .then_some(())
+    })
+    .await;
+    // The operator's next pass: its drain again (the report says the sidecar holds none) ...
+    put(second.base.clone(), true).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        ready().await,
+        503,
+        "still drained while the operator wants it"
+    );
+    // ... then the demand comes back and it cancels the drain.
+    put(second.base.clone(), false).await;
+    eventually(10, "the engine admitting again", || async {
+        (ready().await == 200).then_some(())
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // The API.
 

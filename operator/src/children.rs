@@ -17,7 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
-use crate::crd::InferenceService;
+use crate::crd::{EngineSettings, InferenceService};
 use crate::validate::effective_replicas;
 
 /// Label carrying the InferenceService's name on every child and pod.
@@ -115,6 +115,11 @@ pub fn served_model(isvc: &InferenceService) -> String {
     }
 }
 
+/// The engine's starting `max_num_seqs`: the spec's, else its ceiling.
+fn engine_max_num_seqs(e: &EngineSettings) -> i32 {
+    e.max_num_seqs.unwrap_or(e.max_num_seqs_ceiling)
+}
+
 fn engine_args(isvc: &InferenceService) -> (Vec<String>, Vec<Volume>, Vec<VolumeMount>) {
     let s = &isvc.spec;
     let e = &s.engine;
@@ -125,10 +130,7 @@ fn engine_args(isvc: &InferenceService) -> (Vec<String>, Vec<Volume>, Vec<Volume
         format!("--kv-cache-mib={}", e.kv_cache_mib),
         format!("--kv-cache-dtype={}", e.kv_cache_dtype),
         format!("--max-num-seqs-ceiling={}", e.max_num_seqs_ceiling),
-        format!(
-            "--max-num-seqs={}",
-            e.max_num_seqs.unwrap_or(e.max_num_seqs_ceiling)
-        ),
+        format!("--max-num-seqs={}", engine_max_num_seqs(e)),
         format!(
             "--max-batched-tokens-ceiling={}",
             e.max_batched_tokens.max(2048)
@@ -263,6 +265,9 @@ pub fn deployment(isvc: &InferenceService, d: &Defaults) -> Deployment {
                 format!("--device={}", s.sidecar.device),
                 format!("--port={SIDECAR_PORT}"),
                 format!("--token-file={TOKEN_DIR}/token"),
+                // The engine's own limits, the guard's target until the operator sets one.
+                format!("--max-num-seqs={}", engine_max_num_seqs(&s.engine)),
+                format!("--max-batched-tokens={}", s.engine.max_batched_tokens),
             ]),
             ports: Some(vec![ContainerPort {
                 name: Some("pressure".into()),
@@ -419,6 +424,20 @@ mod tests {
             args.contains(&"--kv-cache-dtype=f16".to_string()),
             "{args:?}"
         );
+        // The sidecar knows the engine's own limits: its guard's target before the operator's.
+        let sized = isvc(&format!(
+            "{BASE}  engine: {{maxNumSeqsCeiling: 48, maxBatchedTokens: 384}}\n"
+        ));
+        let pod = pod_spec(&sized);
+        let (engine, sidecar) = (&pod.containers[0], &pod.containers[1]);
+        for c in [engine, sidecar] {
+            let args = c.args.as_ref().unwrap();
+            assert!(args.contains(&"--max-num-seqs=48".to_string()), "{args:?}");
+            assert!(
+                args.contains(&"--max-batched-tokens=384".to_string()),
+                "{args:?}"
+            );
+        }
     }
 
     #[test]

@@ -27,6 +27,11 @@ pub struct Config {
     pub guard: GuardSettings,
     pub model: ModelConfig,
     pub guard_config: GuardConfig,
+    /// The limits the pod's engine is configured with: the guard's target until the operator
+    /// sets one. Without them, the engine's limits at the first scrape, which after a sidecar
+    /// restart may be a cut the last sidecar left (and the guard never recovers past its
+    /// target).
+    pub configured: Option<Limits>,
 }
 
 /// Defaults for the guard's floor when the operator gives none.
@@ -36,7 +41,8 @@ const MIN_TOKENS: u32 = 64;
 struct State {
     model: PressureModel,
     guard: Option<Guard>,
-    /// The operator's target; until it sets one, the limits the engine started with.
+    /// The operator's target; until it sets one, the configured limits (`Config::configured`),
+    /// else the engine's at the first scrape.
     target: Option<Limits>,
     min_seqs: Option<u32>,
     min_tokens: Option<u32>,
@@ -72,7 +78,7 @@ impl Shared {
             state: Mutex::new(State {
                 model: PressureModel::new(cfg.model),
                 guard: None,
-                target: None,
+                target: cfg.configured,
                 min_seqs: None,
                 min_tokens: None,
                 settings: cfg.guard,
@@ -455,6 +461,7 @@ mod tests {
             guard: GuardSettings::default(),
             model: ModelConfig::default(),
             guard_config: GuardConfig::default(),
+            configured: None,
         })
     }
 

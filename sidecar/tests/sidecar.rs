@@ -368,6 +368,42 @@ async fn an_engine_restart_shows_as_stale_samples_and_the_sidecar_resumes_and_re
     assert!(errors >= 1.0, "the failed scrapes are counted");
 }
 
+/// A sidecar that starts beside an engine its predecessor left cut (the guard halved it, then
+/// the sidecar restarted) brings it back to the pod's configured limits, not only to the cut:
+/// with autoscaling off no operator ever sends a target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_sidecar_recovers_the_configured_limits_not_the_cut_it_finds() {
+    let engine = Engine::start(
+        "configured",
+        &[
+            "--kv-cache-mib",
+            "16",
+            "--max-num-seqs",
+            "8",
+            "--max-batched-tokens",
+            "128",
+        ],
+    )
+    .await;
+    let r = reqwest::Client::new()
+        .put(format!("{}/admin/limits", engine.admin()))
+        .json(&json!({"max_num_seqs": 2, "max_batched_tokens": 64}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    engine_at_limits(&engine, 2, 64, 5, "the cut a sidecar left").await;
+    let sidecar = Sidecar::start(
+        "configured",
+        &engine,
+        &["--max-num-seqs", "8", "--max-batched-tokens", "128"],
+    )
+    .await;
+    engine_at_limits(&engine, 8, 128, 20, "the configured limits recovered").await;
+    let target = sidecar.pressure().await.limits.target;
+    assert_eq!(target, Some(redline_api::Limits::new(8, 128)));
+}
+
 /// The sidecar restarts while its engine is drained for a scale-down (the container's own
 /// restart: a crash, a liveness kill). The operator asks for the drain again, then cancels it
 /// (demand came back): the new sidecar must lift a drain its predecessor started, or the pod

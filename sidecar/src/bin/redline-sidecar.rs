@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use redline_api::GuardSettings;
+use redline_api::{GuardSettings, Limits};
 use redline_sidecar::device::{self, DeviceKind};
 use redline_sidecar::guard::GuardConfig;
 use redline_sidecar::pressure::ModelConfig;
@@ -55,6 +55,14 @@ struct Args {
     /// Print one device reading as JSON and exit (checks the backend; needs no engine or token).
     #[arg(long)]
     probe_device: bool,
+    /// The engine's configured `max_num_seqs` (with `--max-batched-tokens`): the guard's target
+    /// until the operator sets one. Without them, the engine's limits when first read, which
+    /// after this sidecar restarts may be a cut it left.
+    #[arg(long, requires = "max_batched_tokens")]
+    max_num_seqs: Option<u32>,
+    /// The engine's configured `max_batched_tokens` (at least 1).
+    #[arg(long, requires = "max_num_seqs", value_parser = clap::value_parser!(u32).range(1..))]
+    max_batched_tokens: Option<u32>,
 }
 
 // Two workers: the loop and the API never wait on each other, and a sidecar on a 16-core GPU
@@ -102,6 +110,10 @@ async fn main() -> anyhow::Result<()> {
             ..Default::default()
         },
         guard_config: GuardConfig::default(),
+        configured: a
+            .max_num_seqs
+            .zip(a.max_batched_tokens)
+            .map(|(seqs, tokens)| Limits::new(seqs, tokens)),
     };
     let dev = device::open(a.device, a.gpu.as_deref(), interval)?;
     let shared = Arc::new(sidecar::Shared::new(&cfg));

@@ -299,6 +299,21 @@ pub struct LimitsRequest {
     pub drain: bool,
 }
 
+impl LimitsRequest {
+    /// The operator's request: a target, the guard's settings and whether to drain, with the
+    /// sidecar's own floor.
+    pub fn target(limits: Limits, guard: GuardSettings, drain: bool) -> Self {
+        Self {
+            max_num_seqs: limits.max_num_seqs,
+            max_batched_tokens: limits.max_batched_tokens,
+            min_num_seqs: None,
+            min_batched_tokens: None,
+            guard: Some(guard),
+            drain,
+        }
+    }
+}
+
 /// The fast guard's thresholds.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

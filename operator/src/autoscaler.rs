@@ -528,14 +528,7 @@ impl Autoscaler {
                 let Some(l) = r.limits.target.or(r.engine.as_ref().and_then(|e| e.limits)) else {
                     continue;
                 };
-                let body = LimitsRequest {
-                    max_num_seqs: l.max_num_seqs,
-                    max_batched_tokens: l.max_batched_tokens,
-                    min_num_seqs: None,
-                    min_batched_tokens: None,
-                    guard: Some(r.limits.guard),
-                    drain: false,
-                };
+                let body = LimitsRequest::target(l, r.limits.guard, false);
                 let Some(ip) = ip else { continue };
                 if !self.put_limits(ip, token, &body).await {
                     continue;
@@ -598,14 +591,7 @@ impl Autoscaler {
             if current.target == Some(l) && current.drain == drain && current.guard == guard {
                 continue;
             }
-            let body = LimitsRequest {
-                max_num_seqs: l.max_num_seqs,
-                max_batched_tokens: l.max_batched_tokens,
-                min_num_seqs: None,
-                min_batched_tokens: None,
-                guard: Some(guard),
-                drain,
-            };
+            let body = LimitsRequest::target(l, guard, drain);
             self.put_limits(ip, token, &body).await;
         }
         if d.replicas != desired {

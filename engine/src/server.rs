@@ -23,7 +23,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -41,7 +41,7 @@ pub struct AppState {
     pub loaded: OnceLock<Loaded>,
     pub created: u64,
     /// Set on SIGTERM: the drain that follows ends the process, and no admin call lifts it.
-    shutting_down: std::sync::atomic::AtomicBool,
+    shutting_down: AtomicBool,
 }
 
 impl AppState {
@@ -51,7 +51,7 @@ impl AppState {
             metrics,
             loaded: OnceLock::new(),
             created: unix_now(),
-            shutting_down: std::sync::atomic::AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
         }
     }
 

@@ -122,19 +122,22 @@ pub fn orphaned_drain(report: Option<&PressureReport>, draining_here: bool) -> b
 /// Which pods' reports reach the policy and the status: the ready ones', as before, and a pod
 /// left draining reads as ready (it serves what it holds, as a drain of the policy's own does),
 /// so the policy, not draining it, tells its sidecar to stop. Every other not-ready pod's
-/// report is dropped.
+/// report is dropped. Returns the pods left draining.
 fn admit_reports(
     views: &mut [(String, PodPhase, Option<String>)],
     reports: &mut [Option<PressureReport>],
     draining: &[String],
-) {
+) -> Vec<String> {
+    let mut orphans = Vec::new();
     for ((n, phase, _), r) in views.iter_mut().zip(reports.iter_mut()) {
         if orphaned_drain(r.as_ref(), draining.contains(n)) {
             *phase = PodPhase::Ready;
+            orphans.push(n.clone());
         } else if *phase != PodPhase::Ready {
             *r = None;
         }
     }
+    orphans
 }
 
 /// The scheduler's `PodScheduled` False/`Unschedulable` condition, while it has one.
@@ -426,32 +429,32 @@ impl Autoscaler {
             .and_then(|s| s.policy.as_ref())
             .map(|p| p.draining().map(String::from).collect())
             .unwrap_or_default();
-        // Read every pod's sidecar at once: a ready pod's for the policy, and a not-ready one
-        // whose containers run for a drain it may hold (`orphaned_drain`).
-        let mut views: Vec<(String, PodPhase, Option<String>)> = Vec::new();
-        let mut read: Vec<bool> = Vec::new();
-        for p in &pods {
-            let n = p.name_any();
-            let Some(phase) = pod_phase(p, draining.contains(&n)) else {
-                continue;
-            };
-            let st = p.status.as_ref();
-            let running = st.and_then(|s| s.phase.as_deref()) == Some("Running");
-            read.push(phase == PodPhase::Ready || (phase == PodPhase::Starting && running));
-            views.push((n, phase, st.and_then(|s| s.pod_ip.clone())));
-        }
+        // Each pod with the IP its sidecar is read at: a ready pod's for the policy, and a
+        // not-ready one's whose containers run for a drain it may hold (`orphaned_drain`).
+        let mut views: Vec<(String, PodPhase, Option<String>)> = pods
+            .iter()
+            .filter_map(|p| {
+                let n = p.name_any();
+                let phase = pod_phase(p, draining.contains(&n))?;
+                let st = p.status.as_ref();
+                let running = st.and_then(|s| s.phase.as_deref()) == Some("Running");
+                let read = phase == PodPhase::Ready || (phase == PodPhase::Starting && running);
+                let ip = st.and_then(|s| s.pod_ip.clone()).filter(|_| read);
+                Some((n, phase, ip))
+            })
+            .collect();
+        // Read every pod's sidecar at once.
         let this = &*self;
-        let reads: Vec<Result<PressureReport, bool>> =
-            join_all(views.iter().zip(&read).map(|((_, _, ip), &read)| {
-                let token = &token;
-                async move {
-                    match ip {
-                        Some(ip) if read => this.pressure(ip, token).await,
-                        _ => Err(false),
-                    }
+        let reads: Vec<Result<PressureReport, bool>> = join_all(views.iter().map(|(_, _, ip)| {
+            let token = &token;
+            async move {
+                match ip {
+                    Some(ip) => this.pressure(ip, token).await,
+                    None => Err(false),
                 }
-            }))
-            .await;
+            }
+        }))
+        .await;
         // A refused token means the Secret was recreated: read it again next pass (only then:
         // an unreachable pod is no reason to re-read it).
         if reads.iter().any(|r| r == &Err(true)) {
@@ -460,7 +463,7 @@ impl Autoscaler {
             }
         }
         let mut reports: Vec<Option<PressureReport>> = reads.into_iter().map(Result::ok).collect();
-        admit_reports(&mut views, &mut reports, &draining);
+        let orphans = admit_reports(&mut views, &mut reports, &draining);
 
         let mut decision = None;
         if let Some(p) = &spec {
@@ -491,7 +494,7 @@ impl Autoscaler {
         } else if let Some(st) = self.services.get_mut(&k) {
             st.policy = None;
         }
-        self.cancel_orphaned_drains(isvc, &views, &reports, &draining, decision.as_ref(), &token)
+        self.cancel_orphaned_drains(isvc, &views, &reports, &orphans, decision.as_ref(), &token)
             .await;
         let resources = resources_condition(&pods);
         self.write_status(
@@ -506,22 +509,22 @@ impl Autoscaler {
         .await
     }
 
-    /// Serves again every pod left draining by no drain of this operator's (`orphaned_drain`).
-    /// With a policy, `apply` has already told the sidecar (the pod is not among the
-    /// decision's drains); without one, this does. An Event and a log line each.
+    /// Serves again every pod left draining by no drain of this operator's (`orphans`, from
+    /// `admit_reports`), unless the decision just drained it itself. With a policy, `apply`
+    /// has already told the sidecar (the pod is not among the decision's drains); without
+    /// one, this does. An Event and a log line each.
     async fn cancel_orphaned_drains(
         &self,
         isvc: &InferenceService,
         views: &[(String, PodPhase, Option<String>)],
         reports: &[Option<PressureReport>],
-        draining_before: &[String],
+        orphans: &[String],
         d: Option<&PolicyDecision>,
         token: &str,
     ) {
         for ((n, _, ip), r) in views.iter().zip(reports) {
             let Some(r) = r else { continue };
-            let ours = draining_before.contains(n) || d.is_some_and(|d| d.draining.contains(n));
-            if !orphaned_drain(Some(r), ours) {
+            if !orphans.contains(n) || d.is_some_and(|d| d.draining.contains(n)) {
                 continue;
             }
             if d.is_none() {
@@ -932,7 +935,8 @@ spec:
             draining(true),
             draining(true),
         ];
-        admit_reports(&mut views, &mut reports, &["ours".to_string()]);
+        let orphans = admit_reports(&mut views, &mut reports, &["ours".to_string()]);
+        assert_eq!(orphans, ["left-draining", "ready-left-draining"]);
         let phases: Vec<PodPhase> = views.iter().map(|v| v.1).collect();
         use PodPhase::*;
         assert_eq!(phases, [Ready, Starting, Ready, Ready, Ready]);

@@ -319,7 +319,7 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
-    /// `pod`'s sidecar on `port`, with the token in `namespace`'s Secret `token_secret`.
+    /// `pod`'s sidecar on `port`, with the token in the Secret `token_secret` of the pod's namespace.
     pub async fn at(client: &Client, pod: &Pod, token_secret: &str, port: u16) -> Sidecar {
         let ns = pod.metadata.namespace.clone().expect("a namespaced pod");
         let secret = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &ns)

@@ -90,6 +90,10 @@ pub struct EngineReading {
     /// Whether the engine is draining (refusing new requests, finishing what it holds).
     #[serde(default)]
     pub draining: Option<bool>,
+    /// Whether the engine got SIGTERM: its drain then ends with the process, and is not one to
+    /// lift (`None` for engines that do not say).
+    #[serde(default)]
+    pub shutting_down: Option<bool>,
     /// Requests whose first token came after the engine's TTFT objective (redline-engine
     /// given one; `None` for engines that do not count them).
     #[serde(default)]
@@ -142,6 +146,7 @@ impl EngineReading {
             generation_tokens_total: None,
             waiting_prompt_tokens: None,
             draining: None,
+            shutting_down: None,
             requests_late_total: None,
             first_tokens_total: None,
             inter_token_seconds_total: None,

@@ -27,6 +27,7 @@ pub struct Metrics {
     max_batched_tokens: IntGauge,
     max_kv_usage: Gauge,
     pub draining: IntGauge,
+    pub shutting_down: IntGauge,
     ttft: Histogram,
     /// Requests whose first token came after the TTFT objective, when the engine has one.
     late: IntCounter,
@@ -153,6 +154,10 @@ impl Metrics {
             draining: int_gauge(
                 p("draining"),
                 "1 while the engine drains (admits no new requests).",
+            ),
+            shutting_down: int_gauge(
+                p("shutting_down"),
+                "1 once SIGTERM came: the drain ends with the process and cannot be lifted.",
             ),
             ttft: hist(
                 HistogramOpts::new(p("time_to_first_token_seconds"), "Time to first token.")

@@ -61,6 +61,14 @@ impl AppState {
             .is_some_and(|l| l.engine.shared.draining.load(Ordering::Relaxed))
     }
 
+    /// SIGTERM: drain for good (the process exits once empty), and say so on /metrics, so a
+    /// sidecar tells this drain from one it may lift.
+    pub fn shut_down(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+        self.metrics.shutting_down.set(1);
+        self.set_draining(true);
+    }
+
     pub fn set_draining(&self, on: bool) {
         if let Some(l) = self.loaded.get() {
             l.engine.shared.draining.store(on, Ordering::Relaxed);
@@ -848,8 +856,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         _ = term.recv() => tracing::info!("SIGTERM: draining"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
     }
-    state.shutting_down.store(true, Ordering::Relaxed);
-    state.set_draining(true);
+    state.shut_down();
     let grace = Duration::from_secs(args.drain_grace_seconds);
     if wait_until_empty(&state, grace).await {
         tracing::info!("drained; exiting");

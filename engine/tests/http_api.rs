@@ -370,8 +370,14 @@ async fn sigterm_drains_then_exits() {
     let inflight = tokio::spawn(async move { stream_text(&base, good_request(60)).await });
     s.wait_metric("redline_engine_requests_running", 30, |v| v == 1.0)
         .await;
+    s.wait_metric("redline_engine_shutting_down", 1, |v| v == 0.0)
+        .await;
     unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // What tells a sidecar this drain is the pod ending, not one it may lift.
+    s.wait_metric("redline_engine_shutting_down", 5, |v| v == 1.0)
+        .await;
+    s.wait_metric("redline_engine_draining", 1, |v| v == 1.0)
+        .await;
     assert_eq!(
         client().get(s.url("/ready")).send().await.unwrap().status(),
         503,

@@ -190,7 +190,10 @@ async fn a_trace_burst_scales_up_before_kv_runs_out_and_back_down_through_drains
     assert_eq!(isvc.spec.replicas, Some(1));
 
     if testing::is_local_cluster() {
-        a_drain_left_by_an_operator_that_went_away_is_cancelled(&client, &ns.name, &isvc).await;
+        a_drain_left_by_an_operator_and_a_sidecar_that_went_away_is_cancelled(
+            &client, &ns.name, &isvc,
+        )
+        .await;
     } else {
         eprintln!("skipped the operator restart mid-drain: the host cannot reach pod IPs here");
     }
@@ -198,10 +201,11 @@ async fn a_trace_burst_scales_up_before_kv_runs_out_and_back_down_through_drains
 }
 
 /// The operator goes away while its sidecar holds a pod drained (a leader replaced mid-drain:
-/// a `helm upgrade`, a node drain), and a new one starts with no memory of that drain. The
-/// engine turned not ready on purpose and would stay so for good, serving nothing; the new
-/// operator must serve it again and say so.
-async fn a_drain_left_by_an_operator_that_went_away_is_cancelled(
+/// a `helm upgrade`, a node drain), then the sidecar crashes too, and a new operator starts
+/// with no memory of that drain. The engine turned not ready on purpose and would stay so for
+/// good, serving nothing: the restarted sidecar must report the drain it finds, and the new
+/// operator must serve the pod again and say so.
+async fn a_drain_left_by_an_operator_and_a_sidecar_that_went_away_is_cancelled(
     client: &kube::Client,
     ns: &str,
     isvc: &InferenceService,
@@ -262,6 +266,32 @@ async fn a_drain_left_by_an_operator_that_went_away_is_cancelled(
                 Err("still ready".to_string())
             } else {
                 Ok(())
+            }
+        },
+    )
+    .await;
+    testing::crash_in_pod(&pod, "redline-sidecar");
+    wait_for(
+        "the restarted sidecar reporting the drain it found",
+        Duration::from_secs(60),
+        || async {
+            let p = pods.get(&pod).await.map_err(|e| e.to_string())?;
+            let restarts = p
+                .status
+                .and_then(|s| s.container_statuses)
+                .unwrap_or_default()
+                .iter()
+                .find(|c| c.name == "sidecar")
+                .map_or(0, |c| c.restart_count);
+            let r = sidecar.pressure().await?;
+            let engine_draining = r["engine"]["draining"].as_bool() == Some(true);
+            let held = r["limits"]["drain"].as_bool() == Some(true);
+            if restarts >= 1 && engine_draining && held {
+                Ok(())
+            } else {
+                Err(format!(
+                    "sidecar restarts {restarts}, engine draining {engine_draining}, held {held}"
+                ))
             }
         },
     )

@@ -33,6 +33,9 @@ pub struct Metrics {
     /// From the start of the engine scrape that showed the pressure to the engine's
     /// acknowledgement of the guard's cut.
     pub guard_reaction: Histogram,
+    /// Calls to the engine's admin API that failed (`call`: `limits`, `drain`): it did not
+    /// answer, or refused (a 409 for a drain lift after SIGTERM).
+    pub admin_errors: IntCounterVec,
     pub scrapes: IntCounter,
     pub scrape_errors: IntCounter,
     pub unauthorized: IntCounter,
@@ -82,6 +85,17 @@ impl Default for Metrics {
         .expect("valid metric");
         registry
             .register(Box::new(guard_actions.clone()))
+            .expect("unique metric");
+        let admin_errors = IntCounterVec::new(
+            opts(
+                "engine_admin_errors_total",
+                "Calls to the engine's admin API that failed (unreachable or refused).",
+            ),
+            &["call"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(admin_errors.clone()))
             .expect("unique metric");
         Self {
             kv_usage: g("kv_usage_ratio", "The engine's KV-cache usage (0..1)."),
@@ -143,6 +157,7 @@ impl Default for Metrics {
                 "The engine's token budget as the guard holds it.",
             ),
             guard_actions,
+            admin_errors,
             guard_reaction,
             scrapes: c(
                 "scrapes_total",

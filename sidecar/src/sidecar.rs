@@ -56,13 +56,12 @@ struct State {
     /// The engine's capacity envelope, from its answer to the last PUT: a target above it
     /// would make the guard "raise" into the clamp every interval.
     ceiling: Option<Limits>,
-    /// The last error logged, so a persisting one is logged once.
-    last_error: Option<String>,
-    /// The operator asked for a drain.
-    drain: bool,
-    /// The engine is draining because this sidecar asked it to (so only such a drain is ever
-    /// cancelled: one started by SIGTERM is the pod ending).
-    drained_by_us: bool,
+    /// The last error logged per call (`Call`), so a persisting one is logged once, also
+    /// while another call fails beside it.
+    last_errors: [Option<String>; 3],
+    /// The operator's word on draining: `None` until it first speaks to this process, unless
+    /// the engine was drained already (`drain_to_apply`).
+    drain: Option<bool>,
 }
 
 pub struct Shared {
@@ -89,9 +88,8 @@ impl Shared {
                 reachable: false,
                 guard_reason: None,
                 ceiling: None,
-                last_error: None,
-                drain: false,
-                drained_by_us: false,
+                last_errors: Default::default(),
+                drain: None,
             }),
             metrics: Metrics::default(),
             token_file: cfg.token_file.clone(),
@@ -113,7 +111,7 @@ impl Shared {
         if let Some(g) = r.guard {
             st.settings = g;
         }
-        st.drain = r.drain;
+        st.drain = Some(r.drain);
         info!(
             max_num_seqs = r.max_num_seqs,
             max_batched_tokens = r.max_batched_tokens,
@@ -124,11 +122,45 @@ impl Shared {
         limits_status(&st)
     }
 
-    /// Logs `msg` unless it is the error already logged last.
-    fn log_once(st: &mut State, msg: String) {
-        if st.last_error.as_deref() != Some(msg.as_str()) {
+    /// Logs `msg` unless it is the error `call` logged last.
+    fn log_once(st: &mut State, call: Call, msg: String) {
+        let last = &mut st.last_errors[call as usize];
+        if last.as_deref() != Some(msg.as_str()) {
             warn!("{msg}");
-            st.last_error = Some(msg);
+            *last = Some(msg);
+        }
+    }
+
+    /// A call to the engine's admin API failed: counted every time, logged once.
+    fn admin_failed(&self, st: &mut State, call: Call, e: String) {
+        self.metrics
+            .admin_errors
+            .with_label_values(&[call.label()])
+            .inc();
+        Shared::log_once(st, call, e);
+    }
+
+    /// `call` succeeded: its next error is news.
+    fn clear_error(st: &mut State, call: Call) {
+        st.last_errors[call as usize] = None;
+    }
+}
+
+/// The sidecar's calls to its engine, for errors logged once per call.
+#[derive(Clone, Copy)]
+enum Call {
+    Scrape,
+    Limits,
+    Drain,
+}
+
+impl Call {
+    /// The `call` label of `redline_sidecar_engine_admin_errors_total`.
+    fn label(self) -> &'static str {
+        match self {
+            Call::Scrape => "scrape",
+            Call::Limits => "limits",
+            Call::Drain => "drain",
         }
     }
 }
@@ -165,7 +197,7 @@ fn limits_status(st: &State) -> LimitsStatus {
         guard_limits: st.guard.as_ref().map(Guard::current),
         guard_reason: st.guard_reason.clone(),
         guard: st.settings,
-        drain: st.drain,
+        drain: st.drain == Some(true),
     }
 }
 
@@ -252,30 +284,37 @@ async fn set_engine_drain(http: &reqwest::Client, admin: &str, on: bool) -> Resu
         .send()
         .await
         .map_err(|e| format!("engine admin API at {url} unreachable: {e}"))?;
-    if !resp.status().is_success() {
-        return Err(format!("engine drain at {url}: HTTP {}", resp.status()));
+    let status = resp.status();
+    if !status.is_success() {
+        // 409: the engine got SIGTERM after the last scrape; it says why.
+        let body = resp.text().await.unwrap_or_default();
+        return Err(format!("engine drain at {url}: HTTP {status}: {body}"));
     }
     Ok(())
 }
 
 /// What to tell the engine about draining, re-checked every tick (so a restarted engine is
-/// drained again): start a drain the operator wants, cancel only one this sidecar holds. A
-/// drain the operator wants that the engine already has (an earlier sidecar process's, before
-/// this one restarted) becomes this sidecar's: left unheld, the operator's cancellation would
-/// leave the pod drained for good. A drain the operator never asked for is the pod ending
-/// (SIGTERM), not ours to cancel (the engine refuses to lift one anyway).
+/// drained again). The operator decides: a drain it wants is started, one it does not want is
+/// lifted. A drain the engine already has before the operator first speaks to this process
+/// (an earlier sidecar process's, before this one restarted) is held as the operator's and
+/// reported: an operator that no longer drains the pod (a new leader, or autoscaling turned
+/// off) then sees it and cancels it; left unreported, the pod would stay drained for good. A
+/// SIGTERM drain is the pod ending: never taken for the operator's, never lifted (the engine
+/// refuses to anyway), and an engine that does not say whether it is ending is not steered.
 fn drain_to_apply(st: &mut State) -> Option<bool> {
-    let draining = st
+    let e = st
         .engine
         .as_ref()
-        .filter(|e| e.flavor == EngineFlavor::Redline)?
-        .draining?;
-    if st.drain && draining {
-        st.drained_by_us = true;
+        .filter(|e| e.flavor == EngineFlavor::Redline)?;
+    let draining = e.draining?;
+    let liftable = e.shutting_down == Some(false);
+    if draining && liftable && st.drain.is_none() {
+        info!("the engine was drained before this sidecar started (an earlier sidecar's drain): held as the operator's until it says otherwise");
+        st.drain = Some(true);
     }
     match (st.drain, draining) {
-        (true, false) => Some(true),
-        (false, true) if st.drained_by_us => Some(false),
+        (Some(true), false) => Some(true),
+        (Some(false), true) if liftable => Some(false),
         _ => None,
     }
 }
@@ -298,13 +337,13 @@ fn tick_state(
         Ok(r) => r,
         Err(e) => {
             st.reachable = false;
-            Shared::log_once(st, e);
+            Shared::log_once(st, Call::Scrape, e);
             return None;
         }
     };
     if !st.reachable {
         info!("engine metrics reachable");
-        st.last_error = None;
+        Shared::clear_error(st, Call::Scrape);
         // Possibly a new engine process, with an envelope of its own.
         st.ceiling = None;
     }
@@ -388,14 +427,14 @@ pub async fn run(shared: std::sync::Arc<Shared>, device: Box<dyn Device>, cfg: C
             let mut st = shared.state.lock().unwrap();
             match result {
                 Ok(()) => {
-                    st.drained_by_us = on;
+                    Shared::clear_error(&mut st, Call::Drain);
                     if on {
                         info!("draining the engine for the operator's scale-down");
                     } else {
                         info!("drain cancelled: the engine admits requests again");
                     }
                 }
-                Err(e) => Shared::log_once(&mut st, e),
+                Err(e) => shared.admin_failed(&mut st, Call::Drain, e),
             }
         }
         if let Some(a) = apply {
@@ -406,6 +445,7 @@ pub async fn run(shared: std::sync::Arc<Shared>, device: Box<dyn Device>, cfg: C
                     limits: accepted,
                     ceiling,
                 }) => {
+                    Shared::clear_error(&mut st, Call::Limits);
                     st.ceiling = ceiling.or(st.ceiling);
                     if let Some(g) = st.guard.as_mut() {
                         g.sync(accepted);
@@ -440,7 +480,7 @@ pub async fn run(shared: std::sync::Arc<Shared>, device: Box<dyn Device>, cfg: C
                         );
                     }
                 }
-                Err(e) => Shared::log_once(&mut st, e),
+                Err(e) => shared.admin_failed(&mut st, Call::Limits, e),
             }
         }
         let r = shared.report();
@@ -486,36 +526,43 @@ mod tests {
     }
 
     #[test]
-    fn drains_what_the_operator_asks_and_cancels_only_its_own() {
+    fn the_operator_decides_the_drain_and_a_drain_found_at_start_is_held_as_its() {
         let shared = shared();
         let mut st = shared.state.lock().unwrap();
-        let engine = |draining| EngineReading {
+        let engine = |draining, shutting_down| EngineReading {
             draining: Some(draining),
+            shutting_down,
             ..EngineReading::new(EngineFlavor::Redline, 0.0)
         };
-        st.engine = Some(engine(false));
-        assert_eq!(drain_to_apply(&mut st), None);
-        st.drain = true;
+        let running = Some(false);
+        st.engine = Some(engine(false, running));
+        assert_eq!(drain_to_apply(&mut st), None, "nothing said, nothing done");
+        st.drain = Some(true);
         assert_eq!(drain_to_apply(&mut st), Some(true));
-        st.drained_by_us = true;
-        st.engine = Some(engine(true));
+        st.engine = Some(engine(true, running));
         assert_eq!(drain_to_apply(&mut st), None, "done");
-        st.drain = false;
-        assert_eq!(drain_to_apply(&mut st), Some(false), "cancel our own drain");
-        // Draining on SIGTERM: the pod is ending, not ours to cancel.
-        st.drained_by_us = false;
-        assert_eq!(drain_to_apply(&mut st), None);
-        // A sidecar restarted mid-drain finds the engine drained by its predecessor: the
-        // operator's drain, once it says so again, is this one's to cancel.
-        st.drain = true;
+        st.drain = Some(false);
+        assert_eq!(drain_to_apply(&mut st), Some(false), "cancelled");
+        // Draining on SIGTERM, or an engine that does not say: the pod is ending, not ours
+        // to lift, and never taken for the operator's.
+        for ending in [Some(true), None] {
+            st.engine = Some(engine(true, ending));
+            st.drain = Some(false);
+            assert_eq!(drain_to_apply(&mut st), None);
+            st.drain = None;
+            assert_eq!(drain_to_apply(&mut st), None);
+            assert!(!limits_status(&st).drain, "not reported as the operator's");
+        }
+        // A sidecar restarted mid-drain, before the operator speaks: the drain it finds is
+        // held and reported, so an operator that no longer wants it sees it and cancels it.
+        st.engine = Some(engine(true, running));
         assert_eq!(drain_to_apply(&mut st), None, "already draining");
-        assert!(st.drained_by_us);
-        st.drain = false;
-        assert_eq!(
-            drain_to_apply(&mut st),
-            Some(false),
-            "the operator's cancellation"
-        );
+        assert!(limits_status(&st).drain, "reported");
+        st.drain = Some(false);
+        assert_eq!(drain_to_apply(&mut st), Some(false), "the cancellation");
+        // Once the operator has spoken, its word stands: no drain is taken over again.
+        assert_eq!(drain_to_apply(&mut st), Some(false));
+        assert!(!limits_status(&st).drain);
     }
 
     #[test]

@@ -405,11 +405,13 @@ async fn a_restarted_sidecar_recovers_the_configured_limits_not_the_cut_it_finds
 }
 
 /// The sidecar restarts while its engine is drained for a scale-down (the container's own
-/// restart: a crash, a liveness kill). The operator asks for the drain again, then cancels it
-/// (demand came back): the new sidecar must lift a drain its predecessor started, or the pod
+/// restart: a crash, a liveness kill). The new sidecar must report the drain it finds as held,
+/// so that an operator that no longer drains the pod (demand came back, or a new leader with
+/// no memory of the drain) sees it, and lift it when the operator cancels it: else the pod
 /// stays out of service for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sidecar_restarted_mid_drain_lifts_the_drain_when_the_operator_cancels_it() {
+async fn a_sidecar_restarted_mid_drain_reports_the_drain_and_lifts_it_when_the_operator_cancels_it()
+{
     let engine = Engine::start("drain-restart", &["--kv-cache-mib", "16"]).await;
     let http = reqwest::Client::new();
     let put = |base: String, drain: bool| {
@@ -441,28 +443,73 @@ async fn a_sidecar_restarted_mid_drain_lifts_the_drain_when_the_operator_cancels
     drop(first);
 
     let second = Sidecar::start("drain-restart-2", &engine, &[]).await;
-    eventually(10, "the new sidecar reading the engine", || async {
-        let p = second.pressure().await;
-        p.engine
-            .as_ref()
-            .is_some_and(|e| e.draining == Some(true))
-            .then_some(())
-    })
+    eventually(
+        10,
+        "the new sidecar reporting the drain it found",
+        || async {
+            let p = second.pressure().await;
+            let found = p.engine.as_ref().is_some_and(|e| e.draining == Some(true));
+            (found && p.limits.drain).then_some(())
+        },
+    )
     .await;
-    // The operator's next pass: its drain again (the report says the sidecar holds none) ...
-    put(second.base.clone(), true).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(
-        ready().await,
-        503,
-        "still drained while the operator wants it"
-    );
-    // ... then the demand comes back and it cancels the drain.
+    assert_eq!(ready().await, 503, "held, not lifted on its own");
+    // The operator, not draining this pod, cancels what the report shows.
     put(second.base.clone(), false).await;
     eventually(10, "the engine admitting again", || async {
         (ready().await == 200).then_some(())
     })
     .await;
+}
+
+/// The engine's admin API does not answer (a wrong `--engine-admin-url`, its listener down)
+/// while its metrics do: the sidecar keeps reading and reporting, counts every failed call by
+/// kind, and logs each kind's error once, also while both fail tick after tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_api_that_does_not_answer_is_counted_and_logged_once_per_call() {
+    let engine = Engine::start("admin-down", &["--kv-cache-mib", "16"]).await;
+    let (_, unused) = common::free_ports();
+    let admin = format!("http://127.0.0.1:{unused}");
+    let sidecar = Sidecar::start("admin-down", &engine, &["--engine-admin-url", &admin]).await;
+    let failed = |text: &str, call: &str| {
+        let key = format!("redline_sidecar_engine_admin_errors_total{{call=\"{call}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .map_or(0.0, |v| v.trim().parse::<f64>().unwrap())
+    };
+    // A fresh engine admits to its watermark: every tick tries to give it the guard's line.
+    eventually(10, "limits calls failing", || async {
+        (failed(&sidecar.metrics().await, "limits") >= 3.0).then_some(())
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let r = http
+        .put(format!("{}/v1/limits", sidecar.base))
+        .bearer_auth(TOKEN)
+        .json(&json!({"max_num_seqs": 8, "max_batched_tokens": 128, "drain": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    eventually(10, "drain calls failing beside them", || async {
+        let m = sidecar.metrics().await;
+        (failed(&m, "drain") >= 3.0).then_some(())
+    })
+    .await;
+    let p = sidecar.pressure().await;
+    assert!(p.engine_reachable && p.engine.is_some(), "still reading");
+    let log = std::fs::read_to_string(&sidecar.log).unwrap();
+    let logged = |path: &str| {
+        log.lines()
+            .filter(|l| l.contains("WARN") && l.contains(path))
+            .count()
+    };
+    assert_eq!(
+        (logged("/admin/limits"), logged("/admin/drain")),
+        (1, 1),
+        "each error once:\n{log}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -393,6 +393,7 @@ impl<'a> Sim<'a> {
             generation_tokens_total: Some(e.generation_tokens_total),
             waiting_prompt_tokens: Some(e.waiting_tokens()),
             draining: Some(pod.phase == Phase::Draining),
+            shutting_down: Some(false),
             requests_late_total: e.ttft_objective.map(|_| e.requests_late_total),
             first_tokens_total: Some(e.first_tokens_total),
             inter_token_seconds_total: Some(e.inter_token_seconds_total),

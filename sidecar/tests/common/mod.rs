@@ -182,11 +182,20 @@ pub fn metric(text: &str, name: &str) -> f64 {
 pub struct Sidecar {
     pub child: Child,
     pub base: String,
+    /// Its stderr: the log.
+    pub log: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Sidecar {
+    /// A sidecar for `engine`; `extra` flags may name another `--engine-admin-url`.
     pub async fn start(name: &str, engine: &Engine, extra: &[&str]) -> Sidecar {
+        let admin = engine.admin();
+        let admin_flag: &[&str] = if extra.contains(&"--engine-admin-url") {
+            &[]
+        } else {
+            &["--engine-admin-url", &admin]
+        };
         let dir = tempfile::tempdir().unwrap();
         let token = dir.path().join("token");
         std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
@@ -196,12 +205,12 @@ impl Sidecar {
             let mut child = Command::new(env!("CARGO_BIN_EXE_redline-sidecar"))
                 .args(["--host", "127.0.0.1", "--port", &port.to_string()])
                 .args(["--engine-url", &engine.url("")])
-                .args(["--engine-admin-url", &engine.admin()])
+                .args(admin_flag)
                 .args(["--device", "auto"])
                 .arg("--token-file")
                 .arg(&token)
                 .args(extra)
-                .stdout(Stdio::null())
+                .stdout(log.try_clone().unwrap())
                 .stderr(log)
                 .spawn()
                 .expect("start redline-sidecar");
@@ -211,6 +220,7 @@ impl Sidecar {
                 return Sidecar {
                     child,
                     base,
+                    log: path,
                     _dir: dir,
                 };
             }

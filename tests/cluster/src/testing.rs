@@ -385,3 +385,38 @@ impl Sidecar {
             .expect("the sidecar took the limits");
     }
 }
+
+/// SIGKILLs the process that runs `program` in pod `pod`, as a crash would; the node agent
+/// then restarts its container by the pod's `restartPolicy`. Local cluster only: its pods are
+/// processes on this host, and each carries `HOSTNAME=<pod>` in its environment, as a
+/// kubelet's containers do. Panics unless exactly one such process runs.
+pub fn crash_in_pod(pod: &str, program: &str) {
+    assert!(
+        is_local_cluster(),
+        "pods are host processes only on the local cluster"
+    );
+    let hostname = format!("HOSTNAME={pod}");
+    let matches: Vec<i32> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let read = |f: &str| std::fs::read(format!("/proc/{pid}/{f}")).unwrap_or_default();
+            let cmdline = read("cmdline");
+            let argv0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
+            let runs = argv0.rsplit(|&b| b == b'/').next() == Some(program.as_bytes());
+            runs && read("environ")
+                .split(|&b| b == 0)
+                .any(|kv| kv == hostname.as_bytes())
+        })
+        .collect();
+    assert_eq!(
+        matches.len(),
+        1,
+        "{program} processes in pod {pod}: {matches:?}"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(matches[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("SIGKILL");
+}

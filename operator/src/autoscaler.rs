@@ -10,7 +10,7 @@
 //! The policy's memory (demand history, drains) is per service and in memory: a new leader
 //! starts with none, so it scales down only after a full window of fresh data.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -234,6 +234,47 @@ struct ServiceState {
     token: Option<String>,
     /// The last error logged for this service.
     last_error: Option<String>,
+    /// Ready pods whose sidecar did not answer at the last pass, with the error logged.
+    unread: BTreeMap<String, String>,
+}
+
+/// Why a pod's pressure report is missing.
+#[derive(Debug, Clone, PartialEq)]
+enum ReadError {
+    /// The sidecar refused the token: the Secret was recreated.
+    Unauthorized,
+    /// Not read: a pod with no IP, or one the loop does not read.
+    Skipped,
+    /// The sidecar did not answer, or answered with an error.
+    Failed(String),
+}
+
+/// The changes in which ready pods' sidecars fail to answer, to log each once: pods that
+/// began failing (with the error) or fail with another error, and pods that answer again.
+/// `now` is this pass's ready pods with their read error; a pod no longer listed is forgotten
+/// without a word (deleted, or not ready: it is not read for the policy).
+fn read_failure_changes(
+    unread: &mut BTreeMap<String, String>,
+    now: &[(String, Option<String>)],
+) -> (Vec<(String, String)>, Vec<String>) {
+    let mut failing = Vec::new();
+    let mut recovered = Vec::new();
+    for (pod, err) in now {
+        match err {
+            Some(e) if unread.get(pod) != Some(e) => {
+                unread.insert(pod.clone(), e.clone());
+                failing.push((pod.clone(), e.clone()));
+            }
+            Some(_) => {}
+            None => {
+                if unread.remove(pod).is_some() {
+                    recovered.push(pod.clone());
+                }
+            }
+        }
+    }
+    unread.retain(|p, _| now.iter().any(|(n, _)| n == p));
+    (failing, recovered)
 }
 
 pub struct Autoscaler {
@@ -356,36 +397,31 @@ impl Autoscaler {
         Ok(Some(a.policy.unwrap_or_default()))
     }
 
-    /// A pod's report; `Err(true)` when the sidecar refused the token.
-    async fn pressure(&self, ip: &str, token: &str) -> Result<PressureReport, bool> {
+    /// A pod's report.
+    async fn pressure(&self, ip: &str, token: &str) -> Result<PressureReport, ReadError> {
         let url = format!("http://{ip}:{SIDECAR_PORT}/v1/pressure");
         let r = self.http.get(&url).bearer_auth(token).send().await;
-        let ok = match r {
-            Ok(resp) if resp.status().is_success() => resp.json::<PressureReport>().await.ok(),
+        let read = match r {
+            Ok(resp) if resp.status().is_success() => resp
+                .json::<PressureReport>()
+                .await
+                .map_err(|e| ReadError::Failed(format!("its report at {url} did not parse: {e}"))),
             Ok(resp) if resp.status() == reqwest::StatusCode::UNAUTHORIZED => {
                 debug!(%url, "pressure report: token refused");
-                self.ctx
-                    .metrics
-                    .pressure_reads
-                    .with_label_values(&["error"])
-                    .inc();
-                return Err(true);
+                Err(ReadError::Unauthorized)
             }
-            Ok(resp) => {
-                debug!(%url, status = %resp.status(), "pressure report refused");
-                None
-            }
-            Err(e) => {
-                debug!(%url, "pressure report: {e}");
-                None
-            }
+            Ok(resp) => Err(ReadError::Failed(format!(
+                "{url} answered HTTP {}",
+                resp.status()
+            ))),
+            Err(e) => Err(ReadError::Failed(format!("{url} unreachable: {e}"))),
         };
         self.ctx
             .metrics
             .pressure_reads
-            .with_label_values(&[if ok.is_some() { "ok" } else { "error" }])
+            .with_label_values(&[if read.is_ok() { "ok" } else { "error" }])
             .inc();
-        ok.ok_or(false)
+        read
     }
 
     async fn put_limits(&self, ip: &str, token: &str, body: &LimitsRequest) -> bool {
@@ -445,23 +481,25 @@ impl Autoscaler {
             .collect();
         // Read every pod's sidecar at once.
         let this = &*self;
-        let reads: Vec<Result<PressureReport, bool>> = join_all(views.iter().map(|(_, _, ip)| {
-            let token = &token;
-            async move {
-                match ip {
-                    Some(ip) => this.pressure(ip, token).await,
-                    None => Err(false),
+        let reads: Vec<Result<PressureReport, ReadError>> =
+            join_all(views.iter().map(|(_, _, ip)| {
+                let token = &token;
+                async move {
+                    match ip {
+                        Some(ip) => this.pressure(ip, token).await,
+                        None => Err(ReadError::Skipped),
+                    }
                 }
-            }
-        }))
-        .await;
+            }))
+            .await;
         // A refused token means the Secret was recreated: read it again next pass (only then:
         // an unreachable pod is no reason to re-read it).
-        if reads.iter().any(|r| r == &Err(true)) {
+        if reads.iter().any(|r| r == &Err(ReadError::Unauthorized)) {
             if let Some(st) = self.services.get_mut(&k) {
                 st.token = None;
             }
         }
+        self.log_read_failures(&k, &views, &reads);
         let mut reports: Vec<Option<PressureReport>> = reads.into_iter().map(Result::ok).collect();
         let orphans = admit_reports(&mut views, &mut reports, &draining);
 
@@ -507,6 +545,38 @@ impl Autoscaler {
             resources,
         )
         .await
+    }
+
+    /// Logs once when a ready pod's sidecar stops answering (the policy then holds its
+    /// scale-downs: it never drains on missing data) and once when it answers again.
+    fn log_read_failures(
+        &mut self,
+        k: &str,
+        views: &[(String, PodPhase, Option<String>)],
+        reads: &[Result<PressureReport, ReadError>],
+    ) {
+        let now: Vec<(String, Option<String>)> = views
+            .iter()
+            .zip(reads)
+            .filter(|((_, phase, _), _)| *phase == PodPhase::Ready)
+            .map(|((n, _, _), r)| {
+                let err = match r {
+                    Ok(_) => None,
+                    Err(ReadError::Failed(e)) => Some(e.clone()),
+                    Err(ReadError::Unauthorized) => Some("the sidecar refused the token".into()),
+                    Err(ReadError::Skipped) => Some("the pod has no IP".into()),
+                };
+                (n.clone(), err)
+            })
+            .collect();
+        let st = self.services.entry(k.to_owned()).or_default();
+        let (failing, recovered) = read_failure_changes(&mut st.unread, &now);
+        for (pod, e) in failing {
+            warn!(isvc = %k, %pod, "no pressure report from the pod's sidecar: {e}");
+        }
+        for pod in recovered {
+            info!(isvc = %k, %pod, "the pod's sidecar reports again");
+        }
     }
 
     /// Serves again every pod left draining by no drain of this operator's (`orphans`, from
@@ -951,6 +1021,44 @@ spec:
         );
         assert!(!orphaned_drain(reports[0].as_ref(), false));
         assert!(!orphaned_drain(None, false));
+    }
+
+    #[test]
+    fn a_sidecar_that_stops_answering_is_logged_once_and_once_again_when_it_answers() {
+        let mut unread = BTreeMap::new();
+        let pass = |a: Option<&str>, b: Option<&str>| {
+            vec![
+                ("a".to_string(), a.map(String::from)),
+                ("b".to_string(), b.map(String::from)),
+            ]
+        };
+        let none: (Vec<(String, String)>, Vec<String>) = (vec![], vec![]);
+        assert_eq!(read_failure_changes(&mut unread, &pass(None, None)), none);
+        assert_eq!(
+            read_failure_changes(&mut unread, &pass(Some("refused"), None)),
+            (vec![("a".into(), "refused".into())], vec![])
+        );
+        assert_eq!(
+            read_failure_changes(&mut unread, &pass(Some("refused"), None)),
+            none,
+            "the same error again: not logged"
+        );
+        assert_eq!(
+            read_failure_changes(&mut unread, &pass(Some("timed out"), None)),
+            (vec![("a".into(), "timed out".into())], vec![]),
+            "another error is news"
+        );
+        assert_eq!(
+            read_failure_changes(&mut unread, &pass(None, None)),
+            (vec![], vec!["a".to_string()])
+        );
+        // A pod that fails, then leaves (deleted, or no longer ready), is forgotten quietly.
+        read_failure_changes(&mut unread, &pass(None, Some("refused")));
+        assert_eq!(
+            read_failure_changes(&mut unread, &pass(None, None)[..1]),
+            none
+        );
+        assert!(unread.is_empty());
     }
 
     #[test]

@@ -15,6 +15,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{ApiResource, DynamicObject};
 use kube::{Resource, ResourceExt};
 
 use crate::crd::{EngineSettings, InferenceService};
@@ -352,6 +353,21 @@ pub fn service(isvc: &InferenceService) -> Service {
     }
 }
 
+/// At most one engine pod of a service disrupted at a time by evictions (a node drain, a
+/// cluster autoscaler's scale-down): each pod is a model load and a KV pool, and a drained node
+/// must not take the whole service down while new pods load. The operator's own scale-downs
+/// delete pods it drained, which no budget governs. `api`: the PodDisruptionBudget as the
+/// server serves it (`policy/v1`, or `policy/v1beta1` before 1.21: the body is the same).
+pub fn disruption_budget(isvc: &InferenceService, api: &ApiResource) -> DynamicObject {
+    let mut pdb = DynamicObject::new(&isvc.name_any(), api);
+    pdb.metadata = meta(isvc, isvc.name_any());
+    pdb.data = serde_json::json!({"spec": {
+        "maxUnavailable": 1,
+        "selector": {"matchLabels": selector(isvc)},
+    }});
+    pdb
+}
+
 /// The sidecar token Secret's metadata; the token itself is generated once by the reconciler.
 pub fn token_secret_meta(isvc: &InferenceService) -> ObjectMeta {
     meta(isvc, token_secret_name(isvc))
@@ -368,6 +384,43 @@ mod tests {
     }
 
     const BASE: &str = "apiVersion: redline.dev/v1alpha1\nkind: InferenceService\nmetadata: {name: chat, namespace: ml}\nspec:\n  model: {default: {}}\n";
+
+    #[test]
+    fn the_disruption_budget_lets_one_pod_of_the_service_go_at_a_time() {
+        let i = isvc(BASE);
+        for version in ["v1", "v1beta1"] {
+            let api = ApiResource {
+                group: "policy".into(),
+                version: version.into(),
+                api_version: format!("policy/{version}"),
+                kind: "PodDisruptionBudget".into(),
+                plural: "poddisruptionbudgets".into(),
+            };
+            let v = serde_json::to_value(disruption_budget(&i, &api)).unwrap();
+            assert_eq!(v["apiVersion"], format!("policy/{version}"));
+            assert_eq!(v["kind"], "PodDisruptionBudget");
+            assert_eq!(
+                (&v["metadata"]["name"], &v["metadata"]["namespace"]),
+                (&serde_json::json!("chat"), &serde_json::json!("ml"))
+            );
+            assert_eq!(v["metadata"]["ownerReferences"][0]["uid"], "u-1");
+            assert_eq!(v["spec"]["maxUnavailable"], 1);
+            // The Deployment's pods, and only the service's.
+            let pods = deployment(&i, &Defaults::default())
+                .spec
+                .unwrap()
+                .template
+                .metadata
+                .unwrap()
+                .labels
+                .unwrap();
+            let select = v["spec"]["selector"]["matchLabels"].as_object().unwrap();
+            assert!(!select.is_empty());
+            for (k, val) in select {
+                assert_eq!(pods.get(k).map(String::as_str), val.as_str(), "{k}");
+            }
+        }
+    }
 
     fn pod_spec(i: &InferenceService) -> PodSpec {
         deployment(i, &Defaults::default())

@@ -12,7 +12,8 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::ByteString;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use kube::discovery::Discovery;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
@@ -60,6 +61,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// The last error logged per object, so a failure repeating on every retry is logged once.
     last_error: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// The PodDisruptionBudget's API, discovered once (`Context::pdb_api`).
+    pdb_api: tokio::sync::OnceCell<Option<ApiResource>>,
 }
 
 impl Context {
@@ -79,6 +82,7 @@ impl Context {
             defaults,
             metrics,
             last_error: Default::default(),
+            pdb_api: Default::default(),
         }
     }
 
@@ -102,6 +106,35 @@ impl Context {
         if let Err(e) = self.recorder.publish(&ev, &isvc.object_ref(&())).await {
             warn!("publishing event {reason}: {e}");
         }
+    }
+}
+
+impl Context {
+    /// The PodDisruptionBudget as this API server serves it: `policy/v1` (1.21 on), else
+    /// `policy/v1beta1` (the local cluster's 1.20); `None`, said once, where neither is.
+    /// Discovered on first use; a failed discovery is the reconcile's error, tried again.
+    async fn pdb_api(&self) -> Result<Option<ApiResource>, Error> {
+        let api = self
+            .pdb_api
+            .get_or_try_init(|| async {
+                let d = Discovery::new(self.client.clone())
+                    .filter(&["policy"])
+                    .run()
+                    .await?;
+                let api = d
+                    .get("policy")
+                    .and_then(|g| g.recommended_kind("PodDisruptionBudget"))
+                    .map(|(api, _)| api);
+                match &api {
+                    Some(a) => info!(api = %a.api_version, "PodDisruptionBudgets"),
+                    None => {
+                        warn!("this API server serves no PodDisruptionBudgets: services get none")
+                    }
+                }
+                Ok::<_, Error>(api)
+            })
+            .await?;
+        Ok(api.clone())
     }
 }
 
@@ -278,6 +311,26 @@ async fn reconcile_inner(isvc: &InferenceService, ctx: &Context) -> Result<Actio
             format!("created Service {name}"),
         )
         .await;
+    }
+    if let Some(api) = ctx.pdb_api().await? {
+        let pdbs: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &api);
+        let pdb_before = pdbs.get_opt(&name).await?;
+        pdbs.patch(
+            &name,
+            &apply_params(),
+            &Patch::Apply(&children::disruption_budget(isvc, &api)),
+        )
+        .await?;
+        if pdb_before.is_none() {
+            ctx.event(
+                isvc,
+                EventType::Normal,
+                "Created",
+                "CreatePodDisruptionBudget",
+                format!("created PodDisruptionBudget {name} (one pod evicted at a time)"),
+            )
+            .await;
+        }
     }
     if isvc.spec.sidecar.enabled {
         ensure_token_secret(isvc, ctx, &ns).await?;

@@ -5,7 +5,8 @@
 //! are drained and removed (load/tests/closed_loop.rs drives the loop with a trace);
 //! invalid services are refused by the API server or marked Degraded while valid ones keep
 //! reconciling; a `helm upgrade` to two replicas of a new build rolls the operator, hands the
-//! leader Lease over and fails over to the standby; deleting a service garbage-collects its
+//! leader Lease over and fails over to the standby; evictions (a node drain) take one engine
+//! pod at a time (the PodDisruptionBudget); deleting a service garbage-collects its
 //! children.
 
 use std::time::Duration;
@@ -14,7 +15,8 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{
-    ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+    ApiResource, DeleteParams, DynamicObject, EvictParams, ListParams, Patch, PatchParams,
+    PostParams,
 };
 use kube::{Api, Client};
 use redline_operator::children;
@@ -91,6 +93,60 @@ async fn engine_pods(client: &Client, ns: &str, name: &str) -> Vec<Pod> {
         .await
         .unwrap()
         .items
+}
+
+/// PodDisruptionBudgets in the version this server serves (policy/v1beta1 on the local 1.20
+/// cluster).
+async fn disruption_budgets(client: &Client, ns: &str) -> Api<DynamicObject> {
+    let discovery = kube::discovery::Discovery::new(client.clone())
+        .filter(&["policy"])
+        .run()
+        .await
+        .unwrap();
+    let (api, _) = discovery
+        .get("policy")
+        .and_then(|g| g.recommended_kind("PodDisruptionBudget"))
+        .expect("PodDisruptionBudgets served");
+    Api::namespaced_with(client.clone(), ns, &api)
+}
+
+/// A node drain (evictions) takes the service's engine pods one at a time: the operator's
+/// PodDisruptionBudget, counted by the real disruption controller and enforced by the API
+/// server. Needs two ready pods; leaves one evicted (its ReplicaSet replaces it).
+async fn evictions_take_one_pod_at_a_time(client: &Client, ns: &str, name: &str) {
+    let pdbs = disruption_budgets(client, ns).await;
+    wait_for(
+        "the budget allowing one disruption of two healthy pods",
+        Duration::from_secs(60),
+        || async {
+            let p = pdbs.get(name).await.map_err(|e| e.to_string())?;
+            let st = &p.data["status"];
+            if st["currentHealthy"] == 2 && st["disruptionsAllowed"] == 1 {
+                Ok(())
+            } else {
+                Err(format!("status {st}"))
+            }
+        },
+    )
+    .await;
+    let pods: Vec<String> = engine_pods(client, ns, name)
+        .await
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    assert_eq!(pods.len(), 2, "{pods:?}");
+    // The 429 as the server gives it, not retried until a replacement is ready.
+    let api: Api<Pod> = Api::namespaced(testing::client_without_retries().await, ns);
+    api.evict(&pods[0], &EvictParams::default())
+        .await
+        .expect("the first eviction");
+    match api.evict(&pods[1], &EvictParams::default()).await {
+        Err(kube::Error::Api(s)) if s.code == 429 => {
+            assert!(s.message.contains("disruption budget"), "{s:?}")
+        }
+        other => panic!("the second pod was evicted beside the first: {other:?}"),
+    }
 }
 
 async fn replicasets(client: &Client, ns: &str, name: &str) -> Vec<String> {
@@ -355,6 +411,8 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
         deployments.get(&name).await.unwrap().spec.unwrap().replicas,
         Some(2)
     );
+    evictions_take_one_pod_at_a_time(&client, &ns.name, &name).await;
+    wait_ready_replicas(&isvcs, &name, 2).await;
     // Beyond maxReplicas (3) is clamped.
     isvcs
         .patch_scale(
@@ -780,7 +838,10 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
     )
     .await;
 
-    // Deleting the service garbage-collects its Deployment and Service (owner references).
+    // Deleting the service garbage-collects its Deployment, Service and PodDisruptionBudget
+    // (owner references).
+    let pdbs = disruption_budgets(&client, &ns.name).await;
+    assert!(pdbs.get_opt(&name).await.unwrap().is_some());
     isvcs
         .delete(&name, &DeleteParams::foreground())
         .await
@@ -795,14 +856,16 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
                 .await
                 .map_err(|e| e.to_string())?;
             let s = services.get_opt(&name).await.map_err(|e| e.to_string())?;
+            let b = pdbs.get_opt(&name).await.map_err(|e| e.to_string())?;
             let p = engine_pods(&client, &ns.name, &name).await;
-            if d.is_none() && s.is_none() && p.is_empty() {
+            if d.is_none() && s.is_none() && b.is_none() && p.is_empty() {
                 Ok(())
             } else {
                 Err(format!(
-                    "deployment {}, service {}, {} pods",
+                    "deployment {}, service {}, budget {}, {} pods",
                     d.is_some(),
                     s.is_some(),
+                    b.is_some(),
                     p.len()
                 ))
             }

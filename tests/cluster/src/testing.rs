@@ -156,6 +156,19 @@ pub async fn client() -> Client {
         .expect("a client from the kubeconfig")
 }
 
+/// A client that returns a 429 or 503 as the server gave it. kube retries them by default with
+/// backoff, so an eviction a PodDisruptionBudget refuses would be tried again until a
+/// replacement pod is ready and it goes through.
+pub async fn client_without_retries() -> Client {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig_path()).expect("the kubeconfig");
+    let mut config =
+        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+            .await
+            .expect("a config from the kubeconfig");
+    config.default_retry = false;
+    Client::try_from(config).expect("a client")
+}
+
 /// A namespace of its own per test, deleted at the end (also when the test fails).
 pub struct TestNs {
     pub name: String,

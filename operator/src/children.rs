@@ -335,6 +335,16 @@ pub fn deployment(isvc: &InferenceService, d: &Defaults) -> Deployment {
     }
 }
 
+/// Where the Service answers inside the cluster (`status.url`). `<name>.<namespace>.svc`
+/// resolves through every pod's DNS search path, whatever the cluster's domain.
+pub fn url(isvc: &InferenceService) -> String {
+    format!(
+        "http://{}.{}.svc:{ENGINE_PORT}",
+        isvc.name_any(),
+        isvc.namespace().unwrap_or_default()
+    )
+}
+
 pub fn service(isvc: &InferenceService) -> Service {
     Service {
         metadata: meta(isvc, isvc.name_any()),
@@ -491,6 +501,14 @@ mod tests {
                 "{args:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_url_is_the_services_name_and_port() {
+        let i = isvc(BASE);
+        assert_eq!(url(&i), "http://chat.ml.svc:8000");
+        let port = &service(&i).spec.unwrap().ports.unwrap()[0];
+        assert!(url(&i).ends_with(&format!(":{}", port.port)));
     }
 
     #[test]

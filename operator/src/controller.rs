@@ -395,6 +395,7 @@ async fn reconcile_inner(isvc: &InferenceService, ctx: &Context) -> Result<Actio
             &previous,
         ),
         served_model: Some(children::served_model(isvc)),
+        url: Some(children::url(isvc)),
         ..reconciler_fields(&previous)
     };
     if status != reconciler_fields(&previous) {

@@ -27,6 +27,7 @@ pub const GROUP: &str = "redline.dev";
     category = "redline",
     scale = r#"{"specReplicasPath":".spec.replicas","statusReplicasPath":".status.replicas","labelSelectorPath":".status.selector"}"#,
     printcolumn = r#"{"name":"Model","type":"string","jsonPath":".status.servedModel"}"#,
+    printcolumn = r#"{"name":"URL","type":"string","jsonPath":".status.url","priority":1}"#,
     printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyReplicas"}"#,
     printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".spec.replicas"}"#,
     printcolumn = r#"{"name":"KV","type":"string","jsonPath":".status.kvUsage"}"#,
@@ -424,6 +425,10 @@ pub struct InferenceServiceStatus {
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub served_model: Option<String>,
+    /// The OpenAI-compatible API from inside the cluster, through the service's Service
+    /// (`http://<name>.<namespace>.svc:8000`; `/v1/chat/completions` and the rest under it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
     /// Mean KV-cache usage across ready pods, as a percentage string for `kubectl get`
     /// (written by the autoscaling loop, like podLimits and lastDecision).
     #[serde(default, skip_serializing_if = "Option::is_none")]

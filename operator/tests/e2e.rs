@@ -254,6 +254,10 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
         ready.status.as_ref().unwrap().selector.as_deref(),
         Some("redline.dev/inference-service=smollm2")
     );
+    assert_eq!(
+        ready.status.as_ref().unwrap().url,
+        Some(format!("http://smollm2.{}.svc:8000", ns.name))
+    );
 
     // The engine pod answers a completion (through the pod proxy: works on any cluster).
     let pods = engine_pods(&client, &ns.name, &name).await;

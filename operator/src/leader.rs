@@ -153,10 +153,11 @@ impl LeaseLock {
         }
     }
 
-    /// Lets the lease go if this instance holds it. One attempt: on failure the lease expires
-    /// on its own within its duration.
+    /// Lets the lease go if this instance holds it. One attempt, bounded (kube's client would
+    /// retry a 503 past the pod's grace period): on failure the lease expires on its own
+    /// within its duration.
     pub async fn release(&self) {
-        let r = async {
+        let r = tokio::time::timeout(self.duration / 3, async {
             let Some(mut lease) = self.api.get_opt(&self.name).await? else {
                 return Ok(false);
             };
@@ -172,15 +173,19 @@ impl LeaseLock {
                 .replace(&self.name, &PostParams::default(), &lease)
                 .await
                 .map(|_| true)
-        }
+        })
         .await;
         self.role.set(Role::Standby);
         match r {
-            Ok(true) => info!(lease = %self.name, "released the lease"),
-            Ok(false) => {}
-            Err(e) => {
+            Ok(Ok(true)) => info!(lease = %self.name, "released the lease"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => {
                 warn!(lease = %self.name, "could not release the lease (it expires on its own): {e}")
             }
+            Err(_) => warn!(
+                lease = %self.name,
+                "no answer releasing the lease (it expires on its own)"
+            ),
         }
     }
 
@@ -207,26 +212,39 @@ impl LeaseLock {
         }
     }
 
-    /// Renews until leadership is lost (returns then). API errors are retried until the lease
-    /// would have expired.
+    /// How long a leader keeps leading without a renewal: two thirds of the lease (client-go's
+    /// 10 s of 15), so it has stopped before a standby may take the expired lease.
+    pub fn renew_deadline(&self) -> Duration {
+        self.duration * 2 / 3
+    }
+
+    /// Renews until leadership is lost (returns then). API errors are retried until the renew
+    /// deadline. Each attempt is bounded by what is left of it: kube's client retries 429,
+    /// 503 and 504 with backoff for minutes, and a renewal still in flight when the lease
+    /// expires would let a standby lead beside this instance.
     pub async fn hold(&self) {
+        let deadline = self.renew_deadline();
         let mut last_ok = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(self.duration / 3).await;
-            match self.try_acquire().await {
-                Ok(true) => last_ok = tokio::time::Instant::now(),
-                Ok(false) => {
+            let left = deadline.saturating_sub(last_ok.elapsed());
+            let error = match tokio::time::timeout(left, self.try_acquire()).await {
+                Ok(Ok(true)) => {
+                    last_ok = tokio::time::Instant::now();
+                    continue;
+                }
+                Ok(Ok(false)) => {
                     self.role.set(Role::Standby);
                     warn!(lease = %self.name, "leadership lost to another instance");
                     return;
                 }
-                Err(e) => {
-                    if last_ok.elapsed() >= self.duration {
-                        self.role.set(Role::Starting);
-                        warn!(lease = %self.name, "could not renew the lease within {:?}: {e}", self.duration);
-                        return;
-                    }
-                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no answer from the API server".to_string(),
+            };
+            if last_ok.elapsed() >= deadline {
+                self.role.set(Role::Starting);
+                warn!(lease = %self.name, "could not renew the lease within {deadline:?}: {error}");
+                return;
             }
         }
     }
@@ -279,6 +297,45 @@ mod tests {
             "the next holder counts the transition"
         );
         assert_eq!(r.holder_identity, None);
+    }
+
+    /// An API server that answers 503 to everything (one starting, or overloaded): kube's
+    /// client retries such answers for minutes, but the leader must stop within its renew
+    /// deadline, before the lease it cannot renew expires.
+    #[tokio::test]
+    async fn a_leader_whose_renewals_hang_stops_within_the_renew_deadline() {
+        let app = axum::Router::new().fallback(|| async {
+            (
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(serde_json::json!({
+                    "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "message": "starting", "reason": "ServiceUnavailable", "code": 503
+                })),
+            )
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+        let role = std::sync::Arc::new(RoleCell::default());
+        role.set(Role::Leader);
+        let lock = LeaseLock {
+            api: Api::namespaced(client, "redline"),
+            name: "redline-operator".into(),
+            identity: "a".into(),
+            duration: Duration::from_secs(3),
+            role: role.clone(),
+        };
+        let t0 = tokio::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), lock.hold())
+            .await
+            .expect("still leading 10 s into a 3 s lease it could not renew");
+        assert!(
+            t0.elapsed() < lock.duration,
+            "stopped at {:?}",
+            t0.elapsed()
+        );
+        assert_eq!(role.get(), Role::Starting);
     }
 
     #[test]

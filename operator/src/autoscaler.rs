@@ -228,6 +228,9 @@ pub fn late_rate(reports: &[&PressureReport]) -> Option<f64> {
         .reduce(|a, b| a + b)
 }
 
+/// The longest one service's autoscaling pass may take (`Autoscaler::bounded_service`).
+const PASS_TIMEOUT: Duration = Duration::from_secs(30);
+
 #[derive(Default)]
 struct ServiceState {
     policy: Option<Policy>,
@@ -309,7 +312,8 @@ impl Autoscaler {
             self.services.retain(|k, _| keys.contains(k));
             // One list of every engine pod per pass, not one per service: with hundreds of
             // services (most scaled to zero) the loop must not hammer the API server.
-            let mut pods = match self.engine_pods().await {
+            let listed = tokio::time::timeout(PASS_TIMEOUT, self.engine_pods()).await;
+            let mut pods = match listed.unwrap_or(Err(Error::Timeout(PASS_TIMEOUT))) {
                 Ok(p) => p,
                 Err(e) => {
                     warn!("autoscaling loop: listing engine pods: {e}");
@@ -326,7 +330,7 @@ impl Autoscaler {
                 if mine.is_empty() && !enabled && !reports_unschedulable(&isvc) {
                     continue; // Nothing to read, nothing to decide, nothing to clear.
                 }
-                let r = self.service(&isvc, mine).await;
+                let r = self.bounded_service(&isvc, mine, PASS_TIMEOUT).await;
                 let st = self.services.entry(k.clone()).or_default();
                 match r {
                     Ok(()) => {
@@ -345,6 +349,21 @@ impl Autoscaler {
                 }
             }
         }
+    }
+
+    /// One service's pass, cut off after `limit`: it takes a second or two, but kube's client
+    /// retries a throttled or unavailable API server for minutes, and one service stuck so
+    /// would hold every other service's autoscaling. What a cut-off pass left undone, the
+    /// next one does (sidecar targets, scale and status are compared with what they are).
+    async fn bounded_service(
+        &mut self,
+        isvc: &InferenceService,
+        pods: Vec<Pod>,
+        limit: Duration,
+    ) -> Result<(), Error> {
+        tokio::time::timeout(limit, self.service(isvc, pods))
+            .await
+            .unwrap_or(Err(Error::Timeout(limit)))
     }
 
     /// Every pod the operator's Deployments run, by service key (`namespace/name`).
@@ -1021,6 +1040,25 @@ spec:
         );
         assert!(!orphaned_drain(reports[0].as_ref(), false));
         assert!(!orphaned_drain(None, false));
+    }
+
+    #[tokio::test]
+    async fn a_pass_against_an_api_server_that_never_answers_is_cut_off() {
+        let client = crate::test_support::unavailable_api_server().await;
+        let ctx = Arc::new(Context::new(
+            client,
+            Default::default(),
+            Default::default(),
+            "test".into(),
+        ));
+        let mut a = Autoscaler::new(ctx);
+        let i = isvc(BASE);
+        let t0 = Instant::now();
+        let r = a
+            .bounded_service(&i, Vec::new(), Duration::from_secs(2))
+            .await;
+        assert!(matches!(r, Err(Error::Timeout(_))), "{r:?}");
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("object has no {0}")]
     MissingKey(&'static str),
+    #[error("no answer within {0:?} (the API server throttling or unavailable)")]
+    Timeout(Duration),
 }
 
 impl Error {
@@ -49,6 +51,7 @@ impl Error {
             Error::Kube(kube::Error::Api(_)) => "rejected",
             Error::Kube(_) => "transport",
             Error::MissingKey(_) => "invalid_object",
+            Error::Timeout(_) => "timeout",
         }
     }
 }
@@ -514,7 +517,7 @@ pub fn error_policy(isvc: Arc<InferenceService>, err: &Error, ctx: Arc<Context>)
     }
     Action::requeue(match kind {
         "conflict" => Duration::from_millis(500),
-        "server" | "transport" => Duration::from_secs(5),
+        "server" | "transport" | "timeout" => Duration::from_secs(5),
         "forbidden" => Duration::from_secs(15),
         _ => Duration::from_secs(60),
     })

@@ -304,19 +304,7 @@ mod tests {
     /// deadline, before the lease it cannot renew expires.
     #[tokio::test]
     async fn a_leader_whose_renewals_hang_stops_within_the_renew_deadline() {
-        let app = axum::Router::new().fallback(|| async {
-            (
-                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                axum::Json(serde_json::json!({
-                    "kind": "Status", "apiVersion": "v1", "status": "Failure",
-                    "message": "starting", "reason": "ServiceUnavailable", "code": 503
-                })),
-            )
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+        let client = crate::test_support::unavailable_api_server().await;
         let role = std::sync::Arc::new(RoleCell::default());
         role.set(Role::Leader);
         let lock = LeaseLock {

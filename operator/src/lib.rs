@@ -9,6 +9,8 @@ pub mod controller;
 pub mod crd;
 pub mod leader;
 pub mod metrics;
+#[cfg(test)]
+mod test_support;
 pub mod validate;
 
 /// The CRDs as YAML documents, in the order `redline-operator crd` prints them.

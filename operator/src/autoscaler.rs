@@ -617,11 +617,11 @@ impl Autoscaler {
                 continue;
             }
             if d.is_none() {
-                let Some(l) = r.limits.target.or(r.engine.as_ref().and_then(|e| e.limits)) else {
+                let target = r.limits.target.or(r.engine.as_ref().and_then(|e| e.limits));
+                let (Some(ip), Some(l)) = (ip, target) else {
                     continue;
                 };
                 let body = LimitsRequest::target(l, r.limits.guard, false);
-                let Some(ip) = ip else { continue };
                 if !self.put_limits(ip, token, &body).await {
                     continue;
                 }

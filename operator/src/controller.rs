@@ -110,24 +110,14 @@ impl Context {
             warn!("publishing event {reason}: {e}");
         }
     }
-}
 
-impl Context {
-    /// The PodDisruptionBudget as this API server serves it: `policy/v1` (1.21 on), else
-    /// `policy/v1beta1` (the local cluster's 1.20); `None`, said once, where neither is.
-    /// Discovered on first use; a failed discovery is the reconcile's error, tried again.
+    /// [`pdb_api`], discovered on first use and said once; a failed discovery is the
+    /// reconcile's error, tried again.
     async fn pdb_api(&self) -> Result<Option<ApiResource>, Error> {
         let api = self
             .pdb_api
             .get_or_try_init(|| async {
-                let d = Discovery::new(self.client.clone())
-                    .filter(&["policy"])
-                    .run()
-                    .await?;
-                let api = d
-                    .get("policy")
-                    .and_then(|g| g.recommended_kind("PodDisruptionBudget"))
-                    .map(|(api, _)| api);
+                let api = pdb_api(&self.client).await?;
                 match &api {
                     Some(a) => info!(api = %a.api_version, "PodDisruptionBudgets"),
                     None => {
@@ -139,6 +129,46 @@ impl Context {
             .await?;
         Ok(api.clone())
     }
+}
+
+/// The PodDisruptionBudget as this API server serves it: `policy/v1` (1.21 on), else
+/// `policy/v1beta1` (the local cluster's 1.20; gone in 1.25); `None` where neither is.
+pub async fn pdb_api(client: &Client) -> Result<Option<ApiResource>, kube::Error> {
+    let d = Discovery::new(client.clone())
+        .filter(&["policy"])
+        .run()
+        .await?;
+    Ok(d.get("policy")
+        .and_then(|g| g.recommended_kind("PodDisruptionBudget"))
+        .map(|(api, _)| api))
+}
+
+/// Applies a child by server-side apply, with an Event when it did not exist before.
+async fn apply_child<K>(
+    ctx: &Context,
+    isvc: &InferenceService,
+    api: &Api<K>,
+    child: &K,
+    what: &str,
+) -> Result<(), Error>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::Serialize + serde::de::DeserializeOwned,
+{
+    let name = child.name_any();
+    let before = api.get_opt(&name).await?;
+    api.patch(&name, &apply_params(), &Patch::Apply(child))
+        .await?;
+    if before.is_none() {
+        ctx.event(
+            isvc,
+            EventType::Normal,
+            "Created",
+            &format!("Create{what}"),
+            format!("created {what} {name}"),
+        )
+        .await;
+    }
+    Ok(())
 }
 
 fn apply_params() -> PatchParams {
@@ -297,43 +327,11 @@ async fn reconcile_inner(isvc: &InferenceService, ctx: &Context) -> Result<Actio
         _ => {}
     }
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
-    let svc_before = services.get_opt(&name).await?;
-    services
-        .patch(
-            &name,
-            &apply_params(),
-            &Patch::Apply(&children::service(isvc)),
-        )
-        .await?;
-    if svc_before.is_none() {
-        ctx.event(
-            isvc,
-            EventType::Normal,
-            "Created",
-            "CreateService",
-            format!("created Service {name}"),
-        )
-        .await;
-    }
+    apply_child(ctx, isvc, &services, &children::service(isvc), "Service").await?;
     if let Some(api) = ctx.pdb_api().await? {
         let pdbs: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &api);
-        let pdb_before = pdbs.get_opt(&name).await?;
-        pdbs.patch(
-            &name,
-            &apply_params(),
-            &Patch::Apply(&children::disruption_budget(isvc, &api)),
-        )
-        .await?;
-        if pdb_before.is_none() {
-            ctx.event(
-                isvc,
-                EventType::Normal,
-                "Created",
-                "CreatePodDisruptionBudget",
-                format!("created PodDisruptionBudget {name} (one pod evicted at a time)"),
-            )
-            .await;
-        }
+        let pdb = children::disruption_budget(isvc, &api);
+        apply_child(ctx, isvc, &pdbs, &pdb, "PodDisruptionBudget").await?;
     }
     if isvc.spec.sidecar.enabled {
         ensure_token_secret(isvc, ctx, &ns).await?;

@@ -19,8 +19,8 @@ use kube::api::{
     PostParams,
 };
 use kube::{Api, Client};
-use redline_operator::children;
 use redline_operator::crd::{AutoscalingPolicy, AutoscalingSpec, InferenceService};
+use redline_operator::{children, controller};
 use redline_testcluster::testing::{self, client, repo, run_helm, wait_for, TestNs};
 use serde_json::json;
 
@@ -98,14 +98,9 @@ async fn engine_pods(client: &Client, ns: &str, name: &str) -> Vec<Pod> {
 /// PodDisruptionBudgets in the version this server serves (policy/v1beta1 on the local 1.20
 /// cluster).
 async fn disruption_budgets(client: &Client, ns: &str) -> Api<DynamicObject> {
-    let discovery = kube::discovery::Discovery::new(client.clone())
-        .filter(&["policy"])
-        .run()
+    let api = controller::pdb_api(client)
         .await
-        .unwrap();
-    let (api, _) = discovery
-        .get("policy")
-        .and_then(|g| g.recommended_kind("PodDisruptionBudget"))
+        .unwrap()
         .expect("PodDisruptionBudgets served");
     Api::namespaced_with(client.clone(), ns, &api)
 }

@@ -319,15 +319,9 @@ async fn the_guard_prevents_the_preemptions_a_trace_burst_causes_without_it() {
 async fn an_engine_restart_shows_as_stale_samples_and_the_sidecar_resumes_and_reapplies_limits() {
     let mut engine = Engine::start("restart", &["--kv-cache-mib", "16"]).await;
     let sidecar = Sidecar::start("restart", &engine, &[]).await;
-    let http = reqwest::Client::new();
-    let r = http
-        .put(format!("{}/v1/limits", sidecar.base))
-        .bearer_auth(TOKEN)
-        .json(&json!({"max_num_seqs": 5, "max_batched_tokens": 128}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    sidecar
+        .put_limits(json!({"max_num_seqs": 5, "max_batched_tokens": 128}))
+        .await;
     engine_at_limits(&engine, 5, 128, 10, "engine at the operator's limits").await;
     let fresh = sidecar.pressure().await;
     assert!(fresh.engine_reachable);
@@ -413,20 +407,7 @@ async fn a_restarted_sidecar_recovers_the_configured_limits_not_the_cut_it_finds
 async fn a_sidecar_restarted_mid_drain_reports_the_drain_and_lifts_it_when_the_operator_cancels_it()
 {
     let engine = Engine::start("drain-restart", &["--kv-cache-mib", "16"]).await;
-    let http = reqwest::Client::new();
-    let put = |base: String, drain: bool| {
-        let http = http.clone();
-        async move {
-            let r = http
-                .put(format!("{base}/v1/limits"))
-                .bearer_auth(TOKEN)
-                .json(&json!({"max_num_seqs": 8, "max_batched_tokens": 128, "drain": drain}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-        }
-    };
+    let drain = |on: bool| json!({"max_num_seqs": 8, "max_batched_tokens": 128, "drain": on});
     let ready = || async {
         reqwest::get(engine.url("/ready"))
             .await
@@ -435,7 +416,7 @@ async fn a_sidecar_restarted_mid_drain_reports_the_drain_and_lifts_it_when_the_o
             .as_u16()
     };
     let first = Sidecar::start("drain-restart-1", &engine, &[]).await;
-    put(first.base.clone(), true).await;
+    first.put_limits(drain(true)).await;
     eventually(10, "the engine drained", || async {
         (ready().await == 503).then_some(())
     })
@@ -456,7 +437,7 @@ async fn a_sidecar_restarted_mid_drain_reports_the_drain_and_lifts_it_when_the_o
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(ready().await, 503, "held, not lifted on its own");
     // The operator, not draining this pod, cancels what the report shows.
-    put(second.base.clone(), false).await;
+    second.put_limits(drain(false)).await;
     eventually(10, "the engine admitting again", || async {
         (ready().await == 200).then_some(())
     })
@@ -473,25 +454,22 @@ async fn an_admin_api_that_does_not_answer_is_counted_and_logged_once_per_call()
     let admin = format!("http://127.0.0.1:{unused}");
     let sidecar = Sidecar::start("admin-down", &engine, &["--engine-admin-url", &admin]).await;
     let failed = |text: &str, call: &str| {
-        let key = format!("redline_sidecar_engine_admin_errors_total{{call=\"{call}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(key.as_str()))
-            .map_or(0.0, |v| v.trim().parse::<f64>().unwrap())
+        redline_api::prom::Exposition::parse(text)
+            .expect("the metrics parse")
+            .sum_where(
+                "redline_sidecar_engine_admin_errors_total",
+                &[("call", call)],
+            )
+            .unwrap_or(0.0)
     };
     // A fresh engine admits to its watermark: every tick tries to give it the guard's line.
     eventually(10, "limits calls failing", || async {
         (failed(&sidecar.metrics().await, "limits") >= 3.0).then_some(())
     })
     .await;
-    let http = reqwest::Client::new();
-    let r = http
-        .put(format!("{}/v1/limits", sidecar.base))
-        .bearer_auth(TOKEN)
-        .json(&json!({"max_num_seqs": 8, "max_batched_tokens": 128, "drain": true}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    sidecar
+        .put_limits(json!({"max_num_seqs": 8, "max_batched_tokens": 128, "drain": true}))
+        .await;
     eventually(10, "drain calls failing beside them", || async {
         let m = sidecar.metrics().await;
         (failed(&m, "drain") >= 3.0).then_some(())

@@ -242,6 +242,18 @@ impl Sidecar {
     pub async fn metrics(&self) -> String {
         get_text(&format!("{}/metrics", self.base)).await
     }
+
+    /// `PUT /v1/limits` with the operator's token, as the operator sends it; must be taken.
+    pub async fn put_limits(&self, body: Value) {
+        let r = reqwest::Client::new()
+            .put(format!("{}/v1/limits", self.base))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
 }
 
 impl Drop for Sidecar {

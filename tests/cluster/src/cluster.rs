@@ -26,11 +26,14 @@ const DAEMONS: [&str; 5] = [
     NODE_AGENT,
 ];
 
-pub async fn client(kubeconfig: &Path) -> Result<Client> {
+pub async fn config(kubeconfig: &Path) -> Result<Config> {
     let kc = Kubeconfig::read_from(kubeconfig)
         .with_context(|| format!("reading {}", kubeconfig.display()))?;
-    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
-    Ok(Client::try_from(config)?)
+    Ok(Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?)
+}
+
+pub async fn client(kubeconfig: &Path) -> Result<Client> {
+    Ok(Client::try_from(config(kubeconfig).await?)?)
 }
 
 fn which(program: &str) -> Option<PathBuf> {

@@ -160,11 +160,9 @@ pub async fn client() -> Client {
 /// backoff, so an eviction a PodDisruptionBudget refuses would be tried again until a
 /// replacement pod is ready and it goes through.
 pub async fn client_without_retries() -> Client {
-    let kc = kube::config::Kubeconfig::read_from(kubeconfig_path()).expect("the kubeconfig");
-    let mut config =
-        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-            .await
-            .expect("a config from the kubeconfig");
+    let mut config = crate::cluster::config(std::path::Path::new(kubeconfig_path()))
+        .await
+        .expect("a config from the kubeconfig");
     config.default_retry = false;
     Client::try_from(config).expect("a client")
 }

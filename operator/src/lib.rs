@@ -4,6 +4,7 @@
 
 pub mod autoscaler;
 pub mod children;
+pub mod client;
 pub mod conditions;
 pub mod controller;
 pub mod crd;

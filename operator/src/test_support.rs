@@ -1,19 +1,47 @@
 //! Fakes for unit tests at the API server boundary.
 
-/// A client of an API server that answers 503 to everything (one starting, or overloaded):
-/// kube's client retries such answers with backoff for minutes.
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// An API server that answers 503 to everything (one starting, or overloaded), counting the
+/// requests it got.
+pub struct UnavailableApiServer {
+    pub config: kube::Config,
+    requests: Arc<AtomicUsize>,
+}
+
+impl UnavailableApiServer {
+    pub async fn start() -> Self {
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counter = requests.clone();
+        let app = axum::Router::new().fallback(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async {
+                (
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    axum::Json(serde_json::json!({
+                        "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                        "message": "starting", "reason": "ServiceUnavailable", "code": 503
+                    })),
+                )
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self {
+            config: kube::Config::new(url.parse().unwrap()),
+            requests,
+        }
+    }
+
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+/// kube's default client of an [`UnavailableApiServer`]: it retries each 503 with backoff for
+/// minutes, which the operator's own deadlines must cut short whatever client they are given.
 pub async fn unavailable_api_server() -> kube::Client {
-    let app = axum::Router::new().fallback(|| async {
-        (
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({
-                "kind": "Status", "apiVersion": "v1", "status": "Failure",
-                "message": "starting", "reason": "ServiceUnavailable", "code": 503
-            })),
-        )
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap()
+    kube::Client::try_from(UnavailableApiServer::start().await.config).unwrap()
 }

@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use clap::{Parser, Subcommand};
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::{Api, Client};
+use kube::Api;
 use redline_operator::children::Defaults;
 use redline_operator::controller::{self, Context};
 use redline_operator::leader::{LeaseLock, Role, RoleCell};
@@ -101,9 +101,10 @@ fn main() -> Result<()> {
 }
 
 async fn run(args: RunArgs) -> Result<()> {
-    let client = Client::try_default()
+    let config = kube::Config::infer()
         .await
-        .context("Kubernetes client (in-cluster or KUBECONFIG)")?;
+        .context("Kubernetes client config (in-cluster or KUBECONFIG)")?;
+    let client = redline_operator::client::bounded(config).context("Kubernetes client")?;
     let identity = args
         .identity
         .clone()

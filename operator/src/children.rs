@@ -315,6 +315,12 @@ pub fn deployment(isvc: &InferenceService, d: &Defaults) -> Deployment {
                     // Engines never call the API server.
                     automount_service_account_token: Some(false),
                     termination_grace_period_seconds: Some(s.termination_grace_period_seconds),
+                    node_selector: (!s.node_selector.is_empty()).then(|| s.node_selector.clone()),
+                    tolerations: (!s.tolerations.is_empty()).then(|| s.tolerations.clone()),
+                    affinity: s.affinity.clone(),
+                    priority_class_name: s.priority_class_name.clone(),
+                    image_pull_secrets: (!s.image_pull_secrets.is_empty())
+                        .then(|| s.image_pull_secrets.clone()),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         run_as_user: Some(RUN_AS),
@@ -439,6 +445,46 @@ mod tests {
             .template
             .spec
             .unwrap()
+    }
+
+    #[test]
+    fn the_pods_are_scheduled_as_the_spec_says_and_left_to_the_cluster_otherwise() {
+        let bare = pod_spec(&isvc(BASE));
+        assert_eq!(
+            (
+                &bare.node_selector,
+                &bare.tolerations,
+                &bare.affinity,
+                &bare.priority_class_name,
+                &bare.image_pull_secrets
+            ),
+            (&None, &None, &None, &None, &None)
+        );
+        let pod = pod_spec(&isvc(&format!(
+            "{BASE}  nodeSelector: {{pool: h100}}\n  tolerations: [{{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}}]\n  affinity: {{podAntiAffinity: {{preferredDuringSchedulingIgnoredDuringExecution: [{{weight: 100, podAffinityTerm: {{topologyKey: topology.kubernetes.io/zone, labelSelector: {{matchLabels: {{app: chat}}}}}}}}]}}}}\n  priorityClassName: inference-high\n  imagePullSecrets: [{{name: registry}}]\n"
+        )));
+        assert_eq!(
+            pod.node_selector.unwrap().get("pool").map(String::as_str),
+            Some("h100")
+        );
+        let t = &pod.tolerations.unwrap()[0];
+        assert_eq!(
+            (t.key.as_deref(), t.operator.as_deref(), t.effect.as_deref()),
+            (Some("nvidia.com/gpu"), Some("Exists"), Some("NoSchedule"))
+        );
+        let term = &pod
+            .affinity
+            .unwrap()
+            .pod_anti_affinity
+            .unwrap()
+            .preferred_during_scheduling_ignored_during_execution
+            .unwrap()[0];
+        assert_eq!(
+            (term.weight, term.pod_affinity_term.topology_key.as_str()),
+            (100, "topology.kubernetes.io/zone")
+        );
+        assert_eq!(pod.priority_class_name.as_deref(), Some("inference-high"));
+        assert_eq!(pod.image_pull_secrets.unwrap()[0].name, "registry");
     }
 
     #[test]

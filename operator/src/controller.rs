@@ -208,54 +208,7 @@ async fn reconcile_inner(isvc: &InferenceService, ctx: &Context) -> Result<Actio
 
     let problems = validate::problems(&isvc.spec);
     if !problems.is_empty() {
-        let message = problems.join("; ");
-        let already = conditions::find(&previous.conditions, DEGRADED)
-            .is_some_and(|c| c.status == "True" && c.message == message);
-        if !already {
-            ctx.event(
-                isvc,
-                EventType::Warning,
-                "InvalidSpec",
-                "Validate",
-                message.clone(),
-            )
-            .await;
-        }
-        let status = InferenceServiceStatus {
-            observed_generation: generation,
-            conditions: with_autoscaler_conditions(
-                conditions::merge(
-                    &previous.conditions,
-                    now,
-                    generation,
-                    vec![
-                        Cond {
-                            type_: READY,
-                            ok: Some(false),
-                            reason: "InvalidSpec",
-                            message: "the spec is invalid; see Degraded".into(),
-                        },
-                        Cond {
-                            type_: PROGRESSING,
-                            ok: Some(false),
-                            reason: "InvalidSpec",
-                            message: String::new(),
-                        },
-                        Cond {
-                            type_: DEGRADED,
-                            ok: Some(true),
-                            reason: "InvalidSpec",
-                            message,
-                        },
-                    ],
-                ),
-                &previous,
-            ),
-            ..reconciler_fields(&previous)
-        };
-        write_status(&isvcs, &name, &status).await?;
-        // Nothing to do until the spec changes (which triggers a reconcile by itself).
-        return Ok(Action::requeue(Duration::from_secs(600)));
+        return report_invalid(ctx, isvc, &isvcs, &previous, problems.join("; ")).await;
     }
 
     // A referenced AutoscalingPolicy must exist (the autoscaler reads it); its absence is
@@ -279,9 +232,20 @@ async fn reconcile_inner(isvc: &InferenceService, ctx: &Context) -> Result<Actio
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     let before = deployments.get_opt(&name).await?;
     let want = children::deployment(isvc, &ctx.defaults);
-    let dep = deployments
+    let dep = match deployments
         .patch(&name, &apply_params(), &Patch::Apply(&want))
-        .await?;
+        .await
+    {
+        Ok(d) => d,
+        // What a 1.20 schema cannot check and the API server's validation of a pod template
+        // does (a toleration's operator, a node selector's label syntax, ...): the spec is at
+        // fault, and retrying it cannot help. The Deployment, if any, keeps its last good spec.
+        Err(kube::Error::Api(e)) if e.code == 422 => {
+            let message = format!("the API server rejected the Deployment: {}", e.message);
+            return report_invalid(ctx, isvc, &isvcs, &previous, message).await;
+        }
+        Err(e) => return Err(e.into()),
+    };
     let replicas_of = |d: &Deployment| d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
     match &before {
         None => {
@@ -414,6 +378,66 @@ async fn reconcile_inner(isvc: &InferenceService, ctx: &Context) -> Result<Actio
 /// `podLimits` and `lastDecision` (never sent here, so a server-side apply leaves them alone)
 /// and the NearRedline condition, which is passed through as found: a 1.20 API server treats
 /// the conditions list as one value, whatever the schema says.
+/// Reports a spec that cannot be served: Degraded (reason `InvalidSpec`, with `message`), a
+/// Warning Event when the message is new; then nothing to do until the spec changes (which
+/// triggers a reconcile by itself).
+async fn report_invalid(
+    ctx: &Context,
+    isvc: &InferenceService,
+    isvcs: &Api<InferenceService>,
+    previous: &InferenceServiceStatus,
+    message: String,
+) -> Result<Action, Error> {
+    let generation = isvc.metadata.generation;
+    let now = Timestamp::now();
+    let already = conditions::find(&previous.conditions, DEGRADED)
+        .is_some_and(|c| c.status == "True" && c.message == message);
+    if !already {
+        ctx.event(
+            isvc,
+            EventType::Warning,
+            "InvalidSpec",
+            "Validate",
+            message.clone(),
+        )
+        .await;
+    }
+    let status = InferenceServiceStatus {
+        observed_generation: generation,
+        conditions: with_autoscaler_conditions(
+            conditions::merge(
+                &previous.conditions,
+                now,
+                generation,
+                vec![
+                    Cond {
+                        type_: READY,
+                        ok: Some(false),
+                        reason: "InvalidSpec",
+                        message: "the spec is invalid; see Degraded".into(),
+                    },
+                    Cond {
+                        type_: PROGRESSING,
+                        ok: Some(false),
+                        reason: "InvalidSpec",
+                        message: String::new(),
+                    },
+                    Cond {
+                        type_: DEGRADED,
+                        ok: Some(true),
+                        reason: "InvalidSpec",
+                        message,
+                    },
+                ],
+            ),
+            previous,
+        ),
+        ..reconciler_fields(previous)
+    };
+    write_status(isvcs, &isvc.name_any(), &status).await?;
+    Ok(Action::requeue(Duration::from_secs(600)))
+}
+
 fn reconciler_fields(s: &InferenceServiceStatus) -> InferenceServiceStatus {
     InferenceServiceStatus {
         kv_usage: None,

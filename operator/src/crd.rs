@@ -5,7 +5,9 @@
 //! defaults; no CEL rules. Cross-field checks (`minReplicas <= maxReplicas`, exactly one model
 //! source) are the reconciler's, reported as a `Degraded` condition (see validate.rs).
 
-use k8s_openapi::api::core::v1::ResourceRequirements;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, LocalObjectReference, ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use redline_autoscale::defaults;
@@ -67,6 +69,25 @@ pub struct InferenceServiceSpec {
     #[serde(default = "grace")]
     #[schemars(range(min = 1, max = 3600))]
     pub termination_grace_period_seconds: i64,
+    /// Node labels the engine pods must run on (a pod spec's `nodeSelector`), e.g. a GPU pool's
+    /// `cloud.google.com/gke-accelerator: nvidia-h100-80gb`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints the engine pods tolerate (a pod spec's `tolerations`): GPU node pools are usually
+    /// tainted, e.g. `nvidia.com/gpu:NoSchedule`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// The engine pods' node and pod affinity (a pod spec's `affinity`), e.g. replicas spread
+    /// over zones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// The engine pods' PriorityClass (a pod spec's `priorityClassName`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    /// Secrets for pulling the engine and sidecar images from a private registry (a pod spec's
+    /// `imagePullSecrets`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
 }
 
 impl InferenceServiceSpec {

@@ -6,14 +6,14 @@
 //! invalid services are refused by the API server or marked Degraded while valid ones keep
 //! reconciling; a `helm upgrade` to two replicas of a new build rolls the operator, hands the
 //! leader Lease over and fails over to the standby; evictions (a node drain) take one engine
-//! pod at a time (the PodDisruptionBudget); deleting a service garbage-collects its
-//! children.
+//! pod at a time (the PodDisruptionBudget); the spec's node selector and tolerations place the
+//! pods (a tainted node); deleting a service garbage-collects its children.
 
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, EvictParams, ListParams, Patch, PatchParams,
     PostParams,
@@ -103,6 +103,133 @@ async fn disruption_budgets(client: &Client, ns: &str) -> Api<DynamicObject> {
         .unwrap()
         .expect("PodDisruptionBudgets served");
     Api::namespaced_with(client.clone(), ns, &api)
+}
+
+/// The condition `type_` of service `name` once its status is `want`.
+async fn wait_condition(
+    isvcs: &Api<InferenceService>,
+    name: &str,
+    type_: &str,
+    want: &str,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    wait_for(
+        &format!("{name}: {type_} {want}"),
+        Duration::from_secs(60),
+        || async {
+            let i = isvcs.get(name).await.map_err(|e| e.to_string())?;
+            match i
+                .status
+                .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == type_))
+            {
+                Some(c) if c.status == want => Ok(c),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await
+}
+
+/// The spec places the engine pods as a pod spec would: with a node tainted the way GPU pools
+/// are, a service that selects that node and tolerates the taint is scheduled there by the real
+/// scheduler, one that does not tolerate it waits (ResourcesAvailable False, in the scheduler's
+/// words), and a toleration the API server refuses marks the service Degraded with the
+/// server's reason instead of retrying it. Untaints the node and deletes the services after.
+async fn placement_follows_the_spec(client: &Client, ns: &str) {
+    let isvcs: Api<InferenceService> = Api::namespaced(client.clone(), ns);
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node = nodes.list(&ListParams::default()).await.unwrap().items[0]
+        .metadata
+        .name
+        .clone()
+        .unwrap();
+    let _untaint = Tainted::new(&node, "redline.dev/e2e=placement:NoSchedule");
+    let placed = |name: &str, tolerations: serde_json::Value| {
+        let mut i = example();
+        i.metadata.name = Some(name.into());
+        // No GPU: the other node's devices may be taken, and this is about placement only.
+        i.spec.resources = None;
+        i.spec.node_selector = [("kubernetes.io/hostname".to_string(), node.clone())].into();
+        i.spec.tolerations = serde_json::from_value(tolerations).unwrap();
+        i
+    };
+    let tolerated = placed(
+        "placed",
+        json!([{"key": "redline.dev/e2e", "operator": "Equal", "value": "placement", "effect": "NoSchedule"}]),
+    );
+    let untolerated = placed("untolerated", json!([]));
+    let rejected = placed(
+        "bad-toleration",
+        json!([{"key": "redline.dev/e2e", "operator": "Exists", "value": "placement"}]),
+    );
+    for i in [&tolerated, &untolerated, &rejected] {
+        isvcs.create(&PostParams::default(), i).await.unwrap();
+    }
+    let pod = wait_for("placed: its pod scheduled", Duration::from_secs(60), || async {
+        engine_pods(client, ns, "placed")
+            .await
+            .into_iter()
+            .find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
+            .ok_or("not scheduled".to_string())
+    })
+    .await;
+    let spec = pod.spec.unwrap();
+    assert_eq!(spec.node_name.as_deref(), Some(node.as_str()));
+    assert!(
+        spec.tolerations
+            .unwrap_or_default()
+            .iter()
+            .any(|t| t.key.as_deref() == Some("redline.dev/e2e")),
+        "the pod carries the service's toleration"
+    );
+    let waiting = wait_condition(&isvcs, "untolerated", "ResourcesAvailable", "False").await;
+    assert_eq!(waiting.reason, "Unschedulable");
+    assert!(waiting.message.contains("taint"), "{}", waiting.message);
+    let degraded = wait_condition(&isvcs, "bad-toleration", "Degraded", "True").await;
+    assert_eq!(degraded.reason, "InvalidSpec");
+    assert!(
+        degraded.message.contains("rejected the Deployment")
+            && degraded.message.contains("tolerations"),
+        "{}",
+        degraded.message
+    );
+    assert!(
+        Api::<Deployment>::namespaced(client.clone(), ns)
+            .get_opt("bad-toleration")
+            .await
+            .unwrap()
+            .is_none(),
+        "no Deployment for a rejected spec"
+    );
+    for i in ["placed", "untolerated", "bad-toleration"] {
+        isvcs.delete(i, &DeleteParams::default()).await.unwrap();
+    }
+}
+
+/// A node taint (`kubectl taint`), removed again when dropped, even by a failing test: a
+/// tainted node would keep the next test's pods off it.
+struct Tainted {
+    node: String,
+    key: String,
+}
+
+impl Tainted {
+    fn new(node: &str, taint: &str) -> Self {
+        testing::run_kubectl(&["taint", "nodes", node, taint]);
+        Tainted {
+            node: node.into(),
+            key: taint.split('=').next().unwrap().into(),
+        }
+    }
+}
+
+impl Drop for Tainted {
+    fn drop(&mut self) {
+        // Not run_kubectl: a panic here, while unwinding, would abort the test binary.
+        let _ = std::process::Command::new(testing::kubectl())
+            .args(["taint", "nodes", &self.node, &format!("{}-", self.key)])
+            .env("KUBECONFIG", testing::kubeconfig_path())
+            .output();
+    }
 }
 
 /// A node drain (evictions) takes the service's engine pods one at a time: the operator's
@@ -709,6 +836,8 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
         Ok("Scheduled".to_string()),
         "the service whose pod runs"
     );
+
+    placement_follows_the_spec(&client, &ns.name).await;
 
     // The API server restarts (local cluster only: a kind control plane is not ours to
     // restart): the operator recovers without crashing, reconciles a service created afterwards,

@@ -164,13 +164,17 @@ async fn placement_follows_the_spec(client: &Client, ns: &str) {
     for i in [&tolerated, &untolerated, &rejected] {
         isvcs.create(&PostParams::default(), i).await.unwrap();
     }
-    let pod = wait_for("placed: its pod scheduled", Duration::from_secs(60), || async {
-        engine_pods(client, ns, "placed")
-            .await
-            .into_iter()
-            .find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
-            .ok_or("not scheduled".to_string())
-    })
+    let pod = wait_for(
+        "placed: its pod scheduled",
+        Duration::from_secs(60),
+        || async {
+            engine_pods(client, ns, "placed")
+                .await
+                .into_iter()
+                .find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())
+                .ok_or("not scheduled".to_string())
+        },
+    )
     .await;
     let spec = pod.spec.unwrap();
     assert_eq!(spec.node_name.as_deref(), Some(node.as_str()));

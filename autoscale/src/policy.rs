@@ -285,7 +285,11 @@ impl Policy {
     pub fn decide(&mut self, obs: &Observation) -> Decision {
         let cfg = self.cfg;
         let now = obs.now;
-        let (min, max) = (cfg.min_replicas, cfg.max_replicas.max(cfg.min_replicas));
+        let max = cfg.max_replicas.max(cfg.min_replicas);
+        // Never to zero while a replica is allowed: with no pod there is no report of demand
+        // to scale up from (scale from zero needs something that holds the first requests,
+        // Knative's activator; redline has none).
+        let min = cfg.min_replicas.max(1).min(max);
         // A drain whose pod is gone (deleted by someone else) is over.
         self.draining
             .retain(|d| obs.pods.iter().any(|p| p.name == d.pod));

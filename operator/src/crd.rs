@@ -49,6 +49,9 @@ pub struct InferenceServiceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub replicas: Option<i32>,
+    /// The fewest replicas. 0 lets `kubectl scale` (or an HPA) stop the service; redline's
+    /// autoscaling keeps at least 1 while maxReplicas allows one, since with no pod there is
+    /// no demand to see (no scale from zero).
     #[serde(default = "one")]
     #[schemars(range(min = 0))]
     pub min_replicas: i32,

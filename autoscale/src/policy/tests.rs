@@ -614,6 +614,44 @@ fn the_replicas_are_brought_back_inside_min_and_max() {
     );
 }
 
+#[test]
+fn an_idle_service_keeps_one_replica_whatever_its_minimum() {
+    let mut c = cfg();
+    c.min_replicas = 0;
+    let mut p = Policy::new(c);
+    // Nothing in flight and nothing arriving, for far longer than the scale-down window; the
+    // pods drain (and empty) at once.
+    let mut desired = 3u32;
+    let mut t = 0.0;
+    while t < 2000.0 {
+        let pods = (0..desired)
+            .map(|i| PodView {
+                name: format!("p{i}"),
+                phase: PodPhase::Ready,
+                signals: Some(PodSignals {
+                    kv_usage: 0.0,
+                    ..signals(0.0, 0)
+                }),
+            })
+            .collect();
+        let d = p.decide(&Observation {
+            now: t,
+            desired,
+            pods,
+        });
+        desired = d.replicas;
+        t += 5.0;
+    }
+    assert_eq!(desired, 1, "the idle spares drain, the last pod stays");
+    // Asked for none, it starts one: a service at zero never hears of demand again.
+    let d = p.decide(&obs(t, 0, 0, 0.0));
+    assert_eq!(d.action, Action::ScaleUp { from: 0, to: 1 }, "{}", d.reason);
+    // With no replica allowed at all, it stays at none.
+    c.max_replicas = 0;
+    let d = Policy::new(c).decide(&obs(0.0, 1, 1, 0.0));
+    assert_eq!(d.replicas, 0, "{}", d.reason);
+}
+
 /// A random run: per tick the load, whether each pod's report is missing or stale, and how
 /// many of the desired pods are still starting.
 #[derive(Debug, Clone)]
@@ -800,7 +838,7 @@ fn check_invariants(
                     "drain at {t} within the window of pods starting at {last_starting:?}"
                 );
                 prop_assert!(!pods.is_empty() && pods.len() as u32 <= c.max_step);
-                prop_assert!(desired - pods.len() as u32 >= c.min_replicas);
+                prop_assert!(desired - pods.len() as u32 >= c.min_replicas.max(1));
                 drained = pods.clone();
             }
             Action::ScaleDown { from, to, pods } => {

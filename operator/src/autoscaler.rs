@@ -30,12 +30,15 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::children::{self, SIDECAR_PORT};
-use crate::conditions::{self, Cond, AUTOSCALER_OWNED, NEAR_REDLINE, RESOURCES_AVAILABLE};
+use crate::conditions::{
+    self, Cond, AUTOSCALER_OWNED, NEAR_REDLINE, RESOURCES_AVAILABLE, SCALING_ACTIVE,
+};
 use crate::controller::{Context, Error};
 use crate::crd::{
     late_requests_text, AutoscalingPolicy, AutoscalingPolicySpec, Decision, InferenceService,
     PodLimits,
 };
+use crate::hpa_conflict;
 use crate::validate::effective_replicas;
 
 /// The field manager of everything this loop writes.
@@ -196,6 +199,15 @@ fn reports_unschedulable(isvc: &InferenceService) -> bool {
         .is_some_and(|c| c.status == "False")
 }
 
+/// Whether `status` says redline's autoscaling sets the replicas (so a service just switched
+/// off must be visited once to say it no longer does, even with no pods).
+fn reports_scaling_active(isvc: &InferenceService) -> bool {
+    isvc.status
+        .as_ref()
+        .and_then(|s| conditions::find(&s.conditions, SCALING_ACTIVE))
+        .is_some_and(|c| c.status == "True")
+}
+
 /// The KV usage shown by `kubectl get` and whether the service is near its redline; `None`
 /// without any report.
 pub fn pressure_summary(reports: &[&PressureReport]) -> Option<(f64, f64, bool)> {
@@ -285,6 +297,8 @@ pub struct Autoscaler {
     http: reqwest::Client,
     started: Instant,
     services: HashMap<String, ServiceState>,
+    /// The last error listing HorizontalPodAutoscalers, logged once.
+    hpa_error: Option<String>,
 }
 
 impl Autoscaler {
@@ -298,6 +312,7 @@ impl Autoscaler {
                 .expect("an HTTP client"),
             started: Instant::now(),
             services: HashMap::new(),
+            hpa_error: None,
         }
     }
 
@@ -320,17 +335,32 @@ impl Autoscaler {
                     continue;
                 }
             };
+            let any_enabled = isvcs
+                .iter()
+                .any(|i| i.spec.autoscaling.as_ref().is_some_and(|a| a.enabled));
+            let mut hpas = if any_enabled {
+                self.hpa_targets().await
+            } else {
+                HashMap::new()
+            };
             for isvc in isvcs {
                 if !isvc.spec.sidecar.enabled || isvc.metadata.deletion_timestamp.is_some() {
                     continue;
                 }
                 let k = key(&isvc);
                 let mine = pods.remove(&k).unwrap_or_default();
+                let hpa = hpas.remove(&k);
                 let enabled = isvc.spec.autoscaling.as_ref().is_some_and(|a| a.enabled);
-                if mine.is_empty() && !enabled && !reports_unschedulable(&isvc) {
+                if mine.is_empty()
+                    && !enabled
+                    && !reports_unschedulable(&isvc)
+                    && !reports_scaling_active(&isvc)
+                {
                     continue; // Nothing to read, nothing to decide, nothing to clear.
                 }
-                let r = self.bounded_service(&isvc, mine, PASS_TIMEOUT).await;
+                let r = self
+                    .bounded_service(&isvc, mine, hpa.as_deref(), PASS_TIMEOUT)
+                    .await;
                 let st = self.services.entry(k.clone()).or_default();
                 match r {
                     Ok(()) => {
@@ -359,11 +389,37 @@ impl Autoscaler {
         &mut self,
         isvc: &InferenceService,
         pods: Vec<Pod>,
+        hpas: Option<&[String]>,
         limit: Duration,
     ) -> Result<(), Error> {
-        tokio::time::timeout(limit, self.service(isvc, pods))
+        tokio::time::timeout(limit, self.service(isvc, pods, hpas))
             .await
             .unwrap_or(Err(Error::Timeout(limit)))
+    }
+
+    /// The HPAs that target InferenceServices, by service key; none when they cannot be listed
+    /// (logged once: the loop goes on without the check).
+    async fn hpa_targets(&mut self) -> HashMap<String, Vec<String>> {
+        let listed = tokio::time::timeout(PASS_TIMEOUT, hpa_conflict::list(&self.ctx.client)).await;
+        match listed {
+            Ok(Ok(t)) => {
+                if self.hpa_error.take().is_some() {
+                    info!("autoscaling loop: listing HorizontalPodAutoscalers works again");
+                }
+                t
+            }
+            failed => {
+                let msg = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => Error::Timeout(PASS_TIMEOUT).to_string(),
+                };
+                if self.hpa_error.as_deref() != Some(msg.as_str()) {
+                    warn!("autoscaling loop: listing HorizontalPodAutoscalers (conflicts not checked): {msg}");
+                    self.hpa_error = Some(msg);
+                }
+                HashMap::new()
+            }
+        }
     }
 
     /// Every pod the operator's Deployments run, by service key (`namespace/name`).
@@ -465,15 +521,20 @@ impl Autoscaler {
         }
     }
 
-    async fn service(&mut self, isvc: &InferenceService, pods: Vec<Pod>) -> Result<(), Error> {
+    async fn service(
+        &mut self,
+        isvc: &InferenceService,
+        pods: Vec<Pod>,
+        hpas: Option<&[String]>,
+    ) -> Result<(), Error> {
         let ns = isvc.namespace().ok_or(Error::MissingKey("namespace"))?;
         let name = isvc.name_any();
         let k = key(isvc);
         let Some(token) = self.token(isvc, &ns).await? else {
             return Ok(()); // The reconciler has not created it yet.
         };
-        let enabled = isvc.spec.autoscaling.as_ref().is_some_and(|a| a.enabled);
-        let spec = if enabled {
+        let scaling = hpa_conflict::condition(isvc, hpas);
+        let spec = if scaling.ok == Some(true) {
             self.policy_spec(isvc, &ns).await?
         } else {
             None
@@ -561,7 +622,7 @@ impl Autoscaler {
             &views,
             &reports,
             decision.as_ref(),
-            resources,
+            [resources, scaling],
         )
         .await
     }
@@ -736,7 +797,7 @@ impl Autoscaler {
         views: &[(String, PodPhase, Option<String>)],
         reports: &[Option<PressureReport>],
         d: Option<&PolicyDecision>,
-        resources: Cond<'static>,
+        [resources, scaling]: [Cond<'static>; 2],
     ) -> Result<(), Error> {
         let got: Vec<&PressureReport> = reports.iter().flatten().collect();
         let summary = pressure_summary(&got);
@@ -779,11 +840,23 @@ impl Autoscaler {
                 )
                 .await;
         }
+        let was = conditions::find(&current.conditions, SCALING_ACTIVE).map(|c| c.reason.clone());
+        if scaling.reason == "ConflictingAutoscaler" && was.as_deref() != Some(scaling.reason) {
+            self.ctx
+                .event(
+                    isvc,
+                    EventType::Warning,
+                    "ConflictingAutoscaler",
+                    "Scale",
+                    scaling.message.clone(),
+                )
+                .await;
+        }
         let ours = conditions::merge(
             &current.conditions,
             Timestamp::now(),
             isvc.metadata.generation,
-            vec![cond, resources],
+            vec![cond, resources, scaling],
         );
         // The reconciler's conditions as they are, ours replaced (the list is one value to a
         // 1.20 API server).
@@ -1055,7 +1128,7 @@ spec:
         let i = isvc(BASE);
         let t0 = Instant::now();
         let r = a
-            .bounded_service(&i, Vec::new(), Duration::from_secs(2))
+            .bounded_service(&i, Vec::new(), None, Duration::from_secs(2))
             .await;
         assert!(matches!(r, Err(Error::Timeout(_))), "{r:?}");
         assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());

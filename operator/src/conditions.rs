@@ -13,9 +13,12 @@ pub const NEAR_REDLINE: &str = "NearRedline";
 /// the autoscaler adds no replica meanwhile. The name and reason are Knative's (a Revision's
 /// ResourcesAvailable), which KServe users meet in the same situation.
 pub const RESOURCES_AVAILABLE: &str = "ResourcesAvailable";
+/// Whether redline's autoscaling sets the replicas: False when it is off, or while another
+/// autoscaler (an HPA) targets the service (`hpa_conflict`). The name is the HPA's own.
+pub const SCALING_ACTIVE: &str = "ScalingActive";
 /// The conditions the autoscaling loop writes (from pods and sidecars); the reconciler keeps
 /// them as they are.
-pub const AUTOSCALER_OWNED: [&str; 2] = [NEAR_REDLINE, RESOURCES_AVAILABLE];
+pub const AUTOSCALER_OWNED: [&str; 3] = [NEAR_REDLINE, RESOURCES_AVAILABLE, SCALING_ACTIVE];
 
 pub struct Cond<'a> {
     pub type_: &'a str,

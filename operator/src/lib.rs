@@ -8,6 +8,7 @@ pub mod client;
 pub mod conditions;
 pub mod controller;
 pub mod crd;
+pub mod hpa_conflict;
 pub mod leader;
 pub mod metrics;
 #[cfg(test)]

@@ -5,13 +5,15 @@
 //! are drained and removed (load/tests/closed_loop.rs drives the loop with a trace);
 //! invalid services are refused by the API server or marked Degraded while valid ones keep
 //! reconciling; a `helm upgrade` to two replicas of a new build rolls the operator, hands the
-//! leader Lease over and fails over to the standby; evictions (a node drain) take one engine
+//! leader Lease over and fails over to the standby; an HPA on an autoscaled service makes
+//! redline hold its replicas (ScalingActive False) until it goes; evictions (a node drain) take one engine
 //! pod at a time (the PodDisruptionBudget); the spec's node selector and tolerations place the
 //! pods (a tainted node); deleting a service garbage-collects its children.
 
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v1::HorizontalPodAutoscaler;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::api::{
@@ -474,6 +476,7 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
         "Degraded",
         "NearRedline",
         "ResourcesAvailable",
+        "ScalingActive",
     ] {
         assert!(
             observed.conditions.iter().any(|c| c.type_ == t),
@@ -623,6 +626,49 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
         );
     }
 
+    // An HPA pointed at the autoscaled service (as a KEDA ScaledObject would make): two
+    // writers of its replicas. redline holds off and says so, once; it scales again once the
+    // HPA is gone. (With no metrics API here, the HPA itself scales nothing.)
+    assert_eq!(
+        wait_condition(&isvcs, &name, "ScalingActive", "True")
+            .await
+            .reason,
+        "Autoscaling"
+    );
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns.name);
+    let hpa: HorizontalPodAutoscaler = serde_json::from_value(json!({
+        "metadata": {"name": "smollm2-hpa"},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "redline.dev/v1alpha1", "kind": "InferenceService", "name": name},
+            "minReplicas": 1, "maxReplicas": 2, "targetCPUUtilizationPercentage": 50
+        }
+    }))
+    .unwrap();
+    hpas.create(&PostParams::default(), &hpa).await.unwrap();
+    let held = wait_condition(&isvcs, &name, "ScalingActive", "False").await;
+    assert_eq!(held.reason, "ConflictingAutoscaler");
+    assert!(held.message.contains("smollm2-hpa"), "{}", held.message);
+    tokio::time::sleep(Duration::from_secs(11)).await; // two more passes see it
+    let warned = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), &ns.name)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("ConflictingAutoscaler"))
+        .map(|e| e.series.map_or(1, |s| s.count))
+        .sum::<i32>();
+    assert_eq!(warned, 1, "one Warning Event for the episode");
+    hpas.delete("smollm2-hpa", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        wait_condition(&isvcs, &name, "ScalingActive", "True")
+            .await
+            .reason,
+        "Autoscaling"
+    );
+
     isvcs
         .patch(
             &name,
@@ -631,6 +677,12 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
         )
         .await
         .unwrap();
+    assert_eq!(
+        wait_condition(&isvcs, &name, "ScalingActive", "False")
+            .await
+            .reason,
+        "AutoscalingDisabled"
+    );
 
     // Invalid services: refused by the API server's schema (raw JSON, as kubectl would send)...
     let raw: Api<DynamicObject> = Api::namespaced_with(

@@ -1,0 +1,146 @@
+//! Another autoscaler on an autoscaled service. A HorizontalPodAutoscaler (or a KEDA
+//! ScaledObject, which makes one) pointed at an InferenceService whose `autoscaling.enabled` is
+//! true writes `spec.replicas` through the same scale subresource redline's loop writes: two
+//! writers, and the replicas flap between their answers. Kubernetes' own HPA refuses to act
+//! when two of them select the same pods (`ScalingActive` False, `AmbiguousSelector`); redline
+//! does the same: it holds the replicas while such an HPA exists (its sidecars' guards and
+//! limits go on), and says why in the `ScalingActive` condition and a Warning Event.
+
+use std::collections::HashMap;
+
+use k8s_openapi::api::autoscaling::v1::HorizontalPodAutoscaler;
+use kube::api::ListParams;
+use kube::{Api, Client, ResourceExt};
+
+use crate::conditions::{Cond, SCALING_ACTIVE};
+use crate::crd::InferenceService;
+
+/// The HPAs that scale an InferenceService, by the service's key (`namespace/name`).
+pub fn targets(hpas: &[HorizontalPodAutoscaler]) -> HashMap<String, Vec<String>> {
+    let mut by: HashMap<String, Vec<String>> = HashMap::new();
+    for h in hpas {
+        let Some(r) = h.spec.as_ref().map(|s| &s.scale_target_ref) else {
+            continue;
+        };
+        // `apiVersion` is optional in a v1 reference; a kind of another group is not ours.
+        let group = r.api_version.as_deref().map(|v| v.split('/').next());
+        if r.kind != "InferenceService" || group.is_some_and(|g| g != Some("redline.dev")) {
+            continue;
+        }
+        by.entry(format!("{}/{}", h.namespace().unwrap_or_default(), r.name))
+            .or_default()
+            .push(h.name_any());
+    }
+    by
+}
+
+/// Every HPA in the cluster that scales an InferenceService (autoscaling/v1: served by every
+/// release from 1.20 on).
+pub async fn list(client: &Client) -> Result<HashMap<String, Vec<String>>, kube::Error> {
+    let api: Api<HorizontalPodAutoscaler> = Api::all(client.clone());
+    Ok(targets(&api.list(&ListParams::default()).await?.items))
+}
+
+/// The `ScalingActive` condition of a service: whether redline's autoscaling sets its replicas.
+pub fn condition(isvc: &InferenceService, hpas: Option<&[String]>) -> Cond<'static> {
+    let enabled = isvc.spec.autoscaling.as_ref().is_some_and(|a| a.enabled);
+    match (enabled, hpas) {
+        (false, _) => Cond {
+            type_: SCALING_ACTIVE,
+            ok: Some(false),
+            reason: "AutoscalingDisabled",
+            message: "autoscaling.enabled is false: replicas follow spec.replicas \
+                      (kubectl scale, an HPA)"
+                .into(),
+        },
+        (true, Some(names)) if !names.is_empty() => Cond {
+            type_: SCALING_ACTIVE,
+            ok: Some(false),
+            reason: "ConflictingAutoscaler",
+            message: format!(
+                "HorizontalPodAutoscaler {} also scales this service; redline holds its \
+                 replicas until that is deleted or autoscaling.enabled is false",
+                names.join(", ")
+            ),
+        },
+        (true, _) => Cond {
+            type_: SCALING_ACTIVE,
+            ok: Some(true),
+            reason: "Autoscaling",
+            message: "redline's autoscaling sets the replicas".into(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hpa(
+        ns: &str,
+        name: &str,
+        api_version: Option<&str>,
+        kind: &str,
+        target: &str,
+    ) -> HorizontalPodAutoscaler {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {
+                "maxReplicas": 4,
+                "scaleTargetRef": {"apiVersion": api_version, "kind": kind, "name": target}
+            }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn only_hpas_that_scale_an_inference_service_count_by_its_namespace_and_name() {
+        let t = targets(&[
+            hpa(
+                "ml",
+                "chat-hpa",
+                Some("redline.dev/v1alpha1"),
+                "InferenceService",
+                "chat",
+            ),
+            hpa("ml", "keda-hpa-chat", None, "InferenceService", "chat"),
+            hpa("ml", "web", Some("apps/v1"), "Deployment", "chat"),
+            hpa(
+                "ml",
+                "other-group",
+                Some("serving.kserve.io/v1beta1"),
+                "InferenceService",
+                "chat",
+            ),
+            hpa(
+                "dev",
+                "chat-hpa",
+                Some("redline.dev/v1alpha1"),
+                "InferenceService",
+                "chat",
+            ),
+        ]);
+        assert_eq!(t.len(), 2, "{t:?}");
+        assert_eq!(t["ml/chat"], vec!["chat-hpa", "keda-hpa-chat"]);
+        assert_eq!(t["dev/chat"], vec!["chat-hpa"]);
+    }
+
+    #[test]
+    fn the_condition_says_who_sets_the_replicas() {
+        let isvc = |enabled: bool| -> InferenceService {
+            serde_yaml::from_str(&format!(
+                "apiVersion: redline.dev/v1alpha1\nkind: InferenceService\nmetadata: {{name: chat}}\nspec:\n  model: {{default: {{}}}}\n  autoscaling: {{enabled: {enabled}}}\n"
+            ))
+            .unwrap()
+        };
+        let names = vec!["chat-hpa".to_string()];
+        let c = condition(&isvc(true), Some(&names));
+        assert_eq!((c.ok, c.reason), (Some(false), "ConflictingAutoscaler"));
+        assert!(c.message.contains("chat-hpa"), "{}", c.message);
+        let c = condition(&isvc(true), None);
+        assert_eq!((c.ok, c.reason), (Some(true), "Autoscaling"));
+        // Without redline's autoscaling an HPA is how replicas are meant to be set.
+        let c = condition(&isvc(false), Some(&names));
+        assert_eq!((c.ok, c.reason), (Some(false), "AutoscalingDisabled"));
+    }
+}

@@ -38,7 +38,7 @@ use crate::crd::{
     late_requests_text, AutoscalingPolicy, AutoscalingPolicySpec, Decision, InferenceService,
     PodLimits,
 };
-use crate::hpa_conflict;
+use crate::scaling_active;
 use crate::validate::effective_replicas;
 
 /// The field manager of everything this loop writes.
@@ -400,7 +400,8 @@ impl Autoscaler {
     /// The HPAs that target InferenceServices, by service key; none when they cannot be listed
     /// (logged once: the loop goes on without the check).
     async fn hpa_targets(&mut self) -> HashMap<String, Vec<String>> {
-        let listed = tokio::time::timeout(PASS_TIMEOUT, hpa_conflict::list(&self.ctx.client)).await;
+        let listed =
+            tokio::time::timeout(PASS_TIMEOUT, scaling_active::list(&self.ctx.client)).await;
         match listed {
             Ok(Ok(t)) => {
                 if self.hpa_error.take().is_some() {
@@ -530,10 +531,18 @@ impl Autoscaler {
         let ns = isvc.namespace().ok_or(Error::MissingKey("namespace"))?;
         let name = isvc.name_any();
         let k = key(isvc);
+        let scaling = scaling_active::condition(isvc, hpas);
         let Some(token) = self.token(isvc, &ns).await? else {
-            return Ok(()); // The reconciler has not created it yet.
+            // The reconciler has not created it yet, or will not: an invalid spec gets no
+            // children. With no pod there is nothing to read, and status can say why nothing
+            // scales.
+            if pods.is_empty() {
+                let resources = resources_condition(&pods);
+                self.write_status(isvc, &name, &ns, &[], &[], None, [resources, scaling])
+                    .await?;
+            }
+            return Ok(());
         };
-        let scaling = hpa_conflict::condition(isvc, hpas);
         let spec = if scaling.ok == Some(true) {
             self.policy_spec(isvc, &ns).await?
         } else {

@@ -13,8 +13,9 @@ pub const NEAR_REDLINE: &str = "NearRedline";
 /// the autoscaler adds no replica meanwhile. The name and reason are Knative's (a Revision's
 /// ResourcesAvailable), which KServe users meet in the same situation.
 pub const RESOURCES_AVAILABLE: &str = "ResourcesAvailable";
-/// Whether redline's autoscaling sets the replicas: False when it is off, or while another
-/// autoscaler (an HPA) targets the service (`hpa_conflict`). The name is the HPA's own.
+/// Whether redline's autoscaling sets the replicas: False when it is off, while the spec is
+/// invalid, or while another autoscaler (an HPA) targets the service (`scaling_active`). The
+/// name is the HPA's own.
 pub const SCALING_ACTIVE: &str = "ScalingActive";
 /// The conditions the autoscaling loop writes (from pods and sidecars); the reconciler keeps
 /// them as they are.

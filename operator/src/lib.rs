@@ -8,9 +8,9 @@ pub mod client;
 pub mod conditions;
 pub mod controller;
 pub mod crd;
-pub mod hpa_conflict;
 pub mod leader;
 pub mod metrics;
+pub mod scaling_active;
 #[cfg(test)]
 mod test_support;
 pub mod validate;

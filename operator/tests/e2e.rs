@@ -135,7 +135,7 @@ async fn wait_condition(
 /// are, a service that selects that node and tolerates the taint is scheduled there by the real
 /// scheduler, one that does not tolerate it waits (ResourcesAvailable False, in the scheduler's
 /// words), and a toleration the API server refuses marks the service Degraded with the
-/// server's reason instead of retrying it. Untaints the node and deletes the services after.
+/// server's reason instead of retrying it (and its autoscaling holds). Untaints the node and deletes the services after.
 async fn placement_follows_the_spec(client: &Client, ns: &str) {
     let isvcs: Api<InferenceService> = Api::namespaced(client.clone(), ns);
     let nodes: Api<Node> = Api::all(client.clone());
@@ -159,10 +159,11 @@ async fn placement_follows_the_spec(client: &Client, ns: &str) {
         json!([{"key": "redline.dev/e2e", "operator": "Equal", "value": "placement", "effect": "NoSchedule"}]),
     );
     let untolerated = placed("untolerated", json!([]));
-    let rejected = placed(
+    let mut rejected = placed(
         "bad-toleration",
         json!([{"key": "redline.dev/e2e", "operator": "Exists", "value": "placement"}]),
     );
+    rejected.spec.autoscaling.as_mut().unwrap().enabled = true;
     for i in [&tolerated, &untolerated, &rejected] {
         isvcs.create(&PostParams::default(), i).await.unwrap();
     }
@@ -206,6 +207,9 @@ async fn placement_follows_the_spec(client: &Client, ns: &str) {
             .is_none(),
         "no Deployment for a rejected spec"
     );
+    // Its autoscaling holds: a decision could not be carried out.
+    let held = wait_condition(&isvcs, "bad-toleration", "ScalingActive", "False").await;
+    assert_eq!(held.reason, "InvalidSpec", "{}", held.message);
     for i in ["placed", "untolerated", "bad-toleration"] {
         isvcs.delete(i, &DeleteParams::default()).await.unwrap();
     }

@@ -1,10 +1,14 @@
-//! Another autoscaler on an autoscaled service. A HorizontalPodAutoscaler (or a KEDA
-//! ScaledObject, which makes one) pointed at an InferenceService whose `autoscaling.enabled` is
-//! true writes `spec.replicas` through the same scale subresource redline's loop writes: two
-//! writers, and the replicas flap between their answers. Kubernetes' own HPA refuses to act
-//! when two of them select the same pods (`ScalingActive` False, `AmbiguousSelector`); redline
-//! does the same: it holds the replicas while such an HPA exists (its sidecars' guards and
-//! limits go on), and says why in the `ScalingActive` condition and a Warning Event.
+//! Whether redline's autoscaling sets a service's replicas: the `ScalingActive` condition.
+//! Not when `autoscaling.enabled` is false, and it holds them (status says why) in two cases:
+//!
+//! - the spec is invalid (`Degraded`, `InvalidSpec`): the reconciler applies nothing until it
+//!   is fixed, so a scaling decision would be written and never carried out;
+//! - another autoscaler targets the service. A HorizontalPodAutoscaler (or a KEDA
+//!   ScaledObject, which makes one) writes `spec.replicas` through the same scale subresource
+//!   redline's loop writes: two writers, and the replicas flap between their answers.
+//!   Kubernetes' own HPA refuses to act when two of them select the same pods (`ScalingActive`
+//!   False, `AmbiguousSelector`); redline does the same while such an HPA exists, with a
+//!   Warning Event. Its sidecars' guards and limits go on either way.
 
 use std::collections::HashMap;
 
@@ -12,8 +16,9 @@ use k8s_openapi::api::autoscaling::v1::HorizontalPodAutoscaler;
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 
-use crate::conditions::{Cond, SCALING_ACTIVE};
+use crate::conditions::{self, Cond, DEGRADED, SCALING_ACTIVE};
 use crate::crd::InferenceService;
+use crate::validate;
 
 /// The HPAs that scale an InferenceService, by the service's key (`namespace/name`).
 pub fn targets(hpas: &[HorizontalPodAutoscaler]) -> HashMap<String, Vec<String>> {
@@ -41,10 +46,33 @@ pub async fn list(client: &Client) -> Result<HashMap<String, Vec<String>>, kube:
     Ok(targets(&api.list(&ListParams::default()).await?.items))
 }
 
+/// Whether the spec is invalid: by the operator's own checks, or as the reconciler last found
+/// it for this generation (the API server refused its Deployment).
+fn invalid(isvc: &InferenceService) -> bool {
+    let reported = isvc
+        .status
+        .as_ref()
+        .and_then(|s| conditions::find(&s.conditions, DEGRADED))
+        .is_some_and(|c| {
+            c.status == "True"
+                && c.reason == "InvalidSpec"
+                && c.observed_generation == isvc.metadata.generation
+        });
+    reported || !validate::problems(&isvc.spec).is_empty()
+}
+
 /// The `ScalingActive` condition of a service: whether redline's autoscaling sets its replicas.
 pub fn condition(isvc: &InferenceService, hpas: Option<&[String]>) -> Cond<'static> {
     let enabled = isvc.spec.autoscaling.as_ref().is_some_and(|a| a.enabled);
     match (enabled, hpas) {
+        (true, _) if invalid(isvc) => Cond {
+            type_: SCALING_ACTIVE,
+            ok: Some(false),
+            reason: "InvalidSpec",
+            message: "the spec is invalid (see Degraded): redline holds the replicas until it \
+                      is fixed"
+                .into(),
+        },
         (false, _) => Cond {
             type_: SCALING_ACTIVE,
             ok: Some(false),
@@ -139,6 +167,28 @@ mod tests {
         assert!(c.message.contains("chat-hpa"), "{}", c.message);
         let c = condition(&isvc(true), None);
         assert_eq!((c.ok, c.reason), (Some(true), "Autoscaling"));
+        // An invalid spec (min > max here) holds it whatever else is so.
+        let mut bad = isvc(true);
+        bad.spec.min_replicas = 3;
+        bad.spec.max_replicas = 1;
+        let c = condition(&bad, Some(&names));
+        assert_eq!((c.ok, c.reason), (Some(false), "InvalidSpec"));
+        // So does one the API server refused, as the reconciler reported it for this
+        // generation; a report of an earlier generation does not count.
+        let mut refused = isvc(true);
+        refused.metadata.generation = Some(2);
+        let degraded = |generation: i64| {
+            serde_json::from_value(serde_json::json!({"conditions": [{
+                "type": "Degraded", "status": "True", "reason": "InvalidSpec",
+                "message": "the API server rejected the Deployment: ...",
+                "lastTransitionTime": "2026-11-29T00:00:00Z", "observedGeneration": generation
+            }]}))
+            .unwrap()
+        };
+        refused.status = Some(degraded(2));
+        assert_eq!(condition(&refused, None).reason, "InvalidSpec");
+        refused.status = Some(degraded(1));
+        assert_eq!(condition(&refused, None).reason, "Autoscaling");
         // Without redline's autoscaling an HPA is how replicas are meant to be set.
         let c = condition(&isvc(false), Some(&names));
         assert_eq!((c.ok, c.reason), (Some(false), "AutoscalingDisabled"));

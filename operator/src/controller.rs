@@ -374,10 +374,6 @@ async fn reconcile_inner(isvc: &InferenceService, ctx: &Context) -> Result<Actio
     }))
 }
 
-/// The part of the status this reconciler writes. The autoscaling loop writes `kvUsage`,
-/// `podLimits` and `lastDecision` (never sent here, so a server-side apply leaves them alone)
-/// and the NearRedline condition, which is passed through as found: a 1.20 API server treats
-/// the conditions list as one value, whatever the schema says.
 /// Reports a spec that cannot be served: Degraded (reason `InvalidSpec`, with `message`), a
 /// Warning Event when the message is new; then nothing to do until the spec changes (which
 /// triggers a reconcile by itself).
@@ -438,6 +434,10 @@ async fn report_invalid(
     Ok(Action::requeue(Duration::from_secs(600)))
 }
 
+/// The part of the status this reconciler writes. The autoscaling loop writes `kvUsage`,
+/// `podLimits` and `lastDecision` (never sent here, so a server-side apply leaves them alone)
+/// and its conditions (`AUTOSCALER_OWNED`), which are passed through as found: a 1.20 API
+/// server treats the conditions list as one value, whatever the schema says.
 fn reconciler_fields(s: &InferenceServiceStatus) -> InferenceServiceStatus {
     InferenceServiceStatus {
         kv_usage: None,

@@ -190,22 +190,14 @@ pub fn resources_condition(pods: &[Pod]) -> Cond<'static> {
     }
 }
 
-/// Whether `status` says a pod is waiting for a node (so the condition must be written again
-/// even when the service has no pods left).
-fn reports_unschedulable(isvc: &InferenceService) -> bool {
-    isvc.status
-        .as_ref()
-        .and_then(|s| conditions::find(&s.conditions, RESOURCES_AVAILABLE))
-        .is_some_and(|c| c.status == "False")
-}
-
-/// Whether `status` says redline's autoscaling sets the replicas (so a service just switched
-/// off must be visited once to say it no longer does, even with no pods).
-fn reports_scaling_active(isvc: &InferenceService) -> bool {
-    isvc.status
-        .as_ref()
-        .and_then(|s| conditions::find(&s.conditions, SCALING_ACTIVE))
-        .is_some_and(|c| c.status == "True")
+/// Whether `status` holds a condition of the loop's that a service with no pods and autoscaling
+/// off must still clear: a pod waiting for a node, or redline's autoscaling setting the
+/// replicas (just switched off).
+fn reports_stale_condition(isvc: &InferenceService) -> bool {
+    isvc.status.as_ref().is_some_and(|s| {
+        conditions::has(&s.conditions, RESOURCES_AVAILABLE, "False")
+            || conditions::has(&s.conditions, SCALING_ACTIVE, "True")
+    })
 }
 
 /// The KV usage shown by `kubectl get` and whether the service is near its redline; `None`
@@ -240,15 +232,44 @@ pub fn late_rate(reports: &[&PressureReport]) -> Option<f64> {
         .reduce(|a, b| a + b)
 }
 
-/// The longest one service's autoscaling pass may take (`Autoscaler::bounded_service`).
+/// The longest one service's autoscaling pass (`Autoscaler::bounded_service`) or one list
+/// of the loop may take.
 const PASS_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `f`'s result, or [`Error::Timeout`] once `limit` has passed.
+async fn within<T>(
+    limit: Duration,
+    f: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::time::timeout(limit, f)
+        .await
+        .unwrap_or(Err(Error::Timeout(limit)))
+}
+
+/// The last error of a call made every pass, so each error is logged once, and its end once.
+#[derive(Default)]
+struct LastError(Option<String>);
+
+impl LastError {
+    /// Records `msg`; whether it is new (to be logged).
+    fn failed(&mut self, msg: &str) -> bool {
+        let new = self.0.as_deref() != Some(msg);
+        self.0 = Some(msg.to_string());
+        new
+    }
+
+    /// Records a success; whether it ends a failure (to be logged).
+    fn worked(&mut self) -> bool {
+        self.0.take().is_some()
+    }
+}
 
 #[derive(Default)]
 struct ServiceState {
     policy: Option<Policy>,
     token: Option<String>,
-    /// The last error logged for this service.
-    last_error: Option<String>,
+    /// This service's pass.
+    last_error: LastError,
     /// Ready pods whose sidecar did not answer at the last pass, with the error logged.
     unread: BTreeMap<String, String>,
 }
@@ -297,8 +318,8 @@ pub struct Autoscaler {
     http: reqwest::Client,
     started: Instant,
     services: HashMap<String, ServiceState>,
-    /// The last error listing HorizontalPodAutoscalers, logged once.
-    hpa_error: Option<String>,
+    /// Listing HorizontalPodAutoscalers.
+    hpa_error: LastError,
 }
 
 impl Autoscaler {
@@ -312,7 +333,7 @@ impl Autoscaler {
                 .expect("an HTTP client"),
             started: Instant::now(),
             services: HashMap::new(),
-            hpa_error: None,
+            hpa_error: LastError::default(),
         }
     }
 
@@ -327,8 +348,7 @@ impl Autoscaler {
             self.services.retain(|k, _| keys.contains(k));
             // One list of every engine pod per pass, not one per service: with hundreds of
             // services (most scaled to zero) the loop must not hammer the API server.
-            let listed = tokio::time::timeout(PASS_TIMEOUT, self.engine_pods()).await;
-            let mut pods = match listed.unwrap_or(Err(Error::Timeout(PASS_TIMEOUT))) {
+            let mut pods = match within(PASS_TIMEOUT, self.engine_pods()).await {
                 Ok(p) => p,
                 Err(e) => {
                     warn!("autoscaling loop: listing engine pods: {e}");
@@ -351,11 +371,7 @@ impl Autoscaler {
                 let mine = pods.remove(&k).unwrap_or_default();
                 let hpa = hpas.remove(&k);
                 let enabled = isvc.spec.autoscaling.as_ref().is_some_and(|a| a.enabled);
-                if mine.is_empty()
-                    && !enabled
-                    && !reports_unschedulable(&isvc)
-                    && !reports_scaling_active(&isvc)
-                {
+                if mine.is_empty() && !enabled && !reports_stale_condition(&isvc) {
                     continue; // Nothing to read, nothing to decide, nothing to clear.
                 }
                 let r = self
@@ -364,16 +380,15 @@ impl Autoscaler {
                 let st = self.services.entry(k.clone()).or_default();
                 match r {
                     Ok(()) => {
-                        if st.last_error.take().is_some() {
+                        if st.last_error.worked() {
                             info!(isvc = %k, "autoscaling loop working again");
                         }
                     }
                     Err(e) => {
                         self.ctx.metrics.errors.with_label_values(&[e.kind()]).inc();
                         let msg = e.to_string();
-                        if st.last_error.as_deref() != Some(msg.as_str()) {
+                        if st.last_error.failed(&msg) {
                             warn!(isvc = %k, kind = e.kind(), "autoscaling loop: {msg}");
-                            st.last_error = Some(msg);
                         }
                     }
                 }
@@ -381,9 +396,9 @@ impl Autoscaler {
         }
     }
 
-    /// One service's pass, cut off after `limit`: it takes a second or two, but kube's client
-    /// retries a throttled or unavailable API server for minutes, and one service stuck so
-    /// would hold every other service's autoscaling. What a cut-off pass left undone, the
+    /// One service's pass, cut off after `limit`: it takes a second or two, but a call to an
+    /// API server that accepts and never answers waits for the client's read timeout (kube's:
+    /// 295 s), and one service stuck so would hold every other service's autoscaling. What a cut-off pass left undone, the
     /// next one does (sidecar targets, scale and status are compared with what they are).
     async fn bounded_service(
         &mut self,
@@ -392,31 +407,28 @@ impl Autoscaler {
         hpas: Option<&[String]>,
         limit: Duration,
     ) -> Result<(), Error> {
-        tokio::time::timeout(limit, self.service(isvc, pods, hpas))
-            .await
-            .unwrap_or(Err(Error::Timeout(limit)))
+        within(limit, self.service(isvc, pods, hpas)).await
     }
 
     /// The HPAs that target InferenceServices, by service key; none when they cannot be listed
     /// (logged once: the loop goes on without the check).
     async fn hpa_targets(&mut self) -> HashMap<String, Vec<String>> {
-        let listed =
-            tokio::time::timeout(PASS_TIMEOUT, scaling_active::list(&self.ctx.client)).await;
+        let client = &self.ctx.client;
+        let listed = within(PASS_TIMEOUT, async {
+            Ok(scaling_active::list(client).await?)
+        })
+        .await;
         match listed {
-            Ok(Ok(t)) => {
-                if self.hpa_error.take().is_some() {
+            Ok(t) => {
+                if self.hpa_error.worked() {
                     info!("autoscaling loop: listing HorizontalPodAutoscalers works again");
                 }
                 t
             }
-            failed => {
-                let msg = match failed {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => Error::Timeout(PASS_TIMEOUT).to_string(),
-                };
-                if self.hpa_error.as_deref() != Some(msg.as_str()) {
+            Err(e) => {
+                let msg = e.to_string();
+                if self.hpa_error.failed(&msg) {
                     warn!("autoscaling loop: listing HorizontalPodAutoscalers (conflicts not checked): {msg}");
-                    self.hpa_error = Some(msg);
                 }
                 HashMap::new()
             }
@@ -835,31 +847,17 @@ impl Autoscaler {
             },
         };
         let current = isvc.status.clone().unwrap_or_default();
-        let was = conditions::find(&current.conditions, RESOURCES_AVAILABLE)
-            .map(|c| (c.status.clone(), c.reason.clone()));
-        // Once per episode: the condition stays False while the pod waits.
-        if resources.ok == Some(false) && was != Some(("False".into(), "Unschedulable".into())) {
-            self.ctx
-                .event(
-                    isvc,
-                    EventType::Warning,
-                    "Unschedulable",
-                    "Schedule",
-                    resources.message.clone(),
-                )
-                .await;
-        }
-        let was = conditions::find(&current.conditions, SCALING_ACTIVE).map(|c| c.reason.clone());
-        if scaling.reason == "ConflictingAutoscaler" && was.as_deref() != Some(scaling.reason) {
-            self.ctx
-                .event(
-                    isvc,
-                    EventType::Warning,
-                    "ConflictingAutoscaler",
-                    "Scale",
-                    scaling.message.clone(),
-                )
-                .await;
+        // One Warning Event per episode: the condition stays so while a pod waits for a node,
+        // or while an HPA targets the service too.
+        for (c, reason, action) in [
+            (&resources, "Unschedulable", "Schedule"),
+            (&scaling, scaling_active::CONFLICTING_AUTOSCALER, "Scale"),
+        ] {
+            if c.reason == reason && conditions::enters(&current.conditions, c) {
+                self.ctx
+                    .event(isvc, EventType::Warning, reason, action, c.message.clone())
+                    .await;
+            }
         }
         let ours = conditions::merge(
             &current.conditions,

@@ -13,6 +13,9 @@ pub const NEAR_REDLINE: &str = "NearRedline";
 /// the autoscaler adds no replica meanwhile. The name and reason are Knative's (a Revision's
 /// ResourcesAvailable), which KServe users meet in the same situation.
 pub const RESOURCES_AVAILABLE: &str = "ResourcesAvailable";
+/// The reason a spec that cannot be served gets (`Degraded` True, `Ready` False, and
+/// `ScalingActive` False while autoscaling is on).
+pub const INVALID_SPEC: &str = "InvalidSpec";
 /// Whether redline's autoscaling sets the replicas: False when it is off, while the spec is
 /// invalid, or while another autoscaler (an HPA) targets the service (`scaling_active`). The
 /// name is the HPA's own.
@@ -37,11 +40,7 @@ pub fn merge(
 ) -> Vec<Condition> {
     new.into_iter()
         .map(|c| {
-            let status = match c.ok {
-                Some(true) => "True",
-                Some(false) => "False",
-                None => "Unknown",
-            };
+            let status = status(c.ok);
             let since = previous
                 .iter()
                 .find(|p| p.type_ == c.type_ && p.status == status)
@@ -68,6 +67,26 @@ pub fn find<'a>(conds: &'a [Condition], type_: &str) -> Option<&'a Condition> {
     conds.iter().find(|c| c.type_ == type_)
 }
 
+/// Whether `conds` holds a condition of `type_` with this status ("True", "False").
+pub fn has(conds: &[Condition], type_: &str, status: &str) -> bool {
+    find(conds, type_).is_some_and(|c| c.status == status)
+}
+
+/// Whether `c` starts an episode: `previous` has no condition of its type with the same status
+/// and reason (so an Event said once per episode is said now).
+pub fn enters(previous: &[Condition], c: &Cond) -> bool {
+    let status = status(c.ok);
+    !find(previous, c.type_).is_some_and(|p| p.status == status && p.reason == c.reason)
+}
+
+fn status(ok: Option<bool>) -> &'static str {
+    match ok {
+        Some(true) => "True",
+        Some(false) => "False",
+        None => "Unknown",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,5 +108,20 @@ mod tests {
         let d = merge(&b, t(3), Some(2), c(true));
         assert_eq!(d[0].last_transition_time, Time(t(3)));
         assert_eq!(d[0].observed_generation, Some(2));
+    }
+
+    #[test]
+    fn an_episode_starts_when_status_or_reason_changes() {
+        let c = |ok, reason| Cond {
+            type_: READY,
+            ok: Some(ok),
+            reason,
+            message: String::new(),
+        };
+        let before = merge(&[], Timestamp::UNIX_EPOCH, None, vec![c(false, "A")]);
+        assert!(enters(&[], &c(false, "A")));
+        assert!(!enters(&before, &c(false, "A")));
+        assert!(enters(&before, &c(false, "B")));
+        assert!(enters(&before, &c(true, "A")));
     }
 }

@@ -22,7 +22,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::children::{self, Defaults};
-use crate::conditions::{self, Cond, AUTOSCALER_OWNED, DEGRADED, PROGRESSING, READY};
+use crate::conditions::{self, Cond, AUTOSCALER_OWNED, DEGRADED, INVALID_SPEC, PROGRESSING, READY};
 use crate::crd::{AutoscalingPolicy, InferenceService, InferenceServiceStatus};
 use crate::metrics::Metrics;
 use crate::validate;
@@ -392,7 +392,7 @@ async fn report_invalid(
         ctx.event(
             isvc,
             EventType::Warning,
-            "InvalidSpec",
+            INVALID_SPEC,
             "Validate",
             message.clone(),
         )
@@ -409,19 +409,19 @@ async fn report_invalid(
                     Cond {
                         type_: READY,
                         ok: Some(false),
-                        reason: "InvalidSpec",
+                        reason: INVALID_SPEC,
                         message: "the spec is invalid; see Degraded".into(),
                     },
                     Cond {
                         type_: PROGRESSING,
                         ok: Some(false),
-                        reason: "InvalidSpec",
+                        reason: INVALID_SPEC,
                         message: String::new(),
                     },
                     Cond {
                         type_: DEGRADED,
                         ok: Some(true),
-                        reason: "InvalidSpec",
+                        reason: INVALID_SPEC,
                         message,
                     },
                 ],

@@ -153,8 +153,9 @@ impl LeaseLock {
         }
     }
 
-    /// Lets the lease go if this instance holds it. One attempt, bounded (kube's client would
-    /// retry a 503 past the pod's grace period): on failure the lease expires on its own
+    /// Lets the lease go if this instance holds it. One attempt, bounded (a call to a server
+    /// that never answers, or a client that retries, could outlast the pod's grace period):
+    /// on failure the lease expires on its own
     /// within its duration.
     pub async fn release(&self) {
         let r = tokio::time::timeout(self.duration / 3, async {
@@ -219,9 +220,10 @@ impl LeaseLock {
     }
 
     /// Renews until leadership is lost (returns then). API errors are retried until the renew
-    /// deadline. Each attempt is bounded by what is left of it: kube's client retries 429,
-    /// 503 and 504 with backoff for minutes, and a renewal still in flight when the lease
-    /// expires would let a standby lead beside this instance.
+    /// deadline. Each attempt is bounded by what is left of it, whatever the client does (kube's
+    /// default retries a 503 for minutes; the operator's own gives up within seconds, but a
+    /// server that accepts and never answers holds a call for the read timeout): a renewal
+    /// still in flight when the lease expires would let a standby lead beside this instance.
     pub async fn hold(&self) {
         let deadline = self.renew_deadline();
         let mut last_ok = tokio::time::Instant::now();

@@ -16,9 +16,12 @@ use k8s_openapi::api::autoscaling::v1::HorizontalPodAutoscaler;
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 
-use crate::conditions::{self, Cond, DEGRADED, SCALING_ACTIVE};
+use crate::conditions::{self, Cond, DEGRADED, INVALID_SPEC, SCALING_ACTIVE};
 use crate::crd::InferenceService;
 use crate::validate;
+
+/// The reason of `ScalingActive` False while an HPA targets the service (and of its Event).
+pub const CONFLICTING_AUTOSCALER: &str = "ConflictingAutoscaler";
 
 /// The HPAs that scale an InferenceService, by the service's key (`namespace/name`).
 pub fn targets(hpas: &[HorizontalPodAutoscaler]) -> HashMap<String, Vec<String>> {
@@ -55,7 +58,7 @@ fn invalid(isvc: &InferenceService) -> bool {
         .and_then(|s| conditions::find(&s.conditions, DEGRADED))
         .is_some_and(|c| {
             c.status == "True"
-                && c.reason == "InvalidSpec"
+                && c.reason == INVALID_SPEC
                 && c.observed_generation == isvc.metadata.generation
         });
     reported || !validate::problems(&isvc.spec).is_empty()
@@ -68,7 +71,7 @@ pub fn condition(isvc: &InferenceService, hpas: Option<&[String]>) -> Cond<'stat
         (true, _) if invalid(isvc) => Cond {
             type_: SCALING_ACTIVE,
             ok: Some(false),
-            reason: "InvalidSpec",
+            reason: INVALID_SPEC,
             message: "the spec is invalid (see Degraded): redline holds the replicas until it \
                       is fixed"
                 .into(),
@@ -84,7 +87,7 @@ pub fn condition(isvc: &InferenceService, hpas: Option<&[String]>) -> Cond<'stat
         (true, Some(names)) if !names.is_empty() => Cond {
             type_: SCALING_ACTIVE,
             ok: Some(false),
-            reason: "ConflictingAutoscaler",
+            reason: CONFLICTING_AUTOSCALER,
             message: format!(
                 "HorizontalPodAutoscaler {} also scales this service; redline holds its \
                  replicas until that is deleted or autoscaling.enabled is false",

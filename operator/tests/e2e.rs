@@ -767,18 +767,7 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
         policy: None,
     });
     isvcs.create(&PostParams::default(), &other).await.unwrap();
-    let degraded = wait_for("inverted Degraded", Duration::from_secs(30), || async {
-        let i = isvcs.get("inverted").await.map_err(|e| e.to_string())?;
-        let c = i
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Degraded").cloned());
-        match c {
-            Some(c) if c.status == "True" => Ok(c),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    let degraded = wait_condition(&isvcs, "inverted", "Degraded", "True").await;
     assert_eq!(degraded.reason, "InvalidSpec");
     assert!(
         degraded
@@ -835,27 +824,7 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
     big.spec.resources =
         Some(serde_json::from_value(json!({"limits": {"nvidia.com/gpu": "3"}})).unwrap());
     isvcs.create(&PostParams::default(), &big).await.unwrap();
-    let resources = |name: &str, want: &'static str| {
-        let (isvcs, name) = (isvcs.clone(), name.to_string());
-        async move {
-            let i = isvcs.get(&name).await.map_err(|e| e.to_string())?;
-            let c = i.status.and_then(|s| {
-                s.conditions
-                    .into_iter()
-                    .find(|c| c.type_ == "ResourcesAvailable")
-            });
-            match c {
-                Some(c) if c.status == want => Ok(c),
-                other => Err(format!("{other:?}")),
-            }
-        }
-    };
-    let unavailable = wait_for(
-        "too-big: ResourcesAvailable False",
-        Duration::from_secs(60),
-        || resources("too-big", "False"),
-    )
-    .await;
+    let unavailable = wait_condition(&isvcs, "too-big", "ResourcesAvailable", "False").await;
     assert_eq!(unavailable.reason, "Unschedulable");
     assert!(
         unavailable.message.contains("Insufficient nvidia.com/gpu"),
@@ -885,15 +854,12 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
         )
         .await
         .unwrap();
-    wait_for(
-        "too-big: ResourcesAvailable True",
-        Duration::from_secs(60),
-        || resources("too-big", "True"),
-    )
-    .await;
+    wait_condition(&isvcs, "too-big", "ResourcesAvailable", "True").await;
     assert_eq!(
-        resources(&name, "True").await.map(|c| c.reason),
-        Ok("Scheduled".to_string()),
+        wait_condition(&isvcs, &name, "ResourcesAvailable", "True")
+            .await
+            .reason,
+        "Scheduled",
         "the service whose pod runs"
     );
 

@@ -7,6 +7,7 @@
 //! Text: [`tokenizer`]. The step loop: [`engine`], run on a thread by [`worker`].
 //! Serving: [`server`] (OpenAI API, admin API), [`metrics`]. Model download: [`fetch`].
 
+pub mod api_keys;
 pub mod bench;
 pub mod block_pool;
 pub mod burst_bench;

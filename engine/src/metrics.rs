@@ -28,6 +28,9 @@ pub struct Metrics {
     max_kv_usage: Gauge,
     pub draining: IntGauge,
     pub shutting_down: IntGauge,
+    /// OpenAI API calls refused for a missing or wrong key: a client left behind by a key
+    /// rotation shows here.
+    pub unauthorized: IntCounter,
     ttft: Histogram,
     /// Requests whose first token came after the TTFT objective, when the engine has one.
     late: IntCounter,
@@ -159,6 +162,10 @@ impl Metrics {
                 p("shutting_down"),
                 "1 once SIGTERM came: the drain ends with the process and cannot be lifted.",
             ),
+            unauthorized: counter(Opts::new(
+                p("requests_unauthorized_total"),
+                "OpenAI API calls refused for a missing or wrong API key (--api-key).",
+            )),
             ttft: hist(
                 HistogramOpts::new(p("time_to_first_token_seconds"), "Time to first token.")
                     .buckets(TTFT_BUCKETS.to_vec()),

@@ -6,6 +6,7 @@
 //! requests get a retryable 503, `/ready` turns false, accepted requests run to the end; on
 //! SIGTERM the process exits when the engine is empty or the grace period is over.
 
+use crate::api_keys::ApiKeys;
 use crate::engine::{validate, Request};
 use crate::metrics::Metrics;
 use crate::openai::*;
@@ -100,12 +101,25 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-pub fn api_router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
-    Router::new()
+/// The public router. With `keys`, the OpenAI API (`/v1/*`) needs one of them; health,
+/// readiness and metrics never do.
+pub fn api_router(
+    state: Arc<AppState>,
+    max_body_bytes: usize,
+    keys: Option<Arc<ApiKeys>>,
+) -> Router {
+    let mut v1 = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
-        .route("/v1/models", get(models))
-        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/v1/models", get(models));
+    if let Some(keys) = keys {
+        let refused = state.metrics.unauthorized.clone();
+        v1 = v1.route_layer(axum::middleware::from_fn_with_state(
+            (keys, refused),
+            crate::api_keys::require,
+        ));
+    }
+    v1.route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .fallback(|| async {
@@ -757,6 +771,19 @@ pub struct ServeArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Require this key (`Authorization: Bearer <key>`) on the OpenAI API, as vLLM's
+    /// `--api-key`. Health, readiness and metrics stay open.
+    #[arg(
+        long,
+        env = "REDLINE_API_KEY",
+        hide_env_values = true,
+        conflicts_with = "api_key_file"
+    )]
+    pub api_key: Option<String>,
+    /// Require one of the keys in this file (one per line), read again when it changes: a
+    /// Secret mounted as a volume rotates keys without a restart.
+    #[arg(long)]
+    pub api_key_file: Option<std::path::PathBuf>,
 }
 
 fn block_size(s: &str) -> Result<usize, String> {
@@ -770,6 +797,13 @@ fn block_size(s: &str) -> Result<usize, String> {
 /// Binds both listeners, loads the model, serves until SIGTERM/SIGINT, then drains.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     use anyhow::Context;
+    // Before anything else: a key file that cannot be read must not leave the API open.
+    let keys = match (&args.api_key, &args.api_key_file) {
+        (Some(k), _) => Some(ApiKeys::fixed(k)?),
+        (None, Some(p)) => Some(ApiKeys::from_file(p)?),
+        (None, None) => None,
+    }
+    .map(Arc::new);
     let model_path = match &args.model {
         Some(p) => p.clone(),
         None => crate::fetch::fetch_default_model(&crate::fetch::model_cache_dir(), true)
@@ -789,13 +823,18 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let admin = tokio::net::TcpListener::bind((args.admin_host.as_str(), args.admin_port))
         .await
         .with_context(|| format!("binding admin {}:{}", args.admin_host, args.admin_port))?;
-    tracing::info!(api = %api.local_addr()?, admin = %admin.local_addr()?, "listening");
+    tracing::info!(
+        api = %api.local_addr()?,
+        admin = %admin.local_addr()?,
+        api_keys = keys.as_ref().map_or(0, |k| k.len()),
+        "listening"
+    );
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let graceful = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let api_server = axum::serve(api, api_router(state.clone(), args.max_body_bytes))
+    let api_server = axum::serve(api, api_router(state.clone(), args.max_body_bytes, keys))
         .with_graceful_shutdown(graceful(stop_rx.clone()));
     let api_task = tokio::spawn(async move { api_server.await });
     let admin_server = axum::serve(admin, admin_router(state.clone()))

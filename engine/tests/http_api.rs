@@ -614,3 +614,123 @@ async fn with_a_ttft_objective_a_request_that_can_meet_it_goes_before_one_that_c
     assert_eq!(first, "fresh");
     assert!(late >= 1.0, "{late} requests counted late");
 }
+
+/// `(status, error code, WWW-Authenticate)` of a GET with an optional bearer key.
+async fn call(url: &str, key: Option<&str>) -> (u16, Option<String>, Option<String>) {
+    let mut r = client().get(url);
+    if let Some(k) = key {
+        r = r.bearer_auth(k);
+    }
+    let r = r.send().await.unwrap();
+    let status = r.status().as_u16();
+    let challenge = r
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_string());
+    let v: Value = r.json().await.unwrap_or(Value::Null);
+    let code = v["error"]["code"].as_str().map(String::from);
+    (status, code, challenge)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_from_a_file_guard_the_openai_api_and_rotate_without_a_restart() {
+    let dir = std::env::temp_dir().join(format!("redline-api-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("keys");
+    std::fs::write(&file, "sk-old\n").unwrap();
+    let s = Server::start(&["--api-key-file", file.to_str().unwrap()]).await;
+    let refused = (
+        401,
+        Some("invalid_api_key".to_string()),
+        Some("Bearer".to_string()),
+    );
+    assert_eq!(call(&s.url("/v1/models"), None).await, refused);
+    assert_eq!(call(&s.url("/v1/models"), Some("sk-wrong")).await, refused);
+    assert_eq!(call(&s.url("/v1/models"), Some("sk-old")).await.0, 200);
+    // The probes and the sidecar's scrape need no key.
+    for open in ["/health", "/ready", "/metrics"] {
+        assert_eq!(call(&s.url(open), None).await.0, 200, "{open}");
+    }
+    // A refused completion costs nobody else: one runs beside it with the key.
+    let mut body = good_request(16);
+    body["stream"] = json!(false);
+    let unkeyed = client()
+        .post(s.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unkeyed.status(), 401);
+    let keyed = client()
+        .post(s.url("/v1/completions"))
+        .bearer_auth("sk-old")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(keyed.status(), 200);
+    let v: Value = keyed.json().await.unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 16);
+
+    // Rotation, as a Secret volume is updated: the new key beside the old, then the old gone.
+    std::fs::write(&file, "sk-new\nsk-old\n").unwrap();
+    let t0 = Instant::now();
+    while call(&s.url("/v1/models"), Some("sk-new")).await.0 != 200 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the new key never took"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(call(&s.url("/v1/models"), Some("sk-old")).await.0, 200);
+    std::fs::write(&file, "sk-new\n").unwrap();
+    let t0 = Instant::now();
+    while call(&s.url("/v1/models"), Some("sk-old")).await.0 != 401 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the old key still works"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Emptied by mistake: the last keys stay in force (neither open nor shut).
+    std::fs::write(&file, "").unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(call(&s.url("/v1/models"), Some("sk-new")).await.0, 200);
+    assert_eq!(call(&s.url("/v1/models"), None).await.0, 401);
+    // Every refusal counted: two at first, the completion, the old key's polls, the last.
+    let counted = s.metric("redline_engine_requests_unauthorized_total").await;
+    assert!(counted >= 5.0, "{counted} refusals counted");
+}
+
+#[test]
+fn an_unreadable_or_empty_key_file_stops_the_engine_before_it_serves() {
+    let dir = std::env::temp_dir().join(format!("redline-api-keys-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let empty = dir.join("empty");
+    std::fs::write(&empty, "\n# no key yet\n").unwrap();
+    for (file, says) in [
+        (empty.as_path(), "holds no key"),
+        (
+            std::path::Path::new("/nonexistent/keys"),
+            "reading the API key file",
+        ),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_redline-engine"))
+            .args([
+                "serve",
+                "--port",
+                "0",
+                "--admin-port",
+                "0",
+                "--api-key-file",
+            ])
+            .arg(file)
+            .arg("--model")
+            .arg(common::model_path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "started with {}", file.display());
+        assert!(stderr.contains(says), "{stderr}");
+    }
+}

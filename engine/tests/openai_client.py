@@ -1,4 +1,5 @@
-"""The official `openai` Python client against a running redline-engine (argv[1] = base URL).
+"""The official `openai` Python client against a running redline-engine (argv[1] = base URL,
+argv[2] = the API key it was started with).
 
 Exits non-zero with a message on the first mismatch; run by tests/openai_client.rs.
 """
@@ -7,7 +8,14 @@ import sys
 import openai
 
 base = sys.argv[1]
-client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+client = openai.OpenAI(base_url=f"{base}/v1", api_key=sys.argv[2], max_retries=0)
+
+# A wrong key is the client's typed 401.
+try:
+    openai.OpenAI(base_url=f"{base}/v1", api_key="sk-wrong", max_retries=0).models.list()
+    raise AssertionError("a wrong API key accepted")
+except openai.AuthenticationError as e:
+    assert e.status_code == 401 and e.code == "invalid_api_key", e
 
 models = client.models.list()
 model = models.data[0].id

@@ -38,12 +38,26 @@ pub enum Transport {
 
 impl Transport {
     pub fn pod_ip() -> Self {
-        Self::PodIp(
-            reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(2))
-                .build()
-                .expect("an HTTP client"),
-        )
+        Self::pod_ip_with_key(None).expect("an HTTP client")
+    }
+
+    /// Straight at the pods, with `Authorization: Bearer <key>` on every request when the
+    /// service requires an API key (`spec.apiKeySecret`). The key is marked sensitive, so
+    /// reqwest never prints it in a debug dump.
+    pub fn pod_ip_with_key(api_key: Option<&str>) -> Result<Self, String> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(k) = api_key {
+            let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", k.trim()))
+                .map_err(|_| "the API key holds characters a header cannot".to_string())?;
+            v.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+        }
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .default_headers(headers)
+            .build()
+            .map(Self::PodIp)
+            .map_err(|e| e.to_string())
     }
 
     /// `GET` a pod's `port` and `path` (metrics).
@@ -176,5 +190,54 @@ async fn proxy_completion(c: &kube::Client, t: &Target, body: &Value) -> Attempt
             Attempt::Refused(format!("{}: {}", t.pod, s.code))
         }
         Err(e) => Attempt::Failed(format!("{}: {e}", t.pod)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// The request head a one-shot HTTP server received, answered with an empty 200.
+    fn one_request() -> (u16, std::thread::JoinHandle<String>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let h = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let mut head = String::new();
+            while !head.contains("\r\n\r\n") {
+                let n = s.read(&mut buf).unwrap();
+                head.push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .unwrap();
+            head.to_ascii_lowercase()
+        });
+        (port, h)
+    }
+
+    fn local() -> Target {
+        Target {
+            namespace: "ns".into(),
+            pod: "p".into(),
+            ip: "127.0.0.1".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_api_key_goes_with_every_request_and_only_when_given() {
+        for key in [Some(" sk-load \n"), None] {
+            let (port, head) = one_request();
+            let t = Transport::pod_ip_with_key(key).unwrap();
+            t.get(&local(), port, "/v1/models").await.unwrap();
+            let head = head.join().unwrap();
+            assert_eq!(
+                head.contains("authorization: bearer sk-load\r\n"),
+                key.is_some(),
+                "{head}"
+            );
+        }
+        assert!(Transport::pod_ip_with_key(Some("sk\nbad")).is_err());
     }
 }

@@ -8,7 +8,7 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, HTTPGetAction, HostPathVolumeSource,
+    Capabilities, Container, ContainerPort, HTTPGetAction, HostPathVolumeSource, KeyToPath,
     PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
     SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume,
     VolumeMount,
@@ -29,6 +29,8 @@ pub const SIDECAR_PORT: i32 = 8090;
 pub const RUN_AS: i64 = 65532;
 const TOKEN_DIR: &str = "/var/run/secrets/redline";
 const MODEL_DIR: &str = "/var/lib/redline/model";
+/// Where the engine reads its API keys (`spec.apiKeySecret`), apart from the sidecar's token.
+const API_KEYS_DIR: &str = "/var/run/secrets/redline-api";
 
 /// Operator-wide defaults (Helm values).
 #[derive(Clone, Debug)]
@@ -188,6 +190,31 @@ fn engine_args(isvc: &InferenceService) -> (Vec<String>, Vec<Volume>, Vec<Volume
         });
         mounts.push(mount("model"));
         args.push(format!("--model={MODEL_DIR}/{}", v.path));
+    }
+    if let Some(k) = &s.api_key_secret {
+        // A volume, not an environment variable: the kubelet updates its file when the Secret
+        // changes, and the engine reads it again (key rotation without a restart).
+        volumes.push(Volume {
+            name: "api-keys".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(k.name.clone()),
+                items: Some(vec![KeyToPath {
+                    key: k.key.clone(),
+                    path: "keys".into(),
+                    mode: None,
+                }]),
+                default_mode: Some(0o440),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name: "api-keys".into(),
+            mount_path: API_KEYS_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+        args.push(format!("--api-key-file={API_KEYS_DIR}/keys"));
     }
     (args, volumes, mounts)
 }
@@ -485,6 +512,54 @@ mod tests {
         );
         assert_eq!(pod.priority_class_name.as_deref(), Some("inference-high"));
         assert_eq!(pod.image_pull_secrets.unwrap()[0].name, "registry");
+    }
+
+    #[test]
+    fn api_keys_reach_the_engine_as_a_read_only_file_from_the_secret() {
+        let bare = pod_spec(&isvc(BASE));
+        assert!(!bare.containers[0]
+            .args
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|a| a.starts_with("--api-key")));
+        let pod = pod_spec(&isvc(&format!(
+            "{BASE}  apiKeySecret: {{name: chat-keys}}\n"
+        )));
+        let engine = &pod.containers[0];
+        assert!(engine
+            .args
+            .as_ref()
+            .unwrap()
+            .contains(&format!("--api-key-file={API_KEYS_DIR}/keys")));
+        let mount = engine
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == "api-keys")
+            .unwrap();
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            (API_KEYS_DIR, Some(true))
+        );
+        let vol = pod
+            .volumes
+            .unwrap()
+            .into_iter()
+            .find(|v| v.name == "api-keys")
+            .unwrap()
+            .secret
+            .unwrap();
+        assert_eq!(vol.secret_name.as_deref(), Some("chat-keys"));
+        // The default entry, as the file the engine reads; no one else mounts it.
+        let item = &vol.items.unwrap()[0];
+        assert_eq!((item.key.as_str(), item.path.as_str()), ("api-key", "keys"));
+        assert!(pod.containers[1..].iter().all(|c| c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .all(|m| m.name != "api-keys")));
     }
 
     #[test]

@@ -211,23 +211,9 @@ async fn reconcile_inner(isvc: &InferenceService, ctx: &Context) -> Result<Actio
         return report_invalid(ctx, isvc, &isvcs, &previous, problems.join("; ")).await;
     }
 
-    // A referenced AutoscalingPolicy must exist (the autoscaler reads it); its absence is
-    // reported, the children are still applied (they do not depend on it).
-    let mut missing_policy = None;
-    if let Some(r) = isvc
-        .spec
-        .autoscaling
-        .as_ref()
-        .and_then(|a| a.policy_ref.as_ref())
-    {
-        let policies: Api<AutoscalingPolicy> = Api::namespaced(ctx.client.clone(), &ns);
-        if policies.get_opt(r).await?.is_none() {
-            missing_policy = Some(format!(
-                "AutoscalingPolicy {r:?} not found in namespace {ns}"
-            ));
-        }
-    }
-
+    // What the spec refers to must exist: a missing one is reported (Degraded), and the
+    // children are still applied, so the service comes up once it is created.
+    let missing = missing_references(isvc, ctx, &ns).await?;
     // Children.
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     let before = deployments.get_opt(&name).await?;
@@ -335,12 +321,16 @@ async fn reconcile_inner(isvc: &InferenceService, ctx: &Context) -> Result<Actio
             },
             message: format!("{updated} updated, {total} total, {ready} ready of {desired}"),
         },
-        match &missing_policy {
-            Some(m) => Cond {
+        match missing.first() {
+            Some((reason, _)) => Cond {
                 type_: DEGRADED,
                 ok: Some(true),
-                reason: "PolicyNotFound",
-                message: m.clone(),
+                reason,
+                message: missing
+                    .iter()
+                    .map(|(_, m)| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; "),
             },
             None => Cond {
                 type_: DEGRADED,
@@ -372,6 +362,50 @@ async fn reconcile_inner(isvc: &InferenceService, ctx: &Context) -> Result<Actio
     } else {
         Duration::from_secs(10)
     }))
+}
+
+/// The referenced objects that do not exist, as `(reason, message)`: the AutoscalingPolicy (the
+/// autoscaler reads it) and the API key Secret and its entry (the engine pods cannot start
+/// without them: the kubelet waits to mount it). The Secret's keys are read only to see the
+/// entry is there; never logged.
+async fn missing_references(
+    isvc: &InferenceService,
+    ctx: &Context,
+    ns: &str,
+) -> Result<Vec<(&'static str, String)>, Error> {
+    let mut missing = Vec::new();
+    if let Some(r) = isvc
+        .spec
+        .autoscaling
+        .as_ref()
+        .and_then(|a| a.policy_ref.as_ref())
+    {
+        let policies: Api<AutoscalingPolicy> = Api::namespaced(ctx.client.clone(), ns);
+        if policies.get_opt(r).await?.is_none() {
+            missing.push((
+                "PolicyNotFound",
+                format!("AutoscalingPolicy {r:?} not found in namespace {ns}"),
+            ));
+        }
+    }
+    if let Some(k) = &isvc.spec.api_key_secret {
+        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+        let problem = match secrets.get_opt(&k.name).await? {
+            None => Some(format!(
+                "the API key Secret {:?} is not found in namespace {ns}; the engine pods wait for it",
+                k.name
+            )),
+            Some(s) if !s.data.as_ref().is_some_and(|d| d.contains_key(&k.key)) => Some(format!(
+                "the API key Secret {:?} has no entry {:?}; the engine pods wait for it",
+                k.name, k.key
+            )),
+            Some(_) => None,
+        };
+        if let Some(m) = problem {
+            missing.push(("ApiKeySecretNotFound", m));
+        }
+    }
+    Ok(missing)
 }
 
 /// Reports a spec that cannot be served: Degraded (reason `InvalidSpec`, with `message`), a

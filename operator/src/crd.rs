@@ -93,6 +93,28 @@ pub struct InferenceServiceSpec {
     /// `imagePullSecrets`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub image_pull_secrets: Vec<LocalObjectReference>,
+    /// API keys the OpenAI API requires (`Authorization: Bearer <key>`), as vLLM's
+    /// `--api-key`: a Secret in the service's namespace whose entry holds one key per line.
+    /// Mounted as a volume, so a changed Secret rotates the keys in the running engines
+    /// (within the kubelet's sync, about a minute) without a restart. Health, readiness and
+    /// metrics stay open. Unset: the API is open to whoever reaches the Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_secret: Option<ApiKeySecret>,
+}
+
+/// The Secret entry with the engines' API keys.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKeySecret {
+    /// The Secret's name, in the service's namespace.
+    pub name: String,
+    /// The entry holding the keys, one per line.
+    #[serde(default = "api_key_entry")]
+    pub key: String,
+}
+
+fn api_key_entry() -> String {
+    "api-key".into()
 }
 
 impl InferenceServiceSpec {

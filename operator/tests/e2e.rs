@@ -15,7 +15,7 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v1::HorizontalPodAutoscaler;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Secret, Service};
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, EvictParams, ListParams, Patch, PatchParams,
     PostParams,
@@ -213,6 +213,109 @@ async fn placement_follows_the_spec(client: &Client, ns: &str) {
     for i in ["placed", "untolerated", "bad-toleration"] {
         isvcs.delete(i, &DeleteParams::default()).await.unwrap();
     }
+}
+
+/// `spec.apiKeySecret`: while the Secret is missing the service is Degraded (its pod waits to
+/// mount it); once it exists the pod starts, the Degraded condition clears, and the engine
+/// refuses the OpenAI API without the key (through the API server's pod proxy, which sends
+/// the engine no key: any cluster) and answers with it (at the pod IP: the local cluster).
+async fn api_keys_guard_the_engines(client: &Client, ns: &str) {
+    let isvcs: Api<InferenceService> = Api::namespaced(client.clone(), ns);
+    let mut keyed = example();
+    keyed.metadata.name = Some("keyed".into());
+    // No GPU and no sidecar: this is about the engine's API only.
+    keyed.spec.resources = None;
+    keyed.spec.sidecar.enabled = false;
+    keyed.spec.api_key_secret =
+        Some(serde_json::from_value(json!({"name": "keyed-keys"})).unwrap());
+    isvcs.create(&PostParams::default(), &keyed).await.unwrap();
+    let missing = wait_condition(&isvcs, "keyed", "Degraded", "True").await;
+    assert_eq!(missing.reason, "ApiKeySecretNotFound");
+    assert!(
+        missing.message.contains("keyed-keys"),
+        "{}",
+        missing.message
+    );
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "keyed-keys"},
+        "stringData": {"api-key": "sk-e2e-new\nsk-e2e-old\n"}
+    }))
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    wait_ready_replicas(&isvcs, "keyed", 1).await;
+    let cleared = wait_condition(&isvcs, "keyed", "Degraded", "False").await;
+    assert_eq!(cleared.reason, "AsExpected");
+
+    let pod = engine_pods(client, ns, "keyed").await.remove(0);
+    let name = pod.metadata.name.clone().unwrap();
+    let completion =
+        json!({"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0});
+    let refused = testing::pod_http(
+        client,
+        ns,
+        &name,
+        8000,
+        "POST",
+        "/v1/completions",
+        Some(completion.clone()),
+    )
+    .await;
+    assert!(
+        refused.is_err(),
+        "a completion without the key: {refused:?}"
+    );
+    // Probes and scrapes need no key; the metrics say the engine itself refused the call (the
+    // proxy does not pass its body on).
+    let refusals = || async {
+        let text = testing::pod_http(client, ns, &name, 8000, "GET", "/metrics", None)
+            .await
+            .expect("metrics need no key");
+        redline_api::prom::Exposition::parse(&text)
+            .unwrap()
+            .sum("redline_engine_requests_unauthorized_total")
+    };
+    assert_eq!(refusals().await, Some(1.0));
+    let ready = testing::pod_http(client, ns, &name, 8000, "GET", "/ready", None).await;
+    assert!(ready.is_ok(), "readiness needs no key: {ready:?}");
+    if testing::is_local_cluster() {
+        let ip = pod.status.and_then(|s| s.pod_ip).unwrap();
+        let url = format!("http://{ip}:8000/v1/completions");
+        let http = reqwest::Client::new();
+        for key in ["sk-e2e-new", "sk-e2e-old"] {
+            let r = http
+                .post(&url)
+                .bearer_auth(key)
+                .json(&completion)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "with {key}");
+        }
+        let wrong = http
+            .post(&url)
+            .bearer_auth("sk-e2e-wrong")
+            .json(&completion)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(wrong.status(), 401);
+        let body: serde_json::Value = wrong.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_api_key", "{body}");
+        assert_eq!(refusals().await, Some(2.0));
+    }
+    isvcs
+        .delete("keyed", &DeleteParams::default())
+        .await
+        .unwrap();
+    secrets
+        .delete("keyed-keys", &DeleteParams::default())
+        .await
+        .unwrap();
 }
 
 /// A node taint (`kubectl taint`), removed again when dropped, even by a failing test: a
@@ -819,6 +922,21 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
     // A pod no node has room for (3 GPUs; no node has more than 2): ResourcesAvailable turns
     // False in the scheduler's words, with one Warning Event however many passes see it, and
     // True again once the service asks for nothing it cannot get.
+    // Counted from here: an operator left running by an earlier, failed run carries its counts.
+    let op_name = op.metadata.name.clone().unwrap();
+    let unschedulable_events = || async {
+        let m = testing::pod_http(&client, RELEASE_NS, &op_name, 8080, "GET", "/metrics", None)
+            .await
+            .unwrap();
+        redline_api::prom::Exposition::parse(&m)
+            .unwrap()
+            .sum_where(
+                "redline_operator_events_total",
+                &[("reason", "Unschedulable")],
+            )
+            .unwrap_or(0.0)
+    };
+    let before = unschedulable_events().await;
     let mut big = example();
     big.metadata.name = Some("too-big".into());
     big.spec.resources =
@@ -833,18 +951,10 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
     );
     // Three more passes of the loop (5 s apart) see it still waiting.
     tokio::time::sleep(Duration::from_secs(16)).await;
-    let op_name = op.metadata.name.clone().unwrap();
-    let m = testing::pod_http(&client, RELEASE_NS, &op_name, 8080, "GET", "/metrics", None)
-        .await
-        .unwrap();
-    assert!(
-        m.lines()
-            .any(|l| l == r#"redline_operator_events_total{reason="Unschedulable"} 1"#),
-        "one Unschedulable event: {}",
-        m.lines()
-            .filter(|l| l.contains("events_total"))
-            .collect::<Vec<_>>()
-            .join("\n")
+    assert_eq!(
+        unschedulable_events().await - before,
+        1.0,
+        "one Unschedulable Event however many passes see it"
     );
     isvcs
         .patch(
@@ -864,6 +974,7 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
     );
 
     placement_follows_the_spec(&client, &ns.name).await;
+    api_keys_guard_the_engines(&client, &ns.name).await;
 
     // The API server restarts (local cluster only: a kind control plane is not ours to
     // restart): the operator recovers without crashing, reconciles a service created afterwards,

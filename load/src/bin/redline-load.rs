@@ -60,6 +60,10 @@ struct Args {
     redline: f64,
     #[arg(long, default_value = "target/redline-load.png")]
     plot: PathBuf,
+    /// The service's API key, when it requires one (`spec.apiKeySecret`); straight at the
+    /// pods only (the API server's pod proxy sends its own Authorization).
+    #[arg(long, env = "REDLINE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
 }
 
 #[tokio::main]
@@ -92,9 +96,14 @@ async fn main() -> Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("a Kubernetes client from $KUBECONFIG")?;
-    let transport = match a.via {
-        Via::PodIp => Transport::pod_ip(),
-        Via::Proxy => Transport::Proxy(client.clone()),
+    let transport = match (a.via, &a.api_key) {
+        (Via::PodIp, key) => {
+            Transport::pod_ip_with_key(key.as_deref()).map_err(anyhow::Error::msg)?
+        }
+        (Via::Proxy, None) => Transport::Proxy(client.clone()),
+        (Via::Proxy, Some(_)) => {
+            bail!("--api-key needs --via pod-ip: the pod proxy cannot carry the engine's key")
+        }
     };
     let prompt: u64 = jobs.iter().map(|j| j.prompt_tokens as u64).sum();
     println!(

@@ -260,7 +260,7 @@ impl Engine {
         self.active.insert(
             r.id,
             Active {
-                sampler: Sampler::new(r.sampling),
+                sampler: Sampler::new(r.sampling, &r.prompt),
                 detok: Detokenizer::default(),
                 max_tokens: r.max_tokens,
                 stop: r.stop.into_iter().filter(|s| !s.is_empty()).collect(),

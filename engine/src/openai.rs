@@ -98,6 +98,61 @@ pub struct Common {
     /// vLLM extension: generate exactly `max_tokens`, ignoring end-of-sequence tokens.
     #[serde(default)]
     pub ignore_eos: bool,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    /// Token id (as a string, OpenAI's form) to a bias from -100 to 100.
+    pub logit_bias: Option<std::collections::HashMap<String, f32>>,
+    /// vLLM extensions.
+    pub top_k: Option<i32>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    /// Asked for and not served here: refused with a clear error rather than ignored
+    /// (`unsupported`). Kept as JSON: the two endpoints give some of them different types.
+    pub logprobs: Option<serde_json::Value>,
+    pub top_logprobs: Option<serde_json::Value>,
+    pub echo: Option<bool>,
+    pub best_of: Option<u32>,
+    pub suffix: Option<String>,
+    pub tools: Option<Vec<serde_json::Value>>,
+    pub response_format: Option<serde_json::Value>,
+}
+
+impl Common {
+    /// The first parameter this server does not serve that the request asks for, if any.
+    /// Ignoring it would answer something other than what was asked: scores without
+    /// logprobs, text where JSON or a tool call was required.
+    pub fn unsupported(&self) -> Option<&'static str> {
+        use serde_json::Value;
+        // Chat's `logprobs` is a bool; completions' a count, where 0 still asks for the
+        // sampled token's.
+        if !matches!(
+            &self.logprobs,
+            None | Some(Value::Null) | Some(Value::Bool(false))
+        ) {
+            return Some("logprobs");
+        }
+        // `top_logprobs: 0` asks for nothing more.
+        if matches!(&self.top_logprobs, Some(Value::Number(n)) if n.as_u64() != Some(0)) {
+            return Some("top_logprobs");
+        }
+        if self.echo == Some(true) {
+            return Some("echo");
+        }
+        if self.best_of.is_some_and(|n| n > 1) {
+            return Some("best_of");
+        }
+        if self.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+            return Some("suffix");
+        }
+        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+            return Some("tools");
+        }
+        match &self.response_format {
+            None | Some(Value::Null) => None,
+            Some(f) if f["type"] == "text" => None,
+            Some(_) => Some("response_format"),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -228,6 +228,14 @@ fn prepare(
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(ApiError::invalid("top_p must be in (0, 1]", Some("top_p")));
     }
+    if let Some(param) = c.unsupported() {
+        return Err(ApiError::invalid(
+            format!("`{param}` is not supported by this server"),
+            Some(param),
+        )
+        .with_code("unsupported_parameter"));
+    }
+    let sampling = sampling_params(&c, t, top_p, l.codec.vocab_size())?;
     let capacity = l.engine.shared.envelope.capacity_tokens();
     let room = l.context_length.min(capacity).saturating_sub(prompt.len());
     let max_tokens = match c.max_completion_tokens.or(c.max_tokens) {
@@ -257,15 +265,78 @@ fn prepare(
     Ok(Prepared {
         prompt,
         max_tokens,
-        sampling: SamplingParams {
-            temperature: t,
-            top_p,
-            seed: c.seed,
-        },
+        sampling,
         stop: c.stop.map(OneOrMany::into_vec).unwrap_or_default(),
         ignore_eos: c.ignore_eos,
         stream: c.stream,
         include_usage: c.stream_options.is_some_and(|o| o.include_usage),
+    })
+}
+
+/// The penalties, cuts and biases of a request, in the ranges OpenAI and vLLM accept.
+fn sampling_params(
+    c: &Common,
+    temperature: f32,
+    top_p: f32,
+    vocab: usize,
+) -> Result<SamplingParams, ApiError> {
+    let within = |v: Option<f32>, name: &'static str, lo: f32, hi: f32, default: f32| match v {
+        None => Ok(default),
+        Some(x) if (lo..=hi).contains(&x) => Ok(x),
+        Some(_) => Err(ApiError::invalid(
+            format!("{name} must be between {lo} and {hi}"),
+            Some(name),
+        )),
+    };
+    let top_k = match c.top_k {
+        None | Some(-1) | Some(0) => None,
+        Some(k) if k > 0 => Some(k as usize),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "top_k must be at least 1, or -1 or 0 for all tokens",
+                Some("top_k"),
+            ))
+        }
+    };
+    let repetition_penalty = match c.repetition_penalty {
+        None => 1.0,
+        Some(r) if r > 0.0 && r.is_finite() => r,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "repetition_penalty must be greater than 0",
+                Some("repetition_penalty"),
+            ))
+        }
+    };
+    let mut logit_bias = Vec::new();
+    for (id, bias) in c.logit_bias.iter().flatten() {
+        let token = id.parse::<u32>().ok().filter(|t| (*t as usize) < vocab);
+        match token {
+            Some(t) if (-100.0..=100.0).contains(bias) => logit_bias.push((t, *bias)),
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    format!("logit_bias for token {id} must be between -100 and 100"),
+                    Some("logit_bias"),
+                ))
+            }
+            None => {
+                return Err(ApiError::invalid(
+                    format!("logit_bias key {id:?} is not a token id of this model"),
+                    Some("logit_bias"),
+                ))
+            }
+        }
+    }
+    Ok(SamplingParams {
+        temperature,
+        top_p,
+        top_k,
+        min_p: within(c.min_p, "min_p", 0.0, 1.0, 0.0)?,
+        presence_penalty: within(c.presence_penalty, "presence_penalty", -2.0, 2.0, 0.0)?,
+        frequency_penalty: within(c.frequency_penalty, "frequency_penalty", -2.0, 2.0, 0.0)?,
+        repetition_penalty,
+        logit_bias,
+        seed: c.seed,
     })
 }
 

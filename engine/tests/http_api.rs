@@ -147,8 +147,76 @@ async fn bad_input_gets_clear_errors_and_a_concurrent_stream_is_unchanged() {
         (c, json!({"prompt": "hi", "n": 3}).to_string(), 400, None),
         (c, huge, 413, None), // oversized body
     ];
+    let mut cases = cases;
+    // Sampling parameters out of their ranges...
+    for bad in [
+        json!({"presence_penalty": 2.5}),
+        json!({"frequency_penalty": -3}),
+        json!({"top_k": -2}),
+        json!({"min_p": 1.5}),
+        json!({"repetition_penalty": 0}),
+        json!({"logit_bias": {"99999999": 5}}),
+        json!({"logit_bias": {"17": 101}}),
+    ] {
+        let mut body = json!({"prompt": "hi", "max_tokens": 1});
+        body.as_object_mut()
+            .unwrap()
+            .extend(bad.as_object().unwrap().clone());
+        cases.push((c, body.to_string(), 400, None));
+    }
+    // ...and what this server does not do, refused rather than silently ignored.
+    for (path, unsupported) in [
+        (c, json!({"logprobs": 2})),
+        (c, json!({"logprobs": 0})),
+        (c, json!({"echo": true})),
+        (c, json!({"best_of": 3})),
+        (c, json!({"suffix": "end"})),
+        (cc, json!({"logprobs": true})),
+        (cc, json!({"top_logprobs": 3})),
+        (
+            cc,
+            json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
+        ),
+        (cc, json!({"response_format": {"type": "json_object"}})),
+    ] {
+        let mut body = if path == c {
+            json!({"prompt": "hi", "max_tokens": 1})
+        } else {
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+        };
+        body.as_object_mut()
+            .unwrap()
+            .extend(unsupported.as_object().unwrap().clone());
+        cases.push((path, body.to_string(), 400, Some("unsupported_parameter")));
+    }
     for (path, body, status, code) in cases {
-        expect_error(&s, path, body.into(), status, code).await;
+        let v = expect_error(&s, path, body.clone().into(), status, code).await;
+        if code == Some("unsupported_parameter") {
+            let param = v["error"]["param"].as_str().unwrap().to_string();
+            assert!(body.contains(&format!("\"{param}\"")), "{v} for {body}");
+        }
+    }
+    // What the defaults mean, sent out loud, is no error.
+    for (path, off) in [
+        (
+            c,
+            json!({"logprobs": null, "echo": false, "best_of": 1, "suffix": ""}),
+        ),
+        (
+            cc,
+            json!({"logprobs": false, "top_logprobs": 0, "tools": [], "response_format": {"type": "text"}}),
+        ),
+    ] {
+        let mut body = if path == c {
+            json!({"prompt": "hi", "max_tokens": 1})
+        } else {
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+        };
+        body.as_object_mut()
+            .unwrap()
+            .extend(off.as_object().unwrap().clone());
+        let r = client().post(s.url(path)).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{body}");
     }
     let r = client().get(s.url("/v1/nope")).send().await.unwrap();
     assert_eq!(r.status(), 404);
@@ -733,4 +801,63 @@ fn an_unreadable_or_empty_key_file_stops_the_engine_before_it_serves() {
         assert!(!out.status.success(), "started with {}", file.display());
         assert!(stderr.contains(says), "{stderr}");
     }
+}
+
+/// A greedy completion's text and token count with the extra sampling fields.
+async fn greedy_text(base: &str, prompt: &str, extra: Value) -> (String, u64) {
+    let mut body =
+        json!({"prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": true});
+    body.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    let v: Value = client()
+        .post(format!("{base}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (
+        v["choices"][0]["text"].as_str().unwrap().to_string(),
+        v["usage"]["completion_tokens"].as_u64().unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logit_bias_and_penalties_steer_the_real_model() {
+    let s = Server::start(&[]).await;
+    let story = "Once upon a time, in a small village by the sea,";
+    let (plain, n) = greedy_text(&s.base, story, json!({})).await;
+    assert_eq!(n, 12);
+    // The bias forces one token: the text is one piece, twelve times.
+    let (forced, _) = greedy_text(&s.base, story, json!({"logit_bias": {"28": 100}})).await;
+    let piece = &forced[..forced.len() / 12];
+    assert!(
+        !piece.is_empty() && forced == piece.repeat(12),
+        "{forced:?}"
+    );
+    assert_ne!(forced, plain);
+    // Greedy decoding of a count loops; penalties that grow with the repeats (frequency) or
+    // scale the logit (repetition, which counts the prompt too) break it. (Presence subtracts
+    // a constant once, too little against this loop's margin: unit-tested in sampling.rs.)
+    let count = "1, 1, 1, 1, 1, 1, 1, 1,";
+    let ones = |t: &str| t.matches('1').count();
+    let (looping, _) = greedy_text(&s.base, count, json!({})).await;
+    for penalty in ["frequency_penalty", "repetition_penalty"] {
+        let (broken, _) = greedy_text(&s.base, count, json!({ penalty: 2.0 })).await;
+        assert!(
+            ones(&broken) < ones(&looping),
+            "{penalty}: {broken:?} repeats as much as {looping:?}"
+        );
+    }
+    // top_k 1 is greedy whatever the temperature.
+    let (k1, _) = greedy_text(
+        &s.base,
+        story,
+        json!({"temperature": 1.5, "top_k": 1, "seed": 5}),
+    )
+    .await;
+    assert_eq!(k1, plain);
 }

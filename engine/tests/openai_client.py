@@ -50,7 +50,18 @@ a = client.completions.create(model=model, prompt="Once", max_tokens=12, tempera
 b = client.completions.create(model=model, prompt="Once", max_tokens=12, temperature=0.9, seed=42)
 assert a.choices[0].text == b.choices[0].text
 
-# Errors surface as the client's typed exceptions.
+# The penalties and the logit bias as the client sends them (vLLM's top_k via extra_body).
+p = client.completions.create(model=model, prompt="1, 1, 1, 1, 1, 1,", max_tokens=12, temperature=0,
+                              frequency_penalty=2.0, presence_penalty=0.5, logit_bias={"28": -100},
+                              extra_body={"top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1})
+assert p.usage.completion_tokens >= 1, p
+
+# Errors surface as the client's typed exceptions; what this server does not serve is refused.
+try:
+    client.completions.create(model=model, prompt="hi", max_tokens=1, logprobs=2)
+    raise AssertionError("logprobs accepted and ignored")
+except openai.BadRequestError as e:
+    assert e.code == "unsupported_parameter" and e.param == "logprobs", e.body
 try:
     client.completions.create(model="no-such-model", prompt="hi", max_tokens=1)
     raise AssertionError("unknown model accepted")

@@ -104,8 +104,7 @@ fn run(
                 max_tokens: GEN,
                 sampling: SamplingParams {
                     temperature: 0.0,
-                    top_p: 1.0,
-                    seed: None,
+                    ..Default::default()
                 },
                 stop: vec![],
                 // Fixed lengths, so the small pool really runs dry.

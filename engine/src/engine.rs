@@ -50,6 +50,8 @@ pub struct Request {
     /// When the server received it: its TTFT deadline counts from here, not from when the
     /// engine loop next picks it up (up to a step later).
     pub arrived: Instant,
+    /// Report each generated token's log-probability and this many likeliest alternatives'.
+    pub logprobs: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -71,6 +73,17 @@ pub struct TokenEvent {
     pub prompt_tokens: usize,
     /// The logits the token was sampled from, when `record_logits` is on (tests).
     pub logits: Option<Vec<f32>>,
+    /// The token's log-probability, when the request asked for it.
+    pub logprobs: Option<Logprob>,
+}
+
+/// A generated token's log-probability and its likeliest alternatives', with each token as
+/// its own text (what OpenAI's `logprobs` report).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logprob {
+    pub token: String,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -147,6 +160,7 @@ struct Active {
     max_tokens: usize,
     stop: Vec<String>,
     ignore_eos: bool,
+    logprobs: Option<usize>,
     generated: usize,
     prompt_len: usize,
     /// Text produced but not yet released, held back while it could still begin a stop string.
@@ -265,6 +279,7 @@ impl Engine {
                 max_tokens: r.max_tokens,
                 stop: r.stop.into_iter().filter(|s| !s.is_empty()).collect(),
                 ignore_eos: r.ignore_eos,
+                logprobs: r.logprobs,
                 generated: 0,
                 prompt_len: r.prompt.len(),
                 pending: String::new(),
@@ -333,6 +348,19 @@ impl Engine {
     fn sample_one(&mut self, id: SeqId, logits: Vec<f32>) -> Option<TokenEvent> {
         let a = self.active.get_mut(&id)?;
         let token = a.sampler.sample(&logits);
+        let codec = &self.codec;
+        let logprobs = a.logprobs.map(|n| {
+            let lp = crate::sampling::logprobs(&logits, token, n);
+            Logprob {
+                token: codec.decode(&[lp.token]),
+                logprob: lp.logprob,
+                top: lp
+                    .top
+                    .into_iter()
+                    .map(|(t, l)| (codec.decode(&[t]), l))
+                    .collect(),
+            }
+        });
         a.generated += 1;
         let mut finished = None;
         if !a.ignore_eos && self.codec.stop_ids().contains(&token) {
@@ -374,6 +402,7 @@ impl Engine {
             completion_tokens: a.generated,
             prompt_tokens: a.prompt_len,
             logits: self.record_logits.then_some(logits),
+            logprobs,
         };
         if finished.is_some() {
             self.active.remove(&id);

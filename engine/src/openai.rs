@@ -106,10 +106,12 @@ pub struct Common {
     pub top_k: Option<i32>,
     pub min_p: Option<f32>,
     pub repetition_penalty: Option<f32>,
-    /// Asked for and not served here: refused with a clear error rather than ignored
-    /// (`unsupported`). Kept as JSON: the two endpoints give some of them different types.
+    /// Completions: how many alternatives per token (0: the sampled token's only); chat: a
+    /// bool, with the count in `top_logprobs`. As JSON: the endpoints give it two types.
     pub logprobs: Option<serde_json::Value>,
-    pub top_logprobs: Option<serde_json::Value>,
+    pub top_logprobs: Option<u32>,
+    /// Asked for and not served here: refused with a clear error rather than ignored
+    /// (`unsupported`).
     pub echo: Option<bool>,
     pub best_of: Option<u32>,
     pub suffix: Option<String>,
@@ -119,22 +121,10 @@ pub struct Common {
 
 impl Common {
     /// The first parameter this server does not serve that the request asks for, if any.
-    /// Ignoring it would answer something other than what was asked: scores without
-    /// logprobs, text where JSON or a tool call was required.
+    /// Ignoring it would answer something other than what was asked: the prompt's scores
+    /// (`echo`), text where JSON or a tool call was required.
     pub fn unsupported(&self) -> Option<&'static str> {
         use serde_json::Value;
-        // Chat's `logprobs` is a bool; completions' a count, where 0 still asks for the
-        // sampled token's.
-        if !matches!(
-            &self.logprobs,
-            None | Some(Value::Null) | Some(Value::Bool(false))
-        ) {
-            return Some("logprobs");
-        }
-        // `top_logprobs: 0` asks for nothing more.
-        if matches!(&self.top_logprobs, Some(Value::Number(n)) if n.as_u64() != Some(0)) {
-            return Some("top_logprobs");
-        }
         if self.echo == Some(true) {
             return Some("echo");
         }

@@ -166,6 +166,39 @@ impl Sampler {
     }
 }
 
+/// A sampled token's log-probability and its likeliest alternatives'.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub token: u32,
+    pub logprob: f32,
+    /// The `n` likeliest tokens, likeliest first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Log-probabilities under the model's own distribution: the raw logits, before biases,
+/// penalties and temperature (what vLLM reports by default, and OpenAI too).
+pub fn logprobs(logits: &[f32], token: u32, n: usize) -> TokenLogprobs {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|l| ((l - max) as f64).exp()).sum();
+    let lse = max + sum.ln() as f32;
+    let mut top: Vec<u32> = (0..logits.len() as u32).collect();
+    let n = n.min(top.len());
+    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+    if n > 0 && n < top.len() {
+        top.select_nth_unstable_by(n - 1, by_logit);
+    }
+    top.truncate(n);
+    top.sort_unstable_by(by_logit);
+    TokenLogprobs {
+        token,
+        logprob: logits[token as usize] - lse,
+        top: top
+            .into_iter()
+            .map(|t| (t, logits[t as usize] - lse))
+            .collect(),
+    }
+}
+
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
     for (i, v) in logits.iter().enumerate() {
@@ -357,5 +390,27 @@ mod tests {
             );
             proptest::prop_assert_eq!(one.sample(&logits), argmax(&logits));
         }
+    }
+
+    #[test]
+    fn logprobs_are_the_raw_distribution_and_the_top_is_sorted() {
+        let logits = [1.0f32, 3.0, -2.0, 3.0, 0.5];
+        let lp = logprobs(&logits, 4, 3);
+        // exp(logprob) over all tokens sums to 1.
+        let sum: f32 = (0..5).map(|t| logprobs(&logits, t, 0).logprob.exp()).sum();
+        assert!((sum - 1.0).abs() < 1e-5, "{sum}");
+        assert_eq!(lp.token, 4);
+        assert!(
+            (lp.logprob - (0.5 - (logits.iter().map(|l| l.exp()).sum::<f32>()).ln())).abs() < 1e-5
+        );
+        let ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids.len(), 3);
+        assert!(
+            ids[..2].contains(&1) && ids[..2].contains(&3) && ids[2] == 0,
+            "{ids:?}"
+        );
+        assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
+        assert!(logprobs(&logits, 0, 0).top.is_empty());
+        assert_eq!(logprobs(&logits, 0, 99).top.len(), 5);
     }
 }

@@ -7,7 +7,7 @@
 //! SIGTERM the process exits when the engine is empty or the grace period is over.
 
 use crate::api_keys::ApiKeys;
-use crate::engine::{validate, Request};
+use crate::engine::{validate, Logprob, Request};
 use crate::metrics::Metrics;
 use crate::openai::*;
 use crate::sampling::SamplingParams;
@@ -188,6 +188,7 @@ struct Prepared {
     prompt: Vec<u32>,
     max_tokens: usize,
     sampling: SamplingParams,
+    logprobs: Option<usize>,
     stop: Vec<String>,
     ignore_eos: bool,
     stream: bool,
@@ -236,6 +237,7 @@ fn prepare(
         .with_code("unsupported_parameter"));
     }
     let sampling = sampling_params(&c, t, top_p, l.codec.vocab_size())?;
+    let logprobs = logprobs_asked(&c, kind)?;
     let capacity = l.engine.shared.envelope.capacity_tokens();
     let room = l.context_length.min(capacity).saturating_sub(prompt.len());
     let max_tokens = match c.max_completion_tokens.or(c.max_tokens) {
@@ -266,11 +268,59 @@ fn prepare(
         prompt,
         max_tokens,
         sampling,
+        logprobs,
         stop: c.stop.map(OneOrMany::into_vec).unwrap_or_default(),
         ignore_eos: c.ignore_eos,
         stream: c.stream,
         include_usage: c.stream_options.is_some_and(|o| o.include_usage),
     })
+}
+
+/// The most alternatives a token's logprobs may list (OpenAI's chat limit; vLLM's default).
+const MAX_LOGPROBS: u64 = 20;
+
+/// How many alternatives per token the request wants logprobs for, if it wants them:
+/// completions say it in `logprobs` (a count), chat in `logprobs: true` and `top_logprobs`.
+fn logprobs_asked(c: &Common, kind: Kind) -> Result<Option<usize>, ApiError> {
+    let range = |param| {
+        ApiError::invalid(
+            format!("{param} must be a whole number from 0 to {MAX_LOGPROBS}"),
+            Some(param),
+        )
+    };
+    match kind {
+        Kind::Completion => match &c.logprobs {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(n) if n <= MAX_LOGPROBS => Ok(Some(n as usize)),
+                _ => Err(range("logprobs")),
+            },
+            Some(_) => Err(range("logprobs")),
+        },
+        Kind::Chat => {
+            let on = match &c.logprobs {
+                None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+                Some(Value::Bool(true)) => true,
+                Some(_) => {
+                    return Err(ApiError::invalid(
+                        "logprobs must be true or false",
+                        Some("logprobs"),
+                    ))
+                }
+            };
+            let top = c.top_logprobs.unwrap_or(0) as u64;
+            if top > MAX_LOGPROBS {
+                return Err(range("top_logprobs"));
+            }
+            if top > 0 && !on {
+                return Err(ApiError::invalid(
+                    "top_logprobs needs logprobs: true",
+                    Some("top_logprobs"),
+                ));
+            }
+            Ok(on.then_some(top as usize))
+        }
+    }
 }
 
 /// The penalties, cuts and biases of a request, in the ranges OpenAI and vLLM accept.
@@ -445,10 +495,10 @@ struct Shape {
 }
 
 impl Shape {
-    fn chunk(&self, text: &str, finish: Option<&str>, first: bool) -> Value {
+    fn chunk(&self, text: &str, finish: Option<&str>, first: bool, logprobs: Value) -> Value {
         let choice = match self.kind {
             Kind::Completion => {
-                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
+                json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish})
             }
             Kind::Chat => {
                 let delta = if first {
@@ -456,7 +506,7 @@ impl Shape {
                 } else {
                     json!({"content": text})
                 };
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
         };
         json!({"id": self.id, "object": self.object(true), "created": self.created,
@@ -468,13 +518,13 @@ impl Shape {
                "model": self.model, "choices": [], "usage": u})
     }
 
-    fn full(&self, text: String, finish: &str, u: Usage) -> Value {
+    fn full(&self, text: String, finish: &str, u: Usage, logprobs: Value) -> Value {
         let choice = match self.kind {
             Kind::Completion => {
-                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
+                json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish})
             }
             Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
-                                 "logprobs": null, "finish_reason": finish}),
+                                 "logprobs": logprobs, "finish_reason": finish}),
         };
         json!({"id": self.id, "object": self.object(false), "created": self.created,
                "model": self.model, "choices": [choice], "usage": u})
@@ -485,6 +535,54 @@ impl Shape {
             (Kind::Completion, _) => "text_completion",
             (Kind::Chat, false) => "chat.completion",
             (Kind::Chat, true) => "chat.completion.chunk",
+        }
+    }
+}
+
+/// OpenAI's `logprobs` of a choice for these tokens: completions' four parallel lists (each
+/// token's text offset counted on from `offset`, which moves past them), chat's `content`.
+/// `Null` when the request did not ask.
+fn logprobs_json(kind: Kind, entries: Option<&[Logprob]>, offset: &mut usize) -> Value {
+    let Some(entries) = entries else {
+        return Value::Null;
+    };
+    match kind {
+        Kind::Completion => {
+            let mut offsets = Vec::with_capacity(entries.len());
+            for e in entries {
+                offsets.push(*offset);
+                *offset += e.token.chars().count();
+            }
+            // The sampled token is always there, so a dict has up to `logprobs + 1` entries.
+            let top: Vec<Value> = entries
+                .iter()
+                .map(|e| {
+                    let mut m = serde_json::Map::new();
+                    for (t, l) in &e.top {
+                        m.insert(t.clone(), json!(l));
+                    }
+                    m.entry(e.token.clone()).or_insert(json!(e.logprob));
+                    Value::Object(m)
+                })
+                .collect();
+            json!({
+                "tokens": entries.iter().map(|e| e.token.as_str()).collect::<Vec<_>>(),
+                "token_logprobs": entries.iter().map(|e| e.logprob).collect::<Vec<_>>(),
+                "top_logprobs": top,
+                "text_offset": offsets,
+            })
+        }
+        Kind::Chat => {
+            let one = |t: &str, l: f32| json!({"token": t, "logprob": l, "bytes": t.as_bytes()});
+            let content: Vec<Value> = entries
+                .iter()
+                .map(|e| {
+                    let mut v = one(&e.token, e.logprob);
+                    v["top_logprobs"] = e.top.iter().map(|(t, l)| one(t, *l)).collect();
+                    v
+                })
+                .collect();
+            json!({ "content": content })
         }
     }
 }
@@ -517,6 +615,7 @@ async fn generate(st: &AppState, l: &Loaded, p: Prepared, kind: Kind) -> Respons
         stop: p.stop,
         ignore_eos: p.ignore_eos,
         arrived: std::time::Instant::now(),
+        logprobs: p.logprobs,
     });
     let shape = Shape {
         id: format!(
@@ -532,31 +631,44 @@ async fn generate(st: &AppState, l: &Loaded, p: Prepared, kind: Kind) -> Respons
         model: st.model_name.clone(),
         kind,
     };
+    let logprobs = p.logprobs.map(|_| Vec::new());
     if p.stream {
-        stream_response(rx, guard, shape, p.include_usage)
+        stream_response(rx, guard, shape, p.include_usage, logprobs)
     } else {
-        match collect(rx, guard).await {
-            Ok((text, finish, usage)) => Json(shape.full(text, finish, usage)).into_response(),
+        match collect(rx, guard, logprobs).await {
+            Ok((text, finish, usage, lp)) => {
+                let lp = logprobs_json(kind, lp.as_deref(), &mut 0);
+                Json(shape.full(text, finish, usage, lp)).into_response()
+            }
             Err(e) => e.into_response(),
         }
     }
 }
 
+/// A whole answer: its text, finish reason, usage and, when `logprobs` is `Some`, each
+/// token's logprobs.
+type Collected = (String, &'static str, Usage, Option<Vec<Logprob>>);
+
 async fn collect(
     mut rx: UnboundedReceiver<Event>,
     mut guard: AbortOnDrop,
-) -> Result<(String, &'static str, Usage), ApiError> {
+    mut logprobs: Option<Vec<Logprob>>,
+) -> Result<Collected, ApiError> {
     let mut text = String::new();
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Token(t) => {
                 text.push_str(&t.text);
+                if let (Some(all), Some(lp)) = (logprobs.as_mut(), t.logprobs) {
+                    all.push(lp);
+                }
                 if let Some(r) = t.finished {
                     guard.disarm();
                     return Ok((
                         text,
                         finish_str(r),
                         Usage::new(t.prompt_tokens, t.completion_tokens),
+                        logprobs,
                     ));
                 }
             }
@@ -570,13 +682,16 @@ async fn collect(
 }
 
 /// SSE stream: one chunk per released text piece, the finish reason on the last, an optional
-/// usage chunk, then `data: [DONE]`. Dropping the stream (client gone) aborts the request
-/// through the guard it owns, which frees its KV blocks at once.
+/// usage chunk, then `data: [DONE]`. With logprobs, a chunk carries those of every token since
+/// the previous chunk (a token whose text is held back, mid-character or mid-stop-string, goes
+/// with the next). Dropping the stream (client gone) aborts the request through the guard it
+/// owns, which frees its KV blocks at once.
 fn stream_response(
     rx: UnboundedReceiver<Event>,
     guard: AbortOnDrop,
     shape: Shape,
     include_usage: bool,
+    logprobs: Option<Vec<Logprob>>,
 ) -> Response {
     struct S {
         rx: UnboundedReceiver<Event>,
@@ -586,6 +701,15 @@ fn stream_response(
         first: bool,
         tail: Vec<SseEvent>,
         done: bool,
+        /// Logprobs not sent yet, and the text offset the next one starts at.
+        logprobs: Option<Vec<Logprob>>,
+        offset: usize,
+    }
+    impl S {
+        fn take_logprobs(&mut self) -> Value {
+            let pending = self.logprobs.as_mut().map(std::mem::take);
+            logprobs_json(self.shape.kind, pending.as_deref(), &mut self.offset)
+        }
     }
     let init = S {
         rx,
@@ -595,6 +719,8 @@ fn stream_response(
         first: true,
         tail: vec![],
         done: false,
+        logprobs,
+        offset: 0,
     };
     let stream = futures::stream::unfold(init, |mut s| async move {
         loop {
@@ -607,6 +733,9 @@ fn stream_response(
             let data = |v: Value| SseEvent::default().data(v.to_string());
             match s.rx.recv().await {
                 Some(Event::Token(t)) => {
+                    if let (Some(pending), Some(lp)) = (s.logprobs.as_mut(), t.logprobs) {
+                        pending.push(lp);
+                    }
                     if let Some(r) = t.finished {
                         s.guard.disarm();
                         s.done = true;
@@ -616,10 +745,16 @@ fn stream_response(
                             let u = Usage::new(t.prompt_tokens, t.completion_tokens);
                             s.tail.push(data(s.shape.usage_chunk(u)));
                         }
-                        s.tail
-                            .push(data(s.shape.chunk(&t.text, Some(finish_str(r)), s.first)));
+                        let lp = s.take_logprobs();
+                        s.tail.push(data(s.shape.chunk(
+                            &t.text,
+                            Some(finish_str(r)),
+                            s.first,
+                            lp,
+                        )));
                     } else if !t.text.is_empty() || s.first {
-                        let ev = data(s.shape.chunk(&t.text, None, s.first));
+                        let lp = s.take_logprobs();
+                        let ev = data(s.shape.chunk(&t.text, None, s.first, lp));
                         s.first = false;
                         return Some((Ok(ev), s));
                     }

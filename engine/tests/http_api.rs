@@ -157,6 +157,8 @@ async fn bad_input_gets_clear_errors_and_a_concurrent_stream_is_unchanged() {
         json!({"repetition_penalty": 0}),
         json!({"logit_bias": {"99999999": 5}}),
         json!({"logit_bias": {"17": 101}}),
+        json!({"logprobs": 21}),
+        json!({"logprobs": true}),
     ] {
         let mut body = json!({"prompt": "hi", "max_tokens": 1});
         body.as_object_mut()
@@ -165,14 +167,21 @@ async fn bad_input_gets_clear_errors_and_a_concurrent_stream_is_unchanged() {
         cases.push((c, body.to_string(), 400, None));
     }
     // ...and what this server does not do, refused rather than silently ignored.
+    for bad in [
+        json!({"top_logprobs": 3}),
+        json!({"logprobs": true, "top_logprobs": 21}),
+        json!({"logprobs": 2}),
+    ] {
+        let mut body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1});
+        body.as_object_mut()
+            .unwrap()
+            .extend(bad.as_object().unwrap().clone());
+        cases.push((cc, body.to_string(), 400, None));
+    }
     for (path, unsupported) in [
-        (c, json!({"logprobs": 2})),
-        (c, json!({"logprobs": 0})),
         (c, json!({"echo": true})),
         (c, json!({"best_of": 3})),
         (c, json!({"suffix": "end"})),
-        (cc, json!({"logprobs": true})),
-        (cc, json!({"top_logprobs": 3})),
         (
             cc,
             json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
@@ -860,4 +869,135 @@ async fn logit_bias_and_penalties_steer_the_real_model() {
     )
     .await;
     assert_eq!(k1, plain);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_come_with_every_generated_token_streamed_or_not() {
+    let s = Server::start(&[]).await;
+    // Completions: the four lists, one entry per generated token.
+    let v: Value = client()
+        .post(s.url("/v1/completions"))
+        .json(
+            &json!({"prompt": "The capital of France is", "max_tokens": 8,
+                      "temperature": 0, "logprobs": 3}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let choice = &v["choices"][0];
+    let lp = &choice["logprobs"];
+    let n = v["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    let tokens: Vec<&str> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens.len(), n, "{lp}");
+    assert_eq!(tokens.concat(), choice["text"].as_str().unwrap(), "{lp}");
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets[0], 0);
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "{offsets:?}");
+    for (i, token) in tokens.iter().enumerate() {
+        let chosen = lp["token_logprobs"][i].as_f64().unwrap();
+        assert!(chosen <= 0.0 && chosen > -50.0, "{chosen}");
+        let top = lp["top_logprobs"][i].as_object().unwrap();
+        assert!((3..=4).contains(&top.len()), "{top:?}");
+        // Greedy: the sampled token is the likeliest (ties aside).
+        let best = top
+            .values()
+            .map(|l| l.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        assert!(chosen >= best - 1e-4, "{token:?}: {chosen} < {best}");
+        assert_eq!(top[*token].as_f64().unwrap(), chosen);
+    }
+    // Not asked: null, as before.
+    let plain: Value = client()
+        .post(s.url("/v1/completions"))
+        .json(&json!({"prompt": "The capital of France is", "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(plain["choices"][0]["logprobs"].is_null());
+
+    // Chat, whole and streamed: the same tokens with the same logprobs, two alternatives each.
+    let chat = |stream: bool| {
+        json!({"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 10,
+               "temperature": 0, "logprobs": true, "top_logprobs": 2, "stream": stream,
+               "stream_options": if stream { json!({"include_usage": true}) } else { Value::Null }})
+    };
+    let whole: Value = client()
+        .post(s.url("/v1/chat/completions"))
+        .json(&chat(false))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let content = whole["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        content.len() as u64,
+        whole["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    for e in &content {
+        let token = e["token"].as_str().unwrap();
+        let bytes: Vec<u8> = e["bytes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect();
+        assert_eq!(bytes, token.as_bytes());
+        assert_eq!(e["top_logprobs"].as_array().unwrap().len(), 2, "{e}");
+    }
+    let body = client()
+        .post(s.url("/v1/chat/completions"))
+        .json(&chat(true))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut streamed = Vec::new();
+    for line in body.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if line == "[DONE]" {
+            continue;
+        }
+        let v: Value = serde_json::from_str(line).unwrap();
+        if let Some(c) = v["choices"][0]["logprobs"]["content"].as_array() {
+            streamed.extend(c.iter().cloned());
+        }
+    }
+    let pairs = |v: &[Value]| -> Vec<(String, f64)> {
+        v.iter()
+            .map(|e| {
+                (
+                    e["token"].as_str().unwrap().to_string(),
+                    e["logprob"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let (a, b) = (pairs(&content), pairs(&streamed));
+    assert_eq!(a.len(), b.len(), "streamed {b:?}\nwhole {a:?}");
+    for ((ta, la), (tb, lb)) in a.iter().zip(&b) {
+        assert_eq!(ta, tb);
+        assert!((la - lb).abs() < 1e-3, "{ta:?}: {la} vs {lb}");
+    }
 }

@@ -56,12 +56,22 @@ p = client.completions.create(model=model, prompt="1, 1, 1, 1, 1, 1,", max_token
                               extra_body={"top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1})
 assert p.usage.completion_tokens >= 1, p
 
+# Logprobs, as the client parses them.
+lc = client.completions.create(model=model, prompt="The capital of France is", max_tokens=4,
+                               temperature=0, logprobs=2)
+assert len(lc.choices[0].logprobs.tokens) == lc.usage.completion_tokens, lc.choices[0].logprobs
+assert all(lp <= 0 for lp in lc.choices[0].logprobs.token_logprobs)
+lr = client.chat.completions.create(model=model, messages=msgs, max_tokens=4, temperature=0,
+                                    logprobs=True, top_logprobs=2)
+entries = lr.choices[0].logprobs.content
+assert len(entries) == lr.usage.completion_tokens and all(len(e.top_logprobs) == 2 for e in entries), entries
+
 # Errors surface as the client's typed exceptions; what this server does not serve is refused.
 try:
-    client.completions.create(model=model, prompt="hi", max_tokens=1, logprobs=2)
-    raise AssertionError("logprobs accepted and ignored")
+    client.completions.create(model=model, prompt="hi", max_tokens=1, echo=True, logprobs=1)
+    raise AssertionError("echo accepted and ignored")
 except openai.BadRequestError as e:
-    assert e.code == "unsupported_parameter" and e.param == "logprobs", e.body
+    assert e.code == "unsupported_parameter" and e.param == "echo", e.body
 try:
     client.completions.create(model="no-such-model", prompt="hi", max_tokens=1)
     raise AssertionError("unknown model accepted")

@@ -110,6 +110,7 @@ fn run(
                 // Fixed lengths, so the small pool really runs dry.
                 ignore_eos: true,
                 arrived: std::time::Instant::now(),
+                logprobs: None,
             })
             .unwrap();
     }

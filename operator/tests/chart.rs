@@ -1,0 +1,193 @@
+//! The Helm chart as `helm template` renders it (the real helm; no cluster): least-privilege
+//! RBAC, a hardened operator pod, the values a Helm user sets (placement, pull secrets, pod
+//! metadata, a metrics Service and a Prometheus Operator ServiceMonitor) landing where they
+//! belong, and values the schema does not know refused. The e2e installs the chart for real.
+
+use redline_testcluster::testing::{helm, repo};
+use serde_yaml::Value;
+
+/// `helm template` of the chart with `args`: the rendered documents, or helm's error.
+fn render(args: &[&str]) -> Result<Vec<Value>, String> {
+    let chart = repo().join("charts/redline");
+    let out = std::process::Command::new(helm())
+        .args(["template", "redline", chart.to_str().unwrap()])
+        .args(["--namespace", "redline-system"])
+        .args(args)
+        .output()
+        .expect("run helm");
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let text = String::from_utf8(out.stdout).unwrap();
+    Ok(serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).expect("a YAML document"))
+        .filter(|v: &Value| !v.is_null())
+        .collect())
+}
+
+fn kind<'a>(docs: &'a [Value], k: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| d["kind"] == k).collect()
+}
+
+fn strings(v: &Value) -> Vec<&str> {
+    v.as_sequence()
+        .map(|s| s.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_rbac_grants_only_named_verbs_and_never_lists_secrets() {
+    let docs = render(&[]).unwrap();
+    let roles: Vec<&Value> = kind(&docs, "ClusterRole")
+        .into_iter()
+        .chain(kind(&docs, "Role"))
+        .collect();
+    assert_eq!(roles.len(), 2, "a ClusterRole and the Lease's Role");
+    for role in roles {
+        for rule in role["rules"].as_sequence().unwrap() {
+            for field in ["apiGroups", "resources", "verbs"] {
+                let v = strings(&rule[field]);
+                assert!(!v.is_empty(), "{field} named in {rule:?}");
+                assert!(!v.contains(&"*"), "a wildcard in {field}: {rule:?}");
+            }
+            let verbs = strings(&rule["verbs"]);
+            if strings(&rule["resources"]).contains(&"secrets") {
+                // The sidecar token is created and read by name; nobody's Secrets are listed.
+                assert!(
+                    verbs.iter().all(|v| ["get", "create"].contains(v)),
+                    "{verbs:?}"
+                );
+            }
+            assert!(!verbs.contains(&"escalate") && !verbs.contains(&"bind"));
+        }
+    }
+    // The Lease is the one thing written in the operator's own namespace only.
+    let role = kind(&docs, "Role")[0];
+    assert_eq!(role["metadata"]["namespace"], "redline-system");
+    assert!(strings(&role["rules"][0]["resources"]).contains(&"leases"));
+}
+
+#[test]
+fn the_operator_pod_is_hardened_and_its_metrics_service_finds_it() {
+    let docs = render(&[]).unwrap();
+    assert!(kind(&docs, "ServiceMonitor").is_empty(), "off by default");
+    let dep = kind(&docs, "Deployment")[0];
+    let pod = &dep["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    let c = &pod["containers"][0]["securityContext"];
+    assert_eq!(c["readOnlyRootFilesystem"], true);
+    assert_eq!(c["allowPrivilegeEscalation"], false);
+    assert_eq!(strings(&c["capabilities"]["drop"]), ["ALL"]);
+    assert_eq!(
+        pod["serviceAccountName"],
+        kind(&docs, "ServiceAccount")[0]["metadata"]["name"]
+    );
+    for unset in ["affinity", "imagePullSecrets", "priorityClassName"] {
+        assert!(pod[unset].is_null(), "{unset} rendered though not set");
+    }
+    let svc = kind(&docs, "Service")[0];
+    let labels = dep["spec"]["template"]["metadata"]["labels"]
+        .as_mapping()
+        .unwrap();
+    for (k, v) in svc["spec"]["selector"].as_mapping().unwrap() {
+        assert_eq!(
+            labels.get(k),
+            Some(v),
+            "the Service selects the operator's pods"
+        );
+    }
+    let port_names: Vec<&str> = pod["containers"][0]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert!(port_names.contains(&svc["spec"]["ports"][0]["targetPort"].as_str().unwrap()));
+    let off = render(&["--set", "metrics.service.enabled=false"]).unwrap();
+    assert!(kind(&off, "Service").is_empty());
+}
+
+#[test]
+fn placement_pull_secrets_pod_metadata_and_a_service_monitor_land_where_they_belong() {
+    let values = std::env::temp_dir().join(format!("redline-chart-{}.yaml", std::process::id()));
+    std::fs::write(
+        &values,
+        r#"
+nodeSelector: {pool: system}
+tolerations: [{key: dedicated, operator: Equal, value: system, effect: NoSchedule}]
+affinity:
+  podAntiAffinity:
+    preferredDuringSchedulingIgnoredDuringExecution:
+      - weight: 100
+        podAffinityTerm:
+          topologyKey: kubernetes.io/hostname
+          labelSelector: {matchLabels: {app.kubernetes.io/name: redline-operator}}
+priorityClassName: system-cluster-critical
+imagePullSecrets: [{name: regcred}]
+podAnnotations: {team: ml-platform}
+podLabels: {cost-center: inference}
+metrics:
+  serviceMonitor: {enabled: true, interval: 15s, labels: {release: prometheus}}
+"#,
+    )
+    .unwrap();
+    let docs = render(&["--values", values.to_str().unwrap()]).unwrap();
+    let dep = kind(&docs, "Deployment")[0];
+    let tpl = &dep["spec"]["template"];
+    let pod = &tpl["spec"];
+    assert_eq!(pod["nodeSelector"]["pool"], "system");
+    assert_eq!(pod["tolerations"][0]["key"], "dedicated");
+    assert_eq!(
+        pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
+            ["weight"],
+        100
+    );
+    assert_eq!(pod["priorityClassName"], "system-cluster-critical");
+    assert_eq!(pod["imagePullSecrets"][0]["name"], "regcred");
+    assert_eq!(tpl["metadata"]["annotations"]["team"], "ml-platform");
+    assert_eq!(tpl["metadata"]["labels"]["cost-center"], "inference");
+    // The extra label does not enter the selector (a Deployment's selector is immutable).
+    assert!(dep["spec"]["selector"]["matchLabels"]["cost-center"].is_null());
+
+    let sm = kind(&docs, "ServiceMonitor")[0];
+    assert_eq!(sm["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(sm["metadata"]["labels"]["release"], "prometheus");
+    let svc = kind(&docs, "Service")[0];
+    for (k, v) in sm["spec"]["selector"]["matchLabels"].as_mapping().unwrap() {
+        assert_eq!(
+            svc["metadata"]["labels"].get(k),
+            Some(v),
+            "the ServiceMonitor selects the metrics Service"
+        );
+    }
+    let ep = &sm["spec"]["endpoints"][0];
+    assert_eq!(ep["port"], svc["spec"]["ports"][0]["name"]);
+    assert_eq!(
+        (ep["path"].as_str(), ep["interval"].as_str()),
+        (Some("/metrics"), Some("15s"))
+    );
+    assert_eq!(
+        strings(&sm["spec"]["namespaceSelector"]["matchNames"]),
+        ["redline-system"]
+    );
+}
+
+#[test]
+fn values_the_schema_does_not_know_are_refused_with_a_reason() {
+    for (set, says) in [
+        ("replicaCount=2", "replicaCount"),
+        ("metrics.serviceMonitor.interval=often", "interval"),
+        ("imagePullSecrets[0].secret=x", "secret"),
+        (
+            "metrics.serviceMonitor.enabled=true,metrics.service.enabled=false",
+            "needs metrics.service.enabled",
+        ),
+    ] {
+        let err = render(&["--set", set]).expect_err(set);
+        assert!(err.contains(says), "{set}: {err}");
+    }
+}

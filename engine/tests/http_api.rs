@@ -54,6 +54,24 @@ fn good_request(max_tokens: u32) -> Value {
            "temperature": 0, "stream": true, "ignore_eos": true})
 }
 
+/// `body` with `extra`'s fields added (or replaced).
+fn with(mut body: Value, extra: Value) -> Value {
+    body.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    body
+}
+
+/// The smallest valid request to `path` (one token), with `extra`'s fields added.
+fn minimal(path: &str, extra: Value) -> Value {
+    let body = if path.ends_with("/chat/completions") {
+        json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+    } else {
+        json!({"prompt": "hi", "max_tokens": 1})
+    };
+    with(body, extra)
+}
+
 async fn expect_error(
     s: &Server,
     path: &str,
@@ -98,7 +116,7 @@ async fn bad_input_gets_clear_errors_and_a_concurrent_stream_is_unchanged() {
     let long: Vec<u32> = (0..9000).map(|i| 100 + i % 1000).collect();
     let huge = format!("{{\"prompt\": \"{}\"}}", "a".repeat(5 << 20));
     let (c, cc) = ("/v1/completions", "/v1/chat/completions");
-    let cases: Vec<(&str, String, u16, Option<&str>)> = vec![
+    let mut cases: Vec<(&str, String, u16, Option<&str>)> = vec![
         (c, "{\"prompt\": \"hi\", ".into(), 400, None), // malformed JSON
         (
             c,
@@ -147,7 +165,6 @@ async fn bad_input_gets_clear_errors_and_a_concurrent_stream_is_unchanged() {
         (c, json!({"prompt": "hi", "n": 3}).to_string(), 400, None),
         (c, huge, 413, None), // oversized body
     ];
-    let mut cases = cases;
     // Sampling parameters out of their ranges...
     for bad in [
         json!({"presence_penalty": 2.5}),
@@ -160,23 +177,14 @@ async fn bad_input_gets_clear_errors_and_a_concurrent_stream_is_unchanged() {
         json!({"logprobs": 21}),
         json!({"logprobs": true}),
     ] {
-        let mut body = json!({"prompt": "hi", "max_tokens": 1});
-        body.as_object_mut()
-            .unwrap()
-            .extend(bad.as_object().unwrap().clone());
-        cases.push((c, body.to_string(), 400, None));
+        cases.push((c, minimal(c, bad).to_string(), 400, None));
     }
-    // ...and what this server does not do, refused rather than silently ignored.
     for bad in [
         json!({"top_logprobs": 3}),
         json!({"logprobs": true, "top_logprobs": 21}),
         json!({"logprobs": 2}),
     ] {
-        let mut body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1});
-        body.as_object_mut()
-            .unwrap()
-            .extend(bad.as_object().unwrap().clone());
-        cases.push((cc, body.to_string(), 400, None));
+        cases.push((cc, minimal(cc, bad).to_string(), 400, None));
     }
     for (path, unsupported) in [
         (c, json!({"echo": true})),
@@ -188,15 +196,8 @@ async fn bad_input_gets_clear_errors_and_a_concurrent_stream_is_unchanged() {
         ),
         (cc, json!({"response_format": {"type": "json_object"}})),
     ] {
-        let mut body = if path == c {
-            json!({"prompt": "hi", "max_tokens": 1})
-        } else {
-            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
-        };
-        body.as_object_mut()
-            .unwrap()
-            .extend(unsupported.as_object().unwrap().clone());
-        cases.push((path, body.to_string(), 400, Some("unsupported_parameter")));
+        let body = minimal(path, unsupported).to_string();
+        cases.push((path, body, 400, Some("unsupported_parameter")));
     }
     for (path, body, status, code) in cases {
         let v = expect_error(&s, path, body.clone().into(), status, code).await;
@@ -216,14 +217,7 @@ async fn bad_input_gets_clear_errors_and_a_concurrent_stream_is_unchanged() {
             json!({"logprobs": false, "top_logprobs": 0, "tools": [], "response_format": {"type": "text"}}),
         ),
     ] {
-        let mut body = if path == c {
-            json!({"prompt": "hi", "max_tokens": 1})
-        } else {
-            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
-        };
-        body.as_object_mut()
-            .unwrap()
-            .extend(off.as_object().unwrap().clone());
+        let body = minimal(path, off);
         let r = client().post(s.url(path)).json(&body).send().await.unwrap();
         assert_eq!(r.status(), 200, "{body}");
     }
@@ -814,11 +808,10 @@ fn an_unreadable_or_empty_key_file_stops_the_engine_before_it_serves() {
 
 /// A greedy completion's text and token count with the extra sampling fields.
 async fn greedy_text(base: &str, prompt: &str, extra: Value) -> (String, u64) {
-    let mut body =
-        json!({"prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": true});
-    body.as_object_mut()
-        .unwrap()
-        .extend(extra.as_object().unwrap().clone());
+    let body = with(
+        json!({"prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": true}),
+        extra,
+    );
     let v: Value = client()
         .post(format!("{base}/v1/completions"))
         .json(&body)

@@ -23,6 +23,7 @@ pub mod paged_attention;
 pub mod q4_matmul;
 pub mod q8_matmul;
 mod quantize;
+pub mod responses;
 pub mod sampling;
 pub mod scheduler;
 pub mod server;

@@ -7,27 +7,25 @@
 //! SIGTERM the process exits when the engine is empty or the grace period is over.
 
 use crate::api_keys::ApiKeys;
-use crate::engine::{validate, Logprob, Request};
+use crate::engine::{validate, Request};
 use crate::metrics::Metrics;
 use crate::openai::*;
+use crate::responses::{self, engine_failed, Choice, Kind, Shape};
 use crate::sampling::SamplingParams;
 use crate::scheduler::Limits;
 use crate::tokenizer::{ChatMessage, TextCodec};
-use crate::worker::{AbortOnDrop, EngineHandle, Event};
+use crate::worker::EngineHandle;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
-use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::mpsc::UnboundedReceiver;
 
 /// What exists once the model is loaded.
 pub struct Loaded {
@@ -178,14 +176,10 @@ fn parse<T: serde::de::DeserializeOwned>(
         .map_err(|e| ApiError::invalid(format!("invalid request body: {e}"), None))
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Kind {
-    Completion,
-    Chat,
-}
-
 struct Prepared {
     prompt: Vec<u32>,
+    /// Choices (`n`): sequences generated from the prompt.
+    n: usize,
     max_tokens: usize,
     sampling: SamplingParams,
     logprobs: Option<usize>,
@@ -215,9 +209,16 @@ fn prepare(
             .with_code("model_not_found"));
         }
     }
-    if c.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::invalid("only n = 1 is supported", Some("n")));
-    }
+    let n = match c.n {
+        None => 1,
+        Some(n) if (1..=MAX_CHOICES).contains(&n) => n as usize,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                format!("n must be from 1 to {MAX_CHOICES}"),
+                Some("n"),
+            ))
+        }
+    };
     let t = c.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&t) {
         return Err(ApiError::invalid(
@@ -266,6 +267,7 @@ fn prepare(
     })?;
     Ok(Prepared {
         prompt,
+        n,
         max_tokens,
         sampling,
         logprobs,
@@ -275,6 +277,10 @@ fn prepare(
         include_usage: c.stream_options.is_some_and(|o| o.include_usage),
     })
 }
+
+/// The most choices one request may ask for (`n`): each is a sequence in the batch, so one
+/// request cannot fill a pool by itself.
+const MAX_CHOICES: u32 = 16;
 
 /// The most alternatives a token's logprobs may list (OpenAI's chat limit; vLLM's default).
 const MAX_LOGPROBS: u64 = 20;
@@ -486,137 +492,31 @@ async fn chat_completions(
     }
 }
 
-/// Identity and shape of one response, shared by its chunks.
-struct Shape {
-    id: String,
-    created: u64,
-    model: String,
-    kind: Kind,
-}
-
-impl Shape {
-    fn chunk(&self, text: &str, finish: Option<&str>, first: bool, logprobs: Value) -> Value {
-        let choice = match self.kind {
-            Kind::Completion => {
-                json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish})
-            }
-            Kind::Chat => {
-                let delta = if first {
-                    json!({"role": "assistant", "content": text})
-                } else {
-                    json!({"content": text})
-                };
-                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
-            }
-        };
-        json!({"id": self.id, "object": self.object(true), "created": self.created,
-               "model": self.model, "choices": [choice]})
-    }
-
-    fn usage_chunk(&self, u: Usage) -> Value {
-        json!({"id": self.id, "object": self.object(true), "created": self.created,
-               "model": self.model, "choices": [], "usage": u})
-    }
-
-    fn full(&self, text: String, finish: &str, u: Usage, logprobs: Value) -> Value {
-        let choice = match self.kind {
-            Kind::Completion => {
-                json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish})
-            }
-            Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
-                                 "logprobs": logprobs, "finish_reason": finish}),
-        };
-        json!({"id": self.id, "object": self.object(false), "created": self.created,
-               "model": self.model, "choices": [choice], "usage": u})
-    }
-
-    fn object(&self, chunk: bool) -> &'static str {
-        match (self.kind, chunk) {
-            (Kind::Completion, _) => "text_completion",
-            (Kind::Chat, false) => "chat.completion",
-            (Kind::Chat, true) => "chat.completion.chunk",
-        }
-    }
-}
-
-/// OpenAI's `logprobs` of a choice for these tokens: completions' four parallel lists (each
-/// token's text offset counted on from `offset`, which moves past them), chat's `content`.
-/// `Null` when the request did not ask.
-fn logprobs_json(kind: Kind, entries: Option<&[Logprob]>, offset: &mut usize) -> Value {
-    let Some(entries) = entries else {
-        return Value::Null;
-    };
-    match kind {
-        Kind::Completion => {
-            let mut offsets = Vec::with_capacity(entries.len());
-            for e in entries {
-                offsets.push(*offset);
-                *offset += e.token.chars().count();
-            }
-            // The sampled token is always there, so a dict has up to `logprobs + 1` entries.
-            let top: Vec<Value> = entries
-                .iter()
-                .map(|e| {
-                    let mut m = serde_json::Map::new();
-                    for (t, l) in &e.top {
-                        m.insert(t.clone(), json!(l));
-                    }
-                    m.entry(e.token.clone()).or_insert(json!(e.logprob));
-                    Value::Object(m)
-                })
-                .collect();
-            json!({
-                "tokens": entries.iter().map(|e| e.token.as_str()).collect::<Vec<_>>(),
-                "token_logprobs": entries.iter().map(|e| e.logprob).collect::<Vec<_>>(),
-                "top_logprobs": top,
-                "text_offset": offsets,
-            })
-        }
-        Kind::Chat => {
-            let one = |t: &str, l: f32| json!({"token": t, "logprob": l, "bytes": t.as_bytes()});
-            let content: Vec<Value> = entries
-                .iter()
-                .map(|e| {
-                    let mut v = one(&e.token, e.logprob);
-                    v["top_logprobs"] = e.top.iter().map(|(t, l)| one(t, *l)).collect();
-                    v
-                })
-                .collect();
-            json!({ "content": content })
-        }
-    }
-}
-
-fn finish_str(r: crate::engine::FinishReason) -> &'static str {
-    match r {
-        crate::engine::FinishReason::Stop => "stop",
-        crate::engine::FinishReason::Length => "length",
-        crate::engine::FinishReason::Abort => "abort",
-    }
-}
-
-fn engine_failed(msg: String) -> ApiError {
-    tracing::error!(error = %msg, "request failed in the engine");
-    ApiError {
-        status: StatusCode::INTERNAL_SERVER_ERROR,
-        message: format!("the engine failed: {msg}"),
-        kind: "server_error",
-        param: None,
-        code: None,
-    }
-}
-
 async fn generate(st: &AppState, l: &Loaded, p: Prepared, kind: Kind) -> Response {
-    let (rx, guard) = l.engine.submit(Request {
-        id: 0,
-        prompt: p.prompt,
-        max_tokens: p.max_tokens,
-        sampling: p.sampling,
-        stop: p.stop,
-        ignore_eos: p.ignore_eos,
-        arrived: std::time::Instant::now(),
-        logprobs: p.logprobs,
-    });
+    let arrived = std::time::Instant::now();
+    // `n` sequences of one prompt, each its own draw: a seeded request's choices are seeded
+    // one after the other, so the whole answer is reproducible.
+    let choices = (0..p.n)
+        .map(|i| {
+            let mut sampling = p.sampling.clone();
+            sampling.seed = p.sampling.seed.map(|s| s.wrapping_add(i as u64));
+            let (rx, guard) = l.engine.submit(Request {
+                id: 0,
+                prompt: p.prompt.clone(),
+                max_tokens: p.max_tokens,
+                sampling,
+                stop: p.stop.clone(),
+                ignore_eos: p.ignore_eos,
+                arrived,
+                logprobs: p.logprobs,
+            });
+            Choice {
+                rx,
+                guard,
+                logprobs: p.logprobs.is_some(),
+            }
+        })
+        .collect();
     let shape = Shape {
         id: format!(
             "{}-{:016x}",
@@ -631,148 +531,11 @@ async fn generate(st: &AppState, l: &Loaded, p: Prepared, kind: Kind) -> Respons
         model: st.model_name.clone(),
         kind,
     };
-    let logprobs = p.logprobs.map(|_| Vec::new());
     if p.stream {
-        stream_response(rx, guard, shape, p.include_usage, logprobs)
+        responses::stream(shape, choices, p.include_usage)
     } else {
-        match collect(rx, guard, logprobs).await {
-            Ok((text, finish, usage, lp)) => {
-                let lp = logprobs_json(kind, lp.as_deref(), &mut 0);
-                Json(shape.full(text, finish, usage, lp)).into_response()
-            }
-            Err(e) => e.into_response(),
-        }
+        responses::whole(shape, choices).await
     }
-}
-
-/// A whole answer: its text, finish reason, usage and, when `logprobs` is `Some`, each
-/// token's logprobs.
-type Collected = (String, &'static str, Usage, Option<Vec<Logprob>>);
-
-async fn collect(
-    mut rx: UnboundedReceiver<Event>,
-    mut guard: AbortOnDrop,
-    mut logprobs: Option<Vec<Logprob>>,
-) -> Result<Collected, ApiError> {
-    let mut text = String::new();
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            Event::Token(t) => {
-                text.push_str(&t.text);
-                if let (Some(all), Some(lp)) = (logprobs.as_mut(), t.logprobs) {
-                    all.push(lp);
-                }
-                if let Some(r) = t.finished {
-                    guard.disarm();
-                    return Ok((
-                        text,
-                        finish_str(r),
-                        Usage::new(t.prompt_tokens, t.completion_tokens),
-                        logprobs,
-                    ));
-                }
-            }
-            Event::Failed(msg) => {
-                guard.disarm();
-                return Err(engine_failed(msg));
-            }
-        }
-    }
-    Err(engine_failed("the engine stopped".into()))
-}
-
-/// SSE stream: one chunk per released text piece, the finish reason on the last, an optional
-/// usage chunk, then `data: [DONE]`. With logprobs, a chunk carries those of every token since
-/// the previous chunk (a token whose text is held back, mid-character or mid-stop-string, goes
-/// with the next). Dropping the stream (client gone) aborts the request through the guard it
-/// owns, which frees its KV blocks at once.
-fn stream_response(
-    rx: UnboundedReceiver<Event>,
-    guard: AbortOnDrop,
-    shape: Shape,
-    include_usage: bool,
-    logprobs: Option<Vec<Logprob>>,
-) -> Response {
-    struct S {
-        rx: UnboundedReceiver<Event>,
-        guard: AbortOnDrop,
-        shape: Shape,
-        include_usage: bool,
-        first: bool,
-        tail: Vec<SseEvent>,
-        done: bool,
-        /// Logprobs not sent yet, and the text offset the next one starts at.
-        logprobs: Option<Vec<Logprob>>,
-        offset: usize,
-    }
-    impl S {
-        fn take_logprobs(&mut self) -> Value {
-            let pending = self.logprobs.as_mut().map(std::mem::take);
-            logprobs_json(self.shape.kind, pending.as_deref(), &mut self.offset)
-        }
-    }
-    let init = S {
-        rx,
-        guard,
-        shape,
-        include_usage,
-        first: true,
-        tail: vec![],
-        done: false,
-        logprobs,
-        offset: 0,
-    };
-    let stream = futures::stream::unfold(init, |mut s| async move {
-        loop {
-            if let Some(ev) = s.tail.pop() {
-                return Some((Ok::<_, Infallible>(ev), s));
-            }
-            if s.done {
-                return None;
-            }
-            let data = |v: Value| SseEvent::default().data(v.to_string());
-            match s.rx.recv().await {
-                Some(Event::Token(t)) => {
-                    if let (Some(pending), Some(lp)) = (s.logprobs.as_mut(), t.logprobs) {
-                        pending.push(lp);
-                    }
-                    if let Some(r) = t.finished {
-                        s.guard.disarm();
-                        s.done = true;
-                        // `tail` pops from the end: push in reverse order.
-                        s.tail.push(SseEvent::default().data("[DONE]"));
-                        if s.include_usage {
-                            let u = Usage::new(t.prompt_tokens, t.completion_tokens);
-                            s.tail.push(data(s.shape.usage_chunk(u)));
-                        }
-                        let lp = s.take_logprobs();
-                        s.tail.push(data(s.shape.chunk(
-                            &t.text,
-                            Some(finish_str(r)),
-                            s.first,
-                            lp,
-                        )));
-                    } else if !t.text.is_empty() || s.first {
-                        let lp = s.take_logprobs();
-                        let ev = data(s.shape.chunk(&t.text, None, s.first, lp));
-                        s.first = false;
-                        return Some((Ok(ev), s));
-                    }
-                }
-                Some(Event::Failed(msg)) => {
-                    s.guard.disarm();
-                    s.done = true;
-                    let e = engine_failed(msg);
-                    s.tail.push(SseEvent::default().data("[DONE]"));
-                    s.tail.push(data(
-                        json!({"error": {"message": e.message, "type": e.kind}}),
-                    ));
-                }
-                None => return None,
-            }
-        }
-    });
-    Sse::new(stream).into_response()
 }
 
 async fn get_limits(State(st): State<Arc<AppState>>) -> Response {

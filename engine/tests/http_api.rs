@@ -162,7 +162,8 @@ async fn bad_input_gets_clear_errors_and_a_concurrent_stream_is_unchanged() {
             400,
             None,
         ),
-        (c, json!({"prompt": "hi", "n": 3}).to_string(), 400, None),
+        (c, json!({"prompt": "hi", "n": 17}).to_string(), 400, None),
+        (c, json!({"prompt": "hi", "n": 0}).to_string(), 400, None),
         (c, huge, 413, None), // oversized body
     ];
     // Sampling parameters out of their ranges...
@@ -993,4 +994,98 @@ async fn logprobs_come_with_every_generated_token_streamed_or_not() {
         assert_eq!(ta, tb);
         assert!((la - lb).abs() < 1e-3, "{ta:?}: {la} vs {lb}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_choices_are_seeded_draws_whole_or_streamed() {
+    let s = Server::start(&[]).await;
+    let post = |path: &'static str, body: Value| {
+        let url = s.url(path);
+        async move {
+            client()
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let story = json!({"prompt": "Once upon a time,", "max_tokens": 8, "temperature": 1.0,
+                       "seed": 7, "ignore_eos": true});
+    let three = post("/v1/completions", with(story.clone(), json!({"n": 3}))).await;
+    let texts: Vec<&str> = three["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            assert_eq!(c["index"], i);
+            c["text"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(texts.len(), 3);
+    assert!(
+        texts[0] != texts[1] || texts[1] != texts[2],
+        "three draws alike: {texts:?}"
+    );
+    // The prompt counts once, the completions add up.
+    let one = post("/v1/completions", story.clone()).await;
+    assert_eq!(
+        three["usage"]["prompt_tokens"],
+        one["usage"]["prompt_tokens"]
+    );
+    assert_eq!(three["usage"]["completion_tokens"], 24);
+    // Choice 0 is the seed's own draw; the whole answer is reproducible.
+    assert_eq!(texts[0], one["choices"][0]["text"].as_str().unwrap());
+    let again = post("/v1/completions", with(story, json!({"n": 3}))).await;
+    assert_eq!(again["choices"], three["choices"]);
+
+    // Chat streamed with n = 2: one choice per chunk, each index's pieces make its whole
+    // answer, one finish reason each, the usage chunk sums them, [DONE] last.
+    let chat = json!({"messages": [{"role": "user", "content": "Name a colour."}], "n": 2,
+                      "max_tokens": 6, "temperature": 1.0, "seed": 3, "ignore_eos": true});
+    let whole = post("/v1/chat/completions", chat.clone()).await;
+    let body = client()
+        .post(s.url("/v1/chat/completions"))
+        .json(&with(
+            chat,
+            json!({"stream": true, "stream_options": {"include_usage": true}}),
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let events: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"));
+    let (mut text, mut finishes, mut roles) = ([String::new(), String::new()], [0, 0], [0, 0]);
+    let mut usage = None;
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).unwrap();
+        let choices = v["choices"].as_array().unwrap();
+        if choices.is_empty() {
+            usage = Some(v["usage"].clone());
+            continue;
+        }
+        assert_eq!(choices.len(), 1, "{v}");
+        let i = choices[0]["index"].as_u64().unwrap() as usize;
+        text[i].push_str(choices[0]["delta"]["content"].as_str().unwrap_or(""));
+        finishes[i] += choices[0]["finish_reason"].is_string() as usize;
+        roles[i] += choices[0]["delta"]["role"].is_string() as usize;
+    }
+    assert_eq!((finishes, roles), ([1, 1], [1, 1]));
+    for (i, t) in text.iter().enumerate() {
+        assert_eq!(
+            t,
+            whole["choices"][i]["message"]["content"].as_str().unwrap()
+        );
+    }
+    assert_eq!(usage.unwrap()["completion_tokens"], 12);
 }

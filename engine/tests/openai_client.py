@@ -56,6 +56,10 @@ p = client.completions.create(model=model, prompt="1, 1, 1, 1, 1, 1,", max_token
                               extra_body={"top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1})
 assert p.usage.completion_tokens >= 1, p
 
+# n choices.
+nc = client.completions.create(model=model, prompt="Once upon a time,", max_tokens=4, n=2, seed=1)
+assert [c.index for c in nc.choices] == [0, 1], nc
+
 # Logprobs, as the client parses them.
 lc = client.completions.create(model=model, prompt="The capital of France is", max_tokens=4,
                                temperature=0, logprobs=2)

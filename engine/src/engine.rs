@@ -52,6 +52,9 @@ pub struct Request {
     pub arrived: Instant,
     /// Report each generated token's log-probability and this many likeliest alternatives'.
     pub logprobs: Option<usize>,
+    /// The same for every prompt token after the first (OpenAI's `echo` with `logprobs`):
+    /// the whole prompt is computed, none of it taken from the prefix cache.
+    pub prompt_logprobs: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -75,6 +78,16 @@ pub struct TokenEvent {
     pub logits: Option<Vec<f32>>,
     /// The token's log-probability, when the request asked for it.
     pub logprobs: Option<Logprob>,
+    /// With the first generated token, when the request asked: the prompt's.
+    pub prompt_logprobs: Option<PromptLogprobs>,
+}
+
+/// A prompt's tokens with their log-probabilities: the first has none (nothing comes before
+/// it), each other one's under the model given the tokens before it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptLogprobs {
+    pub first: String,
+    pub rest: Vec<Logprob>,
 }
 
 /// A generated token's log-probability and its likeliest alternatives', with each token as
@@ -161,6 +174,9 @@ struct Active {
     stop: Vec<String>,
     ignore_eos: bool,
     logprobs: Option<usize>,
+    /// How many alternatives, and the prompt tokens' logprobs so far (in order from the
+    /// second): taken with the first generated token.
+    prompt_logprobs: Option<(usize, Vec<Logprob>)>,
     generated: usize,
     prompt_len: usize,
     /// Text produced but not yet released, held back while it could still begin a stop string.
@@ -280,6 +296,7 @@ impl Engine {
                 stop: r.stop.into_iter().filter(|s| !s.is_empty()).collect(),
                 ignore_eos: r.ignore_eos,
                 logprobs: r.logprobs,
+                prompt_logprobs: r.prompt_logprobs.map(|n| (n, Vec::new())),
                 generated: 0,
                 prompt_len: r.prompt.len(),
                 pending: String::new(),
@@ -289,7 +306,8 @@ impl Engine {
             .arrived
             .saturating_duration_since(self.epoch)
             .as_secs_f64();
-        self.sched.add(r.id, r.prompt, at);
+        self.sched
+            .add_with(r.id, r.prompt, at, r.prompt_logprobs.is_none());
         Ok(())
     }
 
@@ -313,15 +331,34 @@ impl Engine {
         let mut tokens = Vec::with_capacity(plan.num_tokens);
         let mut ctx = Vec::with_capacity(plan.num_tokens);
         let mut logit_rows = Vec::new();
+        // What each logits row is for: a prompt token's logprob (the row of the position
+        // before it), or the next token's draw.
+        enum Row {
+            Prompt(SeqId, usize),
+            Sample(SeqId),
+        }
+        let mut uses = Vec::new();
         for sc in &plan.scheduled {
             let seq = self.sched.seq(sc.seq).expect("scheduled sequence exists");
             let table = self.sched.block_table(sc.seq);
+            // Prompt logprobs still to record: targets `got + 1 ..` (a recompute after a
+            // preemption does not record twice).
+            let got = self
+                .active
+                .get(&sc.seq)
+                .and_then(|a| a.prompt_logprobs.as_ref())
+                .map(|(_, got)| got.len());
             for p in sc.start..sc.start + sc.len {
                 tokens.push(seq.tokens[p]);
                 ctx.push(TokenCtx { pos: p, table });
+                if got.is_some_and(|got| p + 1 < seq.prompt_len && p + 1 > got) {
+                    logit_rows.push(tokens.len() - 1);
+                    uses.push(Row::Prompt(sc.seq, p + 1));
+                }
             }
             if sc.sample {
                 logit_rows.push(tokens.len() - 1);
+                uses.push(Row::Sample(sc.seq));
             }
         }
         let logits = self.model.forward(
@@ -335,11 +372,24 @@ impl Engine {
         self.sched.complete_step(&plan);
         self.sched
             .record_step(plan.num_tokens, started.elapsed().as_secs_f64());
-        let mut logits = logits.into_iter();
-        for sc in plan.scheduled.iter().filter(|s| s.sample) {
-            let row = logits.next().expect("one logits row per sampling chunk");
-            if let Some(ev) = self.sample_one(sc.seq, row) {
-                out.events.push(ev);
+        for (row, used) in logits.into_iter().zip(uses) {
+            match used {
+                Row::Prompt(id, target) => {
+                    let token = self.sched.seq(id).expect("scheduled").tokens[target];
+                    let codec = &self.codec;
+                    if let Some((n, got)) = self
+                        .active
+                        .get_mut(&id)
+                        .and_then(|a| a.prompt_logprobs.as_mut())
+                    {
+                        got.push(logprob_of(codec, &row, token, *n));
+                    }
+                }
+                Row::Sample(id) => {
+                    if let Some(ev) = self.sample_one(id, row) {
+                        out.events.push(ev);
+                    }
+                }
             }
         }
         Ok(out)
@@ -348,18 +398,13 @@ impl Engine {
     fn sample_one(&mut self, id: SeqId, logits: Vec<f32>) -> Option<TokenEvent> {
         let a = self.active.get_mut(&id)?;
         let token = a.sampler.sample(&logits);
-        let codec = &self.codec;
-        let logprobs = a.logprobs.map(|n| {
-            let lp = crate::sampling::logprobs(&logits, token, n);
-            Logprob {
-                token: codec.decode(&[lp.token]),
-                logprob: lp.logprob,
-                top: lp
-                    .top
-                    .into_iter()
-                    .map(|(t, l)| (codec.decode(&[t]), l))
-                    .collect(),
-            }
+        let logprobs = a
+            .logprobs
+            .map(|n| logprob_of(&self.codec, &logits, token, n));
+        let prompt = self.sched.seq(id).expect("active sequence").tokens[0];
+        let prompt_logprobs = a.prompt_logprobs.take().map(|(_, rest)| PromptLogprobs {
+            first: self.codec.decode(&[prompt]),
+            rest,
         });
         a.generated += 1;
         let mut finished = None;
@@ -403,6 +448,7 @@ impl Engine {
             prompt_tokens: a.prompt_len,
             logits: self.record_logits.then_some(logits),
             logprobs,
+            prompt_logprobs,
         };
         if finished.is_some() {
             self.active.remove(&id);
@@ -411,6 +457,20 @@ impl Engine {
             self.sched.append_token(id, token);
         }
         Some(ev)
+    }
+}
+
+/// `token`'s logprob under `logits` with the `n` likeliest alternatives', as texts.
+fn logprob_of(codec: &TextCodec, logits: &[f32], token: u32, n: usize) -> Logprob {
+    let lp = crate::sampling::logprobs(logits, token, n);
+    Logprob {
+        token: codec.decode(&[lp.token]),
+        logprob: lp.logprob,
+        top: lp
+            .top
+            .into_iter()
+            .map(|(t, l)| (codec.decode(&[t]), l))
+            .collect(),
     }
 }
 

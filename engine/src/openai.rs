@@ -110,9 +110,10 @@ pub struct Common {
     /// bool, with the count in `top_logprobs`. As JSON: the endpoints give it two types.
     pub logprobs: Option<serde_json::Value>,
     pub top_logprobs: Option<u32>,
+    /// Completions: answer with the prompt in front (and with `logprobs`, its tokens').
+    pub echo: Option<bool>,
     /// Asked for and not served here: refused with a clear error rather than ignored
     /// (`unsupported`).
-    pub echo: Option<bool>,
     pub best_of: Option<u32>,
     pub suffix: Option<String>,
     pub tools: Option<Vec<serde_json::Value>>,
@@ -121,13 +122,10 @@ pub struct Common {
 
 impl Common {
     /// The first parameter this server does not serve that the request asks for, if any.
-    /// Ignoring it would answer something other than what was asked: the prompt's scores
-    /// (`echo`), text where JSON or a tool call was required.
+    /// Ignoring it would answer something other than what was asked: text where JSON or a
+    /// tool call was required.
     pub fn unsupported(&self) -> Option<&'static str> {
         use serde_json::Value;
-        if self.echo == Some(true) {
-            return Some("echo");
-        }
         if self.best_of.is_some_and(|n| n > 1) {
             return Some("best_of");
         }

@@ -5,7 +5,7 @@
 //! Each choice owns its sequence's abort guard: a client that goes away drops the response,
 //! which aborts every choice still running and frees their KV blocks at once.
 
-use crate::engine::{FinishReason, Logprob};
+use crate::engine::{FinishReason, Logprob, PromptLogprobs};
 use crate::openai::{ApiError, Usage};
 use crate::worker::{AbortOnDrop, Event};
 use axum::http::StatusCode;
@@ -31,12 +31,13 @@ pub struct Shape {
     pub kind: Kind,
 }
 
-/// One choice: an engine sequence's events, its abort guard, and whether its tokens'
-/// logprobs were asked for.
+/// One choice: an engine sequence's events, its abort guard, whether its tokens' logprobs
+/// were asked for, and the prompt to answer with in front (`echo`).
 pub struct Choice {
     pub rx: UnboundedReceiver<Event>,
     pub guard: AbortOnDrop,
     pub logprobs: bool,
+    pub echo: Option<String>,
 }
 
 impl Shape {
@@ -79,36 +80,43 @@ impl Shape {
 
 /// OpenAI's `logprobs` of a choice for these tokens: completions' four parallel lists (each
 /// token's text offset counted on from `offset`, which moves past them), chat's `content`.
+/// `lead` is an echoed prompt's first token, which has no logprob (`null` in the lists).
 /// `Null` when the request did not ask.
-fn logprobs_json(kind: Kind, entries: Option<&[Logprob]>, offset: &mut usize) -> Value {
+fn logprobs_json(
+    kind: Kind,
+    lead: Option<&str>,
+    entries: Option<&[Logprob]>,
+    offset: &mut usize,
+) -> Value {
     let Some(entries) = entries else {
         return Value::Null;
     };
     match kind {
         Kind::Completion => {
-            let mut offsets = Vec::with_capacity(entries.len());
+            let (mut tokens, mut scores, mut top, mut offsets) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            if let Some(t) = lead {
+                tokens.push(json!(t));
+                scores.push(Value::Null);
+                top.push(Value::Null);
+                offsets.push(*offset);
+                *offset += t.chars().count();
+            }
             for e in entries {
+                tokens.push(json!(e.token));
+                scores.push(json!(e.logprob));
+                // The sampled token is always there: up to `logprobs + 1` entries.
+                let mut m = serde_json::Map::new();
+                for (t, l) in &e.top {
+                    m.insert(t.clone(), json!(l));
+                }
+                m.entry(e.token.clone()).or_insert(json!(e.logprob));
+                top.push(Value::Object(m));
                 offsets.push(*offset);
                 *offset += e.token.chars().count();
             }
-            // The sampled token is always there, so a dict has up to `logprobs + 1` entries.
-            let top: Vec<Value> = entries
-                .iter()
-                .map(|e| {
-                    let mut m = serde_json::Map::new();
-                    for (t, l) in &e.top {
-                        m.insert(t.clone(), json!(l));
-                    }
-                    m.entry(e.token.clone()).or_insert(json!(e.logprob));
-                    Value::Object(m)
-                })
-                .collect();
-            json!({
-                "tokens": entries.iter().map(|e| e.token.as_str()).collect::<Vec<_>>(),
-                "token_logprobs": entries.iter().map(|e| e.logprob).collect::<Vec<_>>(),
-                "top_logprobs": top,
-                "text_offset": offsets,
-            })
+            json!({"tokens": tokens, "token_logprobs": scores, "top_logprobs": top,
+                   "text_offset": offsets})
         }
         Kind::Chat => {
             let one = |t: &str, l: f32| json!({"token": t, "logprob": l, "bytes": t.as_bytes()});
@@ -151,15 +159,19 @@ struct Finished {
     prompt_tokens: usize,
     completion_tokens: usize,
     logprobs: Option<Vec<Logprob>>,
+    echo: Option<String>,
+    prompt: Option<PromptLogprobs>,
 }
 
 async fn collect(mut c: Choice) -> Result<Finished, ApiError> {
     let mut text = String::new();
     let mut logprobs = c.logprobs.then(Vec::new);
+    let mut prompt = None;
     while let Some(ev) = c.rx.recv().await {
         match ev {
             Event::Token(t) => {
                 text.push_str(&t.text);
+                prompt = prompt.or(t.prompt_logprobs);
                 if let (Some(all), Some(lp)) = (logprobs.as_mut(), t.logprobs) {
                     all.push(lp);
                 }
@@ -171,6 +183,8 @@ async fn collect(mut c: Choice) -> Result<Finished, ApiError> {
                         prompt_tokens: t.prompt_tokens,
                         completion_tokens: t.completion_tokens,
                         logprobs,
+                        echo: c.echo,
+                        prompt,
                     });
                 }
             }
@@ -196,12 +210,22 @@ pub async fn whole(shape: Shape, choices: Vec<Choice>) -> Response {
         };
         prompt = d.prompt_tokens;
         completion += d.completion_tokens;
-        let logprobs = logprobs_json(shape.kind, d.logprobs.as_deref(), &mut 0);
+        // An echoed prompt's tokens come first, in the text and the logprobs.
+        let (lead, mut entries) = match d.prompt {
+            Some(p) => (Some(p.first), p.rest),
+            None => (None, Vec::new()),
+        };
+        let logprobs = d.logprobs.map(|generated| {
+            entries.extend(generated);
+            entries
+        });
+        let logprobs = logprobs_json(shape.kind, lead.as_deref(), logprobs.as_deref(), &mut 0);
+        let text = d.echo.unwrap_or_default() + &d.text;
         out.push(match shape.kind {
-            Kind::Completion => json!({"index": index, "text": d.text, "logprobs": logprobs,
+            Kind::Completion => json!({"index": index, "text": text, "logprobs": logprobs,
                                        "finish_reason": d.finish}),
             Kind::Chat => json!({"index": index,
-                                 "message": {"role": "assistant", "content": d.text},
+                                 "message": {"role": "assistant", "content": text},
                                  "logprobs": logprobs, "finish_reason": d.finish}),
         });
     }
@@ -232,6 +256,8 @@ fn choice_items(kind: Kind, index: usize, c: Choice) -> impl Stream<Item = Item>
         index: usize,
         first: bool,
         pending: Option<Vec<Logprob>>,
+        /// An echoed prompt's first token, for the first delta's logprobs.
+        lead: Option<String>,
         offset: usize,
         tail: Vec<Item>,
         over: bool,
@@ -239,10 +265,21 @@ fn choice_items(kind: Kind, index: usize, c: Choice) -> impl Stream<Item = Item>
     impl S {
         fn delta(&mut self, text: &str, finish: Option<&str>) -> Item {
             let pending = self.pending.as_mut().map(std::mem::take);
-            let lp = logprobs_json(self.shape.kind, pending.as_deref(), &mut self.offset);
+            let lead = self.lead.take();
+            let lp = logprobs_json(
+                self.shape.kind,
+                lead.as_deref(),
+                pending.as_deref(),
+                &mut self.offset,
+            );
+            // The echoed prompt goes out in front of the first piece.
+            let text = match self.c.echo.take() {
+                Some(echo) => echo + text,
+                None => text.to_string(),
+            };
             let d = self
                 .shape
-                .choice_delta(self.index, text, finish, self.first, lp);
+                .choice_delta(self.index, &text, finish, self.first, lp);
             self.first = false;
             Item::Delta(d)
         }
@@ -260,6 +297,7 @@ fn choice_items(kind: Kind, index: usize, c: Choice) -> impl Stream<Item = Item>
         index,
         first: true,
         pending,
+        lead: None,
         offset: 0,
         tail: Vec::new(),
         over: false,
@@ -274,6 +312,10 @@ fn choice_items(kind: Kind, index: usize, c: Choice) -> impl Stream<Item = Item>
             }
             match s.c.rx.recv().await {
                 Some(Event::Token(t)) => {
+                    if let (Some(p), Some(prompt)) = (s.pending.as_mut(), t.prompt_logprobs) {
+                        s.lead = Some(prompt.first);
+                        p.extend(prompt.rest);
+                    }
                     if let (Some(p), Some(lp)) = (s.pending.as_mut(), t.logprobs) {
                         p.push(lp);
                     }

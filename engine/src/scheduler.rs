@@ -57,6 +57,10 @@ pub struct SeqState {
     /// Arrival time, seconds on the caller's clock.
     pub arrived_at: f64,
     pub preemptions: u32,
+    /// Whether the prompt may start from the prefix cache. Off for a request that wants every
+    /// prompt position's logprobs: a cached block was computed for someone else, and its
+    /// logits are gone.
+    pub reuse_prefix: bool,
 }
 
 /// One sequence's share of a step: tokens `start..start + len` go through the model.
@@ -210,6 +214,11 @@ impl Scheduler {
     /// Queues a new sequence arriving at `now` (seconds). The caller has checked it fits the KV
     /// pool on its own.
     pub fn add(&mut self, id: SeqId, prompt: Vec<u32>, now: f64) {
+        self.add_with(id, prompt, now, true)
+    }
+
+    /// [`Scheduler::add`], computing the whole prompt when `reuse_prefix` is false.
+    pub fn add_with(&mut self, id: SeqId, prompt: Vec<u32>, now: f64, reuse_prefix: bool) {
         assert!(!prompt.is_empty(), "empty prompt");
         assert!(!self.seqs.contains_key(&id), "duplicate sequence id");
         let arrival = self.next_arrival;
@@ -225,6 +234,7 @@ impl Scheduler {
                 admitted: 0,
                 arrived_at: now,
                 preemptions: 0,
+                reuse_prefix,
             },
         );
         self.waiting.push_back(id);
@@ -323,7 +333,11 @@ impl Scheduler {
                 break;
             }
             let s = &self.seqs[&id];
-            let cached = self.kv.attach_cached_prefix(id, &s.tokens);
+            let cached = if s.reuse_prefix {
+                self.kv.attach_cached_prefix(id, &s.tokens)
+            } else {
+                0
+            };
             let len = (s.tokens.len() - cached).min(*budget);
             let total = cached + len;
             let need_blocks = total.div_ceil(self.kv.block_size()) - self.kv.block_table(id).len();
@@ -569,6 +583,23 @@ mod tests {
         s.set_limits(Limits::new(8, 64));
         step(&mut s);
         assert_eq!((s.num_running(), s.num_waiting()), (2, 0));
+        s.check_invariants();
+    }
+
+    #[test]
+    fn a_sequence_that_needs_every_prompt_position_computes_its_cached_prefix_again() {
+        let mut s = sched(64, 4, 64);
+        s.add(1, vec![5; 12], 0.0);
+        step(&mut s); // three full blocks, cached as a prefix
+        s.add_with(2, vec![5; 13], 0.0, false);
+        let out = step(&mut s);
+        let two = out.scheduled.iter().find(|c| c.seq == 2).unwrap();
+        assert_eq!((two.start, two.len), (0, 13), "all of it computed");
+        assert_eq!(s.prefix_hit_tokens(), 0);
+        s.add(3, vec![5; 13], 0.0);
+        let out = step(&mut s);
+        let three = out.scheduled.iter().find(|c| c.seq == 3).unwrap();
+        assert_eq!(three.start, 12, "the same prompt, reusing the prefix");
         s.check_invariants();
     }
 

@@ -183,6 +183,9 @@ struct Prepared {
     max_tokens: usize,
     sampling: SamplingParams,
     logprobs: Option<usize>,
+    /// The prompt's text, to answer with in front of the completion (`echo`; completions
+    /// only), and with `logprobs` each prompt token's.
+    echo: Option<String>,
     stop: Vec<String>,
     ignore_eos: bool,
     stream: bool,
@@ -239,6 +242,13 @@ fn prepare(
     }
     let sampling = sampling_params(&c, t, top_p, l.codec.vocab_size())?;
     let logprobs = logprobs_asked(&c, kind)?;
+    if kind == Kind::Chat && c.echo == Some(true) {
+        return Err(ApiError::invalid(
+            "`echo` is not supported by this server for chat completions",
+            Some("echo"),
+        )
+        .with_code("unsupported_parameter"));
+    }
     let capacity = l.engine.shared.envelope.capacity_tokens();
     let room = l.context_length.min(capacity).saturating_sub(prompt.len());
     let max_tokens = match c.max_completion_tokens.or(c.max_tokens) {
@@ -271,6 +281,7 @@ fn prepare(
         max_tokens,
         sampling,
         logprobs,
+        echo: None,
         stop: c.stop.map(OneOrMany::into_vec).unwrap_or_default(),
         ignore_eos: c.ignore_eos,
         stream: c.stream,
@@ -408,11 +419,15 @@ async fn completions(
                 .encode(s)
                 .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))
         };
-        let tokens = match req.prompt {
-            Prompt::Text(s) => encode(&s)?,
-            Prompt::Texts(v) if v.len() == 1 => encode(&v[0])?,
-            Prompt::Tokens(t) => t,
-            Prompt::TokenLists(mut v) if v.len() == 1 => v.remove(0),
+        // The prompt's text as given, for `echo` (token ids are decoded once checked).
+        let (tokens, text) = match req.prompt {
+            Prompt::Text(s) => (encode(&s)?, Some(s)),
+            Prompt::Texts(mut v) if v.len() == 1 => {
+                let s = v.remove(0);
+                (encode(&s)?, Some(s))
+            }
+            Prompt::Tokens(t) => (t, None),
+            Prompt::TokenLists(mut v) if v.len() == 1 => (v.remove(0), None),
             _ => {
                 return Err(ApiError::invalid(
                     "batched prompts are not supported; send one prompt per request",
@@ -427,7 +442,12 @@ async fn completions(
                 Some("prompt"),
             ));
         }
-        Ok((prepare(&st, l, req.common, tokens, Kind::Completion)?, l))
+        let echo = req.common.echo == Some(true);
+        let mut p = prepare(&st, l, req.common, tokens, Kind::Completion)?;
+        if echo {
+            p.echo = Some(text.unwrap_or_else(|| l.codec.decode(&p.prompt)));
+        }
+        Ok((p, l))
     };
     match run() {
         Ok((p, l)) => generate(&st, l, p, Kind::Completion).await,
@@ -509,11 +529,13 @@ async fn generate(st: &AppState, l: &Loaded, p: Prepared, kind: Kind) -> Respons
                 ignore_eos: p.ignore_eos,
                 arrived,
                 logprobs: p.logprobs,
+                prompt_logprobs: p.logprobs.filter(|_| p.echo.is_some()),
             });
             Choice {
                 rx,
                 guard,
                 logprobs: p.logprobs.is_some(),
+                echo: p.echo.clone(),
             }
         })
         .collect();

@@ -188,7 +188,7 @@ async fn bad_input_gets_clear_errors_and_a_concurrent_stream_is_unchanged() {
         cases.push((cc, minimal(cc, bad).to_string(), 400, None));
     }
     for (path, unsupported) in [
-        (c, json!({"echo": true})),
+        (cc, json!({"echo": true})),
         (c, json!({"best_of": 3})),
         (c, json!({"suffix": "end"})),
         (
@@ -1088,4 +1088,92 @@ async fn n_choices_are_seeded_draws_whole_or_streamed() {
         );
     }
     assert_eq!(usage.unwrap()["completion_tokens"], 12);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_scores_the_prompt_as_generation_scored_the_same_tokens() {
+    let s = Server::start(&[]).await;
+    let post = |body: Value| {
+        let url = s.url("/v1/completions");
+        async move {
+            let v: Value = client()
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v
+        }
+    };
+    let prompt = "The capital of France is";
+    let gen = post(json!({"prompt": prompt, "max_tokens": 6, "temperature": 0,
+                          "ignore_eos": true, "logprobs": 1}))
+    .await;
+    let generated = gen["choices"][0]["text"].as_str().unwrap().to_string();
+    let gen_lp = &gen["choices"][0]["logprobs"];
+    // The prompt and its answer sent back as one prompt, echoed with logprobs and one more
+    // token (what lm-evaluation-harness asks for a loglikelihood).
+    let whole = format!("{prompt}{generated}");
+    let echo = post(json!({"prompt": whole, "max_tokens": 1, "temperature": 0,
+                           "echo": true, "logprobs": 1}))
+    .await;
+    let choice = &echo["choices"][0];
+    let text = choice["text"].as_str().unwrap();
+    assert!(text.starts_with(&whole), "{text:?}");
+    let lp = &choice["logprobs"];
+    let tokens: Vec<&str> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    let usage = &echo["usage"];
+    assert_eq!(
+        tokens.len() as u64,
+        usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(tokens.concat(), text);
+    assert!(lp["token_logprobs"][0].is_null() && lp["top_logprobs"][0].is_null());
+    // The answer's tokens, scored inside the prompt (one prefill, every position), have the
+    // logprobs they were generated with (one decode step each): the same to the last bit,
+    // the Q4_1 kernels being batch-invariant (measured: 0 difference).
+    let k = gen_lp["tokens"].as_array().unwrap().len();
+    let n = tokens.len();
+    let scored = &lp["token_logprobs"].as_array().unwrap()[n - 1 - k..n - 1];
+    assert_eq!(
+        &lp["tokens"].as_array().unwrap()[n - 1 - k..n - 1],
+        gen_lp["tokens"].as_array().unwrap().as_slice()
+    );
+    for (a, b) in scored
+        .iter()
+        .zip(gen_lp["token_logprobs"].as_array().unwrap())
+    {
+        let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+        assert!(
+            (a - b).abs() < 1e-5,
+            "{a} scored in the prompt, {b} generated"
+        );
+    }
+    // Twice the same: the second is not served from the prefix cache (whose logits are gone).
+    let again = post(json!({"prompt": whole, "max_tokens": 1, "temperature": 0,
+                            "echo": true, "logprobs": 1}))
+    .await;
+    assert_eq!(again["choices"][0]["logprobs"], *lp);
+    // Echo alone: the prompt in front of the text, no logprobs; streamed, in the first chunk.
+    let plain = post(json!({"prompt": prompt, "max_tokens": 3, "echo": true})).await;
+    assert!(plain["choices"][0]["text"]
+        .as_str()
+        .unwrap()
+        .starts_with(prompt));
+    assert!(plain["choices"][0]["logprobs"].is_null());
+    let (streamed, _, done, _) = stream_text(
+        &s.base,
+        json!({"prompt": prompt, "max_tokens": 3, "temperature": 0, "echo": true,
+               "ignore_eos": true, "stream": true}),
+    )
+    .await;
+    assert!(done && streamed.starts_with(prompt), "{streamed:?}");
 }

@@ -56,6 +56,12 @@ p = client.completions.create(model=model, prompt="1, 1, 1, 1, 1, 1,", max_token
                               extra_body={"top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1})
 assert p.usage.completion_tokens >= 1, p
 
+# Echo with logprobs (a loglikelihood, as lm-evaluation-harness asks for one).
+ec = client.completions.create(model=model, prompt="The capital of France is", max_tokens=1,
+                               temperature=0, echo=True, logprobs=1)
+assert ec.choices[0].text.startswith("The capital of France is"), ec
+assert ec.choices[0].logprobs.token_logprobs[0] is None and ec.choices[0].logprobs.token_logprobs[1] < 0
+
 # n choices.
 nc = client.completions.create(model=model, prompt="Once upon a time,", max_tokens=4, n=2, seed=1)
 assert [c.index for c in nc.choices] == [0, 1], nc
@@ -72,10 +78,10 @@ assert len(entries) == lr.usage.completion_tokens and all(len(e.top_logprobs) ==
 
 # Errors surface as the client's typed exceptions; what this server does not serve is refused.
 try:
-    client.completions.create(model=model, prompt="hi", max_tokens=1, echo=True, logprobs=1)
-    raise AssertionError("echo accepted and ignored")
+    client.completions.create(model=model, prompt="hi", max_tokens=1, suffix="end")
+    raise AssertionError("suffix accepted and ignored")
 except openai.BadRequestError as e:
-    assert e.code == "unsupported_parameter" and e.param == "echo", e.body
+    assert e.code == "unsupported_parameter" and e.param == "suffix", e.body
 try:
     client.completions.create(model="no-such-model", prompt="hi", max_tokens=1)
     raise AssertionError("unknown model accepted")

@@ -1,5 +1,5 @@
-//! OpenAI response bodies for one request's choices (`n` engine sequences on one prompt): the
-//! whole answer, or an SSE stream of chunks, each carrying one choice's new text (and its
+//! OpenAI response bodies for one request's choices (`n` engine sequences for each of its
+//! prompts): the whole answer, or an SSE stream of chunks, each carrying one choice's new text (and its
 //! tokens' logprobs), the finish reasons, an optional usage chunk, then `data: [DONE]`.
 //!
 //! Each choice owns its sequence's abort guard: a client that goes away drops the response,
@@ -32,12 +32,14 @@ pub struct Shape {
 }
 
 /// One choice: an engine sequence's events, its abort guard, whether its tokens' logprobs
-/// were asked for, and the prompt to answer with in front (`echo`).
+/// were asked for, the prompt to answer with in front (`echo`), and whether its prompt counts
+/// in the usage (the first of its prompt's `n`: OpenAI counts each prompt once).
 pub struct Choice {
     pub rx: UnboundedReceiver<Event>,
     pub guard: AbortOnDrop,
     pub logprobs: bool,
     pub echo: Option<String>,
+    pub counts_prompt: bool,
 }
 
 impl Shape {
@@ -161,6 +163,7 @@ struct Finished {
     logprobs: Option<Vec<Logprob>>,
     echo: Option<String>,
     prompt: Option<PromptLogprobs>,
+    counts_prompt: bool,
 }
 
 async fn collect(mut c: Choice) -> Result<Finished, ApiError> {
@@ -185,6 +188,7 @@ async fn collect(mut c: Choice) -> Result<Finished, ApiError> {
                         logprobs,
                         echo: c.echo,
                         prompt,
+                        counts_prompt: c.counts_prompt,
                     });
                 }
             }
@@ -198,7 +202,7 @@ async fn collect(mut c: Choice) -> Result<Finished, ApiError> {
 }
 
 /// The whole answer: every choice run to its end (concurrently, in one batch), usage with
-/// the prompt counted once and the completions summed, as OpenAI counts `n`.
+/// each prompt counted once and the completions summed, as OpenAI counts `n`.
 pub async fn whole(shape: Shape, choices: Vec<Choice>) -> Response {
     let done = futures::future::join_all(choices.into_iter().map(collect)).await;
     let mut out = Vec::with_capacity(done.len());
@@ -208,7 +212,9 @@ pub async fn whole(shape: Shape, choices: Vec<Choice>) -> Response {
             Ok(d) => d,
             Err(e) => return e.into_response(),
         };
-        prompt = d.prompt_tokens;
+        if d.counts_prompt {
+            prompt += d.prompt_tokens;
+        }
         completion += d.completion_tokens;
         // An echoed prompt's tokens come first, in the text and the logprobs.
         let (lead, mut entries) = match d.prompt {
@@ -323,7 +329,11 @@ fn choice_items(kind: Kind, index: usize, c: Choice) -> impl Stream<Item = Item>
                         s.c.guard.disarm();
                         s.over = true;
                         s.tail.push(Item::Done {
-                            prompt: t.prompt_tokens,
+                            prompt: if s.c.counts_prompt {
+                                t.prompt_tokens
+                            } else {
+                                0
+                            },
                             completion: t.completion_tokens,
                         });
                         let last = s.delta(&t.text, Some(finish_str(r)));
@@ -348,7 +358,7 @@ fn choice_items(kind: Kind, index: usize, c: Choice) -> impl Stream<Item = Item>
 }
 
 /// The SSE stream of every choice's chunks as they come, the usage chunk once all have
-/// finished (prompt counted once, completions summed), then `[DONE]`. A choice the engine
+/// finished (each prompt counted once, completions summed), then `[DONE]`. A choice the engine
 /// fails ends the stream with an error event; dropping the stream aborts the rest.
 pub fn stream(shape: Shape, choices: Vec<Choice>, include_usage: bool) -> Response {
     let n = choices.len();
@@ -393,7 +403,7 @@ pub fn stream(shape: Shape, choices: Vec<Choice>, include_usage: bool) -> Respon
                     return Some((Ok(chunk), s));
                 }
                 Some(Item::Done { prompt, completion }) => {
-                    s.prompt = prompt;
+                    s.prompt += prompt;
                     s.completion += completion;
                     s.left -= 1;
                     if s.left == 0 {

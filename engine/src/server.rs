@@ -176,27 +176,33 @@ fn parse<T: serde::de::DeserializeOwned>(
         .map_err(|e| ApiError::invalid(format!("invalid request body: {e}"), None))
 }
 
-struct Prepared {
-    prompt: Vec<u32>,
-    /// Choices (`n`): sequences generated from the prompt.
-    n: usize,
+/// One prompt of a request (completions take a batch of them).
+struct PromptIn {
+    tokens: Vec<u32>,
     max_tokens: usize,
-    sampling: SamplingParams,
-    logprobs: Option<usize>,
     /// The prompt's text, to answer with in front of the completion (`echo`; completions
     /// only), and with `logprobs` each prompt token's.
     echo: Option<String>,
+}
+
+struct Prepared {
+    prompts: Vec<PromptIn>,
+    /// Choices per prompt (`n`): sequences generated from it.
+    n: usize,
+    sampling: SamplingParams,
+    logprobs: Option<usize>,
     stop: Vec<String>,
     ignore_eos: bool,
     stream: bool,
     include_usage: bool,
 }
 
+/// Checks a request and its prompts (each with its text as given, if any, for `echo`).
 fn prepare(
     st: &AppState,
     l: &Loaded,
     c: Common,
-    prompt: Vec<u32>,
+    prompts: Vec<(Vec<u32>, Option<String>)>,
     kind: Kind,
 ) -> Result<Prepared, ApiError> {
     if let Some(m) = &c.model {
@@ -249,39 +255,63 @@ fn prepare(
         )
         .with_code("unsupported_parameter"));
     }
+    if prompts.len() * n > MAX_SEQUENCES {
+        return Err(ApiError::invalid(
+            format!(
+                "{} prompts x n = {n} asks for more than {MAX_SEQUENCES} sequences in one request",
+                prompts.len()
+            ),
+            Some("prompt"),
+        ));
+    }
+    let echo = c.echo == Some(true);
     let capacity = l.engine.shared.envelope.capacity_tokens();
-    let room = l.context_length.min(capacity).saturating_sub(prompt.len());
-    let max_tokens = match c.max_completion_tokens.or(c.max_tokens) {
-        Some(0) => {
-            return Err(ApiError::invalid(
-                "max_tokens must be at least 1",
-                Some("max_tokens"),
-            ))
-        }
-        Some(n) => n as usize,
-        // OpenAI's completions default is 16; chat runs until the model stops or room ends.
-        None if kind == Kind::Completion => 16.min(room.max(1)),
-        None => room.max(1),
-    };
-    validate(prompt.len(), max_tokens, l.context_length, capacity).map_err(|e| {
-        let code = match e {
-            crate::engine::AddError::EmptyPrompt => "empty_prompt",
-            _ => "context_length_exceeded",
+    let asked = c.max_completion_tokens.or(c.max_tokens);
+    if asked == Some(0) {
+        return Err(ApiError::invalid(
+            "max_tokens must be at least 1",
+            Some("max_tokens"),
+        ));
+    }
+    let batch = prompts.len() > 1;
+    let mut checked = Vec::with_capacity(prompts.len());
+    for (i, (tokens, text)) in prompts.into_iter().enumerate() {
+        let room = l.context_length.min(capacity).saturating_sub(tokens.len());
+        let max_tokens = match asked {
+            Some(n) => n as usize,
+            // OpenAI's completions default is 16; chat runs until the model stops or room ends.
+            None if kind == Kind::Completion => 16.min(room.max(1)),
+            None => room.max(1),
         };
-        let param = if kind == Kind::Chat {
-            "messages"
-        } else {
-            "prompt"
-        };
-        ApiError::invalid(e.to_string(), Some(param)).with_code(code)
-    })?;
+        validate(tokens.len(), max_tokens, l.context_length, capacity).map_err(|e| {
+            let code = match e {
+                crate::engine::AddError::EmptyPrompt => "empty_prompt",
+                _ => "context_length_exceeded",
+            };
+            let param = if kind == Kind::Chat {
+                "messages"
+            } else {
+                "prompt"
+            };
+            let which = if batch {
+                format!("prompt {i}: ")
+            } else {
+                String::new()
+            };
+            ApiError::invalid(format!("{which}{e}"), Some(param)).with_code(code)
+        })?;
+        let echo = echo.then(|| text.unwrap_or_else(|| l.codec.decode(&tokens)));
+        checked.push(PromptIn {
+            tokens,
+            max_tokens,
+            echo,
+        });
+    }
     Ok(Prepared {
-        prompt,
+        prompts: checked,
         n,
-        max_tokens,
         sampling,
         logprobs,
-        echo: None,
         stop: c.stop.map(OneOrMany::into_vec).unwrap_or_default(),
         ignore_eos: c.ignore_eos,
         stream: c.stream,
@@ -292,6 +322,10 @@ fn prepare(
 /// The most choices one request may ask for (`n`): each is a sequence in the batch, so one
 /// request cannot fill a pool by itself.
 const MAX_CHOICES: u32 = 16;
+
+/// The most sequences one request may start (its prompts times `n`): lm-evaluation-harness
+/// batches up to this many prompts.
+const MAX_SEQUENCES: usize = 64;
 
 /// The most alternatives a token's logprobs may list (OpenAI's chat limit; vLLM's default).
 const MAX_LOGPROBS: u64 = 20;
@@ -419,34 +453,30 @@ async fn completions(
                 .encode(s)
                 .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))
         };
-        // The prompt's text as given, for `echo` (token ids are decoded once checked).
-        let (tokens, text) = match req.prompt {
-            Prompt::Text(s) => (encode(&s)?, Some(s)),
-            Prompt::Texts(mut v) if v.len() == 1 => {
-                let s = v.remove(0);
-                (encode(&s)?, Some(s))
-            }
-            Prompt::Tokens(t) => (t, None),
-            Prompt::TokenLists(mut v) if v.len() == 1 => (v.remove(0), None),
-            _ => {
-                return Err(ApiError::invalid(
-                    "batched prompts are not supported; send one prompt per request",
-                    Some("prompt"),
-                ))
-            }
+        // Each prompt with its text as given, for `echo` (token ids are decoded once checked).
+        let prompts: Vec<(Vec<u32>, Option<String>)> = match req.prompt {
+            Prompt::Text(s) => vec![(encode(&s)?, Some(s))],
+            Prompt::Texts(v) => v
+                .into_iter()
+                .map(|s| Ok((encode(&s)?, Some(s))))
+                .collect::<Result<_, ApiError>>()?,
+            Prompt::Tokens(t) => vec![(t, None)],
+            Prompt::TokenLists(v) => v.into_iter().map(|t| (t, None)).collect(),
         };
+        if prompts.is_empty() {
+            return Err(ApiError::invalid(
+                "prompt must not be empty",
+                Some("prompt"),
+            ));
+        }
         let vocab = l.codec.vocab_size() as u32;
-        if let Some(bad) = tokens.iter().find(|t| **t >= vocab) {
+        if let Some(bad) = prompts.iter().flat_map(|p| &p.0).find(|t| **t >= vocab) {
             return Err(ApiError::invalid(
                 format!("token id {bad} is out of the vocabulary"),
                 Some("prompt"),
             ));
         }
-        let echo = req.common.echo == Some(true);
-        let mut p = prepare(&st, l, req.common, tokens, Kind::Completion)?;
-        if echo {
-            p.echo = Some(text.unwrap_or_else(|| l.codec.decode(&p.prompt)));
-        }
+        let p = prepare(&st, l, req.common, prompts, Kind::Completion)?;
         Ok((p, l))
     };
     match run() {
@@ -504,7 +534,10 @@ async fn chat_completions(
             .codec
             .encode(&text)
             .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
-        Ok((prepare(&st, l, req.common, tokens, Kind::Chat)?, l))
+        Ok((
+            prepare(&st, l, req.common, vec![(tokens, None)], Kind::Chat)?,
+            l,
+        ))
     };
     match run() {
         Ok((p, l)) => generate(&st, l, p, Kind::Chat).await,
@@ -514,31 +547,34 @@ async fn chat_completions(
 
 async fn generate(st: &AppState, l: &Loaded, p: Prepared, kind: Kind) -> Response {
     let arrived = std::time::Instant::now();
-    // `n` sequences of one prompt, each its own draw: a seeded request's choices are seeded
-    // one after the other, so the whole answer is reproducible.
-    let choices = (0..p.n)
-        .map(|i| {
+    // `n` sequences of each prompt, each its own draw: a seeded request's choices are seeded
+    // one after the other, so the whole answer is reproducible. Choice `i * n + j` is prompt
+    // `i`'s `j`-th, as OpenAI numbers a batch's choices.
+    let mut choices = Vec::with_capacity(p.prompts.len() * p.n);
+    for prompt in &p.prompts {
+        for j in 0..p.n {
             let mut sampling = p.sampling.clone();
-            sampling.seed = p.sampling.seed.map(|s| s.wrapping_add(i as u64));
+            sampling.seed = p.sampling.seed.map(|s| s.wrapping_add(j as u64));
             let (rx, guard) = l.engine.submit(Request {
                 id: 0,
-                prompt: p.prompt.clone(),
-                max_tokens: p.max_tokens,
+                prompt: prompt.tokens.clone(),
+                max_tokens: prompt.max_tokens,
                 sampling,
                 stop: p.stop.clone(),
                 ignore_eos: p.ignore_eos,
                 arrived,
                 logprobs: p.logprobs,
-                prompt_logprobs: p.logprobs.filter(|_| p.echo.is_some()),
+                prompt_logprobs: p.logprobs.filter(|_| prompt.echo.is_some()),
             });
-            Choice {
+            choices.push(Choice {
                 rx,
                 guard,
                 logprobs: p.logprobs.is_some(),
-                echo: p.echo.clone(),
-            }
-        })
-        .collect();
+                echo: prompt.echo.clone(),
+                counts_prompt: j == 0,
+            });
+        }
+    }
     let shape = Shape {
         id: format!(
             "{}-{:016x}",

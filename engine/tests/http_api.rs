@@ -1177,3 +1177,64 @@ async fn echo_scores_the_prompt_as_generation_scored_the_same_tokens() {
     .await;
     assert!(done && streamed.starts_with(prompt), "{streamed:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_prompts_answers_each_as_alone_in_openai_order() {
+    let s = Server::start(&[]).await;
+    let post = |body: Value| {
+        let url = s.url("/v1/completions");
+        async move {
+            let r = client().post(url).json(&body).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let greedy = json!({"max_tokens": 4, "temperature": 0, "ignore_eos": true});
+    let prompts = ["The capital of France is", "1, 2, 3,"];
+    let mut alone = Vec::new();
+    for p in prompts {
+        alone.push(post(with(greedy.clone(), json!({ "prompt": p }))).await.1);
+    }
+    let (status, batch) = post(with(greedy.clone(), json!({"prompt": prompts, "n": 2}))).await;
+    assert_eq!(status, 200, "{batch}");
+    let choices = batch["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 4);
+    // Choice i * n + j is prompt i's j-th.
+    for (k, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], k);
+        assert_eq!(c["text"], alone[k / 2]["choices"][0]["text"], "choice {k}");
+    }
+    let prompt_tokens: u64 = alone
+        .iter()
+        .map(|a| a["usage"]["prompt_tokens"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        batch["usage"]["prompt_tokens"], prompt_tokens,
+        "each prompt counted once"
+    );
+    assert_eq!(batch["usage"]["completion_tokens"], 16);
+    // lm-evaluation-harness's loglikelihood batch: echo with logprobs, one token each.
+    let (_, scored) = post(json!({"prompt": prompts, "max_tokens": 1, "temperature": 0,
+                                  "echo": true, "logprobs": 1}))
+    .await;
+    for (i, c) in scored["choices"].as_array().unwrap().iter().enumerate() {
+        assert!(c["text"].as_str().unwrap().starts_with(prompts[i]), "{c}");
+        assert!(c["logprobs"]["token_logprobs"][0].is_null(), "{c}");
+    }
+    // One prompt past the context fails the request, naming it; too many sequences too.
+    let long = "word ".repeat(9000);
+    let (status, err) = post(with(greedy.clone(), json!({"prompt": [prompts[0], long]}))).await;
+    assert_eq!(status, 400);
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("prompt 1: "),
+        "{err}"
+    );
+    let (status, _) = post(with(
+        greedy,
+        json!({"prompt": vec![prompts[0]; 33], "n": 2}),
+    ))
+    .await;
+    assert_eq!(status, 400);
+}

@@ -54,6 +54,15 @@ fn good_request(max_tokens: u32) -> Value {
            "temperature": 0, "stream": true, "ignore_eos": true})
 }
 
+/// A JSON array of strings.
+fn strs(v: &Value) -> Vec<&str> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect()
+}
+
 /// `body` with `extra`'s fields added (or replaced).
 fn with(mut body: Value, extra: Value) -> Value {
     body.as_object_mut()
@@ -497,33 +506,27 @@ async fn sigterm_drains_then_exits() {
 async fn chat_non_streaming_usage_models_and_metric_names() {
     let s = Server::start(&[]).await;
     let c = client();
-    let v: Value = c
-        .post(s.url("/v1/chat/completions"))
-        .json(
+    let v: Value = s
+        .post(
+            "/v1/chat/completions",
             &json!({"messages": [{"role": "user", "content": "What is the capital of France?"}],
                       "max_tokens": 12, "temperature": 0}),
         )
-        .send()
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .1;
     assert_eq!(v["object"], "chat.completion");
     let content = v["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(!content.is_empty());
     // The chat endpoint is the completions endpoint over the model's own chat template.
     let templated = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
                      <|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
-    let raw: Value = c
-        .post(s.url("/v1/completions"))
-        .json(&json!({"prompt": templated, "max_tokens": 12, "temperature": 0}))
-        .send()
+    let raw: Value = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": templated, "max_tokens": 12, "temperature": 0}),
+        )
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .1;
     assert_eq!(raw["choices"][0]["text"].as_str().unwrap(), content);
     assert_eq!(raw["usage"]["prompt_tokens"], v["usage"]["prompt_tokens"]);
     let u = &v["usage"];
@@ -704,6 +707,16 @@ async fn call(url: &str, key: Option<&str>) -> (u16, Option<String>, Option<Stri
     (status, code, challenge)
 }
 
+/// Polls `/v1/models` with `key` until it answers `want` (the file is read again within a
+/// second of a change); fails with `what` after 10 s.
+async fn until_status(s: &Server, key: &str, want: u16, what: &str) {
+    let t0 = Instant::now();
+    while call(&s.url("/v1/models"), Some(key)).await.0 != want {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_keys_from_a_file_guard_the_openai_api_and_rotate_without_a_restart() {
     let dir = std::env::temp_dir().join(format!("redline-api-keys-{}", std::process::id()));
@@ -746,24 +759,10 @@ async fn api_keys_from_a_file_guard_the_openai_api_and_rotate_without_a_restart(
 
     // Rotation, as a Secret volume is updated: the new key beside the old, then the old gone.
     std::fs::write(&file, "sk-new\nsk-old\n").unwrap();
-    let t0 = Instant::now();
-    while call(&s.url("/v1/models"), Some("sk-new")).await.0 != 200 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the new key never took"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_status(&s, "sk-new", 200, "the new key never took").await;
     assert_eq!(call(&s.url("/v1/models"), Some("sk-old")).await.0, 200);
     std::fs::write(&file, "sk-new\n").unwrap();
-    let t0 = Instant::now();
-    while call(&s.url("/v1/models"), Some("sk-old")).await.0 != 401 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the old key still works"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_status(&s, "sk-old", 401, "the old key still works").await;
     // Emptied by mistake: the last keys stay in force (neither open nor shut).
     std::fs::write(&file, "").unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -808,20 +807,12 @@ fn an_unreadable_or_empty_key_file_stops_the_engine_before_it_serves() {
 }
 
 /// A greedy completion's text and token count with the extra sampling fields.
-async fn greedy_text(base: &str, prompt: &str, extra: Value) -> (String, u64) {
+async fn greedy_text(s: &Server, prompt: &str, extra: Value) -> (String, u64) {
     let body = with(
         json!({"prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": true}),
         extra,
     );
-    let v: Value = client()
-        .post(format!("{base}/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = s.post("/v1/completions", &body).await.1;
     (
         v["choices"][0]["text"].as_str().unwrap().to_string(),
         v["usage"]["completion_tokens"].as_u64().unwrap(),
@@ -832,10 +823,10 @@ async fn greedy_text(base: &str, prompt: &str, extra: Value) -> (String, u64) {
 async fn logit_bias_and_penalties_steer_the_real_model() {
     let s = Server::start(&[]).await;
     let story = "Once upon a time, in a small village by the sea,";
-    let (plain, n) = greedy_text(&s.base, story, json!({})).await;
+    let (plain, n) = greedy_text(&s, story, json!({})).await;
     assert_eq!(n, 12);
     // The bias forces one token: the text is one piece, twelve times.
-    let (forced, _) = greedy_text(&s.base, story, json!({"logit_bias": {"28": 100}})).await;
+    let (forced, _) = greedy_text(&s, story, json!({"logit_bias": {"28": 100}})).await;
     let piece = &forced[..forced.len() / 12];
     assert!(
         !piece.is_empty() && forced == piece.repeat(12),
@@ -847,9 +838,9 @@ async fn logit_bias_and_penalties_steer_the_real_model() {
     // a constant once, too little against this loop's margin: unit-tested in sampling.rs.)
     let count = "1, 1, 1, 1, 1, 1, 1, 1,";
     let ones = |t: &str| t.matches('1').count();
-    let (looping, _) = greedy_text(&s.base, count, json!({})).await;
+    let (looping, _) = greedy_text(&s, count, json!({})).await;
     for penalty in ["frequency_penalty", "repetition_penalty"] {
-        let (broken, _) = greedy_text(&s.base, count, json!({ penalty: 2.0 })).await;
+        let (broken, _) = greedy_text(&s, count, json!({ penalty: 2.0 })).await;
         assert!(
             ones(&broken) < ones(&looping),
             "{penalty}: {broken:?} repeats as much as {looping:?}"
@@ -857,7 +848,7 @@ async fn logit_bias_and_penalties_steer_the_real_model() {
     }
     // top_k 1 is greedy whatever the temperature.
     let (k1, _) = greedy_text(
-        &s.base,
+        &s,
         story,
         json!({"temperature": 1.5, "top_k": 1, "seed": 5}),
     )
@@ -869,27 +860,18 @@ async fn logit_bias_and_penalties_steer_the_real_model() {
 async fn logprobs_come_with_every_generated_token_streamed_or_not() {
     let s = Server::start(&[]).await;
     // Completions: the four lists, one entry per generated token.
-    let v: Value = client()
-        .post(s.url("/v1/completions"))
-        .json(
+    let v: Value = s
+        .post(
+            "/v1/completions",
             &json!({"prompt": "The capital of France is", "max_tokens": 8,
                       "temperature": 0, "logprobs": 3}),
         )
-        .send()
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .1;
     let choice = &v["choices"][0];
     let lp = &choice["logprobs"];
     let n = v["usage"]["completion_tokens"].as_u64().unwrap() as usize;
-    let tokens: Vec<&str> = lp["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
+    let tokens = strs(&lp["tokens"]);
     assert_eq!(tokens.len(), n, "{lp}");
     assert_eq!(tokens.concat(), choice["text"].as_str().unwrap(), "{lp}");
     let offsets: Vec<u64> = lp["text_offset"]
@@ -914,15 +896,13 @@ async fn logprobs_come_with_every_generated_token_streamed_or_not() {
         assert_eq!(top[*token].as_f64().unwrap(), chosen);
     }
     // Not asked: null, as before.
-    let plain: Value = client()
-        .post(s.url("/v1/completions"))
-        .json(&json!({"prompt": "The capital of France is", "max_tokens": 2}))
-        .send()
+    let plain: Value = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "The capital of France is", "max_tokens": 2}),
+        )
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .1;
     assert!(plain["choices"][0]["logprobs"].is_null());
 
     // Chat, whole and streamed: the same tokens with the same logprobs, two alternatives each.
@@ -931,15 +911,7 @@ async fn logprobs_come_with_every_generated_token_streamed_or_not() {
                "temperature": 0, "logprobs": true, "top_logprobs": 2, "stream": stream,
                "stream_options": if stream { json!({"include_usage": true}) } else { Value::Null }})
     };
-    let whole: Value = client()
-        .post(s.url("/v1/chat/completions"))
-        .json(&chat(false))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let whole: Value = s.post("/v1/chat/completions", &chat(false)).await.1;
     let content = whole["choices"][0]["logprobs"]["content"]
         .as_array()
         .unwrap()
@@ -1000,18 +972,8 @@ async fn logprobs_come_with_every_generated_token_streamed_or_not() {
 async fn n_choices_are_seeded_draws_whole_or_streamed() {
     let s = Server::start(&[]).await;
     let post = |path: &'static str, body: Value| {
-        let url = s.url(path);
-        async move {
-            client()
-                .post(url)
-                .json(&body)
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        }
+        let s = &s;
+        async move { s.post(path, &body).await.1 }
     };
     let story = json!({"prompt": "Once upon a time,", "max_tokens": 8, "temperature": 1.0,
                        "seed": 7, "ignore_eos": true});
@@ -1094,19 +1056,8 @@ async fn n_choices_are_seeded_draws_whole_or_streamed() {
 async fn echo_scores_the_prompt_as_generation_scored_the_same_tokens() {
     let s = Server::start(&[]).await;
     let post = |body: Value| {
-        let url = s.url("/v1/completions");
-        async move {
-            let v: Value = client()
-                .post(url)
-                .json(&body)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            v
-        }
+        let s = &s;
+        async move { s.post("/v1/completions", &body).await.1 }
     };
     let prompt = "The capital of France is";
     let gen = post(json!({"prompt": prompt, "max_tokens": 6, "temperature": 0,
@@ -1124,12 +1075,7 @@ async fn echo_scores_the_prompt_as_generation_scored_the_same_tokens() {
     let text = choice["text"].as_str().unwrap();
     assert!(text.starts_with(&whole), "{text:?}");
     let lp = &choice["logprobs"];
-    let tokens: Vec<&str> = lp["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
+    let tokens = strs(&lp["tokens"]);
     let usage = &echo["usage"];
     assert_eq!(
         tokens.len() as u64,
@@ -1182,11 +1128,8 @@ async fn echo_scores_the_prompt_as_generation_scored_the_same_tokens() {
 async fn a_batch_of_prompts_answers_each_as_alone_in_openai_order() {
     let s = Server::start(&[]).await;
     let post = |body: Value| {
-        let url = s.url("/v1/completions");
-        async move {
-            let r = client().post(url).json(&body).send().await.unwrap();
-            (r.status().as_u16(), r.json::<Value>().await.unwrap())
-        }
+        let s = &s;
+        async move { s.post("/v1/completions", &body).await }
     };
     let greedy = json!({"max_tokens": 4, "temperature": 0, "ignore_eos": true});
     let prompts = ["The capital of France is", "1, 2, 3,"];

@@ -99,6 +99,18 @@ impl Server {
         format!("{}{path}", self.base)
     }
 
+    /// POSTs `body` as JSON to `path`: the status and the JSON answer (`Null` if none).
+    pub async fn post(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        let r = reqwest::Client::new()
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
     /// A gauge's or counter's value from the engine's /metrics (summed over label sets).
     pub async fn metric(&self, name: &str) -> f64 {
         let text = reqwest::get(self.url("/metrics"))

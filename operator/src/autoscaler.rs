@@ -15,11 +15,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
+use k8s_openapi::api::autoscaling::v1::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{Pod, PodCondition, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{self, Store};
 use kube::{Api, ResourceExt};
 use redline_api::{GuardSettings, Level, Limits, LimitsRequest, PressureReport};
 use redline_autoscale::{
@@ -248,19 +249,28 @@ async fn within<T>(
 
 /// The last error of a call made every pass, so each error is logged once, and its end once.
 #[derive(Default)]
-struct LastError(Option<String>);
+pub(crate) struct LastError(Option<String>);
 
 impl LastError {
     /// Records `msg`; whether it is new (to be logged).
-    fn failed(&mut self, msg: &str) -> bool {
+    pub(crate) fn failed(&mut self, msg: &str) -> bool {
         let new = self.0.as_deref() != Some(msg);
         self.0 = Some(msg.to_string());
         new
     }
 
     /// Records a success; whether it ends a failure (to be logged).
-    fn worked(&mut self) -> bool {
+    pub(crate) fn worked(&mut self) -> bool {
         self.0.take().is_some()
+    }
+}
+
+/// A task that ends when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -318,12 +328,14 @@ pub struct Autoscaler {
     http: reqwest::Client,
     started: Instant,
     services: HashMap<String, ServiceState>,
-    /// Listing HorizontalPodAutoscalers.
-    hpa_error: LastError,
+    /// Every HorizontalPodAutoscaler, as `scaling_active::watch` keeps them.
+    hpas: Store<HorizontalPodAutoscaler>,
+    hpa_writer: Option<reflector::store::Writer<HorizontalPodAutoscaler>>,
 }
 
 impl Autoscaler {
     pub fn new(ctx: Arc<Context>) -> Self {
+        let (hpas, hpa_writer) = reflector::store();
         Self {
             ctx,
             http: reqwest::Client::builder()
@@ -333,12 +345,20 @@ impl Autoscaler {
                 .expect("an HTTP client"),
             started: Instant::now(),
             services: HashMap::new(),
-            hpa_error: LastError::default(),
+            hpas,
+            hpa_writer: Some(hpa_writer),
         }
     }
 
     /// Runs one pass over the services every `interval`, forever.
     pub async fn run(mut self, store: Store<InferenceService>, interval: Duration) {
+        // The HPA watch lives as long as the loop (it stops with leadership).
+        let _watch = self.hpa_writer.take().map(|w| {
+            AbortOnDrop(tokio::spawn(scaling_active::watch(
+                self.ctx.client.clone(),
+                w,
+            )))
+        });
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -358,8 +378,9 @@ impl Autoscaler {
             let any_enabled = isvcs
                 .iter()
                 .any(|i| i.spec.autoscaling.as_ref().is_some_and(|a| a.enabled));
+            // Until the watch has its first list, the check waits (logged by the watch).
             let mut hpas = if any_enabled {
-                self.hpa_targets().await
+                scaling_active::from_store(&self.hpas).unwrap_or_default()
             } else {
                 HashMap::new()
             };
@@ -408,31 +429,6 @@ impl Autoscaler {
         limit: Duration,
     ) -> Result<(), Error> {
         within(limit, self.service(isvc, pods, hpas)).await
-    }
-
-    /// The HPAs that target InferenceServices, by service key; none when they cannot be listed
-    /// (logged once: the loop goes on without the check).
-    async fn hpa_targets(&mut self) -> HashMap<String, Vec<String>> {
-        let client = &self.ctx.client;
-        let listed = within(PASS_TIMEOUT, async {
-            Ok(scaling_active::list(client).await?)
-        })
-        .await;
-        match listed {
-            Ok(t) => {
-                if self.hpa_error.worked() {
-                    info!("autoscaling loop: listing HorizontalPodAutoscalers works again");
-                }
-                t
-            }
-            Err(e) => {
-                let msg = e.to_string();
-                if self.hpa_error.failed(&msg) {
-                    warn!("autoscaling loop: listing HorizontalPodAutoscalers (conflicts not checked): {msg}");
-                }
-                HashMap::new()
-            }
-        }
     }
 
     /// Every pod the operator's Deployments run, by service key (`namespace/name`).

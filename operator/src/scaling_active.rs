@@ -12,9 +12,12 @@
 
 use std::collections::HashMap;
 
+use futures::StreamExt;
 use k8s_openapi::api::autoscaling::v1::HorizontalPodAutoscaler;
-use kube::api::ListParams;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
+use tracing::{info, warn};
 
 use crate::conditions::{self, Cond, DEGRADED, INVALID_SPEC, SCALING_ACTIVE};
 use crate::crd::InferenceService;
@@ -24,7 +27,9 @@ use crate::validate;
 pub const CONFLICTING_AUTOSCALER: &str = "ConflictingAutoscaler";
 
 /// The HPAs that scale an InferenceService, by the service's key (`namespace/name`).
-pub fn targets(hpas: &[HorizontalPodAutoscaler]) -> HashMap<String, Vec<String>> {
+pub fn targets<'a>(
+    hpas: impl IntoIterator<Item = &'a HorizontalPodAutoscaler>,
+) -> HashMap<String, Vec<String>> {
     let mut by: HashMap<String, Vec<String>> = HashMap::new();
     for h in hpas {
         let Some(r) = h.spec.as_ref().map(|s| &s.scale_target_ref) else {
@@ -42,11 +47,41 @@ pub fn targets(hpas: &[HorizontalPodAutoscaler]) -> HashMap<String, Vec<String>>
     by
 }
 
-/// Every HPA in the cluster that scales an InferenceService (autoscaling/v1: served by every
-/// release from 1.20 on).
-pub async fn list(client: &Client) -> Result<HashMap<String, Vec<String>>, kube::Error> {
-    let api: Api<HorizontalPodAutoscaler> = Api::all(client.clone());
-    Ok(targets(&api.list(&ListParams::default()).await?.items))
+/// Every HPA in the cluster (autoscaling/v1: served by every release from 1.20 on), kept
+/// current by a watch: one list, then changes, where listing them all on every pass of the
+/// loop would cost the API server a full list of a big cluster's HPAs every few seconds. Runs
+/// until dropped; a failing watch (no RBAC, an API server restarting) is logged once while it
+/// fails and resumes with backoff, the store keeping what it last saw.
+pub async fn watch(client: Client, writer: reflector::store::Writer<HorizontalPodAutoscaler>) {
+    let api: Api<HorizontalPodAutoscaler> = Api::all(client);
+    let mut failing = crate::autoscaler::LastError::default();
+    let events = reflector::reflector(
+        writer,
+        watcher(api, watcher::Config::default()).default_backoff(),
+    );
+    futures::pin_mut!(events);
+    while let Some(e) = events.next().await {
+        match e {
+            Ok(_) => {
+                if failing.worked() {
+                    info!("autoscaling loop: watching HorizontalPodAutoscalers works again");
+                }
+            }
+            Err(e) => {
+                if failing.failed(&e.to_string()) {
+                    warn!("autoscaling loop: watching HorizontalPodAutoscalers (conflicts not checked until it works): {e}");
+                }
+            }
+        }
+    }
+}
+
+/// The HPAs that target InferenceServices, by service key, from the watch's store; `None`
+/// until its first list is in (the loop then goes on without the check).
+pub fn from_store(hpas: &Store<HorizontalPodAutoscaler>) -> Option<HashMap<String, Vec<String>>> {
+    use futures::FutureExt;
+    hpas.wait_until_ready().now_or_never()?.ok()?;
+    Some(targets(hpas.state().iter().map(|h| h.as_ref())))
 }
 
 /// Whether the spec is invalid: by the operator's own checks, or as the reconciler last found

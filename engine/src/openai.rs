@@ -170,6 +170,18 @@ pub struct InMessage {
     pub content: Option<Content>,
 }
 
+/// vLLM's `/tokenize` body: a prompt or chat messages (`model` is accepted and ignored).
+#[derive(Debug, Deserialize)]
+pub struct TokenizeRequest {
+    pub prompt: Option<String>,
+    pub messages: Option<Vec<InMessage>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct DetokenizeRequest {
+    pub tokens: Vec<u32>,
+}
+
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
     pub messages: Vec<InMessage>,

@@ -99,8 +99,8 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The public router. With `keys`, the OpenAI API (`/v1/*`) needs one of them; health,
-/// readiness and metrics never do.
+/// The public router. With `keys`, the OpenAI API (`/v1/*`) and vLLM's `/tokenize` and
+/// `/detokenize` need one of them; health, readiness and metrics never do.
 pub fn api_router(
     state: Arc<AppState>,
     max_body_bytes: usize,
@@ -109,7 +109,9 @@ pub fn api_router(
     let mut v1 = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
-        .route("/v1/models", get(models));
+        .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize));
     if let Some(keys) = keys {
         let refused = state.metrics.unauthorized.clone();
         v1 = v1.route_layer(axum::middleware::from_fn_with_state(
@@ -492,48 +494,7 @@ async fn chat_completions(
     let run = || -> Result<(Prepared, &Loaded), ApiError> {
         let req: ChatRequest = parse(body)?;
         let l = st.ready()?;
-        if req.messages.is_empty() {
-            return Err(ApiError::invalid(
-                "messages must not be empty",
-                Some("messages"),
-            ));
-        }
-        let mut msgs = Vec::with_capacity(req.messages.len());
-        for m in req.messages {
-            if !matches!(
-                m.role.as_str(),
-                "system" | "user" | "assistant" | "developer" | "tool"
-            ) {
-                return Err(ApiError::invalid(
-                    format!("unknown role `{}`", m.role),
-                    Some("messages"),
-                ));
-            }
-            let content = match m.content {
-                None => String::new(),
-                Some(Content::Text(s)) => s,
-                Some(Content::Parts(parts)) => parts
-                    .into_iter()
-                    .filter(|p| p.kind == "text")
-                    .filter_map(|p| p.text)
-                    .collect::<Vec<_>>()
-                    .join(""),
-            };
-            let role = if m.role == "developer" {
-                "system".into()
-            } else {
-                m.role
-            };
-            msgs.push(ChatMessage { role, content });
-        }
-        let text = l
-            .codec
-            .apply_chat_template(&msgs)
-            .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
-        let tokens = l
-            .codec
-            .encode(&text)
-            .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+        let tokens = chat_prompt(l, req.messages)?;
         Ok((
             prepare(&st, l, req.common, vec![(tokens, None)], Kind::Chat)?,
             l,
@@ -541,6 +502,104 @@ async fn chat_completions(
     };
     match run() {
         Ok((p, l)) => generate(&st, l, p, Kind::Chat).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The prompt of a chat: the messages through the model's own chat template, as tokens.
+fn chat_prompt(l: &Loaded, messages: Vec<InMessage>) -> Result<Vec<u32>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages must not be empty",
+            Some("messages"),
+        ));
+    }
+    let mut msgs = Vec::with_capacity(messages.len());
+    for m in messages {
+        if !matches!(
+            m.role.as_str(),
+            "system" | "user" | "assistant" | "developer" | "tool"
+        ) {
+            return Err(ApiError::invalid(
+                format!("unknown role `{}`", m.role),
+                Some("messages"),
+            ));
+        }
+        let content = match m.content {
+            None => String::new(),
+            Some(Content::Text(s)) => s,
+            Some(Content::Parts(parts)) => parts
+                .into_iter()
+                .filter(|p| p.kind == "text")
+                .filter_map(|p| p.text)
+                .collect::<Vec<_>>()
+                .join(""),
+        };
+        let role = if m.role == "developer" {
+            "system".into()
+        } else {
+            m.role
+        };
+        msgs.push(ChatMessage { role, content });
+    }
+    let text = l
+        .codec
+        .apply_chat_template(&msgs)
+        .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+    l.codec
+        .encode(&text)
+        .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))
+}
+
+/// vLLM's `POST /tokenize`: a prompt's (or a chat's, through the template) token ids, so a
+/// client can count them against the context before sending.
+async fn tokenize(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let run = || -> Result<Value, ApiError> {
+        let req: TokenizeRequest = parse(body)?;
+        let l = st.ready()?;
+        let tokens = match (req.prompt, req.messages) {
+            (Some(p), None) => l
+                .codec
+                .encode(&p)
+                .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))?,
+            (None, Some(m)) => chat_prompt(l, m)?,
+            _ => {
+                return Err(ApiError::invalid(
+                    "give `prompt` or `messages`",
+                    Some("prompt"),
+                ))
+            }
+        };
+        Ok(json!({"tokens": tokens, "count": tokens.len(), "max_model_len": l.context_length}))
+    };
+    match run() {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// vLLM's `POST /detokenize`: token ids back to text.
+async fn detokenize(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let run = || -> Result<Value, ApiError> {
+        let req: DetokenizeRequest = parse(body)?;
+        let l = st.ready()?;
+        let vocab = l.codec.vocab_size() as u32;
+        if let Some(bad) = req.tokens.iter().find(|t| **t >= vocab) {
+            return Err(ApiError::invalid(
+                format!("token id {bad} is out of the vocabulary"),
+                Some("tokens"),
+            ));
+        }
+        Ok(json!({"prompt": l.codec.decode(&req.tokens)}))
+    };
+    match run() {
+        Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
     }
 }

@@ -732,6 +732,9 @@ async fn api_keys_from_a_file_guard_the_openai_api_and_rotate_without_a_restart(
     assert_eq!(call(&s.url("/v1/models"), None).await, refused);
     assert_eq!(call(&s.url("/v1/models"), Some("sk-wrong")).await, refused);
     assert_eq!(call(&s.url("/v1/models"), Some("sk-old")).await.0, 200);
+    // vLLM's tokenizer endpoints are guarded too.
+    let (status, _) = s.post("/tokenize", &json!({"prompt": "hi"})).await;
+    assert_eq!(status, 401);
     // The probes and the sidecar's scrape need no key.
     for open in ["/health", "/ready", "/metrics"] {
         assert_eq!(call(&s.url(open), None).await.0, 200, "{open}");
@@ -1180,4 +1183,47 @@ async fn a_batch_of_prompts_answers_each_as_alone_in_openai_order() {
     ))
     .await;
     assert_eq!(status, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenize_counts_what_a_request_is_billed_and_detokenize_inverts_it() {
+    let s = Server::start(&[]).await;
+    let prompt = "The capital of France is";
+    let (status, t) = s.post("/tokenize", &json!({ "prompt": prompt })).await;
+    assert_eq!(status, 200, "{t}");
+    let done = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": prompt, "max_tokens": 1}),
+        )
+        .await
+        .1;
+    assert_eq!(t["count"], done["usage"]["prompt_tokens"]);
+    assert_eq!(
+        t["tokens"].as_array().unwrap().len() as u64,
+        t["count"].as_u64().unwrap()
+    );
+    assert!(t["max_model_len"].as_u64().unwrap() > 0);
+    let (_, back) = s.post("/detokenize", &json!({"tokens": t["tokens"]})).await;
+    assert_eq!(back["prompt"], prompt);
+    // A chat through the model's template, as the chat endpoint counts it.
+    let messages = json!([{"role": "user", "content": "Say hello in French."}]);
+    let (_, tc) = s.post("/tokenize", &json!({ "messages": messages })).await;
+    let chat = s
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": messages, "max_tokens": 1}),
+        )
+        .await
+        .1;
+    assert_eq!(tc["count"], chat["usage"]["prompt_tokens"]);
+    for bad in [json!({}), json!({"prompt": "a", "messages": messages})] {
+        assert_eq!(s.post("/tokenize", &bad).await.0, 400, "{bad}");
+    }
+    assert_eq!(
+        s.post("/detokenize", &json!({"tokens": [4_000_000_000u32]}))
+            .await
+            .0,
+        400
+    );
 }

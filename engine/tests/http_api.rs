@@ -1227,3 +1227,56 @@ async fn tokenize_counts_what_a_request_is_billed_and_detokenize_inverts_it() {
         400
     );
 }
+
+/// A continuation's loglikelihood after a context, as lm-evaluation-harness computes one: the
+/// context and continuation as one prompt with `echo`, `logprobs: 1`, `max_tokens: 1`, and the
+/// sum of the continuation tokens' logprobs (those after the context's tokens, less the one
+/// generated), with whether each was the likeliest (greedy).
+async fn loglikelihood(s: &Server, context: &str, continuation: &str) -> (f64, bool) {
+    let ctx = s.post("/tokenize", &json!({ "prompt": context })).await.1["count"]
+        .as_u64()
+        .unwrap() as usize;
+    let (status, v) = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": format!("{context}{continuation}"), "max_tokens": 1,
+                    "temperature": 0, "echo": true, "logprobs": 1}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let lp = &v["choices"][0]["logprobs"];
+    let scores = lp["token_logprobs"].as_array().unwrap();
+    let tops = lp["top_logprobs"].as_array().unwrap();
+    let end = scores.len() - 1;
+    let mut sum = 0.0;
+    let mut greedy = true;
+    for i in ctx..end {
+        let l = scores[i].as_f64().unwrap();
+        sum += l;
+        let best = tops[i]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        greedy &= l >= best;
+    }
+    (sum, greedy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loglikelihood_as_an_eval_harness_asks_ranks_the_right_answer_first() {
+    let s = Server::start(&[]).await;
+    let context = "The capital of France is";
+    let (paris, greedy) = loglikelihood(&s, context, " Paris").await;
+    let (london, _) = loglikelihood(&s, context, " London").await;
+    let (banana, _) = loglikelihood(&s, context, " a banana").await;
+    assert!(
+        paris > london && london > banana,
+        "{paris} {london} {banana}"
+    );
+    assert!(
+        greedy,
+        "' Paris' is what the model says itself (the completion tests)"
+    );
+}

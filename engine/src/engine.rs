@@ -52,9 +52,9 @@ pub struct Request {
     pub arrived: Instant,
     /// Report each generated token's log-probability and this many likeliest alternatives'.
     pub logprobs: Option<usize>,
-    /// The same for every prompt token after the first (OpenAI's `echo` with `logprobs`):
+    /// With `logprobs`, the same for every prompt token after the first (OpenAI's `echo`):
     /// the whole prompt is computed, none of it taken from the prefix cache.
-    pub prompt_logprobs: Option<usize>,
+    pub prompt_logprobs: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -174,9 +174,9 @@ struct Active {
     stop: Vec<String>,
     ignore_eos: bool,
     logprobs: Option<usize>,
-    /// How many alternatives, and the prompt tokens' logprobs so far (in order from the
-    /// second): taken with the first generated token.
-    prompt_logprobs: Option<(usize, Vec<Logprob>)>,
+    /// The prompt tokens' logprobs so far (in order from the second), when asked for: taken
+    /// with the first generated token.
+    prompt_logprobs: Option<Vec<Logprob>>,
     generated: usize,
     prompt_len: usize,
     /// Text produced but not yet released, held back while it could still begin a stop string.
@@ -287,6 +287,7 @@ impl Engine {
 
     pub fn add(&mut self, r: Request) -> Result<(), AddError> {
         self.validate(r.prompt.len(), r.max_tokens)?;
+        let score_prompt = r.prompt_logprobs && r.logprobs.is_some();
         self.active.insert(
             r.id,
             Active {
@@ -296,7 +297,7 @@ impl Engine {
                 stop: r.stop.into_iter().filter(|s| !s.is_empty()).collect(),
                 ignore_eos: r.ignore_eos,
                 logprobs: r.logprobs,
-                prompt_logprobs: r.prompt_logprobs.map(|n| (n, Vec::new())),
+                prompt_logprobs: score_prompt.then(Vec::new),
                 generated: 0,
                 prompt_len: r.prompt.len(),
                 pending: String::new(),
@@ -306,8 +307,7 @@ impl Engine {
             .arrived
             .saturating_duration_since(self.epoch)
             .as_secs_f64();
-        self.sched
-            .add_with(r.id, r.prompt, at, r.prompt_logprobs.is_none());
+        self.sched.add_with(r.id, r.prompt, at, !score_prompt);
         Ok(())
     }
 
@@ -347,7 +347,7 @@ impl Engine {
                 .active
                 .get(&sc.seq)
                 .and_then(|a| a.prompt_logprobs.as_ref())
-                .map(|(_, got)| got.len());
+                .map(Vec::len);
             for p in sc.start..sc.start + sc.len {
                 tokens.push(seq.tokens[p]);
                 ctx.push(TokenCtx { pos: p, table });
@@ -377,12 +377,10 @@ impl Engine {
                 Row::Prompt(id, target) => {
                     let token = self.sched.seq(id).expect("scheduled").tokens[target];
                     let codec = &self.codec;
-                    if let Some((n, got)) = self
-                        .active
-                        .get_mut(&id)
-                        .and_then(|a| a.prompt_logprobs.as_mut())
-                    {
-                        got.push(logprob_of(codec, &row, token, *n));
+                    if let Some(a) = self.active.get_mut(&id) {
+                        if let (Some(n), Some(got)) = (a.logprobs, a.prompt_logprobs.as_mut()) {
+                            got.push(logprob_of(codec, &row, token, n));
+                        }
                     }
                 }
                 Row::Sample(id) => {
@@ -401,9 +399,9 @@ impl Engine {
         let logprobs = a
             .logprobs
             .map(|n| logprob_of(&self.codec, &logits, token, n));
-        let prompt = self.sched.seq(id).expect("active sequence").tokens[0];
-        let prompt_logprobs = a.prompt_logprobs.take().map(|(_, rest)| PromptLogprobs {
-            first: self.codec.decode(&[prompt]),
+        let (sched, codec) = (&self.sched, &self.codec);
+        let prompt_logprobs = a.prompt_logprobs.take().map(|rest| PromptLogprobs {
+            first: codec.decode(&[sched.seq(id).expect("active sequence").tokens[0]]),
             rest,
         });
         a.generated += 1;

@@ -120,12 +120,22 @@ pub struct Common {
     pub response_format: Option<serde_json::Value>,
 }
 
+/// Which endpoint a request came to: they share `Common` and shape their answers apart.
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub enum Kind {
+    Completion,
+    Chat,
+}
+
 impl Common {
-    /// The first parameter this server does not serve that the request asks for, if any.
-    /// Ignoring it would answer something other than what was asked: text where JSON or a
-    /// tool call was required.
-    pub fn unsupported(&self) -> Option<&'static str> {
+    /// The first parameter this server does not serve to `kind` that the request asks for, if
+    /// any. Ignoring it would answer something other than what was asked: text where JSON or a
+    /// tool call was required, no echo where one was.
+    pub fn unsupported(&self, kind: Kind) -> Option<&'static str> {
         use serde_json::Value;
+        if kind == Kind::Chat && self.echo == Some(true) {
+            return Some("echo");
+        }
         if self.best_of.is_some_and(|n| n > 1) {
             return Some("best_of");
         }

@@ -6,7 +6,7 @@
 //! which aborts every choice still running and frees their KV blocks at once.
 
 use crate::engine::{FinishReason, Logprob, PromptLogprobs};
-use crate::openai::{ApiError, Usage};
+use crate::openai::{ApiError, Kind, Usage};
 use crate::worker::{AbortOnDrop, Event};
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, Sse};
@@ -16,12 +16,6 @@ use futures::{Stream, StreamExt};
 use serde_json::{json, Value};
 use std::convert::Infallible;
 use tokio::sync::mpsc::UnboundedReceiver;
-
-#[derive(Clone, Copy, PartialEq, Debug)]
-pub enum Kind {
-    Completion,
-    Chat,
-}
 
 /// Identity and shape of one response, shared by its chunks.
 pub struct Shape {
@@ -42,30 +36,32 @@ pub struct Choice {
     pub counts_prompt: bool,
 }
 
-impl Shape {
-    fn choice_delta(
-        &self,
-        index: usize,
-        text: &str,
-        finish: Option<&str>,
-        first: bool,
-        logprobs: Value,
-    ) -> Value {
-        match self.kind {
-            Kind::Completion => json!({"index": index, "text": text, "logprobs": logprobs,
-                                       "finish_reason": finish}),
-            Kind::Chat => {
-                let delta = if first {
-                    json!({"role": "assistant", "content": text})
-                } else {
-                    json!({"content": text})
-                };
-                json!({"index": index, "delta": delta, "logprobs": logprobs,
-                       "finish_reason": finish})
-            }
+/// A stream chunk's choice object: the new text (in chat's `delta`, with the role on a
+/// choice's first).
+fn choice_delta(
+    kind: Kind,
+    index: usize,
+    text: &str,
+    finish: Option<&str>,
+    first: bool,
+    logprobs: Value,
+) -> Value {
+    match kind {
+        Kind::Completion => json!({"index": index, "text": text, "logprobs": logprobs,
+                                   "finish_reason": finish}),
+        Kind::Chat => {
+            let delta = if first {
+                json!({"role": "assistant", "content": text})
+            } else {
+                json!({"content": text})
+            };
+            json!({"index": index, "delta": delta, "logprobs": logprobs,
+                   "finish_reason": finish})
         }
     }
+}
 
+impl Shape {
     fn envelope(&self, chunk: bool, choices: Vec<Value>) -> Value {
         json!({"id": self.id, "object": self.object(chunk), "created": self.created,
                "model": self.model, "choices": choices})
@@ -80,29 +76,30 @@ impl Shape {
     }
 }
 
-/// OpenAI's `logprobs` of a choice for these tokens: completions' four parallel lists (each
+/// OpenAI's `logprobs` of a choice for these tokens: an echoed prompt's (its first token has
+/// none: `null` in the lists) then the generated ones; completions' four parallel lists (each
 /// token's text offset counted on from `offset`, which moves past them), chat's `content`.
-/// `lead` is an echoed prompt's first token, which has no logprob (`null` in the lists).
-/// `Null` when the request did not ask.
+/// `Null` when the request did not ask (`generated` is `None`).
 fn logprobs_json(
     kind: Kind,
-    lead: Option<&str>,
-    entries: Option<&[Logprob]>,
+    prompt: Option<&PromptLogprobs>,
+    generated: Option<&[Logprob]>,
     offset: &mut usize,
 ) -> Value {
-    let Some(entries) = entries else {
+    let Some(generated) = generated else {
         return Value::Null;
     };
+    let entries = prompt.iter().flat_map(|p| &p.rest).chain(generated);
     match kind {
         Kind::Completion => {
             let (mut tokens, mut scores, mut top, mut offsets) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            if let Some(t) = lead {
-                tokens.push(json!(t));
+            if let Some(p) = prompt {
+                tokens.push(json!(p.first));
                 scores.push(Value::Null);
                 top.push(Value::Null);
                 offsets.push(*offset);
-                *offset += t.chars().count();
+                *offset += p.first.chars().count();
             }
             for e in entries {
                 tokens.push(json!(e.token));
@@ -123,7 +120,6 @@ fn logprobs_json(
         Kind::Chat => {
             let one = |t: &str, l: f32| json!({"token": t, "logprob": l, "bytes": t.as_bytes()});
             let content: Vec<Value> = entries
-                .iter()
                 .map(|e| {
                     let mut v = one(&e.token, e.logprob);
                     v["top_logprobs"] = e.top.iter().map(|(t, l)| one(t, *l)).collect();
@@ -216,16 +212,8 @@ pub async fn whole(shape: Shape, choices: Vec<Choice>) -> Response {
             prompt += d.prompt_tokens;
         }
         completion += d.completion_tokens;
-        // An echoed prompt's tokens come first, in the text and the logprobs.
-        let (lead, mut entries) = match d.prompt {
-            Some(p) => (Some(p.first), p.rest),
-            None => (None, Vec::new()),
-        };
-        let logprobs = d.logprobs.map(|generated| {
-            entries.extend(generated);
-            entries
-        });
-        let logprobs = logprobs_json(shape.kind, lead.as_deref(), logprobs.as_deref(), &mut 0);
+        // An echoed prompt comes first, in the text and the logprobs.
+        let logprobs = logprobs_json(shape.kind, d.prompt.as_ref(), d.logprobs.as_deref(), &mut 0);
         let text = d.echo.unwrap_or_default() + &d.text;
         out.push(match shape.kind {
             Kind::Completion => json!({"index": index, "text": text, "logprobs": logprobs,
@@ -258,12 +246,12 @@ enum Item {
 fn choice_items(kind: Kind, index: usize, c: Choice) -> impl Stream<Item = Item> {
     struct S {
         c: Choice,
-        shape: Shape,
+        kind: Kind,
         index: usize,
         first: bool,
         pending: Option<Vec<Logprob>>,
-        /// An echoed prompt's first token, for the first delta's logprobs.
-        lead: Option<String>,
+        /// An echoed prompt's logprobs, for the first delta.
+        prompt: Option<PromptLogprobs>,
         offset: usize,
         tail: Vec<Item>,
         over: bool,
@@ -271,10 +259,10 @@ fn choice_items(kind: Kind, index: usize, c: Choice) -> impl Stream<Item = Item>
     impl S {
         fn delta(&mut self, text: &str, finish: Option<&str>) -> Item {
             let pending = self.pending.as_mut().map(std::mem::take);
-            let lead = self.lead.take();
+            let prompt = self.prompt.take();
             let lp = logprobs_json(
-                self.shape.kind,
-                lead.as_deref(),
+                self.kind,
+                prompt.as_ref(),
                 pending.as_deref(),
                 &mut self.offset,
             );
@@ -283,9 +271,7 @@ fn choice_items(kind: Kind, index: usize, c: Choice) -> impl Stream<Item = Item>
                 Some(echo) => echo + text,
                 None => text.to_string(),
             };
-            let d = self
-                .shape
-                .choice_delta(self.index, &text, finish, self.first, lp);
+            let d = choice_delta(self.kind, self.index, &text, finish, self.first, lp);
             self.first = false;
             Item::Delta(d)
         }
@@ -293,17 +279,11 @@ fn choice_items(kind: Kind, index: usize, c: Choice) -> impl Stream<Item = Item>
     let pending = c.logprobs.then(Vec::new);
     let init = S {
         c,
-        // Only the kind is used to shape a choice; the envelope is the merged stream's.
-        shape: Shape {
-            id: String::new(),
-            created: 0,
-            model: String::new(),
-            kind,
-        },
+        kind,
         index,
         first: true,
         pending,
-        lead: None,
+        prompt: None,
         offset: 0,
         tail: Vec::new(),
         over: false,
@@ -318,9 +298,8 @@ fn choice_items(kind: Kind, index: usize, c: Choice) -> impl Stream<Item = Item>
             }
             match s.c.rx.recv().await {
                 Some(Event::Token(t)) => {
-                    if let (Some(p), Some(prompt)) = (s.pending.as_mut(), t.prompt_logprobs) {
-                        s.lead = Some(prompt.first);
-                        p.extend(prompt.rest);
+                    if t.prompt_logprobs.is_some() {
+                        s.prompt = t.prompt_logprobs;
                     }
                     if let (Some(p), Some(lp)) = (s.pending.as_mut(), t.logprobs) {
                         p.push(lp);

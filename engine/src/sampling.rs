@@ -44,11 +44,15 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
-    fn adjusts_logits(&self) -> bool {
-        !self.logit_bias.is_empty()
-            || self.presence_penalty != 0.0
+    /// Whether a penalty reads what was generated (only then is it counted).
+    fn penalizes_repeats(&self) -> bool {
+        self.presence_penalty != 0.0
             || self.frequency_penalty != 0.0
             || self.repetition_penalty != 1.0
+    }
+
+    fn adjusts_logits(&self) -> bool {
+        !self.logit_bias.is_empty() || self.penalizes_repeats()
     }
 }
 
@@ -80,7 +84,8 @@ impl Sampler {
         }
     }
 
-    /// The next token; it counts as generated from here on.
+    /// The next token; it counts as generated from here on (for the penalties; without them
+    /// nothing is kept per token).
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let token = if self.params.adjusts_logits() {
             let adjusted = self.adjust(logits);
@@ -88,7 +93,9 @@ impl Sampler {
         } else {
             self.choose(logits)
         };
-        *self.generated.entry(token).or_default() += 1;
+        if self.params.penalizes_repeats() {
+            *self.generated.entry(token).or_default() += 1;
+        }
         token
     }
 

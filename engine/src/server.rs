@@ -10,7 +10,7 @@ use crate::api_keys::ApiKeys;
 use crate::engine::{validate, Request};
 use crate::metrics::Metrics;
 use crate::openai::*;
-use crate::responses::{self, engine_failed, Choice, Kind, Shape};
+use crate::responses::{self, engine_failed, Choice, Shape};
 use crate::sampling::SamplingParams;
 use crate::scheduler::Limits;
 use crate::tokenizer::{ChatMessage, TextCodec};
@@ -241,7 +241,7 @@ fn prepare(
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(ApiError::invalid("top_p must be in (0, 1]", Some("top_p")));
     }
-    if let Some(param) = c.unsupported() {
+    if let Some(param) = c.unsupported(kind) {
         return Err(ApiError::invalid(
             format!("`{param}` is not supported by this server"),
             Some(param),
@@ -250,13 +250,6 @@ fn prepare(
     }
     let sampling = sampling_params(&c, t, top_p, l.codec.vocab_size())?;
     let logprobs = logprobs_asked(&c, kind)?;
-    if kind == Kind::Chat && c.echo == Some(true) {
-        return Err(ApiError::invalid(
-            "`echo` is not supported by this server for chat completions",
-            Some("echo"),
-        )
-        .with_code("unsupported_parameter"));
-    }
     if prompts.len() * n > MAX_SEQUENCES {
         return Err(ApiError::invalid(
             format!(
@@ -471,13 +464,7 @@ async fn completions(
                 Some("prompt"),
             ));
         }
-        let vocab = l.codec.vocab_size() as u32;
-        if let Some(bad) = prompts.iter().flat_map(|p| &p.0).find(|t| **t >= vocab) {
-            return Err(ApiError::invalid(
-                format!("token id {bad} is out of the vocabulary"),
-                Some("prompt"),
-            ));
-        }
+        in_vocabulary(l, prompts.iter().flat_map(|p| &p.0), "prompt")?;
         let p = prepare(&st, l, req.common, prompts, Kind::Completion)?;
         Ok((p, l))
     };
@@ -575,10 +562,7 @@ async fn tokenize(
         };
         Ok(json!({"tokens": tokens, "count": tokens.len(), "max_model_len": l.context_length}))
     };
-    match run() {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => e.into_response(),
-    }
+    run().map(Json).into_response()
 }
 
 /// vLLM's `POST /detokenize`: token ids back to text.
@@ -589,18 +573,25 @@ async fn detokenize(
     let run = || -> Result<Value, ApiError> {
         let req: DetokenizeRequest = parse(body)?;
         let l = st.ready()?;
-        let vocab = l.codec.vocab_size() as u32;
-        if let Some(bad) = req.tokens.iter().find(|t| **t >= vocab) {
-            return Err(ApiError::invalid(
-                format!("token id {bad} is out of the vocabulary"),
-                Some("tokens"),
-            ));
-        }
+        in_vocabulary(l, &req.tokens, "tokens")?;
         Ok(json!({"prompt": l.codec.decode(&req.tokens)}))
     };
-    match run() {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => e.into_response(),
+    run().map(Json).into_response()
+}
+
+/// A 400 naming the first token id past the model's vocabulary, if any.
+fn in_vocabulary<'a>(
+    l: &Loaded,
+    ids: impl IntoIterator<Item = &'a u32>,
+    param: &'static str,
+) -> Result<(), ApiError> {
+    let vocab = l.codec.vocab_size() as u32;
+    match ids.into_iter().find(|t| **t >= vocab) {
+        Some(bad) => Err(ApiError::invalid(
+            format!("token id {bad} is out of the vocabulary"),
+            Some(param),
+        )),
+        None => Ok(()),
     }
 }
 
@@ -623,7 +614,7 @@ async fn generate(st: &AppState, l: &Loaded, p: Prepared, kind: Kind) -> Respons
                 ignore_eos: p.ignore_eos,
                 arrived,
                 logprobs: p.logprobs,
-                prompt_logprobs: p.logprobs.filter(|_| prompt.echo.is_some()),
+                prompt_logprobs: prompt.echo.is_some(),
             });
             choices.push(Choice {
                 rx,

@@ -111,7 +111,7 @@ fn run(
                 ignore_eos: true,
                 arrived: std::time::Instant::now(),
                 logprobs: None,
-                prompt_logprobs: None,
+                prompt_logprobs: false,
             })
             .unwrap();
     }

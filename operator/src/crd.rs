@@ -107,9 +107,11 @@ pub struct InferenceServiceSpec {
 #[serde(rename_all = "camelCase")]
 pub struct ApiKeySecret {
     /// The Secret's name, in the service's namespace.
+    #[schemars(length(min = 1))]
     pub name: String,
     /// The entry holding the keys, one per line.
     #[serde(default = "api_key_entry")]
+    #[schemars(length(min = 1))]
     pub key: String,
 }
 

@@ -71,13 +71,6 @@ pub fn problems(spec: &InferenceServiceSpec) -> Vec<String> {
             ));
         }
     }
-    if let Some(k) = &spec.api_key_secret {
-        if k.name.is_empty() || k.key.is_empty() {
-            p.push(
-                "apiKeySecret: give the Secret's name and the entry (key) holding the keys".into(),
-            );
-        }
-    }
     if let Some(a) = &spec.autoscaling {
         if a.policy_ref.is_some() && a.policy.is_some() {
             p.push("autoscaling: give policyRef or policy, not both".into());

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
+use futures::stream::{self, StreamExt};
 use k8s_openapi::api::autoscaling::v1::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{Pod, PodCondition, Secret};
 use k8s_openapi::jiff::Timestamp;
@@ -44,6 +45,9 @@ use crate::validate::effective_replicas;
 
 /// The field manager of everything this loop writes.
 pub const MANAGER: &str = "redline-autoscaler";
+/// Services whose passes run at once (the reconciler's concurrency too): each pass is a few
+/// API calls and one read per pod, mostly waiting.
+const CONCURRENT_SERVICES: usize = 16;
 /// KV usage at which a pod counts as near its redline without the sidecar saying so.
 const NEAR_REDLINE_KV: f64 = 0.95;
 
@@ -233,8 +237,10 @@ pub fn late_rate(reports: &[&PressureReport]) -> Option<f64> {
         .reduce(|a, b| a + b)
 }
 
-/// The longest one service's autoscaling pass (`Autoscaler::bounded_service`) or one list
-/// of the loop may take.
+/// The longest one service's autoscaling pass or one list of the loop may take. A pass takes
+/// a second or two, but a call to an API server that accepts and never answers waits for the
+/// client's read timeout (kube's: 295 s). What a cut-off pass left undone, the next one does
+/// (sidecar targets, scale and status are compared with what they are).
 const PASS_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `f`'s result, or [`Error::Timeout`] once `limit` has passed.
@@ -363,42 +369,66 @@ impl Autoscaler {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let isvcs = store.state();
-            let keys: Vec<String> = isvcs.iter().map(|i| key(i)).collect();
-            self.services.retain(|k, _| keys.contains(k));
             // One list of every engine pod per pass, not one per service: with hundreds of
             // services (most scaled to zero) the loop must not hammer the API server.
-            let mut pods = match within(PASS_TIMEOUT, self.engine_pods()).await {
+            let pods = match within(PASS_TIMEOUT, self.engine_pods()).await {
                 Ok(p) => p,
                 Err(e) => {
                     warn!("autoscaling loop: listing engine pods: {e}");
                     continue;
                 }
             };
-            let any_enabled = isvcs
-                .iter()
-                .any(|i| i.spec.autoscaling.as_ref().is_some_and(|a| a.enabled));
-            // Until the watch has its first list, the check waits (logged by the watch).
-            let mut hpas = if any_enabled {
-                scaling_active::from_store(&self.hpas).unwrap_or_default()
-            } else {
-                HashMap::new()
-            };
-            for isvc in isvcs {
-                if !isvc.spec.sidecar.enabled || isvc.metadata.deletion_timestamp.is_some() {
-                    continue;
-                }
-                let k = key(&isvc);
-                let mine = pods.remove(&k).unwrap_or_default();
-                let hpa = hpas.remove(&k);
-                let enabled = isvc.spec.autoscaling.as_ref().is_some_and(|a| a.enabled);
-                if mine.is_empty() && !enabled && !reports_stale_condition(&isvc) {
-                    continue; // Nothing to read, nothing to decide, nothing to clear.
-                }
-                let r = self
-                    .bounded_service(&isvc, mine, hpa.as_deref(), PASS_TIMEOUT)
-                    .await;
-                let st = self.services.entry(k.clone()).or_default();
+            let t0 = Instant::now();
+            self.pass(store.state(), pods, PASS_TIMEOUT).await;
+            self.ctx
+                .metrics
+                .autoscale_pass
+                .observe(t0.elapsed().as_secs_f64());
+        }
+    }
+
+    /// One pass over the services, [`CONCURRENT_SERVICES`] at a time, each cut off after
+    /// `limit`. Services are independent (each its own policy, pods and sidecars), and one
+    /// service's slow calls (a sidecar that never answers costs its 2 s timeout, a stuck API
+    /// call the whole `limit`) must not delay every other service's decisions by as much:
+    /// one after the other, a few such services would stretch a 5 s loop to a minute.
+    async fn pass(
+        &mut self,
+        isvcs: Vec<Arc<InferenceService>>,
+        mut pods: HashMap<String, Vec<Pod>>,
+        limit: Duration,
+    ) {
+        let keys: Vec<String> = isvcs.iter().map(|i| key(i)).collect();
+        self.services.retain(|k, _| keys.contains(k));
+        let any_enabled = isvcs
+            .iter()
+            .any(|i| i.spec.autoscaling.as_ref().is_some_and(|a| a.enabled));
+        // Until the watch has its first list, the check waits (logged by the watch).
+        let mut hpas = if any_enabled {
+            scaling_active::from_store(&self.hpas).unwrap_or_default()
+        } else {
+            HashMap::new()
+        };
+        let mut work = Vec::new();
+        for isvc in isvcs {
+            if !isvc.spec.sidecar.enabled || isvc.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let k = key(&isvc);
+            let mine = pods.remove(&k).unwrap_or_default();
+            let hpa = hpas.remove(&k);
+            let enabled = isvc.spec.autoscaling.as_ref().is_some_and(|a| a.enabled);
+            if mine.is_empty() && !enabled && !reports_stale_condition(&isvc) {
+                continue; // Nothing to read, nothing to decide, nothing to clear.
+            }
+            // Each service's state goes with its pass and comes back with it.
+            let st = self.services.remove(&k).unwrap_or_default();
+            work.push((k, isvc, mine, hpa, st));
+        }
+        let this = &*self;
+        let done: Vec<(String, ServiceState)> = stream::iter(work)
+            .map(|(k, isvc, mine, hpa, mut st)| async move {
+                let r = within(limit, this.service(&mut st, &isvc, mine, hpa.as_deref())).await;
                 match r {
                     Ok(()) => {
                         if st.last_error.worked() {
@@ -406,29 +436,19 @@ impl Autoscaler {
                         }
                     }
                     Err(e) => {
-                        self.ctx.metrics.errors.with_label_values(&[e.kind()]).inc();
+                        this.ctx.metrics.errors.with_label_values(&[e.kind()]).inc();
                         let msg = e.to_string();
                         if st.last_error.failed(&msg) {
                             warn!(isvc = %k, kind = e.kind(), "autoscaling loop: {msg}");
                         }
                     }
                 }
-            }
-        }
-    }
-
-    /// One service's pass, cut off after `limit`: it takes a second or two, but a call to an
-    /// API server that accepts and never answers waits for the client's read timeout (kube's:
-    /// 295 s), and one service stuck so would hold every other service's autoscaling. What a cut-off pass left undone, the
-    /// next one does (sidecar targets, scale and status are compared with what they are).
-    async fn bounded_service(
-        &mut self,
-        isvc: &InferenceService,
-        pods: Vec<Pod>,
-        hpas: Option<&[String]>,
-        limit: Duration,
-    ) -> Result<(), Error> {
-        within(limit, self.service(isvc, pods, hpas)).await
+                (k, st)
+            })
+            .buffer_unordered(CONCURRENT_SERVICES)
+            .collect()
+            .await;
+        self.services.extend(done);
     }
 
     /// Every pod the operator's Deployments run, by service key (`namespace/name`).
@@ -451,8 +471,12 @@ impl Autoscaler {
         Ok(by)
     }
 
-    async fn token(&mut self, isvc: &InferenceService, ns: &str) -> Result<Option<String>, Error> {
-        let st = self.services.entry(key(isvc)).or_default();
+    async fn token(
+        &self,
+        st: &mut ServiceState,
+        isvc: &InferenceService,
+        ns: &str,
+    ) -> Result<Option<String>, Error> {
         if st.token.is_some() {
             return Ok(st.token.clone());
         }
@@ -531,7 +555,8 @@ impl Autoscaler {
     }
 
     async fn service(
-        &mut self,
+        &self,
+        st: &mut ServiceState,
         isvc: &InferenceService,
         pods: Vec<Pod>,
         hpas: Option<&[String]>,
@@ -540,7 +565,7 @@ impl Autoscaler {
         let name = isvc.name_any();
         let k = key(isvc);
         let scaling = scaling_active::condition(isvc, hpas);
-        let Some(token) = self.token(isvc, &ns).await? else {
+        let Some(token) = self.token(st, isvc, &ns).await? else {
             // The reconciler has not created it yet, or will not: an invalid spec gets no
             // children. With no pod there is nothing to read, and status can say why nothing
             // scales.
@@ -556,10 +581,9 @@ impl Autoscaler {
         } else {
             None
         };
-        let draining: Vec<String> = self
-            .services
-            .get(&k)
-            .and_then(|s| s.policy.as_ref())
+        let draining: Vec<String> = st
+            .policy
+            .as_ref()
             .map(|p| p.draining().map(String::from).collect())
             .unwrap_or_default();
         // Each pod with the IP its sidecar is read at: a ready pod's for the policy, and a
@@ -577,13 +601,12 @@ impl Autoscaler {
             })
             .collect();
         // Read every pod's sidecar at once.
-        let this = &*self;
         let reads: Vec<Result<PressureReport, ReadError>> =
             join_all(views.iter().map(|(_, _, ip)| {
                 let token = &token;
                 async move {
                     match ip {
-                        Some(ip) => this.pressure(ip, token).await,
+                        Some(ip) => self.pressure(ip, token).await,
                         None => Err(ReadError::Skipped),
                     }
                 }
@@ -592,11 +615,9 @@ impl Autoscaler {
         // A refused token means the Secret was recreated: read it again next pass (only then:
         // an unreachable pod is no reason to re-read it).
         if reads.iter().any(|r| r == &Err(ReadError::Unauthorized)) {
-            if let Some(st) = self.services.get_mut(&k) {
-                st.token = None;
-            }
+            st.token = None;
         }
-        self.log_read_failures(&k, &views, &reads);
+        log_read_failures(st, &k, &views, &reads);
         let mut reports: Vec<Option<PressureReport>> = reads.into_iter().map(Result::ok).collect();
         let orphans = admit_reports(&mut views, &mut reports, &draining);
 
@@ -616,7 +637,6 @@ impl Autoscaler {
                     })
                     .collect(),
             };
-            let st = self.services.entry(k.clone()).or_default();
             let mut policy = st.policy.take().unwrap_or_else(|| Policy::new(cfg));
             if *policy.config() != cfg {
                 policy.set_config(cfg);
@@ -626,7 +646,7 @@ impl Autoscaler {
             self.apply(isvc, &ns, &d, &views, &reports, &token, p)
                 .await?;
             decision = Some(d);
-        } else if let Some(st) = self.services.get_mut(&k) {
+        } else {
             st.policy = None;
         }
         self.cancel_orphaned_drains(isvc, &views, &reports, &orphans, decision.as_ref(), &token)
@@ -642,38 +662,6 @@ impl Autoscaler {
             [resources, scaling],
         )
         .await
-    }
-
-    /// Logs once when a ready pod's sidecar stops answering (the policy then holds its
-    /// scale-downs: it never drains on missing data) and once when it answers again.
-    fn log_read_failures(
-        &mut self,
-        k: &str,
-        views: &[(String, PodPhase, Option<String>)],
-        reads: &[Result<PressureReport, ReadError>],
-    ) {
-        let now: Vec<(String, Option<String>)> = views
-            .iter()
-            .zip(reads)
-            .filter(|((_, phase, _), _)| *phase == PodPhase::Ready)
-            .map(|((n, _, _), r)| {
-                let err = match r {
-                    Ok(_) => None,
-                    Err(ReadError::Failed(e)) => Some(e.clone()),
-                    Err(ReadError::Unauthorized) => Some("the sidecar refused the token".into()),
-                    Err(ReadError::Skipped) => Some("the pod has no IP".into()),
-                };
-                (n.clone(), err)
-            })
-            .collect();
-        let st = self.services.entry(k.to_owned()).or_default();
-        let (failing, recovered) = read_failure_changes(&mut st.unread, &now);
-        for (pod, e) in failing {
-            warn!(isvc = %k, %pod, "no pressure report from the pod's sidecar: {e}");
-        }
-        for pod in recovered {
-            info!(isvc = %k, %pod, "the pod's sidecar reports again");
-        }
     }
 
     /// Serves again every pod left draining by no drain of this operator's (`orphans`, from
@@ -807,7 +795,7 @@ impl Autoscaler {
 
     #[allow(clippy::too_many_arguments)]
     async fn write_status(
-        &mut self,
+        &self,
         isvc: &InferenceService,
         name: &str,
         ns: &str,
@@ -926,6 +914,37 @@ impl Autoscaler {
         };
         isvcs.patch_status(name, &pp, &Patch::Merge(&patch)).await?;
         Ok(())
+    }
+}
+
+/// Logs once when a ready pod's sidecar stops answering (the policy then holds its
+/// scale-downs: it never drains on missing data) and once when it answers again.
+fn log_read_failures(
+    st: &mut ServiceState,
+    k: &str,
+    views: &[(String, PodPhase, Option<String>)],
+    reads: &[Result<PressureReport, ReadError>],
+) {
+    let now: Vec<(String, Option<String>)> = views
+        .iter()
+        .zip(reads)
+        .filter(|((_, phase, _), _)| *phase == PodPhase::Ready)
+        .map(|((n, _, _), r)| {
+            let err = match r {
+                Ok(_) => None,
+                Err(ReadError::Failed(e)) => Some(e.clone()),
+                Err(ReadError::Unauthorized) => Some("the sidecar refused the token".into()),
+                Err(ReadError::Skipped) => Some("the pod has no IP".into()),
+            };
+            (n.clone(), err)
+        })
+        .collect();
+    let (failing, recovered) = read_failure_changes(&mut st.unread, &now);
+    for (pod, e) in failing {
+        warn!(isvc = %k, %pod, "no pressure report from the pod's sidecar: {e}");
+    }
+    for pod in recovered {
+        info!(isvc = %k, %pod, "the pod's sidecar reports again");
     }
 }
 
@@ -1119,7 +1138,7 @@ spec:
     }
 
     #[tokio::test]
-    async fn a_pass_against_an_api_server_that_never_answers_is_cut_off() {
+    async fn services_stuck_on_an_api_server_that_never_answers_are_cut_off_together() {
         let client = crate::test_support::unavailable_api_server().await;
         let ctx = Arc::new(Context::new(
             client,
@@ -1127,14 +1146,28 @@ spec:
             Default::default(),
             "test".into(),
         ));
-        let mut a = Autoscaler::new(ctx);
-        let i = isvc(BASE);
+        let mut a = Autoscaler::new(ctx.clone());
+        // Eight autoscaled services, each of whose passes waits on the API server (kube's
+        // client retries its 503s for minutes) until the limit cuts it off: one after the
+        // other that is eight limits, at once about one.
+        let isvcs: Vec<Arc<InferenceService>> = (0..8)
+            .map(|n| {
+                let yaml = BASE.replace("name: s,", &format!("name: s{n},"));
+                Arc::new(isvc(&format!("{yaml}  autoscaling: {{enabled: true}}\n")))
+            })
+            .collect();
+        let limit = Duration::from_secs(1);
         let t0 = Instant::now();
-        let r = a
-            .bounded_service(&i, Vec::new(), None, Duration::from_secs(2))
-            .await;
-        assert!(matches!(r, Err(Error::Timeout(_))), "{r:?}");
-        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        a.pass(isvcs, HashMap::new(), limit).await;
+        let took = t0.elapsed();
+        assert!(took < 4 * limit, "{took:?}");
+        assert_eq!(a.services.len(), 8);
+        for (k, st) in &a.services {
+            let err = st.last_error.0.as_deref().unwrap_or_default();
+            assert!(err.starts_with("no answer within"), "{k}: {err:?}");
+        }
+        let timeouts = ctx.metrics.errors.with_label_values(&["timeout"]).get();
+        assert_eq!(timeouts, 8);
     }
 
     #[test]

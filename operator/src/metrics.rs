@@ -10,6 +10,7 @@ pub struct Metrics {
     pub events: IntCounterVec,
     pub pressure_reads: IntCounterVec,
     pub scaling_decisions: IntCounterVec,
+    pub autoscale_pass: Histogram,
     pub leader: IntGauge,
 }
 
@@ -60,6 +61,15 @@ impl Default for Metrics {
             &["action"],
         )
         .unwrap();
+        let autoscale_pass = Histogram::with_opts(
+            HistogramOpts::new(
+                "redline_operator_autoscale_pass_duration_seconds",
+                "Duration of one autoscaling pass over every service (the loop runs one every \
+                 interval; a pass longer than it delays every decision)",
+            )
+            .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+        )
+        .unwrap();
         let leader = IntGauge::new(
             "redline_operator_leader",
             "1 while this instance leads and reconciles (set from its election role when scraped)",
@@ -72,6 +82,7 @@ impl Default for Metrics {
             Box::new(events.clone()),
             Box::new(pressure_reads.clone()),
             Box::new(scaling_decisions.clone()),
+            Box::new(autoscale_pass.clone()),
             Box::new(leader.clone()),
         ] {
             registry.register(c).unwrap();
@@ -84,6 +95,7 @@ impl Default for Metrics {
             events,
             pressure_reads,
             scaling_decisions,
+            autoscale_pass,
             leader,
         }
     }

@@ -924,19 +924,29 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
     // True again once the service asks for nothing it cannot get.
     // Counted from here: an operator left running by an earlier, failed run carries its counts.
     let op_name = op.metadata.name.clone().unwrap();
-    let unschedulable_events = || async {
+    let op_metrics = || async {
         let m = testing::pod_http(&client, RELEASE_NS, &op_name, 8080, "GET", "/metrics", None)
             .await
             .unwrap();
-        redline_api::prom::Exposition::parse(&m)
-            .unwrap()
+        redline_api::prom::Exposition::parse(&m).unwrap()
+    };
+    let unschedulable_events = || async {
+        op_metrics()
+            .await
             .sum_where(
                 "redline_operator_events_total",
                 &[("reason", "Unschedulable")],
             )
             .unwrap_or(0.0)
     };
+    let passes = || async {
+        op_metrics()
+            .await
+            .histogram("redline_operator_autoscale_pass_duration_seconds")
+            .unwrap_or_default()
+    };
     let before = unschedulable_events().await;
+    let passes_before = passes().await;
     let mut big = example();
     big.metadata.name = Some("too-big".into());
     big.spec.resources =
@@ -956,6 +966,15 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
         1.0,
         "one Unschedulable Event however many passes see it"
     );
+    // And the loop kept its 5 s pace meanwhile: no pass longer than the interval.
+    let passes_after = passes().await;
+    let (n, slow) = (
+        passes_after.count - passes_before.count,
+        passes_after.count - passes_after.at_most(5.0).unwrap_or(0),
+    );
+    let slow_before = passes_before.count - passes_before.at_most(5.0).unwrap_or(0);
+    assert!(n >= 3, "{n} autoscaling passes in 16 s");
+    assert_eq!(slow - slow_before, 0, "passes over 5 s: {passes_after:?}");
     isvcs
         .patch(
             "too-big",

@@ -19,9 +19,10 @@ use futures::stream::{self, StreamExt};
 use k8s_openapi::api::autoscaling::v1::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{Pod, PodCondition, Secret};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use redline_api::{GuardSettings, Level, Limits, LimitsRequest, PressureReport};
 use redline_autoscale::{
@@ -42,6 +43,7 @@ use crate::crd::{
 };
 use crate::scaling_active;
 use crate::validate::effective_replicas;
+use crate::watch::{self, Cache};
 
 /// The field manager of everything this loop writes.
 pub const MANAGER: &str = "redline-autoscaler";
@@ -334,14 +336,25 @@ pub struct Autoscaler {
     http: reqwest::Client,
     started: Instant,
     services: HashMap<String, ServiceState>,
-    /// Every HorizontalPodAutoscaler, as `scaling_active::watch` keeps them.
-    hpas: Store<HorizontalPodAutoscaler>,
-    hpa_writer: Option<reflector::store::Writer<HorizontalPodAutoscaler>>,
+    /// Every HorizontalPodAutoscaler (`scaling_active::cache`).
+    hpas: Cache<HorizontalPodAutoscaler>,
+    /// Every pod of the operator's Deployments.
+    pods: Cache<Pod>,
+    /// The tasks that keep `hpas` and `pods`: they live as long as the loop (it stops with
+    /// leadership).
+    _watches: [AbortOnDrop; 2],
 }
 
 impl Autoscaler {
+    /// Starts the watches the loop reads (so within a Tokio runtime).
     pub fn new(ctx: Arc<Context>) -> Self {
-        let (hpas, hpa_writer) = reflector::store();
+        let (hpas, hpa_watch) = scaling_active::cache(ctx.client.clone());
+        let (pods, pod_watch) = watch::cache(
+            Api::<Pod>::all(ctx.client.clone()),
+            watcher::Config::default().labels(ENGINE_PODS),
+            "the engine pods",
+            "no service is scaled",
+        );
         Self {
             ctx,
             http: reqwest::Client::builder()
@@ -352,32 +365,25 @@ impl Autoscaler {
             started: Instant::now(),
             services: HashMap::new(),
             hpas,
-            hpa_writer: Some(hpa_writer),
+            pods,
+            _watches: [
+                AbortOnDrop(tokio::spawn(hpa_watch)),
+                AbortOnDrop(tokio::spawn(pod_watch)),
+            ],
         }
     }
 
     /// Runs one pass over the services every `interval`, forever.
     pub async fn run(mut self, store: Store<InferenceService>, interval: Duration) {
-        // The HPA watch lives as long as the loop (it stops with leadership).
-        let _watch = self.hpa_writer.take().map(|w| {
-            AbortOnDrop(tokio::spawn(scaling_active::watch(
-                self.ctx.client.clone(),
-                w,
-            )))
-        });
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            // One list of every engine pod per pass, not one per service: with hundreds of
-            // services (most scaled to zero) the loop must not hammer the API server.
-            let pods = match within(PASS_TIMEOUT, self.engine_pods()).await {
-                Ok(p) => p,
-                Err(e) => {
-                    warn!("autoscaling loop: listing engine pods: {e}");
-                    continue;
-                }
+            // Never on stale pods: while the watch fails (it logs why) no service is scaled.
+            let Some(pods) = self.pods.current() else {
+                continue;
             };
+            let pods = by_service(&pods);
             let t0 = Instant::now();
             self.pass(store.state(), pods, PASS_TIMEOUT).await;
             self.ctx
@@ -405,7 +411,7 @@ impl Autoscaler {
             .any(|i| i.spec.autoscaling.as_ref().is_some_and(|a| a.enabled));
         // Until the watch has its first list, the check waits (logged by the watch).
         let mut hpas = if any_enabled {
-            scaling_active::from_store(&self.hpas).unwrap_or_default()
+            scaling_active::from_cache(&self.hpas).unwrap_or_default()
         } else {
             HashMap::new()
         };
@@ -449,26 +455,6 @@ impl Autoscaler {
             .collect()
             .await;
         self.services.extend(done);
-    }
-
-    /// Every pod the operator's Deployments run, by service key (`namespace/name`).
-    async fn engine_pods(&self) -> Result<HashMap<String, Vec<Pod>>, Error> {
-        let api: Api<Pod> = Api::all(self.ctx.client.clone());
-        let list = api
-            .list(&ListParams::default().labels("app.kubernetes.io/managed-by=redline-operator"))
-            .await?;
-        let mut by: HashMap<String, Vec<Pod>> = HashMap::new();
-        for p in list.items {
-            let svc = p
-                .labels()
-                .get(children::SERVICE_LABEL)
-                .cloned()
-                .unwrap_or_default();
-            by.entry(format!("{}/{svc}", p.namespace().unwrap_or_default()))
-                .or_default()
-                .push(p);
-        }
-        Ok(by)
     }
 
     async fn token(
@@ -946,6 +932,25 @@ fn log_read_failures(
     for pod in recovered {
         info!(isvc = %k, %pod, "the pod's sidecar reports again");
     }
+}
+
+/// The label every pod of the operator's Deployments carries.
+const ENGINE_PODS: &str = "app.kubernetes.io/managed-by=redline-operator";
+
+/// Engine pods by service key (`namespace/name`).
+fn by_service(pods: &[Arc<Pod>]) -> HashMap<String, Vec<Pod>> {
+    let mut by: HashMap<String, Vec<Pod>> = HashMap::new();
+    for p in pods {
+        let svc = p
+            .labels()
+            .get(children::SERVICE_LABEL)
+            .cloned()
+            .unwrap_or_default();
+        by.entry(format!("{}/{svc}", p.namespace().unwrap_or_default()))
+            .or_default()
+            .push(Pod::clone(p));
+    }
+    by
 }
 
 fn key(isvc: &InferenceService) -> String {

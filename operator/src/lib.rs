@@ -14,6 +14,7 @@ pub mod scaling_active;
 #[cfg(test)]
 mod test_support;
 pub mod validate;
+pub mod watch;
 
 /// The CRDs as YAML documents, in the order `redline-operator crd` prints them.
 pub fn crd_yaml() -> Vec<(&'static str, String)> {

@@ -12,16 +12,14 @@
 
 use std::collections::HashMap;
 
-use futures::StreamExt;
 use k8s_openapi::api::autoscaling::v1::HorizontalPodAutoscaler;
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
-use tracing::{info, warn};
 
 use crate::conditions::{self, Cond, DEGRADED, INVALID_SPEC, SCALING_ACTIVE};
 use crate::crd::InferenceService;
 use crate::validate;
+use crate::watch::{self, Cache};
 
 /// The reason of `ScalingActive` False while an HPA targets the service (and of its Event).
 pub const CONFLICTING_AUTOSCALER: &str = "ConflictingAutoscaler";
@@ -47,41 +45,26 @@ pub fn targets<'a>(
     by
 }
 
-/// Every HPA in the cluster (autoscaling/v1: served by every release from 1.20 on), kept
-/// current by a watch: one list, then changes, where listing them all on every pass of the
-/// loop would cost the API server a full list of a big cluster's HPAs every few seconds. Runs
-/// until dropped; a failing watch (no RBAC, an API server restarting) is logged once while it
-/// fails and resumes with backoff, the store keeping what it last saw.
-pub async fn watch(client: Client, writer: reflector::store::Writer<HorizontalPodAutoscaler>) {
-    let api: Api<HorizontalPodAutoscaler> = Api::all(client);
-    let mut failing = crate::autoscaler::LastError::default();
-    let events = reflector::reflector(
-        writer,
-        watcher(api, watcher::Config::default()).default_backoff(),
-    );
-    futures::pin_mut!(events);
-    while let Some(e) = events.next().await {
-        match e {
-            Ok(_) => {
-                if failing.worked() {
-                    info!("autoscaling loop: watching HorizontalPodAutoscalers works again");
-                }
-            }
-            Err(e) => {
-                if failing.failed(&e.to_string()) {
-                    warn!("autoscaling loop: watching HorizontalPodAutoscalers (conflicts not checked until it works): {e}");
-                }
-            }
-        }
-    }
+/// Every HPA in the cluster (autoscaling/v1: served by every release from 1.20 on), kept by a
+/// watch ([`crate::watch`]).
+pub fn cache(
+    client: Client,
+) -> (
+    Cache<HorizontalPodAutoscaler>,
+    impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    watch::cache(
+        Api::all(client),
+        watcher::Config::default(),
+        "HorizontalPodAutoscalers",
+        "conflicts not checked",
+    )
 }
 
-/// The HPAs that target InferenceServices, by service key, from the watch's store; `None`
-/// until its first list is in (the loop then goes on without the check).
-pub fn from_store(hpas: &Store<HorizontalPodAutoscaler>) -> Option<HashMap<String, Vec<String>>> {
-    use futures::FutureExt;
-    hpas.wait_until_ready().now_or_never()?.ok()?;
-    Some(targets(hpas.state().iter().map(|h| h.as_ref())))
+/// The HPAs that target InferenceServices, by service key, as the watch last saw them;
+/// `None` until its first list is in (the loop then goes on without the check).
+pub fn from_cache(hpas: &Cache<HorizontalPodAutoscaler>) -> Option<HashMap<String, Vec<String>>> {
+    Some(targets(hpas.last_seen()?.iter().map(|h| h.as_ref())))
 }
 
 /// Whether the spec is invalid: by the operator's own checks, or as the reconciler last found

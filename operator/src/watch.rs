@@ -1,0 +1,182 @@
+//! Caches the autoscaling loop reads every pass, kept current by a watch (a reflector): one
+//! list, then changes. Listing them on every pass instead costs the API server a full list
+//! every few seconds: of a big cluster's HPAs, and of every engine pod with its status (a
+//! thousand engine pods is megabytes a pass).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use futures::StreamExt;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Resource};
+use serde::de::DeserializeOwned;
+use tracing::{info, warn};
+
+use crate::autoscaler::LastError;
+
+/// A store and whether its watch works now.
+pub struct Cache<K: Resource + 'static>
+where
+    K::DynamicType: std::hash::Hash + Eq + Clone,
+{
+    pub store: Store<K>,
+    healthy: Arc<AtomicBool>,
+}
+
+impl<K> Cache<K>
+where
+    K: Resource + Clone + std::fmt::Debug + DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: std::hash::Hash + Eq + Clone + Default,
+{
+    /// The store's objects while they are current: after the first list, and not while the
+    /// watch fails (an API server restarting, RBAC). The store then keeps what it last saw,
+    /// which a caller that must not act on stale data (the loop's engine pods: it never
+    /// scales on stale data) must not read.
+    pub fn current(&self) -> Option<Vec<Arc<K>>> {
+        use futures::FutureExt;
+        self.store.wait_until_ready().now_or_never()?.ok()?;
+        self.healthy
+            .load(Ordering::SeqCst)
+            .then(|| self.store.state())
+    }
+
+    /// The store's objects once it has its first list, however stale since.
+    pub fn last_seen(&self) -> Option<Vec<Arc<K>>> {
+        use futures::FutureExt;
+        self.store.wait_until_ready().now_or_never()?.ok()?;
+        Some(self.store.state())
+    }
+}
+
+/// A cache of `api`'s objects (selected by `config`) and the task that keeps it: it runs
+/// until dropped; a failing watch is logged once while it fails (`what` names the objects,
+/// `meanwhile` what waits for them) and resumes with backoff.
+pub fn cache<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    what: &'static str,
+    meanwhile: &'static str,
+) -> (
+    Cache<K>,
+    impl std::future::Future<Output = ()> + Send + 'static,
+)
+where
+    K: Resource + Clone + std::fmt::Debug + DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: std::hash::Hash + Eq + Clone + Default + Send + Sync,
+{
+    let (store, writer) = reflector::store();
+    let healthy = Arc::new(AtomicBool::new(true));
+    let h = healthy.clone();
+    let task = async move {
+        let mut failing = LastError::default();
+        // Managed fields are most of an object's size and nothing the loop reads.
+        let events = reflector::reflector(
+            writer,
+            watcher(api, config)
+                .default_backoff()
+                .modify(|o| o.meta_mut().managed_fields = None),
+        );
+        futures::pin_mut!(events);
+        while let Some(e) = events.next().await {
+            match e {
+                // A relist: the store keeps the old objects until the new list is complete.
+                Ok(watcher::Event::Init) => h.store(false, Ordering::SeqCst),
+                Ok(watcher::Event::InitApply(_)) => {}
+                Ok(_) => {
+                    h.store(true, Ordering::SeqCst);
+                    if failing.worked() {
+                        info!("autoscaling loop: watching {what} works again");
+                    }
+                }
+                Err(e) => {
+                    h.store(false, Ordering::SeqCst);
+                    if failing.failed(&e.to_string()) {
+                        warn!(
+                            "autoscaling loop: watching {what} ({meanwhile} until it works): {e}"
+                        );
+                    }
+                }
+            }
+        }
+    };
+    (Cache { store, healthy }, task)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::extract::Query;
+    use k8s_openapi::api::core::v1::Pod;
+
+    use super::*;
+
+    /// An API server that lists one pod, then fails every watch (after a second: a watch that
+    /// broke) with a 500, which kube's client does not retry.
+    async fn list_then_fail() -> kube::Client {
+        let app = axum::Router::new().route(
+            "/api/v1/pods",
+            axum::routing::get(
+                |Query(q): Query<std::collections::HashMap<String, String>>| async move {
+                    if q.get("watch").is_some_and(|w| w == "true") {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        return (
+                            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                            axum::Json(serde_json::json!({
+                                "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                "message": "etcd unavailable", "reason": "InternalError",
+                                "code": 500
+                            })),
+                        );
+                    }
+                    (
+                        axum::http::StatusCode::OK,
+                        axum::Json(serde_json::json!({
+                            "kind": "PodList", "apiVersion": "v1",
+                            "metadata": {"resourceVersion": "7"},
+                            "items": [{"metadata": {
+                                "name": "p", "namespace": "n", "resourceVersion": "7",
+                                "managedFields": [{"manager": "kubelet", "operation": "Update"}]
+                            }}]
+                        })),
+                    )
+                },
+            ),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap()
+    }
+
+    async fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+        for _ in 0..100 {
+            if let Some(v) = f() {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{what}: not within 5 s");
+    }
+
+    #[tokio::test]
+    async fn a_cache_whose_watch_fails_is_not_current_but_keeps_what_it_last_saw() {
+        let (pods, task) = cache(
+            Api::<Pod>::all(list_then_fail().await),
+            watcher::Config::default(),
+            "pods",
+            "nothing",
+        );
+        let _task = tokio::spawn(task);
+        let listed = until("the first list", || pods.current()).await;
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].metadata.managed_fields, None, "stripped");
+        until("the watch failing", || {
+            pods.current().is_none().then_some(())
+        })
+        .await;
+        let kept = pods.last_seen().expect("what it last saw");
+        assert_eq!(kept[0].metadata.name.as_deref(), Some("p"));
+    }
+}

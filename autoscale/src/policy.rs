@@ -176,6 +176,9 @@ pub struct Decision {
     pub unschedulable: u32,
     /// Some pod is at or forecast to reach its KV redline, or preempting.
     pub near_redline: bool,
+    /// Late requests over the ones the SLO allows, over the budget's window; `None` without
+    /// a TTFT objective.
+    pub error_budget_burn: Option<f64>,
 }
 
 impl Decision {
@@ -331,6 +334,7 @@ impl Policy {
             forecast,
             unschedulable,
             near_redline,
+            error_budget_burn: cfg.ttft_objective_seconds.map(|_| self.budget.burn()),
         };
         let desired = obs.desired;
 

@@ -10,7 +10,7 @@
 //! The policy's memory (demand history, drains) is per service and in memory: a new leader
 //! starts with none, so it scales down only after a full window of fresh data.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -118,6 +118,18 @@ pub fn pod_phase(pod: &Pod, draining: bool) -> Option<PodPhase> {
     } else {
         PodPhase::Starting
     })
+}
+
+/// Whether a pod takes requests: Ready, and not being deleted.
+fn serving(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_deref())
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
 }
 
 /// Whether a pod's sidecar holds a drain that no policy in this process started: an earlier
@@ -273,6 +285,13 @@ impl LastError {
     }
 }
 
+/// The loop stops with leadership: a standby exports no service's gauges.
+impl Drop for Autoscaler {
+    fn drop(&mut self) {
+        self.ctx.metrics.services.clear();
+    }
+}
+
 /// A task that ends when this is dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -340,6 +359,8 @@ pub struct Autoscaler {
     hpas: Cache<HorizontalPodAutoscaler>,
     /// Every pod of the operator's Deployments.
     pods: Cache<Pod>,
+    /// The services the last pass recorded gauges of.
+    recorded: HashSet<String>,
     /// The tasks that keep `hpas` and `pods`: they live as long as the loop (it stops with
     /// leadership).
     _watches: [AbortOnDrop; 2],
@@ -366,6 +387,7 @@ impl Autoscaler {
             services: HashMap::new(),
             hpas,
             pods,
+            recorded: HashSet::new(),
             _watches: [
                 AbortOnDrop(tokio::spawn(hpa_watch)),
                 AbortOnDrop(tokio::spawn(pod_watch)),
@@ -431,6 +453,14 @@ impl Autoscaler {
             let st = self.services.remove(&k).unwrap_or_default();
             work.push((k, isvc, mine, hpa, st));
         }
+        // The gauges of services not passed any more (deleted, or nothing to read).
+        let passed: HashSet<String> = work.iter().map(|w| w.0.clone()).collect();
+        for k in self.recorded.difference(&passed) {
+            if let Some((ns, name)) = k.split_once('/') {
+                self.ctx.metrics.services.forget(ns, name);
+            }
+        }
+        self.recorded = passed;
         let this = &*self;
         let done: Vec<(String, ServiceState)> = stream::iter(work)
             .map(|(k, isvc, mine, hpa, mut st)| async move {
@@ -637,6 +667,7 @@ impl Autoscaler {
         }
         self.cancel_orphaned_drains(isvc, &views, &reports, &orphans, decision.as_ref(), &token)
             .await;
+        self.record(isvc, &pods, &reports, decision.as_ref());
         let resources = resources_condition(&pods);
         self.write_status(
             isvc,
@@ -648,6 +679,36 @@ impl Autoscaler {
             [resources, scaling],
         )
         .await
+    }
+
+    /// The service's gauges (`ServiceGauges`) from this pass.
+    fn record(
+        &self,
+        isvc: &InferenceService,
+        pods: &[Pod],
+        reports: &[Option<PressureReport>],
+        d: Option<&PolicyDecision>,
+    ) {
+        let (ns, name) = (isvc.namespace().unwrap_or_default(), isvc.name_any());
+        let g = &self.ctx.metrics.services;
+        let got: Vec<&PressureReport> = reports.iter().flatten().collect();
+        let summary = pressure_summary(&got);
+        let desired = d.map_or(effective_replicas(&isvc.spec).max(0) as u32, |d| d.replicas);
+        // In the Service, as a Deployment counts them: a draining pod is not.
+        let ready = pods.iter().filter(|p| serving(p)).count();
+        let late = isvc.spec.ttft_objective_ms().and(late_rate(&got));
+        for (gauge, v) in [
+            (&g.desired, Some(desired as f64)),
+            (&g.ready, Some(ready as f64)),
+            (&g.demand, d.map(|d| d.demand.replicas)),
+            (&g.forecast, d.map(|d| d.forecast)),
+            (&g.kv_usage, summary.map(|s| s.0)),
+            (&g.kv_usage_max, summary.map(|s| s.1)),
+            (&g.late, late),
+            (&g.burn, d.and_then(|d| d.error_budget_burn)),
+        ] {
+            g.set(gauge, &ns, &name, v);
+        }
     }
 
     /// Serves again every pod left draining by no drain of this operator's (`orphans`, from
@@ -1173,6 +1234,77 @@ spec:
         }
         let timeouts = ctx.metrics.errors.with_label_values(&["timeout"]).get();
         assert_eq!(timeouts, 8);
+    }
+
+    #[tokio::test]
+    async fn a_services_gauges_follow_its_passes_and_go_with_it() {
+        let ctx = Arc::new(Context::new(
+            crate::test_support::unavailable_api_server().await,
+            Default::default(),
+            Default::default(),
+            "test".into(),
+        ));
+        let mut a = Autoscaler::new(ctx.clone());
+        let i = isvc(&format!("{BASE}  slo: {{ttftP99Ms: 2000}}\n"));
+        let ready = "status: {conditions: [{type: Ready, status: 'True'}]}";
+        let pods = [
+            pod(ready),
+            pod(ready),
+            pod("status: {conditions: [{type: Ready, status: 'False'}]}"),
+            pod(&format!(
+                "metadata: {{deletionTimestamp: '2026-11-29T00:00:00Z'}}\n{ready}"
+            )),
+        ];
+        let reports = vec![
+            Some(report(0.2, Level::Ok)),
+            Some(report(0.6, Level::Ok)),
+            None,
+            None,
+        ];
+        let d = PolicyDecision {
+            replicas: 3,
+            action: Action::Hold,
+            limits: Vec::new(),
+            draining: Vec::new(),
+            reason: String::new(),
+            demand: redline_autoscale::Demand {
+                replicas: 2.5,
+                ..Default::default()
+            },
+            forecast: 2.75,
+            unschedulable: 0,
+            near_redline: false,
+            error_budget_burn: Some(0.25),
+        };
+        a.record(&i, &pods, &reports, Some(&d));
+        let m = redline_api::prom::Exposition::parse(&ctx.metrics.render()).unwrap();
+        let of = |name: &str| {
+            m.sum_where(
+                &format!("redline_operator_service_{name}"),
+                &[("namespace", "n"), ("inferenceservice", "s")],
+            )
+        };
+        assert_eq!(of("desired_replicas"), Some(3.0));
+        assert_eq!(of("ready_replicas"), Some(2.0));
+        assert_eq!(of("demand_replicas"), Some(2.5));
+        assert_eq!(of("forecast_replicas"), Some(2.75));
+        assert_eq!(of("kv_usage_ratio"), Some(0.4));
+        assert_eq!(of("kv_usage_max_ratio"), Some(0.6));
+        assert_eq!(of("error_budget_burn_rate"), Some(0.25));
+        // Without a decision (autoscaling off) the policy's series go, the spec's replicas stay.
+        a.record(&i, &pods, &reports, None);
+        let m = redline_api::prom::Exposition::parse(&ctx.metrics.render()).unwrap();
+        assert_eq!(
+            m.sum_where("redline_operator_service_desired_replicas", &[]),
+            Some(1.0)
+        );
+        assert_eq!(m.sum("redline_operator_service_forecast_replicas"), None);
+        // A service no longer passed (deleted) loses its series at the next pass.
+        a.recorded.insert(key(&i));
+        a.pass(Vec::new(), HashMap::new(), Duration::from_secs(1))
+            .await;
+        let text = ctx.metrics.render();
+        assert!(!text.contains("redline_operator_service_"), "{text}");
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The operator's own Prometheus metrics (prefix `redline_operator_`).
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -11,7 +13,109 @@ pub struct Metrics {
     pub pressure_reads: IntCounterVec,
     pub scaling_decisions: IntCounterVec,
     pub autoscale_pass: Histogram,
+    pub services: ServiceGauges,
     pub leader: IntGauge,
+    names: Vec<String>,
+}
+
+/// Per InferenceService, as the leader's autoscaling loop last saw it: with a Prometheus
+/// server, load against replicas over time, which `kubectl get` shows only as of now.
+/// Labelled `namespace`, `inferenceservice`; a service's series go when it does, and every
+/// one when the loop stops (a standby exports none).
+pub struct ServiceGauges {
+    /// Replicas the service should run: the policy's decision, or the spec's.
+    pub desired: GaugeVec,
+    pub ready: GaugeVec,
+    /// The policy's demand now and its forecast over the horizon, in replicas.
+    pub demand: GaugeVec,
+    pub forecast: GaugeVec,
+    /// KV usage, mean and highest over the pods that reported.
+    pub kv_usage: GaugeVec,
+    pub kv_usage_max: GaugeVec,
+    /// Requests served after the TTFT objective, per second, summed over the pods.
+    pub late: GaugeVec,
+    /// The SLO's error budget burn rate the policy sizes by.
+    pub burn: GaugeVec,
+}
+
+impl ServiceGauges {
+    fn new() -> Self {
+        let g = |name: &str, help: &str| {
+            GaugeVec::new(
+                Opts::new(format!("redline_operator_service_{name}"), help),
+                &["namespace", "inferenceservice"],
+            )
+            .unwrap()
+        };
+        Self {
+            desired: g(
+                "desired_replicas",
+                "Replicas the InferenceService should run (the autoscaling decision, or the spec)",
+            ),
+            ready: g("ready_replicas", "Engine pods ready"),
+            demand: g(
+                "demand_replicas",
+                "The autoscaling policy's demand now, in replicas at its targets",
+            ),
+            forecast: g(
+                "forecast_replicas",
+                "The autoscaling policy's demand forecast over its horizon, in replicas",
+            ),
+            kv_usage: g(
+                "kv_usage_ratio",
+                "Mean KV-cache usage over the pods that reported",
+            ),
+            kv_usage_max: g(
+                "kv_usage_max_ratio",
+                "Highest KV-cache usage of a pod that reported",
+            ),
+            late: g(
+                "late_requests_per_second",
+                "Requests whose first token came after the TTFT objective, per second",
+            ),
+            burn: g(
+                "error_budget_burn_rate",
+                "Late requests over the ones the TTFT objective allows, over the budget's window",
+            ),
+        }
+    }
+
+    fn all(&self) -> [&GaugeVec; 8] {
+        [
+            &self.desired,
+            &self.ready,
+            &self.demand,
+            &self.forecast,
+            &self.kv_usage,
+            &self.kv_usage_max,
+            &self.late,
+            &self.burn,
+        ]
+    }
+
+    /// Sets a gauge of one service, or removes its series where there is no value.
+    pub fn set(&self, g: &GaugeVec, ns: &str, name: &str, v: Option<f64>) {
+        match v {
+            Some(v) => g.with_label_values(&[ns, name]).set(v),
+            None => {
+                let _ = g.remove_label_values(&[ns, name]);
+            }
+        }
+    }
+
+    /// Removes every series of one service.
+    pub fn forget(&self, ns: &str, name: &str) {
+        for g in self.all() {
+            let _ = g.remove_label_values(&[ns, name]);
+        }
+    }
+
+    /// Removes every series.
+    pub fn clear(&self) {
+        for g in self.all() {
+            g.reset();
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -70,6 +174,8 @@ impl Default for Metrics {
             .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
         )
         .unwrap();
+        let services = ServiceGauges::new();
+        let mut names = Vec::new();
         let leader = IntGauge::new(
             "redline_operator_leader",
             "1 while this instance leads and reconciles (set from its election role when scraped)",
@@ -84,7 +190,14 @@ impl Default for Metrics {
             Box::new(scaling_decisions.clone()),
             Box::new(autoscale_pass.clone()),
             Box::new(leader.clone()),
-        ] {
+        ]
+        .into_iter()
+        .chain(
+            services
+                .all()
+                .map(|g| Box::new(g.clone()) as Box<dyn prometheus::core::Collector>),
+        ) {
+            names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
             registry.register(c).unwrap();
         }
         Self {
@@ -96,12 +209,20 @@ impl Default for Metrics {
             pressure_reads,
             scaling_decisions,
             autoscale_pass,
+            services,
             leader,
+            names,
         }
     }
 }
 
 impl Metrics {
+    /// Every metric name registered, vectors without series included (what a dashboard may
+    /// query).
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
     pub fn render(&self) -> String {
         let mut buf = String::new();
         prometheus::TextEncoder::new()

@@ -1,7 +1,7 @@
 //! The Helm chart as `helm template` renders it (the real helm; no cluster): least-privilege
 //! RBAC, a hardened operator pod, the values a Helm user sets (placement, pull secrets, pod
-//! metadata, a metrics Service and a Prometheus Operator ServiceMonitor) landing where they
-//! belong, and values the schema does not know refused. The e2e installs the chart for real.
+//! metadata, a metrics Service, a Prometheus Operator ServiceMonitor and a Grafana dashboard)
+//! landing where they belong, and values the schema does not know refused. The e2e installs the chart for real.
 
 use redline_testcluster::testing::{helm, repo};
 use serde_yaml::Value;
@@ -170,6 +170,8 @@ metrics:
         (ep["path"].as_str(), ep["interval"].as_str()),
         (Some("/metrics"), Some("15s"))
     );
+    // The per-service series' `namespace` is the InferenceService's, not the operator pod's.
+    assert_eq!(ep["honorLabels"], true);
     assert_eq!(
         strings(&sm["spec"]["namespaceSelector"]["matchNames"]),
         ["redline-system"]
@@ -189,5 +191,57 @@ fn values_the_schema_does_not_know_are_refused_with_a_reason() {
     ] {
         let err = render(&["--set", set]).expect_err(set);
         assert!(err.contains(says), "{set}: {err}");
+    }
+}
+
+#[test]
+fn the_grafana_dashboard_queries_only_metrics_the_operator_exports() {
+    assert!(
+        kind(&render(&[]).unwrap(), "ConfigMap").is_empty(),
+        "off by default"
+    );
+    let docs = render(&[
+        "--set",
+        "grafana.dashboard.enabled=true",
+        "--set",
+        "grafana.dashboard.namespace=monitoring",
+    ])
+    .unwrap();
+    let cm = kind(&docs, "ConfigMap")[0];
+    assert_eq!(cm["metadata"]["namespace"], "monitoring");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    let text = cm["data"]["redline.json"].as_str().expect("the dashboard");
+    let dash: serde_json::Value = serde_json::from_str(text).expect("JSON");
+    let mut exprs: Vec<String> = dash["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .map(|t| t["expr"].as_str().unwrap().to_string())
+        .collect();
+    assert!(exprs.len() >= 8, "{exprs:?}");
+    for v in dash["templating"]["list"].as_array().unwrap() {
+        if let Some(q) = v["query"]["query"].as_str() {
+            exprs.push(q.to_string());
+        }
+    }
+    let exported = redline_operator::metrics::Metrics::default();
+    let names = exported.names();
+    for e in &exprs {
+        let used: Vec<&str> = e
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("redline_"))
+            .collect();
+        assert!(!used.is_empty(), "{e}: queries no redline metric");
+        for m in used {
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| m.strip_suffix(s))
+                .unwrap_or(m);
+            assert!(
+                names.iter().any(|n| n == base),
+                "{e}: {m} is not an operator metric ({names:?})"
+            );
+        }
     }
 }

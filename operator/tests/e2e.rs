@@ -733,6 +733,53 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
         );
     }
 
+    // The same as gauges on the operator's /metrics, per service (a Prometheus plots load
+    // against replicas from them), as of the loop's last pass: one replica decided and
+    // serving, an idle demand under it, the pods' KV usage, and the burn of the example's
+    // TTFT objective's error budget.
+    let op_name = op.metadata.name.clone().unwrap();
+    let gauges = wait_for(
+        "the service's gauges at one replica",
+        Duration::from_secs(20),
+        || async {
+            let m = testing::pod_http(&client, RELEASE_NS, &op_name, 8080, "GET", "/metrics", None)
+                .await
+                .map_err(|e| e.to_string())?;
+            let m = redline_api::prom::Exposition::parse(&m).map_err(|e| e.0)?;
+            let of = |g: &str| {
+                m.sum_where(
+                    &format!("redline_operator_service_{g}"),
+                    &[
+                        ("namespace", ns.name.as_str()),
+                        ("inferenceservice", name.as_str()),
+                    ],
+                )
+            };
+            let got: Vec<Option<f64>> = [
+                "desired_replicas",
+                "ready_replicas",
+                "demand_replicas",
+                "forecast_replicas",
+                "kv_usage_ratio",
+                "error_budget_burn_rate",
+            ]
+            .iter()
+            .map(|g| of(g))
+            .collect();
+            match got[..2] {
+                [Some(1.0), Some(1.0)] => Ok(got),
+                _ => Err(format!("{got:?}")),
+            }
+        },
+    )
+    .await;
+    let demand = gauges[2].expect("the policy's demand");
+    assert!((0.0..1.0).contains(&demand), "idle demand {demand}");
+    assert!(gauges[3].is_some(), "the forecast");
+    let kv = gauges[4].expect("the pods' KV usage");
+    assert!((0.0..0.5).contains(&kv), "idle KV usage {kv}");
+    assert!(gauges[5].is_some(), "the error budget's burn");
+
     // An HPA pointed at the autoscaled service (as a KEDA ScaledObject would make): two
     // writers of its replicas. redline holds off and says so, once; it scales again once the
     // HPA is gone. (With no metrics API here, the HPA itself scales nothing.)
@@ -923,7 +970,6 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
     // False in the scheduler's words, with one Warning Event however many passes see it, and
     // True again once the service asks for nothing it cannot get.
     // Counted from here: an operator left running by an earlier, failed run carries its counts.
-    let op_name = op.metadata.name.clone().unwrap();
     let op_metrics = || async {
         let m = testing::pod_http(&client, RELEASE_NS, &op_name, 8080, "GET", "/metrics", None)
             .await

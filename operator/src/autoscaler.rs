@@ -4,7 +4,9 @@
 //! decides: replicas through the scale subresource, drains and limit targets through the
 //! sidecars (`PUT /v1/limits`), the drained pod deleted once empty; an Event per action; status
 //! (`kvUsage`, `podLimits`, `lastDecision`, the `NearRedline` condition) by a merge patch
-//! under its own field manager, written only when it differs from the object.
+//! under its own field manager, written only when it differs from the object; the same as
+//! per-service gauges on `/metrics`. The engine pods and HPAs come from watches
+//! (`crate::watch`); services are passed 16 at a time.
 //!
 //! With `autoscaling.enabled` false the loop only observes: status is written, nothing scaled.
 //! The policy's memory (demand history, drains) is per service and in memory: a new leader
@@ -251,7 +253,7 @@ pub fn late_rate(reports: &[&PressureReport]) -> Option<f64> {
         .reduce(|a, b| a + b)
 }
 
-/// The longest one service's autoscaling pass or one list of the loop may take. A pass takes
+/// The longest one service's autoscaling pass may take. A pass takes
 /// a second or two, but a call to an API server that accepts and never answers waits for the
 /// client's read timeout (kube's: 295 s). What a cut-off pass left undone, the next one does
 /// (sidecar targets, scale and status are compared with what they are).
@@ -426,7 +428,7 @@ impl Autoscaler {
         mut pods: HashMap<String, Vec<Pod>>,
         limit: Duration,
     ) {
-        let keys: Vec<String> = isvcs.iter().map(|i| key(i)).collect();
+        let keys: HashSet<String> = isvcs.iter().map(|i| key(i)).collect();
         self.services.retain(|k, _| keys.contains(k));
         let any_enabled = isvcs
             .iter()

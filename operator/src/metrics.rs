@@ -52,7 +52,10 @@ impl ServiceGauges {
                 "desired_replicas",
                 "Replicas the InferenceService should run (the autoscaling decision, or the spec)",
             ),
-            ready: g("ready_replicas", "Engine pods ready"),
+            ready: g(
+                "ready_replicas",
+                "Engine pods serving (Ready, not being deleted; a draining pod is not)",
+            ),
             demand: g(
                 "demand_replicas",
                 "The autoscaling policy's demand now, in replicas at its targets",

@@ -34,11 +34,8 @@ where
     /// which a caller that must not act on stale data (the loop's engine pods: it never
     /// scales on stale data) must not read.
     pub fn current(&self) -> Option<Vec<Arc<K>>> {
-        use futures::FutureExt;
-        self.store.wait_until_ready().now_or_never()?.ok()?;
-        self.healthy
-            .load(Ordering::SeqCst)
-            .then(|| self.store.state())
+        self.last_seen()
+            .filter(|_| self.healthy.load(Ordering::SeqCst))
     }
 
     /// The store's objects once it has its first list, however stale since.

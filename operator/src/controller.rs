@@ -143,7 +143,7 @@ pub async fn pdb_api(client: &Client) -> Result<Option<ApiResource>, kube::Error
         .map(|(api, _)| api))
 }
 
-/// Applies a child by server-side apply, with an Event when it did not exist before.
+/// Applies a child by server-side apply, with an Event when the apply created it.
 async fn apply_child<K>(
     ctx: &Context,
     isvc: &InferenceService,
@@ -155,10 +155,7 @@ where
     K: kube::Resource + Clone + std::fmt::Debug + serde::Serialize + serde::de::DeserializeOwned,
 {
     let name = child.name_any();
-    let before = api.get_opt(&name).await?;
-    api.patch(&name, &apply_params(), &Patch::Apply(child))
-        .await?;
-    if before.is_none() {
+    if apply_created(&ctx.client, api, child).await? {
         ctx.event(
             isvc,
             EventType::Normal,
@@ -169,6 +166,33 @@ where
         .await;
     }
     Ok(())
+}
+
+/// Server-side applies `child`; whether that created it. The API server answers an apply
+/// that creates with 201 and one that updates with 200, so the "Created" Event needs no GET
+/// before every apply (two calls of each reconcile's nine, for the Service and the budget).
+async fn apply_created<K>(client: &Client, api: &Api<K>, child: &K) -> Result<bool, Error>
+where
+    K: kube::Resource + serde::Serialize,
+{
+    let req = kube::core::Request::new(api.resource_url())
+        .patch(&child.name_any(), &apply_params(), &Patch::Apply(child))
+        .map_err(kube::Error::BuildRequest)?;
+    let res = client.send(req.map(kube::client::Body::from)).await?;
+    let status = res.status();
+    if status.is_success() {
+        return Ok(status.as_u16() == 201);
+    }
+    // As kube's own calls report it.
+    let body = res.into_body().collect_bytes().await?;
+    let s = serde_json::from_slice::<kube::core::Status>(&body).unwrap_or_else(|_| {
+        kube::core::Status::failure(
+            &String::from_utf8_lossy(&body),
+            "Failed to parse error data",
+        )
+        .with_code(status.as_u16())
+    });
+    Err(kube::Error::Api(s.boxed()).into())
 }
 
 fn apply_params() -> PatchParams {

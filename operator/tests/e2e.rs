@@ -494,6 +494,32 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
         Some(format!("http://smollm2.{}.svc:8000", ns.name))
     );
 
+    // One Created Event per child, however often the reconciler applied them since (every
+    // status change of the Deployment reconciles again): an apply that creates is told from
+    // one that updates by the API server's answer (201 or 200).
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), &ns.name)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    for what in ["Deployment", "Service", "PodDisruptionBudget", "Secret"] {
+        let created: Vec<_> = events
+            .items
+            .iter()
+            .filter(|e| {
+                e.reason.as_deref() == Some("Created")
+                    && e.note
+                        .as_deref()
+                        .is_some_and(|n| n.starts_with(&format!("created {what} ")))
+            })
+            .collect();
+        assert_eq!(created.len(), 1, "{what}: {created:?}");
+        assert!(
+            created[0].series.is_none(),
+            "{what} created more than once: {:?}",
+            created[0].series
+        );
+    }
+
     // The engine pod answers a completion (through the pod proxy: works on any cluster).
     let pods = engine_pods(&client, &ns.name, &name).await;
     assert_eq!(pods.len(), 1);

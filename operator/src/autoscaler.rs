@@ -21,7 +21,7 @@ use futures::stream::{self, StreamExt};
 use k8s_openapi::api::autoscaling::v1::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{Pod, PodCondition, Secret};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
@@ -363,6 +363,8 @@ pub struct Autoscaler {
     pods: Cache<Pod>,
     /// The services the last pass recorded gauges of.
     recorded: HashSet<String>,
+    /// The list of engine pods that stands in for their watch.
+    list_error: LastError,
     /// The tasks that keep `hpas` and `pods`: they live as long as the loop (it stops with
     /// leadership).
     _watches: [AbortOnDrop; 2],
@@ -390,6 +392,7 @@ impl Autoscaler {
             hpas,
             pods,
             recorded: HashSet::new(),
+            list_error: LastError::default(),
             _watches: [
                 AbortOnDrop(tokio::spawn(hpa_watch)),
                 AbortOnDrop(tokio::spawn(pod_watch)),
@@ -403,17 +406,45 @@ impl Autoscaler {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            // Never on stale pods: while the watch fails (it logs why) no service is scaled.
-            let Some(pods) = self.pods.current() else {
+            let Some(pods) = self.engine_pods().await else {
                 continue;
             };
-            let pods = by_service(&pods);
             let t0 = Instant::now();
             self.pass(store.state(), pods, PASS_TIMEOUT).await;
             self.ctx
                 .metrics
                 .autoscale_pass
                 .observe(t0.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Every engine pod by service key: from the watch, or, until it has its first list and
+    /// whenever it failed since its last event, from a list. Never stale pods: a watch that
+    /// resumes after an error says nothing until something changes, so on a quiet cluster its
+    /// store could not be told current again, and a pass on it could scale on pods as they
+    /// were. `None` (logged once) when the list fails too: no service is scaled.
+    async fn engine_pods(&mut self) -> Option<HashMap<String, Vec<Pod>>> {
+        if let Some(pods) = self.pods.current() {
+            return Some(by_service(pods.iter().map(|p| p.as_ref())));
+        }
+        let api: Api<Pod> = Api::all(self.ctx.client.clone());
+        let listed = within(PASS_TIMEOUT, async {
+            Ok(api.list(&ListParams::default().labels(ENGINE_PODS)).await?)
+        })
+        .await;
+        match listed {
+            Ok(list) => {
+                if self.list_error.worked() {
+                    info!("autoscaling loop: listing engine pods works again");
+                }
+                Some(by_service(list.items.iter()))
+            }
+            Err(e) => {
+                if self.list_error.failed(&e.to_string()) {
+                    warn!("autoscaling loop: listing engine pods (no service is scaled until it works): {e}");
+                }
+                None
+            }
         }
     }
 
@@ -1001,7 +1032,7 @@ fn log_read_failures(
 const ENGINE_PODS: &str = "app.kubernetes.io/managed-by=redline-operator";
 
 /// Engine pods by service key (`namespace/name`).
-fn by_service(pods: &[Arc<Pod>]) -> HashMap<String, Vec<Pod>> {
+fn by_service<'a>(pods: impl Iterator<Item = &'a Pod>) -> HashMap<String, Vec<Pod>> {
     let mut by: HashMap<String, Vec<Pod>> = HashMap::new();
     for p in pods {
         let svc = p
@@ -1307,6 +1338,28 @@ spec:
             .await;
         let text = ctx.metrics.render();
         assert!(!text.contains("redline_operator_service_"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn while_the_pod_watch_fails_the_loop_lists_the_pods_afresh() {
+        let ctx = Arc::new(Context::new(
+            crate::test_support::list_then_fail().await,
+            Default::default(),
+            Default::default(),
+            "test".into(),
+        ));
+        let mut a = Autoscaler::new(ctx);
+        // Before the watch's first list, and once its watch has failed: the list's pods.
+        for _ in 0..100 {
+            if a.pods.last_seen().is_some() && a.pods.current().is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(a.pods.current().is_none(), "the watch never failed");
+        let pods = a.engine_pods().await.expect("listed");
+        assert_eq!(pods["n/"].len(), 1, "{pods:?}");
+        assert_eq!(pods["n/"][0].metadata.name.as_deref(), Some("p"));
     }
 
     #[test]

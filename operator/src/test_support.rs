@@ -45,3 +45,43 @@ impl UnavailableApiServer {
 pub async fn unavailable_api_server() -> kube::Client {
     kube::Client::try_from(UnavailableApiServer::start().await.config).unwrap()
 }
+
+/// An API server that lists one pod, then fails every watch (after a second: a watch that
+/// broke) with a 500, which kube's client does not retry.
+pub async fn list_then_fail() -> kube::Client {
+    let app = axum::Router::new().route(
+        "/api/v1/pods",
+        axum::routing::get(
+            |axum::extract::Query(q): axum::extract::Query<
+                std::collections::HashMap<String, String>,
+            >| async move {
+                if q.get("watch").is_some_and(|w| w == "true") {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    return (
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        axum::Json(serde_json::json!({
+                            "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                            "message": "etcd unavailable", "reason": "InternalError",
+                            "code": 500
+                        })),
+                    );
+                }
+                (
+                    axum::http::StatusCode::OK,
+                    axum::Json(serde_json::json!({
+                        "kind": "PodList", "apiVersion": "v1",
+                        "metadata": {"resourceVersion": "7"},
+                        "items": [{"metadata": {
+                            "name": "p", "namespace": "n", "resourceVersion": "7",
+                            "managedFields": [{"manager": "kubelet", "operation": "Update"}]
+                        }}]
+                    })),
+                )
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap()
+}

@@ -104,48 +104,9 @@ where
 mod tests {
     use std::time::Duration;
 
-    use axum::extract::Query;
     use k8s_openapi::api::core::v1::Pod;
 
     use super::*;
-
-    /// An API server that lists one pod, then fails every watch (after a second: a watch that
-    /// broke) with a 500, which kube's client does not retry.
-    async fn list_then_fail() -> kube::Client {
-        let app = axum::Router::new().route(
-            "/api/v1/pods",
-            axum::routing::get(
-                |Query(q): Query<std::collections::HashMap<String, String>>| async move {
-                    if q.get("watch").is_some_and(|w| w == "true") {
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        return (
-                            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                            axum::Json(serde_json::json!({
-                                "kind": "Status", "apiVersion": "v1", "status": "Failure",
-                                "message": "etcd unavailable", "reason": "InternalError",
-                                "code": 500
-                            })),
-                        );
-                    }
-                    (
-                        axum::http::StatusCode::OK,
-                        axum::Json(serde_json::json!({
-                            "kind": "PodList", "apiVersion": "v1",
-                            "metadata": {"resourceVersion": "7"},
-                            "items": [{"metadata": {
-                                "name": "p", "namespace": "n", "resourceVersion": "7",
-                                "managedFields": [{"manager": "kubelet", "operation": "Update"}]
-                            }}]
-                        })),
-                    )
-                },
-            ),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap()
-    }
 
     async fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
         for _ in 0..100 {
@@ -160,7 +121,7 @@ mod tests {
     #[tokio::test]
     async fn a_cache_whose_watch_fails_is_not_current_but_keeps_what_it_last_saw() {
         let (pods, task) = cache(
-            Api::<Pod>::all(list_then_fail().await),
+            Api::<Pod>::all(crate::test_support::list_then_fail().await),
             watcher::Config::default(),
             "pods",
             "nothing",

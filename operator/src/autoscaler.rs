@@ -378,7 +378,7 @@ impl Autoscaler {
             Api::<Pod>::all(ctx.client.clone()),
             watcher::Config::default().labels(ENGINE_PODS),
             "the engine pods",
-            "no service is scaled",
+            "the loop lists them each pass",
         );
         Self {
             ctx,

@@ -1189,16 +1189,22 @@ async fn a_batch_of_prompts_answers_each_as_alone_in_openai_order() {
 async fn tokenize_counts_what_a_request_is_billed_and_detokenize_inverts_it() {
     let s = Server::start(&[]).await;
     let prompt = "The capital of France is";
-    let (status, t) = s.post("/tokenize", &json!({ "prompt": prompt })).await;
-    assert_eq!(status, 200, "{t}");
-    let done = s
-        .post(
-            "/v1/completions",
-            &json!({"prompt": prompt, "max_tokens": 1}),
-        )
-        .await
-        .1;
-    assert_eq!(t["count"], done["usage"]["prompt_tokens"]);
+    // A prompt as is, and a chat through the model's template, as each endpoint counts it.
+    let messages = json!([{"role": "user", "content": "Say hello in French."}]);
+    let mut counted = Vec::new();
+    for (input, endpoint) in [
+        (json!({ "prompt": prompt }), "/v1/completions"),
+        (json!({ "messages": messages }), "/v1/chat/completions"),
+    ] {
+        let (status, t) = s.post("/tokenize", &input).await;
+        assert_eq!(status, 200, "{t}");
+        let mut request = input.clone();
+        request["max_tokens"] = json!(1);
+        let done = s.post(endpoint, &request).await.1;
+        assert_eq!(t["count"], done["usage"]["prompt_tokens"], "{endpoint}");
+        counted.push(t);
+    }
+    let t = &counted[0];
     assert_eq!(
         t["tokens"].as_array().unwrap().len() as u64,
         t["count"].as_u64().unwrap()
@@ -1206,17 +1212,6 @@ async fn tokenize_counts_what_a_request_is_billed_and_detokenize_inverts_it() {
     assert!(t["max_model_len"].as_u64().unwrap() > 0);
     let (_, back) = s.post("/detokenize", &json!({"tokens": t["tokens"]})).await;
     assert_eq!(back["prompt"], prompt);
-    // A chat through the model's template, as the chat endpoint counts it.
-    let messages = json!([{"role": "user", "content": "Say hello in French."}]);
-    let (_, tc) = s.post("/tokenize", &json!({ "messages": messages })).await;
-    let chat = s
-        .post(
-            "/v1/chat/completions",
-            &json!({"messages": messages, "max_tokens": 1}),
-        )
-        .await
-        .1;
-    assert_eq!(tc["count"], chat["usage"]["prompt_tokens"]);
     for bad in [json!({}), json!({"prompt": "a", "messages": messages})] {
         assert_eq!(s.post("/tokenize", &bad).await.0, 400, "{bad}");
     }

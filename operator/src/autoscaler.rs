@@ -43,6 +43,7 @@ use crate::crd::{
     late_requests_text, AutoscalingPolicy, AutoscalingPolicySpec, Decision, InferenceService,
     PodLimits,
 };
+use crate::metrics::set_or_remove;
 use crate::scaling_active;
 use crate::validate::effective_replicas;
 use crate::watch::{self, Cache};
@@ -105,13 +106,7 @@ pub fn pod_phase(pod: &Pod, draining: bool) -> Option<PodPhase> {
     if pod.metadata.deletion_timestamp.is_some() {
         return None;
     }
-    let conds = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.as_deref())
-        .unwrap_or_default();
-    let is = |t: &str, v: &str| conds.iter().any(|c| c.type_ == t && c.status == v);
-    if is("Ready", "True") || draining {
+    if ready_condition(pod) || draining {
         // A draining pod turns not ready on purpose: it still holds requests.
         return Some(PodPhase::Ready);
     }
@@ -122,16 +117,19 @@ pub fn pod_phase(pod: &Pod, draining: bool) -> Option<PodPhase> {
     })
 }
 
+/// Whether a pod's Ready condition is True.
+fn ready_condition(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
 /// Whether a pod takes requests: Ready, and not being deleted.
 fn serving(pod: &Pod) -> bool {
-    pod.metadata.deletion_timestamp.is_none()
-        && pod
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_deref())
-            .unwrap_or_default()
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True")
+    pod.metadata.deletion_timestamp.is_none() && ready_condition(pod)
 }
 
 /// Whether a pod's sidecar holds a drain that no policy in this process started: an earlier
@@ -620,8 +618,17 @@ impl Autoscaler {
             // scales.
             if pods.is_empty() {
                 let resources = resources_condition(&pods);
-                self.write_status(isvc, &name, &ns, &[], &[], None, [resources, scaling])
-                    .await?;
+                self.write_status(
+                    isvc,
+                    &name,
+                    &ns,
+                    &pods,
+                    &[],
+                    &[],
+                    None,
+                    [resources, scaling],
+                )
+                .await?;
             }
             return Ok(());
         };
@@ -700,12 +707,12 @@ impl Autoscaler {
         }
         self.cancel_orphaned_drains(isvc, &views, &reports, &orphans, decision.as_ref(), &token)
             .await;
-        self.record(isvc, &pods, &reports, decision.as_ref());
         let resources = resources_condition(&pods);
         self.write_status(
             isvc,
             &name,
             &ns,
+            &pods,
             &views,
             &reports,
             decision.as_ref(),
@@ -714,22 +721,21 @@ impl Autoscaler {
         .await
     }
 
-    /// The service's gauges (`ServiceGauges`) from this pass.
+    /// The service's gauges (`ServiceGauges`) from this pass: what `write_status` writes,
+    /// with the pods that serve.
     fn record(
         &self,
         isvc: &InferenceService,
         pods: &[Pod],
-        reports: &[Option<PressureReport>],
+        summary: Option<(f64, f64, bool)>,
+        late: Option<f64>,
         d: Option<&PolicyDecision>,
     ) {
         let (ns, name) = (isvc.namespace().unwrap_or_default(), isvc.name_any());
         let g = &self.ctx.metrics.services;
-        let got: Vec<&PressureReport> = reports.iter().flatten().collect();
-        let summary = pressure_summary(&got);
         let desired = d.map_or(effective_replicas(&isvc.spec).max(0) as u32, |d| d.replicas);
         // In the Service, as a Deployment counts them: a draining pod is not.
         let ready = pods.iter().filter(|p| serving(p)).count();
-        let late = isvc.spec.ttft_objective_ms().and(late_rate(&got));
         for (gauge, v) in [
             (&g.desired, Some(desired as f64)),
             (&g.ready, Some(ready as f64)),
@@ -740,7 +746,7 @@ impl Autoscaler {
             (&g.late, late),
             (&g.burn, d.and_then(|d| d.error_budget_burn)),
         ] {
-            g.set(gauge, &ns, &name, v);
+            set_or_remove(gauge, &ns, &name, v);
         }
     }
 
@@ -879,6 +885,7 @@ impl Autoscaler {
         isvc: &InferenceService,
         name: &str,
         ns: &str,
+        pods: &[Pod],
         views: &[(String, PodPhase, Option<String>)],
         reports: &[Option<PressureReport>],
         d: Option<&PolicyDecision>,
@@ -886,6 +893,8 @@ impl Autoscaler {
     ) -> Result<(), Error> {
         let got: Vec<&PressureReport> = reports.iter().flatten().collect();
         let summary = pressure_summary(&got);
+        let late = isvc.spec.ttft_objective_ms().and(late_rate(&got));
+        self.record(isvc, pods, summary, late, d);
         let cond = match summary {
             None => Cond {
                 type_: NEAR_REDLINE,
@@ -965,11 +974,7 @@ impl Autoscaler {
             None => current.last_decision.clone(),
         };
         let kv_usage = summary.map(|(mean, _, _)| format!("{:.0}%", mean * 100.0));
-        let late_requests = isvc
-            .spec
-            .ttft_objective_ms()
-            .and(late_rate(&got))
-            .map(late_requests_text);
+        let late_requests = late.map(late_requests_text);
         // Level-based: compared with the object as it is, so a write lost to a race with the
         // reconciler is made again on the next pass.
         if kv_usage == current.kv_usage
@@ -1134,6 +1139,15 @@ spec:
         assert_eq!(policy_config(&isvc(BASE), &stepped).target_kv_usage, 0.6);
     }
 
+    fn context(client: kube::Client) -> Arc<Context> {
+        Arc::new(Context::new(
+            client,
+            Default::default(),
+            Default::default(),
+            "test".into(),
+        ))
+    }
+
     fn pod(yaml: &str) -> Pod {
         serde_yaml::from_str(yaml).unwrap()
     }
@@ -1239,12 +1253,7 @@ spec:
     #[tokio::test]
     async fn services_stuck_on_an_api_server_that_never_answers_are_cut_off_together() {
         let client = crate::test_support::unavailable_api_server().await;
-        let ctx = Arc::new(Context::new(
-            client,
-            Default::default(),
-            Default::default(),
-            "test".into(),
-        ));
+        let ctx = context(client);
         let mut a = Autoscaler::new(ctx.clone());
         // Eight autoscaled services, each of whose passes waits on the API server (kube's
         // client retries its 503s for minutes) until the limit cuts it off: one after the
@@ -1271,12 +1280,7 @@ spec:
 
     #[tokio::test]
     async fn a_services_gauges_follow_its_passes_and_go_with_it() {
-        let ctx = Arc::new(Context::new(
-            crate::test_support::unavailable_api_server().await,
-            Default::default(),
-            Default::default(),
-            "test".into(),
-        ));
+        let ctx = context(crate::test_support::unavailable_api_server().await);
         let mut a = Autoscaler::new(ctx.clone());
         let i = isvc(&format!("{BASE}  slo: {{ttftP99Ms: 2000}}\n"));
         let ready = "status: {conditions: [{type: Ready, status: 'True'}]}";
@@ -1288,7 +1292,7 @@ spec:
                 "metadata: {{deletionTimestamp: '2026-11-29T00:00:00Z'}}\n{ready}"
             )),
         ];
-        let reports = vec![
+        let reports = [
             Some(report(0.2, Level::Ok)),
             Some(report(0.6, Level::Ok)),
             None,
@@ -1309,7 +1313,9 @@ spec:
             near_redline: false,
             error_budget_burn: Some(0.25),
         };
-        a.record(&i, &pods, &reports, Some(&d));
+        let got: Vec<&PressureReport> = reports.iter().flatten().collect();
+        let (summary, late) = (pressure_summary(&got), late_rate(&got));
+        a.record(&i, &pods, summary, late, Some(&d));
         let m = redline_api::prom::Exposition::parse(&ctx.metrics.render()).unwrap();
         let of = |name: &str| {
             m.sum_where(
@@ -1325,7 +1331,7 @@ spec:
         assert_eq!(of("kv_usage_max_ratio"), Some(0.6));
         assert_eq!(of("error_budget_burn_rate"), Some(0.25));
         // Without a decision (autoscaling off) the policy's series go, the spec's replicas stay.
-        a.record(&i, &pods, &reports, None);
+        a.record(&i, &pods, summary, late, None);
         let m = redline_api::prom::Exposition::parse(&ctx.metrics.render()).unwrap();
         assert_eq!(
             m.sum_where("redline_operator_service_desired_replicas", &[]),
@@ -1342,12 +1348,7 @@ spec:
 
     #[tokio::test]
     async fn while_the_pod_watch_fails_the_loop_lists_the_pods_afresh() {
-        let ctx = Arc::new(Context::new(
-            crate::test_support::list_then_fail().await,
-            Default::default(),
-            Default::default(),
-            "test".into(),
-        ));
+        let ctx = context(crate::test_support::list_then_fail().await);
         let mut a = Autoscaler::new(ctx);
         // Before the watch's first list, and once its watch has failed: the list's pods.
         for _ in 0..100 {

@@ -96,16 +96,6 @@ impl ServiceGauges {
         ]
     }
 
-    /// Sets a gauge of one service, or removes its series where there is no value.
-    pub fn set(&self, g: &GaugeVec, ns: &str, name: &str, v: Option<f64>) {
-        match v {
-            Some(v) => g.with_label_values(&[ns, name]).set(v),
-            None => {
-                let _ = g.remove_label_values(&[ns, name]);
-            }
-        }
-    }
-
     /// Removes every series of one service.
     pub fn forget(&self, ns: &str, name: &str) {
         for g in self.all() {
@@ -232,5 +222,15 @@ impl Metrics {
             .encode_utf8(&self.registry.gather(), &mut buf)
             .unwrap_or_default();
         buf
+    }
+}
+
+/// Sets one service's series of `g`, or removes it where there is no value.
+pub fn set_or_remove(g: &GaugeVec, ns: &str, name: &str, v: Option<f64>) {
+    match v {
+        Some(v) => g.with_label_values(&[ns, name]).set(v),
+        None => {
+            let _ = g.remove_label_values(&[ns, name]);
+        }
     }
 }

@@ -20,7 +20,7 @@ pub struct Cache<K: Resource + 'static>
 where
     K::DynamicType: std::hash::Hash + Eq + Clone,
 {
-    pub store: Store<K>,
+    store: Store<K>,
     healthy: Arc<AtomicBool>,
 }
 

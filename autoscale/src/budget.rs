@@ -11,6 +11,8 @@
 
 use std::collections::VecDeque;
 
+use serde::{Deserialize, Serialize};
+
 /// How the policy sizes the fleet now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sizing {
@@ -49,6 +51,30 @@ impl Default for BudgetConfig {
     }
 }
 
+/// What an [`ErrorBudget`] hands to its successor (a new leader): the window's counts in spans
+/// of [`SPAN_SECONDS`], and the times it keys on, as ages in seconds before the `now` it was
+/// taken at (a new process has a clock of its own).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BudgetMemory {
+    /// Oldest first.
+    pub spans: Vec<BudgetSpan>,
+    pub last_late_age: Option<f64>,
+    pub catch_up_age: Option<f64>,
+}
+
+/// Late requests and first tokens counted within one span, and the age of its newest count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct BudgetSpan {
+    pub age: f64,
+    pub late: f64,
+    pub first: f64,
+}
+
+/// The counts a [`BudgetMemory`] keeps are summed over spans this long: a few dozen numbers
+/// for an hour's window, not one per decision. A restored span leaves the window when its
+/// newest count would, so the budget a successor sees errs on the side of a margin.
+pub const SPAN_SECONDS: f64 = 300.0;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ErrorBudget {
     cfg: BudgetConfig,
@@ -80,6 +106,66 @@ impl ErrorBudget {
     /// one, so the first late request of a quiet start is not an infinite burn).
     pub fn burn(&self) -> f64 {
         self.late / (self.cfg.allowed_late * self.first).max(1.0)
+    }
+
+    /// What a successor needs to go on from here (see [`BudgetMemory`]). Spans are cut on
+    /// this clock's multiples of [`SPAN_SECONDS`], so only the newest changes from one
+    /// decision to the next.
+    pub fn memory(&self, now: f64) -> BudgetMemory {
+        let mut spans: Vec<(i64, BudgetSpan)> = Vec::new();
+        for &(t, late, first) in &self.counts {
+            let id = (t / SPAN_SECONDS).floor() as i64;
+            match spans.last_mut() {
+                Some((last, s)) if *last == id => {
+                    s.age = now - t;
+                    s.late += late;
+                    s.first += first;
+                }
+                _ => spans.push((
+                    id,
+                    BudgetSpan {
+                        age: now - t,
+                        late,
+                        first,
+                    },
+                )),
+            }
+        }
+        // A window with no late request left counts none (see `observe`).
+        let clean = self.late == 0.0;
+        BudgetMemory {
+            spans: spans
+                .into_iter()
+                .map(|(_, s)| BudgetSpan {
+                    late: if clean { 0.0 } else { s.late },
+                    ..s
+                })
+                .collect(),
+            last_late_age: self.last_late.map(|t| now - t),
+            catch_up_age: self.catch_up_since.map(|t| now - t),
+        }
+    }
+
+    /// A budget that goes on from `m`, taken by another at `now` on this clock. Ages under 0
+    /// (clocks that disagree) count as now; spans past the window are left out.
+    pub fn restore(cfg: BudgetConfig, m: &BudgetMemory, now: f64) -> Self {
+        let at = |age: f64| now - age.max(0.0);
+        let mut b = Self::new(cfg);
+        let mut spans: Vec<&BudgetSpan> = m
+            .spans
+            .iter()
+            .filter(|s| s.age.max(0.0) <= cfg.window_seconds)
+            .collect();
+        spans.sort_by(|a, b| b.age.total_cmp(&a.age));
+        for s in spans {
+            let (late, first) = (s.late.max(0.0), s.first.max(0.0));
+            b.counts.push_back((at(s.age), late, first));
+            b.late += late;
+            b.first += first;
+        }
+        b.last_late = m.last_late_age.map(at);
+        b.catch_up_since = m.catch_up_age.map(at);
+        b
     }
 
     /// Counts the fleet's late and first-token rates at `now` (per second, summed over the
@@ -187,6 +273,29 @@ mod tests {
     }
 
     proptest! {
+        /// A budget restored from another's memory, on a clock of its own, burns as the other
+        /// does and sizes alike at the handover, however the counts fell into spans.
+        #[test]
+        fn a_restored_budget_goes_on_from_the_memory(
+            steps in prop::collection::vec((1.0f64..120.0, 0.0f64..3.0, 0.0f64..50.0), 1..200),
+            shift in -5000.0f64..5000.0,
+            next in (0.0f64..3.0, 0.0f64..50.0),
+        ) {
+            let mut b = budget();
+            let mut now = 0.0;
+            b.observe(now, Some((0.0, 0.0)));
+            for (dt, late, first) in steps {
+                now += dt;
+                b.observe(now, Some((late, first)));
+            }
+            let m = b.memory(now);
+            prop_assert!(m.spans.len() as f64 <= 3600.0 / SPAN_SECONDS + 2.0, "{}", m.spans.len());
+            let mut r = ErrorBudget::restore(BudgetConfig::default(), &m, now + shift);
+            prop_assert!((r.burn() - b.burn()).abs() < 1e-6 * b.burn().max(1.0), "{} vs {}", r.burn(), b.burn());
+            prop_assert_eq!(r.observe(now + shift, Some(next)), b.observe(now, Some(next)));
+        }
+
+
         /// The burn rate is the window's late count over its allowance, recounted from
         /// scratch: the running sums never drift from it, and the sizing follows it.
         #[test]

@@ -16,4 +16,6 @@ pub mod policy;
 pub use demand::{
     default_target_kv_usage, default_target_utilization, Demand, PodSignals, ReplicaCapacity,
 };
-pub use policy::{Action, Decision, Observation, PodPhase, PodView, Policy, PolicyConfig};
+pub use policy::{
+    Action, Decision, Observation, PodPhase, PodView, Policy, PolicyConfig, PolicyMemory,
+};

@@ -836,5 +836,8 @@ fn pick_drain(obs: &Observation, stale_after: f64, k: usize) -> Vec<String> {
     pods.into_iter().take(k).map(|(_, n)| n.clone()).collect()
 }
 
+mod handover;
 #[cfg(test)]
 mod tests;
+
+pub use handover::PolicyMemory;

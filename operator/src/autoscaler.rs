@@ -9,8 +9,9 @@
 //! (`crate::watch`); services are passed 16 at a time.
 //!
 //! With `autoscaling.enabled` false the loop only observes: status is written, nothing scaled.
-//! The policy's memory (demand history, drains) is per service and in memory: a new leader
-//! starts with none, so it scales down only after a full window of fresh data.
+//! The policy's memory is per service, and in status (`status.autoscalerMemory`,
+//! `crate::memory`): a new leader goes on with the old one's error budget, windows and
+//! drains. Not the demand history: it scales down only after a full window of fresh data.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -40,9 +41,10 @@ use crate::conditions::{
 };
 use crate::controller::{Context, Error};
 use crate::crd::{
-    late_requests_text, AutoscalingPolicy, AutoscalingPolicySpec, Decision, InferenceService,
-    PodLimits,
+    late_requests_text, AutoscalerMemory, AutoscalingPolicy, AutoscalingPolicySpec, Decision,
+    InferenceService, PodLimits,
 };
+use crate::memory;
 use crate::metrics::set_or_remove;
 use crate::scaling_active;
 use crate::validate::effective_replicas;
@@ -132,9 +134,9 @@ fn serving(pod: &Pod) -> bool {
     pod.metadata.deletion_timestamp.is_none() && ready_condition(pod)
 }
 
-/// Whether a pod's sidecar holds a drain that no policy in this process started: an earlier
-/// leader's (the policy's memory is per process), or one under way when autoscaling was turned
-/// off. Its engine turned not ready on purpose and would stay so for good, serving nothing
+/// Whether a pod's sidecar holds a drain that no policy in this process started or took over
+/// from status: an earlier leader's whose memory never reached status, or one under way when
+/// autoscaling was turned off. Its engine turned not ready on purpose and would stay so for good, serving nothing
 /// while the policy counted it as starting, which holds every scale-down. The operator serves
 /// it again, and a new drain comes only from a full window of fresh data, as after any restart.
 pub fn orphaned_drain(report: Option<&PressureReport>, draining_here: bool) -> bool {
@@ -354,6 +356,8 @@ pub struct Autoscaler {
     ctx: Arc<Context>,
     http: reqwest::Client,
     started: Instant,
+    /// `started` on the wall clock: the policies' times in status.
+    clock: memory::Clock,
     services: HashMap<String, ServiceState>,
     /// Every HorizontalPodAutoscaler (`scaling_active::cache`).
     hpas: Cache<HorizontalPodAutoscaler>,
@@ -386,6 +390,9 @@ impl Autoscaler {
                 .build()
                 .expect("an HTTP client"),
             started: Instant::now(),
+            clock: memory::Clock {
+                epoch: Timestamp::now(),
+            },
             services: HashMap::new(),
             hpas,
             pods,
@@ -618,6 +625,11 @@ impl Autoscaler {
             // scales.
             if pods.is_empty() {
                 let resources = resources_condition(&pods);
+                // The policy's memory as it is: no pass has run it.
+                let memory = isvc
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.autoscaler_memory.clone());
                 self.write_status(
                     isvc,
                     &name,
@@ -626,6 +638,7 @@ impl Autoscaler {
                     &[],
                     &[],
                     None,
+                    memory,
                     [resources, scaling],
                 )
                 .await?;
@@ -637,6 +650,16 @@ impl Autoscaler {
         } else {
             None
         };
+        let now = self.started.elapsed().as_secs_f64();
+        // Before the drains are read off it: a new leader's policy holds the old one's.
+        match &spec {
+            Some(p) if st.policy.is_none() => {
+                let cfg = policy_config(isvc, p);
+                st.policy = Some(self.first_policy(&ns, &name, &k, cfg, now).await?);
+            }
+            None => st.policy = None,
+            Some(_) => {}
+        }
         let draining: Vec<String> = st
             .policy
             .as_ref()
@@ -677,11 +700,11 @@ impl Autoscaler {
         let mut reports: Vec<Option<PressureReport>> = reads.into_iter().map(Result::ok).collect();
         let orphans = admit_reports(&mut views, &mut reports, &draining);
 
-        let mut decision = None;
+        let (mut decision, mut memory) = (None, None);
         if let Some(p) = &spec {
             let cfg = policy_config(isvc, p);
             let obs = Observation {
-                now: self.started.elapsed().as_secs_f64(),
+                now,
                 desired: effective_replicas(&isvc.spec).max(0) as u32,
                 pods: views
                     .iter()
@@ -698,12 +721,11 @@ impl Autoscaler {
                 policy.set_config(cfg);
             }
             let d = policy.decide(&obs);
+            memory = Some(memory::to_status(&policy.memory(now), self.clock, now));
             st.policy = Some(policy);
             self.apply(isvc, &ns, &d, &views, &reports, &token, p)
                 .await?;
             decision = Some(d);
-        } else {
-            st.policy = None;
         }
         self.cancel_orphaned_drains(isvc, &views, &reports, &orphans, decision.as_ref(), &token)
             .await;
@@ -716,9 +738,47 @@ impl Autoscaler {
             &views,
             &reports,
             decision.as_ref(),
+            memory,
             [resources, scaling],
         )
         .await
+    }
+
+    /// A service's policy in this process: going on from the memory in its status (a new
+    /// leader's), or new. The status is read afresh: a new leader's first list of the
+    /// services may come from the API server's watch cache, a write or two behind the old
+    /// leader's last (seen on the test cluster: a drain's memory, not the scale-down after it).
+    async fn first_policy(
+        &self,
+        ns: &str,
+        name: &str,
+        k: &str,
+        cfg: PolicyConfig,
+        now: f64,
+    ) -> Result<Policy, Error> {
+        let isvc = Api::<InferenceService>::namespaced(self.ctx.client.clone(), ns)
+            .get(name)
+            .await?;
+        let Some(m) = isvc
+            .status
+            .as_ref()
+            .and_then(|s| s.autoscaler_memory.as_ref())
+        else {
+            return Ok(Policy::new(cfg));
+        };
+        info!(
+            "{k}: autoscaling goes on from status.autoscalerMemory (last scale-up {}, last \
+             scale-down {}, {} pod(s) draining, {} late requests in the error budget)",
+            m.last_scale_up_time.as_deref().unwrap_or("none"),
+            m.last_scale_down_time.as_deref().unwrap_or("none"),
+            m.draining.len(),
+            m.error_budget.iter().map(|s| s.late).sum::<i64>()
+        );
+        Ok(Policy::restore(
+            cfg,
+            &memory::from_status(m, self.clock, now),
+            now,
+        ))
     }
 
     /// The service's gauges (`ServiceGauges`) from this pass: what `write_status` writes,
@@ -889,6 +949,7 @@ impl Autoscaler {
         views: &[(String, PodPhase, Option<String>)],
         reports: &[Option<PressureReport>],
         d: Option<&PolicyDecision>,
+        memory: Option<AutoscalerMemory>,
         [resources, scaling]: [Cond<'static>; 2],
     ) -> Result<(), Error> {
         let got: Vec<&PressureReport> = reports.iter().flatten().collect();
@@ -975,6 +1036,13 @@ impl Autoscaler {
         };
         let kv_usage = summary.map(|(mean, _, _)| format!("{:.0}%", mean * 100.0));
         let late_requests = late.map(late_requests_text);
+        // Written as it changes, but the error budget's newest span once a minute at most.
+        let memory = match memory {
+            Some(m) if !memory::due(current.autoscaler_memory.as_ref(), &m) => {
+                current.autoscaler_memory.clone()
+            }
+            m => m,
+        };
         // Level-based: compared with the object as it is, so a write lost to a race with the
         // reconciler is made again on the next pass.
         if kv_usage == current.kv_usage
@@ -982,6 +1050,7 @@ impl Autoscaler {
             && pod_limits == current.pod_limits
             && last_decision == current.last_decision
             && conds == current.conditions
+            && memory == current.autoscaler_memory
         {
             return Ok(());
         }
@@ -991,6 +1060,7 @@ impl Autoscaler {
             "podLimits": pod_limits,
             "lastDecision": last_decision,
             "conditions": conds,
+            "autoscalerMemory": memory,
         }});
         let isvcs: Api<InferenceService> = Api::namespaced(self.ctx.client.clone(), ns);
         let pp = PatchParams {

@@ -493,14 +493,18 @@ async fn report_invalid(
 }
 
 /// The part of the status this reconciler writes. The autoscaling loop writes `kvUsage`,
-/// `podLimits` and `lastDecision` (never sent here, so a server-side apply leaves them alone)
+/// `lateRequests`, `podLimits`, `lastDecision` and `autoscalerMemory` (never sent here, so a
+/// server-side apply leaves them alone: sent as this reconciler last saw them, they would put
+/// back what the loop has since replaced, and a new leader would go on from an older memory)
 /// and its conditions (`AUTOSCALER_OWNED`), which are passed through as found: a 1.20 API
 /// server treats the conditions list as one value, whatever the schema says.
 fn reconciler_fields(s: &InferenceServiceStatus) -> InferenceServiceStatus {
     InferenceServiceStatus {
         kv_usage: None,
+        late_requests: None,
         pod_limits: Vec::new(),
         last_decision: None,
+        autoscaler_memory: None,
         ..s.clone()
     }
 }
@@ -682,5 +686,46 @@ pub async fn run(
     tokio::select! {
         _ = controller => {}
         _ = scaler => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{AutoscalerMemory, Decision, PodLimits};
+
+    /// A server-side apply of what the reconciler read would own and put back the loop's
+    /// fields as they were then.
+    #[test]
+    fn the_reconciler_sends_none_of_the_loops_fields() {
+        let s = InferenceServiceStatus {
+            replicas: 2,
+            kv_usage: Some("40%".into()),
+            late_requests: Some("0.4/s".into()),
+            pod_limits: vec![PodLimits {
+                pod: "p".into(),
+                max_num_seqs: 8,
+                max_batched_tokens: 512,
+                draining: true,
+            }],
+            last_decision: Some(Decision {
+                summary: "scale 2->3".into(),
+                reason: "r".into(),
+                time: "2026-11-29T10:00:00Z".into(),
+            }),
+            autoscaler_memory: Some(AutoscalerMemory::default()),
+            ..Default::default()
+        };
+        let sent = serde_json::to_value(reconciler_fields(&s)).unwrap();
+        for loop_field in [
+            "kvUsage",
+            "lateRequests",
+            "podLimits",
+            "lastDecision",
+            "autoscalerMemory",
+        ] {
+            assert!(sent.get(loop_field).is_none(), "{loop_field}: {sent}");
+        }
+        assert_eq!(sent["replicas"], 2);
     }
 }

@@ -492,6 +492,61 @@ pub struct InferenceServiceStatus {
     pub pod_limits: Vec<PodLimits>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_decision: Option<Decision>,
+    /// What the autoscaling policy remembers between decisions, so that a new leader (a
+    /// failover, a rolling update of the operator) goes on where the last one stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaler_memory: Option<AutoscalerMemory>,
+}
+
+/// The autoscaling policy's memory (`redline_autoscale::PolicyMemory`) with times in RFC 3339,
+/// whole seconds. Absent while redline's autoscaling is off.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalerMemory {
+    // No `skip_serializing_if` on the times: in a merge patch, a time that is gone must be
+    // sent as null to be removed.
+    #[serde(default)]
+    pub last_scale_up_time: Option<String>,
+    #[serde(default)]
+    pub last_scale_down_time: Option<String>,
+    /// The last scale-down that reversed a scale-up: the next such one waits four windows.
+    #[serde(default)]
+    pub last_reversing_scale_down_time: Option<String>,
+    /// The last decision that saw a pod still starting: the scale-down window runs from it.
+    #[serde(default)]
+    pub last_pod_starting_time: Option<String>,
+    /// The scale-down window in force: the policy's, doubled after scale-downs that bursts
+    /// undid.
+    pub scale_down_window_seconds: i64,
+    /// Pods being drained for a scale-down, and since when.
+    #[serde(default)]
+    pub draining: Vec<DrainingPod>,
+    /// The SLO's error budget over the last hour, in 5-minute spans, oldest first.
+    #[serde(default)]
+    pub error_budget: Vec<BudgetSpan>,
+    #[serde(default)]
+    pub last_late_time: Option<String>,
+    /// When the budget's one catch-up (a minute of margin at the first late requests of a
+    /// clean hour) began; absent while it is armed.
+    #[serde(default)]
+    pub catch_up_time: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainingPod {
+    pub pod: String,
+    pub since: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BudgetSpan {
+    /// The newest count in the span.
+    pub until: String,
+    /// Requests whose first token came after the objective.
+    pub late: i64,
+    pub first_tokens: i64,
 }
 
 /// `status.lateRequests` from a rate: a string, as Kubernetes APIs avoid floats, rounded so the

@@ -9,6 +9,7 @@ pub mod conditions;
 pub mod controller;
 pub mod crd;
 pub mod leader;
+pub mod memory;
 pub mod metrics;
 pub mod scaling_active;
 #[cfg(test)]

@@ -2,8 +2,9 @@
 //! ServiceAccount (so the chart's RBAC is what is tested); the example InferenceService becomes
 //! Ready engine pods that answer a completion; the operator reads their sidecars' pressure into
 //! status; the scale subresource resizes the Deployment; with autoscaling on, idle spare pods
-//! are drained and removed (load/tests/closed_loop.rs drives the loop with a trace);
-//! invalid services are refused by the API server or marked Degraded while valid ones keep
+//! are drained and removed (load/tests/closed_loop.rs drives the loop with a trace), and the
+//! policy's memory in status carries over to a new operator pod (and is cleared when
+//! autoscaling is turned off); invalid services are refused by the API server or marked Degraded while valid ones keep
 //! reconciling; a `helm upgrade` to two replicas of a new build rolls the operator, hands the
 //! leader Lease over and fails over to the standby; an HPA on an autoscaled service makes
 //! redline hold its replicas (ScalingActive False) until it goes; evictions (a node drain) take one engine
@@ -759,6 +760,73 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
         );
     }
 
+    // The policy's memory is in status, and a new leader goes on from it: the operator's pod
+    // deleted (a node lost, a rolling update), the one the Deployment starts instead keeps the
+    // scale-down that was made and the window in force, where a policy of its own would have
+    // written none. Checked once it has passed the service twice (its gauges and its pass
+    // count say so).
+    let memory = scaled
+        .autoscaler_memory
+        .clone()
+        .expect("status.autoscalerMemory");
+    assert!(memory.last_scale_down_time.is_some(), "{memory:?}");
+    assert_eq!(memory.scale_down_window_seconds, 10);
+    assert!(memory.draining.is_empty(), "{memory:?}");
+    let old_op = op.metadata.name.clone().unwrap();
+    op_pods
+        .delete(&old_op, &DeleteParams::default())
+        .await
+        .unwrap();
+    let leases: Api<Lease> = Api::namespaced(client.clone(), RELEASE_NS);
+    let op = wait_for(
+        "a new operator pod leading, and past the service twice",
+        Duration::from_secs(90),
+        || async {
+            let holder = lease_holder(&leases).await?;
+            if holder == old_op || holder.is_empty() {
+                return Err(format!("lease held by {holder:?}"));
+            }
+            let pod = op_pods.get(&holder).await.map_err(|e| e.to_string())?;
+            let m = testing::pod_http(&client, RELEASE_NS, &holder, 8080, "GET", "/metrics", None)
+                .await
+                .map_err(|e| e.to_string())?;
+            let m = redline_api::prom::Exposition::parse(&m).map_err(|e| e.0)?;
+            let passes = m
+                .histogram("redline_operator_autoscale_pass_duration_seconds")
+                .map_or(0, |h| h.count);
+            let passed = m
+                .sum_where(
+                    "redline_operator_service_desired_replicas",
+                    &[
+                        ("namespace", ns.name.as_str()),
+                        ("inferenceservice", name.as_str()),
+                    ],
+                )
+                .is_some();
+            if passed && passes >= 2 {
+                Ok(pod)
+            } else {
+                Err(format!(
+                    "{holder}: {passes} passes, the service's gauges {passed}"
+                ))
+            }
+        },
+    )
+    .await;
+    let kept = isvcs
+        .get(&name)
+        .await
+        .unwrap()
+        .status
+        .unwrap_or_default()
+        .autoscaler_memory
+        .expect("status.autoscalerMemory after the new leader's passes");
+    assert_eq!(
+        (kept.last_scale_down_time, kept.scale_down_window_seconds),
+        (memory.last_scale_down_time, 10),
+        "the new leader's memory"
+    );
+
     // The same as gauges on the operator's /metrics, per service (a Prometheus plots load
     // against replicas from them), as of the loop's last pass: one replica decided and
     // serving, an idle demand under it, the pods' KV usage, and the burn of the example's
@@ -863,6 +931,18 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
             .reason,
         "AutoscalingDisabled"
     );
+    wait_for(
+        "the policy's memory gone from status with autoscaling off",
+        Duration::from_secs(20),
+        || async {
+            let i = isvcs.get(&name).await.map_err(|e| e.to_string())?;
+            match i.status.and_then(|s| s.autoscaler_memory) {
+                None => Ok(()),
+                Some(m) => Err(format!("{m:?}")),
+            }
+        },
+    )
+    .await;
 
     // Invalid services: refused by the API server's schema (raw JSON, as kubectl would send)...
     let raw: Api<DynamicObject> = Api::namespaced_with(
@@ -1134,7 +1214,6 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
     // go as it stops instead of leaving it to expire, exactly one new pod leads, the new leader
     // reconciles, and when it is deleted the standby takes over.
     let old_op = op.metadata.name.clone().unwrap();
-    let leases: Api<Lease> = Api::namespaced(client.clone(), RELEASE_NS);
     assert_eq!(lease_holder(&leases).await.unwrap(), old_op);
     run_helm(&[
         "upgrade",

@@ -387,6 +387,51 @@ fn scales_down_only_through_a_drain_after_the_window() {
     assert_eq!((d.replicas, d.draining.clone()), (2, vec![busy]));
 }
 
+/// A new leader (its clock starting at 0) restored from the old one's memory goes on with
+/// the old one's drain and sizes by its overspent budget; one started fresh would forget the
+/// drain (the operator would then serve the pod again) and size lean.
+#[test]
+fn a_new_leader_goes_on_with_the_drain_and_the_budget_it_is_handed() {
+    let mut p = Policy::new(slo_cfg());
+    let mut t = 0.0;
+    let drained = loop {
+        assert!(t < 400.0, "no drain");
+        // 3 replicas, light load, 1 of 20 first tokens a second late: the budget burns.
+        let d = p.decide(&with_slo(t, 3, 200.0, 1.0, 0));
+        if let Action::Drain { pods } = d.action {
+            break pods;
+        }
+        t += 5.0;
+    };
+    let m = p.memory(t);
+    let late: f64 = m.budget.spans.iter().map(|s| s.late).sum();
+    assert!(late > 5.0, "{late}");
+    let (mut new, mut fresh) = (Policy::restore(slo_cfg(), &m, 0.0), Policy::new(slo_cfg()));
+    assert_eq!(new.draining().collect::<Vec<_>>(), drained);
+    assert_eq!(new.scale_down_window(), p.scale_down_window());
+    // The drained pods empty; nothing late since. The new leader removes them.
+    let mut o = with_slo(5.0, 3, 200.0, 0.0, 0);
+    for v in &mut o.pods {
+        if drained.contains(&v.name) {
+            v.signals.as_mut().expect("reports").running = 0;
+        }
+    }
+    let d = new.decide(&o);
+    assert!(
+        matches!(&d.action, Action::ScaleDown { from: 3, pods, .. } if *pods == drained),
+        "{:?}: {}",
+        d.action,
+        d.reason
+    );
+    let f = fresh.decide(&o);
+    assert_eq!(f.action, Action::Hold, "{}", f.reason);
+    // The budget it was handed is overspent: it sizes guarded; a fresh one knows of nothing
+    // late and sizes lean.
+    assert!(d.error_budget_burn.expect("an objective") > 1.0, "{d:?}");
+    assert_eq!(f.error_budget_burn, Some(0.0));
+    assert!(d.forecast > f.forecast, "{} vs {}", d.forecast, f.forecast);
+}
+
 #[test]
 fn the_window_after_a_scale_up_runs_from_when_its_pods_turn_ready() {
     let mut p = Policy::new(cfg());
@@ -770,6 +815,9 @@ fn bursts() -> impl Strategy<Value = Vec<Tick>> {
 /// the cooldown of a scale-down; never a drain that reverses a scale-up within four
 /// windows of the last scale-down that did; only one replica removed at a time, and only
 /// after a drain of that same pod.
+///
+/// With `handover` (a tick index and a clock), the policy is replaced after that tick by one
+/// restored from its memory, on a clock of its own (a new leader): the invariants hold across.
 fn check_invariants(
     ticks: &[Tick],
     min: u32,
@@ -777,6 +825,7 @@ fn check_invariants(
     start: u32,
     trend_smoothing: f64,
     slo: bool,
+    handover: Option<(usize, f64)>,
 ) -> Result<(), TestCaseError> {
     let mut c = cfg();
     c.ttft_objective_seconds = slo.then_some(2.0);
@@ -792,13 +841,21 @@ fn check_invariants(
     let (mut went_up, mut down_reversal): (Option<bool>, Option<f64>) = (None, None);
     // The last tick that showed a pod still starting.
     let mut last_starting: Option<f64> = None;
-    for k in ticks {
+    // The policy's clock: `t` until the handover, its successor's after.
+    let mut clock = 0.0;
+    for (i, k) in ticks.iter().enumerate() {
         t += k.dt;
-        let o = observe(t, desired, k);
+        let mut o = observe(t, desired, k);
         if o.pods.iter().any(|v| v.phase == PodPhase::Starting) {
             last_starting = Some(t);
         }
+        o.now += clock;
         let d = p.decide(&o);
+        if let Some((_, to)) = handover.filter(|&(at, _)| at == i) {
+            let m = p.memory(o.now);
+            clock = to - t;
+            p = Policy::restore(c, &m, t + clock);
+        }
         prop_assert!(
             d.replicas >= c.min_replicas && d.replicas <= c.max_replicas,
             "{} outside [{}, {}]",
@@ -879,7 +936,7 @@ proptest! {
         trend_smoothing in prop_oneof![Just(0.0), Just(15.0)],
         slo: bool,
     ) {
-        check_invariants(&ticks, min, span, start, trend_smoothing, slo)?;
+        check_invariants(&ticks, min, span, start, trend_smoothing, slo, None)?;
     }
 
     #[test]
@@ -891,7 +948,25 @@ proptest! {
         trend_smoothing in prop_oneof![Just(0.0), Just(15.0)],
         slo: bool,
     ) {
-        check_invariants(&ticks, min, span, start, trend_smoothing, slo)?;
+        check_invariants(&ticks, min, span, start, trend_smoothing, slo, None)?;
+    }
+
+    /// A new leader restored from the old one's memory, on a clock of its own (behind the
+    /// old one's, as a new process's is, or ahead), keeps every invariant across the
+    /// handover: no reversal the old one would not have made, no scale-up within the
+    /// cooldown of its scale-down, no drain within the window of its scale-up.
+    #[test]
+    fn invariants_hold_across_a_handover(
+        ticks in bursts(),
+        min in 0u32..3,
+        span in 2u32..6,
+        start in 0u32..4,
+        at in 0usize..400,
+        clock in prop_oneof![Just(0.0), -1000.0f64..1000.0],
+        slo: bool,
+    ) {
+        let at = at % ticks.len();
+        check_invariants(&ticks, min, span, start, 15.0, slo, Some((at, clock)))?;
     }
 
     /// Same inputs, same decisions: the operator and the simulator agree.

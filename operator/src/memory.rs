@@ -1,0 +1,371 @@
+//! The autoscaling policy's memory in the InferenceService's status
+//! (`status.autoscalerMemory`), so that a new leader goes on where the last one stopped: its
+//! error budget (a failover in the middle of a burst must not size lean because it has seen
+//! nothing late yet), its windows and reversals, its drains (adopted, not cancelled).
+//!
+//! Written with the rest of the loop's status, but not at every pass: the budget's newest span
+//! changes every pass, so it is written when a late request is counted, or once a minute
+//! ([`due`]); anything else (a scaling action, a drain, a window doubled) is written at once.
+//! A failover loses at most a minute of first tokens counted, never a decision.
+
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use redline_autoscale::budget::{BudgetMemory, BudgetSpan as Span};
+use redline_autoscale::PolicyMemory;
+
+use crate::crd::{AutoscalerMemory, BudgetSpan, DrainingPod};
+
+/// How stale the budget's newest span may be in status.
+pub const REFRESH_SECONDS: i64 = 60;
+
+/// A clock for the policy: its seconds since `epoch` (an instant of the loop's start), and
+/// the wall time they are.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    pub epoch: Timestamp,
+}
+
+impl Clock {
+    /// The wall time `t` seconds after the epoch, to the second: the same instant renders the
+    /// same at every pass.
+    fn wall(&self, t: f64) -> String {
+        let at = self.epoch + SignedDuration::from_secs_f64(t);
+        Timestamp::from_second(at.as_second())
+            .unwrap_or(at)
+            .to_string()
+    }
+
+    /// Seconds from the wall time `text` to `now` on the policy's clock; `None` when it does
+    /// not parse (an edited status: that part is forgotten).
+    fn age(&self, text: &str, now: f64) -> Option<f64> {
+        let at: Timestamp = text.parse().ok()?;
+        let now = self.epoch + SignedDuration::from_secs_f64(now);
+        Some(now.duration_since(at).as_secs_f64())
+    }
+}
+
+/// The policy's memory at `now` as status holds it.
+pub fn to_status(m: &PolicyMemory, clock: Clock, now: f64) -> AutoscalerMemory {
+    let wall = |age: Option<f64>| age.map(|a| clock.wall(now - a));
+    AutoscalerMemory {
+        last_scale_up_time: wall(m.last_up_age),
+        last_scale_down_time: wall(m.last_down_age),
+        last_reversing_scale_down_time: wall(m.last_down_reversal_age),
+        last_pod_starting_time: wall(m.last_starting_age),
+        scale_down_window_seconds: m.scale_down_window_seconds.round() as i64,
+        draining: m
+            .draining
+            .iter()
+            .map(|(pod, age)| DrainingPod {
+                pod: pod.clone(),
+                since: clock.wall(now - age),
+            })
+            .collect(),
+        error_budget: m
+            .budget
+            .spans
+            .iter()
+            .map(|s| BudgetSpan {
+                until: clock.wall(now - s.age),
+                late: s.late.round() as i64,
+                first_tokens: s.first.round() as i64,
+            })
+            .collect(),
+        last_late_time: wall(m.budget.last_late_age),
+        catch_up_time: wall(m.budget.catch_up_age),
+    }
+}
+
+/// The memory status holds, as a policy at `now` restores it.
+pub fn from_status(s: &AutoscalerMemory, clock: Clock, now: f64) -> PolicyMemory {
+    let age = |t: &Option<String>| t.as_deref().and_then(|t| clock.age(t, now));
+    PolicyMemory {
+        last_up_age: age(&s.last_scale_up_time),
+        last_down_age: age(&s.last_scale_down_time),
+        last_down_reversal_age: age(&s.last_reversing_scale_down_time),
+        last_starting_age: age(&s.last_pod_starting_time),
+        scale_down_window_seconds: s.scale_down_window_seconds as f64,
+        draining: s
+            .draining
+            .iter()
+            .filter_map(|d| Some((d.pod.clone(), clock.age(&d.since, now)?)))
+            .collect(),
+        budget: BudgetMemory {
+            spans: s
+                .error_budget
+                .iter()
+                .filter_map(|b| {
+                    Some(Span {
+                        age: clock.age(&b.until, now)?,
+                        late: b.late as f64,
+                        first: b.first_tokens as f64,
+                    })
+                })
+                .collect(),
+            last_late_age: age(&s.last_late_time),
+            catch_up_age: age(&s.catch_up_time),
+        },
+    }
+}
+
+/// Whether `new` is to be written over `written` (see the module): anything but the budget's
+/// newest span changed, or a late request was counted in it, or it is a minute stale.
+pub fn due(written: Option<&AutoscalerMemory>, new: &AutoscalerMemory) -> bool {
+    let Some(old) = written else {
+        return true;
+    };
+    let split = |m: &AutoscalerMemory| {
+        let mut m = m.clone();
+        let newest = m.error_budget.pop();
+        (m, newest)
+    };
+    let ((old, old_span), (new, new_span)) = (split(old), split(new));
+    if old != new {
+        return true;
+    }
+    match (old_span, new_span) {
+        (Some(o), Some(n)) => {
+            let stale = || -> Option<bool> {
+                let (o, n): (Timestamp, Timestamp) = (o.until.parse().ok()?, n.until.parse().ok()?);
+                Some(n.duration_since(o).as_secs() >= REFRESH_SECONDS)
+            };
+            o.late != n.late || stale().unwrap_or(true)
+        }
+        (o, n) => o != n,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redline_api::{Level, Limits};
+    use redline_autoscale::{
+        Action, Observation, PodPhase, PodSignals, PodView, Policy, PolicyConfig, ReplicaCapacity,
+    };
+
+    fn clock() -> Clock {
+        Clock {
+            epoch: "2026-11-29T10:00:00.25Z".parse().expect("a time"),
+        }
+    }
+
+    #[test]
+    fn the_memory_reads_back_as_written_to_the_second() {
+        let m = PolicyMemory {
+            last_up_age: Some(30.0),
+            last_down_age: None,
+            last_down_reversal_age: Some(4000.0),
+            last_starting_age: Some(12.4),
+            scale_down_window_seconds: 600.0,
+            draining: vec![("pod-a".into(), 8.0)],
+            budget: BudgetMemory {
+                spans: vec![
+                    Span {
+                        age: 310.0,
+                        late: 3.4,
+                        first: 1200.0,
+                    },
+                    Span {
+                        age: 2.0,
+                        late: 0.0,
+                        first: 40.0,
+                    },
+                ],
+                last_late_age: Some(320.0),
+                catch_up_age: None,
+            },
+        };
+        // A policy clock at 5000 s: the wall time 11:23:20.25.
+        let s = to_status(&m, clock(), 5000.0);
+        assert_eq!(
+            s.last_scale_up_time.as_deref(),
+            Some("2026-11-29T11:22:50Z")
+        );
+        assert_eq!(s.last_scale_down_time, None);
+        assert_eq!(s.draining[0].since, "2026-11-29T11:23:12Z");
+        assert_eq!(
+            (s.error_budget[0].late, s.error_budget[0].first_tokens),
+            (3, 1200)
+        );
+        // Read back by a successor whose clock started 1000 s later, 10 s on.
+        let later = Clock {
+            epoch: clock().epoch + SignedDuration::from_secs(1000),
+        };
+        let r = from_status(&s, later, 4010.0);
+        let close = |a: Option<f64>, b: f64| (a.expect("kept") - b).abs() <= 1.0;
+        assert!(close(r.last_up_age, 40.0), "{:?}", r.last_up_age);
+        assert!(
+            close(r.last_starting_age, 22.4),
+            "{:?}",
+            r.last_starting_age
+        );
+        assert!(close(r.budget.last_late_age, 330.0));
+        assert!(close(Some(r.draining[0].1), 18.0));
+        assert_eq!(r.last_down_age, None);
+        assert_eq!(r.budget.catch_up_age, None);
+        assert_eq!(r.scale_down_window_seconds, 600.0);
+        assert_eq!(r.budget.spans[0].late, 3.0);
+        // An edited status: what does not parse is forgotten, the rest kept.
+        let mut bad = s.clone();
+        bad.last_scale_up_time = Some("yesterday".into());
+        let r = from_status(&bad, later, 4010.0);
+        assert_eq!(r.last_up_age, None);
+        assert!(close(r.last_starting_age, 22.4));
+    }
+
+    #[test]
+    fn the_budget_s_newest_span_is_written_once_a_minute_or_when_a_request_is_late() {
+        let at = |t: f64, late: i64, first: i64| AutoscalerMemory {
+            scale_down_window_seconds: 300,
+            error_budget: vec![
+                BudgetSpan {
+                    until: clock().wall(0.0),
+                    late: 1,
+                    first_tokens: 900,
+                },
+                BudgetSpan {
+                    until: clock().wall(t),
+                    late,
+                    first_tokens: first,
+                },
+            ],
+            ..AutoscalerMemory::default()
+        };
+        let written = at(400.0, 0, 100);
+        assert!(due(None, &written));
+        assert!(!due(Some(&written), &written));
+        assert!(
+            !due(Some(&written), &at(455.0, 0, 160)),
+            "first tokens, 55 s on"
+        );
+        assert!(due(Some(&written), &at(460.0, 0, 170)), "a minute on");
+        assert!(due(Some(&written), &at(405.0, 1, 105)), "a late request");
+        let mut up = written.clone();
+        up.last_scale_up_time = Some(clock().wall(401.0));
+        assert!(due(Some(&written), &up), "a decision");
+        let mut closed = written.clone();
+        closed.error_budget.push(BudgetSpan {
+            until: clock().wall(601.0),
+            late: 0,
+            first_tokens: 5,
+        });
+        assert!(due(Some(&written), &closed), "a new span");
+    }
+
+    /// Through status and back, a policy's memory restores a policy that decides as the one
+    /// restored from the memory itself (the round trip loses only fractions of a second and
+    /// of a request).
+    #[test]
+    fn a_policy_restored_through_status_decides_as_one_restored_directly() {
+        let cfg = PolicyConfig {
+            min_replicas: 1,
+            max_replicas: 8,
+            capacity: ReplicaCapacity {
+                prompt_tokens_per_second: 100.0,
+                generation_tokens_per_second: 100.0,
+                step_seconds: None,
+            },
+            target_utilization: 1.0,
+            target_kv_usage: 0.5,
+            forecast_horizon_seconds: 60.0,
+            trend_window_seconds: 75.0,
+            trend_smoothing_seconds: 15.0,
+            demand_smoothing_seconds: 10.0,
+            scale_up_cooldown_seconds: 15.0,
+            scale_down_window_seconds: 120.0,
+            max_step: 1,
+            stale_after_seconds: 10.0,
+            backlog_drain_seconds: 60.0,
+            drain_timeout_seconds: 60.0,
+            pod_limits: Limits::new(8, 512),
+            ttft_objective_seconds: Some(2.0),
+        };
+        // `tps` prompt tokens a second over `n` pods, `late` of each one's 5 first tokens late.
+        let view = |n: u32, tps: f64, late: f64| {
+            (0..n)
+                .map(|i| PodView {
+                    name: format!("p{i}"),
+                    phase: PodPhase::Ready,
+                    signals: Some(PodSignals {
+                        sample_age_seconds: 0.5,
+                        kv_usage: 0.0,
+                        running: 1,
+                        waiting: 0,
+                        waiting_tokens: Some(0),
+                        prompt_tokens_per_second: Some(tps / n as f64),
+                        generation_tokens_per_second: Some(0.0),
+                        preemptions_per_second: 0.0,
+                        level: Level::Ok,
+                        arrival_peaks: Vec::new(),
+                        late_per_second: Some(late),
+                        first_tokens_per_second: Some(5.0),
+                        busy_share: None,
+                        steps_per_second: None,
+                    }),
+                })
+                .collect::<Vec<_>>()
+        };
+        // Three replicas through a burst that made requests late, then a light load that
+        // drains two of them.
+        let mut p = Policy::new(cfg);
+        let mut desired = 3;
+        for i in 0..200 {
+            let t = i as f64 * 5.0;
+            let (tps, late) = if (40..60).contains(&i) {
+                (250.0, 0.5)
+            } else {
+                (50.0, 0.0)
+            };
+            desired = p
+                .decide(&Observation {
+                    now: t,
+                    desired,
+                    pods: view(desired, tps, late),
+                })
+                .replicas;
+        }
+        assert_eq!(desired, 1);
+        let now = 1000.0;
+        let m = p.memory(now);
+        assert!(
+            m.last_down_age.is_some() && m.budget.last_late_age.is_some(),
+            "{m:?}"
+        );
+        let through = from_status(&to_status(&m, clock(), now), clock(), now);
+        let mut restored = [
+            Policy::restore(cfg, &m, now),
+            Policy::restore(cfg, &through, now),
+        ];
+        let mut fresh = Policy::new(cfg);
+        // 90 tokens a second: 0.9 replicas at full capacity. Lean sizing holds one replica;
+        // sizing guarded (the budget the burst overspent), it starts a second.
+        let mut ups = 0;
+        for i in 1..40 {
+            let o = Observation {
+                now: now + i as f64 * 5.0,
+                desired,
+                pods: view(desired, 90.0, 0.0),
+            };
+            let [a, b] = restored.each_mut().map(|p| p.decide(&o));
+            assert_eq!(
+                a.action, b.action,
+                "at {}: {} / {}",
+                o.now, a.reason, b.reason
+            );
+            let burn = |d: &redline_autoscale::Decision| d.error_budget_burn.expect("objective");
+            assert!(
+                (burn(&a) - burn(&b)).abs() < 0.01,
+                "{} vs {}",
+                burn(&a),
+                burn(&b)
+            );
+            assert!(burn(&a) > 1.0);
+            if matches!(a.action, Action::ScaleUp { .. }) {
+                ups += 1;
+            }
+            let f = fresh.decide(&Observation { desired: 1, ..o });
+            assert_eq!(f.action, Action::Hold, "{}", f.reason);
+            desired = a.replicas;
+        }
+        assert_eq!((ups, desired), (1, 2));
+    }
+}

@@ -4,9 +4,10 @@
 //! nothing late yet), its windows and reversals, its drains (adopted, not cancelled).
 //!
 //! Written with the rest of the loop's status, but not at every pass: the budget's newest span
-//! changes every pass, so it is written when a late request is counted, or once a minute
-//! ([`due`]); anything else (a scaling action, a drain, a window doubled) is written at once.
-//! A failover loses at most a minute of first tokens counted, never a decision.
+//! changes every pass, so it is written when a late request is counted, or once a minute, and
+//! so is the last pass that saw a pod starting ([`due`]); anything else (a scaling action, a
+//! drain, a window doubled) is written at once. A failover loses at most a minute of first
+//! tokens counted, never a decision.
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use redline_autoscale::budget::{BudgetMemory, BudgetSpan as Span};
@@ -107,8 +108,11 @@ pub fn from_status(s: &AutoscalerMemory, clock: Clock, now: f64) -> PolicyMemory
     }
 }
 
-/// Whether `new` is to be written over `written` (see the module): anything but the budget's
-/// newest span changed, or a late request was counted in it, or it is a minute stale.
+/// Whether `new` is to be written over `written` (see the module): anything changed but the
+/// times that move at every pass, the budget's newest span (written when a late request is
+/// counted in it, or once it is a minute stale) and the last pass that saw a pod starting
+/// (a minute stale at most: a successor sees starting pods itself, and drains only after a
+/// whole window of its own data).
 pub fn due(written: Option<&AutoscalerMemory>, new: &AutoscalerMemory) -> bool {
     let Some(old) = written else {
         return true;
@@ -116,22 +120,26 @@ pub fn due(written: Option<&AutoscalerMemory>, new: &AutoscalerMemory) -> bool {
     let split = |m: &AutoscalerMemory| {
         let mut m = m.clone();
         let newest = m.error_budget.pop();
-        (m, newest)
+        let starting = m.last_pod_starting_time.take();
+        (m, newest, starting)
     };
-    let ((old, old_span), (new, new_span)) = (split(old), split(new));
-    if old != new {
-        return true;
-    }
-    match (old_span, new_span) {
-        (Some(o), Some(n)) => {
-            let stale = || -> Option<bool> {
-                let (o, n): (Timestamp, Timestamp) = (o.until.parse().ok()?, n.until.parse().ok()?);
-                Some(n.duration_since(o).as_secs() >= REFRESH_SECONDS)
-            };
-            o.late != n.late || stale().unwrap_or(true)
+    let ((old, old_span, old_starting), (new, new_span, new_starting)) = (split(old), split(new));
+    // Whether `n` is a minute or more after `o` (or either does not parse).
+    let stale = |o: &str, n: &str| -> bool {
+        match (o.parse::<Timestamp>(), n.parse::<Timestamp>()) {
+            (Ok(o), Ok(n)) => n.duration_since(o).as_secs() >= REFRESH_SECONDS,
+            _ => true,
         }
+    };
+    let span_due = match (old_span, new_span) {
+        (Some(o), Some(n)) => o.late != n.late || stale(&o.until, &n.until),
         (o, n) => o != n,
-    }
+    };
+    let starting_due = match (old_starting, new_starting) {
+        (Some(o), Some(n)) => stale(&o, &n),
+        (o, n) => o != n,
+    };
+    old != new || span_due || starting_due
 }
 
 #[cfg(test)]
@@ -213,7 +221,7 @@ mod tests {
     }
 
     #[test]
-    fn the_budget_s_newest_span_is_written_once_a_minute_or_when_a_request_is_late() {
+    fn what_moves_every_pass_is_written_once_a_minute_and_the_rest_as_it_changes() {
         let at = |t: f64, late: i64, first: i64| AutoscalerMemory {
             scale_down_window_seconds: 300,
             error_budget: vec![
@@ -242,6 +250,14 @@ mod tests {
         let mut up = written.clone();
         up.last_scale_up_time = Some(clock().wall(401.0));
         assert!(due(Some(&written), &up), "a decision");
+        // Pods starting: the first pass that sees them is written, the next minute's not.
+        let starting = |t: f64| AutoscalerMemory {
+            last_pod_starting_time: Some(clock().wall(t)),
+            ..written.clone()
+        };
+        assert!(due(Some(&written), &starting(401.0)), "pods starting");
+        assert!(!due(Some(&starting(401.0)), &starting(455.0)));
+        assert!(due(Some(&starting(401.0)), &starting(461.0)));
         let mut closed = written.clone();
         closed.error_budget.push(BudgetSpan {
             until: clock().wall(601.0),

@@ -11,7 +11,7 @@ use crate::fleet::{simulate, Autoscaler, Outcome, Queue, SimConfig, Slo};
 use crate::profile::EngineProfile;
 use crate::report::{summarize, Summary};
 use crate::reversal_cap::{cheapest_with_reversals, Cap};
-use crate::scalers::{HpaQueue, Kpa, Oracle, Redline, Static};
+use crate::scalers::{Handover, HpaQueue, Kpa, Oracle, Redline, Static};
 use crate::trace::Request;
 
 #[derive(Debug, Clone)]
@@ -25,6 +25,9 @@ pub struct Setup {
     pub oracle_window_seconds: f64,
     /// Share of requests that must meet the SLO (static N and the oracle are sized to it).
     pub attainment_target: f64,
+    /// When redline's operator fails over to a new leader, and what that one starts from.
+    pub failovers: Vec<f64>,
+    pub handover: Handover,
 }
 
 impl Setup {
@@ -73,6 +76,8 @@ impl Setup {
             policy_interval_seconds: 5.0,
             oracle_window_seconds: 60.0,
             attainment_target: 0.99,
+            failovers: Vec::new(),
+            handover: Handover::Memory,
         }
     }
 
@@ -308,7 +313,8 @@ pub fn compare(trace: &[Request], setup: &Setup, mp: Option<&MultiProgress>) -> 
         queue: setup.baseline_queue,
         ..start.clone()
     };
-    let mut redline = Redline::new(setup.policy, setup.policy_interval_seconds);
+    let mut redline = Redline::new(setup.policy, setup.policy_interval_seconds)
+        .with_failovers(setup.failovers.clone(), setup.handover);
     let mut outcomes = vec![
         run(trace, &start, &mut redline, mp),
         run(

@@ -7,11 +7,23 @@ use redline_autoscale::{Observation, PodPhase, PodView, Policy, PolicyConfig};
 
 use crate::fleet::{Autoscaler, Command, FleetView};
 
+/// What a new leader starts from after a failover of the operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handover {
+    /// The old leader's memory, as the operator hands it over in status.
+    Memory,
+    /// Nothing (the operator before `status.autoscalerMemory`).
+    Fresh,
+}
+
 /// redline: the operator's policy every `interval`, the sidecars' guard every 250 ms.
 pub struct Redline {
     policy: Policy,
     interval: f64,
     guard: bool,
+    /// When the operator fails over (oldest last), and what the new leader starts from.
+    failovers: Vec<f64>,
+    handover: Handover,
     /// Every decision that changed something, with its reason (`--explain`).
     pub log: Vec<String>,
 }
@@ -22,8 +34,18 @@ impl Redline {
             policy: Policy::new(cfg),
             interval,
             guard: true,
+            failovers: Vec::new(),
+            handover: Handover::Memory,
             log: Vec::new(),
         }
+    }
+
+    /// A new leader at each of `at` (seconds), starting from `handover`.
+    pub fn with_failovers(mut self, mut at: Vec<f64>, handover: Handover) -> Self {
+        at.sort_by(|a, b| b.total_cmp(a));
+        self.failovers = at;
+        self.handover = handover;
+        self
     }
 
     /// The slow loop alone, to see what the sidecars' guard adds.
@@ -61,6 +83,22 @@ impl Autoscaler for Redline {
                 })
                 .collect(),
         };
+        while self.failovers.last().is_some_and(|&t| t <= now) {
+            self.failovers.pop();
+            let cfg = *self.policy.config();
+            self.policy = match self.handover {
+                Handover::Memory => Policy::restore(cfg, &self.policy.memory(now), now),
+                Handover::Fresh => Policy::new(cfg),
+            };
+            self.log.push(format!(
+                "{:6.1} min  failover         a new leader, from {}",
+                now / 60.0,
+                match self.handover {
+                    Handover::Memory => "the old one's memory",
+                    Handover::Fresh => "nothing",
+                }
+            ));
+        }
         let d = self.policy.decide(&obs);
         if d.action != redline_autoscale::Action::Hold {
             self.log.push(format!(

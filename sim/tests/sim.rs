@@ -9,7 +9,7 @@ use redline_sim::compare::{budget_oracle, compare, oracle_schedule, Setup};
 use redline_sim::fleet::{simulate, Queue, SimConfig, Slo};
 use redline_sim::profile::EngineProfile;
 use redline_sim::report::summarize;
-use redline_sim::scalers::{HpaQueue, Redline, Static};
+use redline_sim::scalers::{Handover, HpaQueue, Redline, Static};
 use redline_sim::trace::{read, Replay, Request};
 
 fn trace(replay: Replay) -> Vec<Request> {
@@ -274,4 +274,41 @@ fn on_the_conversation_trace_redline_keeps_the_slo_under_the_redline_without_fla
         // The load is real: the fleet grew past its floor.
         assert!(s.scale_actions > 0, "{s:?}");
     }
+}
+
+/// An operator failover (a `helm upgrade`, a lost node) where the service's error budget is
+/// overspent (prompts twice as long: guarded from minute 3 on): a new leader that goes on from
+/// the old one's memory (`status.autoscalerMemory`) decides as the old one would have, to the
+/// request; one that starts with nothing sizes lean through the overspent budget and falls
+/// under the SLO. (`redline-sim --token-scale 2 --failover 600 [--failover-without-memory]`;
+/// docs/autoscaling.md, "In the operator".)
+#[test]
+fn a_new_leader_going_on_from_the_old_ones_memory_keeps_the_slo_where_a_fresh_one_does_not() {
+    let t = trace(Replay {
+        token_scale: 2.0,
+        ..Replay::default()
+    });
+    let setup = Setup::new(EngineProfile::gpu_8b(), 60.0, SLO, 2, 16);
+    let run = |failovers: Vec<f64>, handover: Handover| {
+        let mut r = Redline::new(setup.policy, 5.0).with_failovers(failovers, handover);
+        summarize(&simulate(&t, &setup.sim, &mut r, None), &SLO)
+    };
+    let alone = run(Vec::new(), Handover::Memory);
+    let memory = run(vec![600.0], Handover::Memory);
+    let fresh = run(vec![600.0], Handover::Fresh);
+    println!("alone {alone:?}\nmemory {memory:?}\nfresh {fresh:?}");
+    assert!(alone.ttft_attainment >= 0.99, "{alone:?}");
+    assert_eq!(
+        (
+            memory.ttft_attainment,
+            memory.replica_seconds,
+            memory.scale_actions
+        ),
+        (
+            alone.ttft_attainment,
+            alone.replica_seconds,
+            alone.scale_actions
+        )
+    );
+    assert!(fresh.ttft_attainment < 0.99, "{fresh:?}");
 }

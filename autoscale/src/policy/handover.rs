@@ -4,8 +4,9 @@
 //! or the reversal it just made (and making another).
 //!
 //! The demand history is not handed over: a successor drains nothing until it has seen a
-//! whole scale-down window of fresh data itself, as after any start. What is handed over only
-//! holds the successor back, never lets it act sooner.
+//! whole scale-down window of fresh data itself, as after any start. So nothing handed over
+//! lets it scale down sooner than a new policy would (it only finishes the old one's drains);
+//! the windows, the reversals and the budget only hold it back, or make it keep a margin.
 
 use serde::{Deserialize, Serialize};
 

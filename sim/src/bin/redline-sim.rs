@@ -11,6 +11,7 @@ use redline_sim::compare::{budget_oracle, compare, Row, Setup};
 use redline_sim::fleet::{Queue, Slo};
 use redline_sim::profile::EngineProfile;
 use redline_sim::report::{summarize, table};
+use redline_sim::scalers::Handover;
 use redline_sim::targets::{self, Check, SCENARIOS, TARGETS};
 use redline_sim::trace::{self, Replay, Request};
 
@@ -95,6 +96,14 @@ struct Args {
     /// (greedy; seconds at x4, a minute or more at x1) and print it after the table.
     #[arg(long)]
     budget_oracle: bool,
+    /// The operator fails over to a new leader at these times (seconds into the replay,
+    /// comma-separated): what a `helm upgrade` or a lost node does mid-burst.
+    #[arg(long, value_delimiter = ',')]
+    failover: Vec<f64>,
+    /// The new leader starts with nothing, as before `status.autoscalerMemory` (by default it
+    /// goes on from the old one's memory, as the operator does).
+    #[arg(long)]
+    failover_without_memory: bool,
 }
 
 fn queue_name(q: Queue) -> String {
@@ -151,6 +160,12 @@ fn setup(a: &Args, profile: &EngineProfile, cold_start: f64) -> Setup {
         setup.policy.ttft_objective_seconds = None;
     }
     setup.baseline_queue = a.baseline_queue;
+    setup.failovers = a.failover.clone();
+    setup.handover = if a.failover_without_memory {
+        Handover::Fresh
+    } else {
+        Handover::Memory
+    };
     setup
 }
 

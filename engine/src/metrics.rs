@@ -267,6 +267,15 @@ impl Metrics {
         self.max_kv_usage.set(l.max_kv_usage);
     }
 
+    /// Every metric this exports (each one has a series from the start).
+    pub fn names(&self) -> Vec<String> {
+        self.registry
+            .gather()
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect()
+    }
+
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         TextEncoder::new()

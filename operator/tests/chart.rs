@@ -1,8 +1,11 @@
 //! The Helm chart as `helm template` renders it (the real helm; no cluster): least-privilege
 //! RBAC, a hardened operator pod, the values a Helm user sets (placement, pull secrets, pod
-//! metadata, a metrics Service, a Prometheus Operator ServiceMonitor and a Grafana dashboard)
+//! metadata, a metrics Service, a Prometheus Operator ServiceMonitor, a PodMonitor that finds
+//! the engine pods the operator makes, and a Grafana dashboard of metrics redline exports)
 //! landing where they belong, and values the schema does not know refused. The e2e installs the chart for real.
 
+use redline_operator::children;
+use redline_operator::crd::InferenceService;
 use redline_testcluster::testing::{helm, repo};
 use serde_yaml::Value;
 
@@ -178,11 +181,70 @@ metrics:
     );
 }
 
+/// The PodMonitor finds the pods the operator makes for the example: its selector is a subset
+/// of their labels, its ports are their engine's and sidecar's, and the InferenceService's
+/// name comes from a label they carry.
+#[test]
+fn the_pod_monitor_scrapes_the_engines_and_sidecars_of_every_service() {
+    assert!(
+        kind(&render(&[]).unwrap(), "PodMonitor").is_empty(),
+        "off by default"
+    );
+    let docs = render(&["--set", "metrics.podMonitor.enabled=true"]).unwrap();
+    let pm = kind(&docs, "PodMonitor")[0];
+    assert_eq!(pm["spec"]["namespaceSelector"]["any"], true);
+    let text = std::fs::read_to_string(repo().join("examples/smollm2.yaml")).unwrap();
+    let isvc: InferenceService = serde_yaml::from_str(&text).unwrap();
+    let dep = children::deployment(&isvc, &children::Defaults::default());
+    let tpl = dep.spec.unwrap().template;
+    let labels = tpl.metadata.unwrap().labels.unwrap();
+    for (k, v) in pm["spec"]["selector"]["matchLabels"].as_mapping().unwrap() {
+        assert_eq!(
+            labels.get(k.as_str().unwrap()).map(String::as_str),
+            v.as_str(),
+            "{k:?}: the engine pods' labels {labels:?}"
+        );
+    }
+    let ports: Vec<String> = tpl
+        .spec
+        .unwrap()
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.clone().unwrap_or_default())
+        .filter_map(|p| p.name)
+        .collect();
+    let endpoints = pm["spec"]["podMetricsEndpoints"].as_sequence().unwrap();
+    let scraped: Vec<&str> = endpoints
+        .iter()
+        .map(|e| e["port"].as_str().unwrap())
+        .collect();
+    assert_eq!(scraped, ["http", "pressure"]);
+    for e in endpoints {
+        assert!(
+            ports.iter().any(|p| p == e["port"].as_str().unwrap()),
+            "{ports:?}"
+        );
+        assert_eq!(e["path"], "/metrics");
+        let r = &e["relabelings"][0];
+        let from = r["sourceLabels"][0].as_str().unwrap();
+        let label = from
+            .strip_prefix("__meta_kubernetes_pod_label_")
+            .expect("a pod label");
+        let carried = labels
+            .iter()
+            .find(|(k, _)| k.replace(['.', '/', '-'], "_") == label)
+            .map(|(_, v)| v.as_str());
+        assert_eq!(carried, Some(isvc.metadata.name.as_deref().unwrap()));
+        assert_eq!(r["targetLabel"], "inferenceservice");
+    }
+}
+
 #[test]
 fn values_the_schema_does_not_know_are_refused_with_a_reason() {
     for (set, says) in [
         ("replicaCount=2", "replicaCount"),
         ("metrics.serviceMonitor.interval=often", "interval"),
+        ("metrics.podMonitor.scrape=true", "scrape"),
         ("imagePullSecrets[0].secret=x", "secret"),
         (
             "metrics.serviceMonitor.enabled=true,metrics.service.enabled=false",
@@ -195,7 +257,7 @@ fn values_the_schema_does_not_know_are_refused_with_a_reason() {
 }
 
 #[test]
-fn the_grafana_dashboard_queries_only_metrics_the_operator_exports() {
+fn the_grafana_dashboard_queries_only_metrics_redline_exports() {
     assert!(
         kind(&render(&[]).unwrap(), "ConfigMap").is_empty(),
         "off by default"
@@ -225,8 +287,24 @@ fn the_grafana_dashboard_queries_only_metrics_the_operator_exports() {
             exprs.push(q.to_string());
         }
     }
-    let exported = redline_operator::metrics::Metrics::default();
-    let names = exported.names();
+    // The operator's metrics, and (through the PodMonitor) the engines' and sidecars'.
+    let names: Vec<String> = [
+        redline_operator::metrics::Metrics::default()
+            .names()
+            .to_vec(),
+        redline_engine::metrics::Metrics::new("m").names(),
+        redline_sidecar::metrics::Metrics::default()
+            .names()
+            .to_vec(),
+    ]
+    .concat();
+    for family in ["operator", "engine", "sidecar"] {
+        let prefix = format!("redline_{family}_");
+        assert!(
+            exprs.iter().any(|e| e.contains(&prefix)),
+            "no panel reads the {family}'s metrics"
+        );
+    }
     for e in &exprs {
         let used: Vec<&str> = e
             .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
@@ -240,7 +318,7 @@ fn the_grafana_dashboard_queries_only_metrics_the_operator_exports() {
                 .unwrap_or(m);
             assert!(
                 names.iter().any(|n| n == base),
-                "{e}: {m} is not an operator metric ({names:?})"
+                "{e}: {m} is not a metric redline exports ({names:?})"
             );
         }
     }

@@ -9,6 +9,7 @@ use redline_api::{DeviceReading, PressureReport};
 
 pub struct Metrics {
     registry: Registry,
+    names: Vec<String>,
     kv_usage: Gauge,
     headroom: Gauge,
     growth: Gauge,
@@ -44,26 +45,29 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let registry = Registry::new();
+        // Every metric's name as registered (a labelled family with no series yet is left
+        // out of what the registry gathers).
+        let names = std::cell::RefCell::new(Vec::new());
+        let reg = |c: Box<dyn prometheus::core::Collector>| {
+            names
+                .borrow_mut()
+                .extend(c.desc().iter().map(|d| d.fq_name.clone()));
+            registry.register(c).expect("unique metric");
+        };
         let opts = |n: &str, h: &str| Opts::new(format!("redline_sidecar_{n}"), h);
         let g = |n: &str, h: &str| {
             let g = Gauge::with_opts(opts(n, h)).expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
+            reg(Box::new(g.clone()));
             g
         };
         let ig = |n: &str, h: &str| {
             let g = IntGauge::with_opts(opts(n, h)).expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
+            reg(Box::new(g.clone()));
             g
         };
         let c = |n: &str, h: &str| {
             let c = IntCounter::with_opts(opts(n, h)).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
+            reg(Box::new(c.clone()));
             c
         };
         let guard_reaction = Histogram::with_opts(
@@ -75,17 +79,13 @@ impl Default for Metrics {
             .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(guard_reaction.clone()))
-            .expect("unique metric");
+        reg(Box::new(guard_reaction.clone()));
         let guard_actions = IntCounterVec::new(
             opts("guard_actions_total", "Limit changes by the fast guard."),
             &["direction", "reason"],
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(guard_actions.clone()))
-            .expect("unique metric");
+        reg(Box::new(guard_actions.clone()));
         let admin_errors = IntCounterVec::new(
             opts(
                 "engine_admin_errors_total",
@@ -94,9 +94,7 @@ impl Default for Metrics {
             &["call"],
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(admin_errors.clone()))
-            .expect("unique metric");
+        reg(Box::new(admin_errors.clone()));
         Self {
             kv_usage: g("kv_usage_ratio", "The engine's KV-cache usage (0..1)."),
             headroom: g(
@@ -168,6 +166,7 @@ impl Default for Metrics {
                 "unauthorized_requests_total",
                 "Requests refused for a wrong or missing token.",
             ),
+            names: names.into_inner(),
             registry,
         }
     }
@@ -208,6 +207,11 @@ impl Metrics {
         set_opt(&self.device_util, d.utilization_ratio);
         set_opt(&self.device_temp, d.temperature_celsius);
         set_opt(&self.device_power, d.power_watts);
+    }
+
+    /// Every metric this exports (for the chart's dashboard test).
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     pub fn render(&self) -> String {

@@ -136,9 +136,10 @@ fn serving(pod: &Pod) -> bool {
 
 /// Whether a pod's sidecar holds a drain that no policy in this process started or took over
 /// from status: an earlier leader's whose memory never reached status, or one under way when
-/// autoscaling was turned off. Its engine turned not ready on purpose and would stay so for good, serving nothing
-/// while the policy counted it as starting, which holds every scale-down. The operator serves
-/// it again, and a new drain comes only from a full window of fresh data, as after any restart.
+/// autoscaling was turned off. Its engine turned not ready on purpose and would stay so for
+/// good, serving nothing while the policy counted it as starting, which holds every
+/// scale-down. The operator serves it again, and a new drain comes only from a full window of
+/// fresh data, as after any restart.
 pub fn orphaned_drain(report: Option<&PressureReport>, draining_here: bool) -> bool {
     !draining_here && report.is_some_and(|r| r.limits.drain)
 }
@@ -1036,7 +1037,8 @@ impl Autoscaler {
         };
         let kv_usage = summary.map(|(mean, _, _)| format!("{:.0}%", mean * 100.0));
         let late_requests = late.map(late_requests_text);
-        // Written as it changes, but the error budget's newest span once a minute at most.
+        // Written as it changes, but what moves every pass (the error budget's newest span, the
+        // last pass that saw a pod starting) once a minute at most (`memory::due`).
         let memory = match memory {
             Some(m) if !memory::due(current.autoscaler_memory.as_ref(), &m) => {
                 current.autoscaler_memory.clone()

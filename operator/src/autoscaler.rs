@@ -425,10 +425,9 @@ impl Autoscaler {
     }
 
     /// Every engine pod by service key: from the watch, or, until it has its first list and
-    /// whenever it failed since its last event, from a list. Never stale pods: a watch that
-    /// resumes after an error says nothing until something changes, so on a quiet cluster its
-    /// store could not be told current again, and a pass on it could scale on pods as they
-    /// were. `None` (logged once) when the list fails too: no service is scaled.
+    /// whenever it failed since (until it has listed afresh: `watch::cache`), from a list.
+    /// Never stale pods: a pass on them could scale on pods as they were. `None` (logged
+    /// once) when the list fails too: no service is scaled.
     async fn engine_pods(&mut self) -> Option<HashMap<String, Vec<Pod>>> {
         if let Some(pods) = self.pods.current() {
             return Some(by_service(pods.iter().map(|p| p.as_ref())));

@@ -49,13 +49,28 @@ pub async fn unavailable_api_server() -> kube::Client {
 /// An API server that lists one pod, then fails every watch (after a second: a watch that
 /// broke) with a 500, which kube's client does not retry.
 pub async fn list_then_fail() -> kube::Client {
+    pods_api_server(usize::MAX).await
+}
+
+/// An API server that lists one pod and fails its first watch (after a second) with a 500;
+/// every later watch stays open and quiet, as on a cluster where nothing changes.
+pub async fn one_failed_watch() -> kube::Client {
+    pods_api_server(1).await
+}
+
+/// One pod to list; the first `failing` watches fail after a second, the rest stay quiet.
+async fn pods_api_server(failing: usize) -> kube::Client {
+    let watches = Arc::new(AtomicUsize::new(0));
     let app = axum::Router::new().route(
         "/api/v1/pods",
         axum::routing::get(
-            |axum::extract::Query(q): axum::extract::Query<
+            move |axum::extract::Query(q): axum::extract::Query<
                 std::collections::HashMap<String, String>,
             >| async move {
                 if q.get("watch").is_some_and(|w| w == "true") {
+                    if watches.fetch_add(1, Ordering::SeqCst) >= failing {
+                        std::future::pending::<()>().await;
+                    }
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                     return (
                         axum::http::StatusCode::INTERNAL_SERVER_ERROR,

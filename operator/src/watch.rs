@@ -5,6 +5,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use kube::runtime::reflector::{self, Store};
@@ -48,7 +49,13 @@ where
 
 /// A cache of `api`'s objects (selected by `config`) and the task that keeps it: it runs
 /// until dropped; a failing watch is logged once while it fails (`what` names the objects,
-/// `meanwhile` what waits for them) and resumes with backoff.
+/// `meanwhile` what waits for them).
+///
+/// After an error the watch starts over from a list (after a backoff of 1 s, doubling to
+/// 30 s while it keeps failing), which says when the store is current again. kube's watcher
+/// would resume from where it was instead, and a watch that resumes says nothing until
+/// something changes: on a quiet cluster the store could never be told current again, and
+/// the loop would list the pods itself every pass meanwhile.
 pub fn cache<K>(
     api: Api<K>,
     config: watcher::Config,
@@ -62,48 +69,58 @@ where
     K: Resource + Clone + std::fmt::Debug + DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: std::hash::Hash + Eq + Clone + Default + Send + Sync,
 {
-    let (store, writer) = reflector::store();
+    let (store, mut writer) = reflector::store();
     let healthy = Arc::new(AtomicBool::new(true));
     let h = healthy.clone();
     let task = async move {
         let mut failing = LastError::default();
-        // Managed fields are most of an object's size and nothing the loop reads.
-        let events = reflector::reflector(
-            writer,
-            watcher(api, config)
-                .default_backoff()
-                .modify(|o| o.meta_mut().managed_fields = None),
-        );
-        futures::pin_mut!(events);
-        while let Some(e) = events.next().await {
-            match e {
-                // A relist: the store keeps the old objects until the new list is complete.
-                Ok(watcher::Event::Init) => h.store(false, Ordering::SeqCst),
-                Ok(watcher::Event::InitApply(_)) => {}
-                Ok(_) => {
-                    h.store(true, Ordering::SeqCst);
-                    if failing.worked() {
-                        info!("autoscaling loop: watching {what} works again");
+        let mut backoff = RESTART_BACKOFF_MIN;
+        loop {
+            // Managed fields are most of an object's size and nothing the loop reads.
+            let events =
+                watcher(api.clone(), config.clone()).modify(|o| o.meta_mut().managed_fields = None);
+            futures::pin_mut!(events);
+            while let Some(e) = events.next().await {
+                match e {
+                    Ok(e) => {
+                        writer.apply_watcher_event(&e);
+                        match e {
+                            // A list: the store keeps the old objects until it is complete.
+                            watcher::Event::Init => h.store(false, Ordering::SeqCst),
+                            watcher::Event::InitApply(_) => {}
+                            _ => {
+                                h.store(true, Ordering::SeqCst);
+                                backoff = RESTART_BACKOFF_MIN;
+                                if failing.worked() {
+                                    info!("autoscaling loop: watching {what} works again");
+                                }
+                            }
+                        }
                     }
-                }
-                Err(e) => {
-                    h.store(false, Ordering::SeqCst);
-                    if failing.failed(&e.to_string()) {
-                        warn!(
-                            "autoscaling loop: watching {what} ({meanwhile} until it works): {e}"
-                        );
+                    Err(e) => {
+                        h.store(false, Ordering::SeqCst);
+                        if failing.failed(&e.to_string()) {
+                            warn!(
+                                "autoscaling loop: watching {what} ({meanwhile} until it \
+                                 works): {e}"
+                            );
+                        }
+                        break;
                     }
                 }
             }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
         }
     };
     (Cache { store, healthy }, task)
 }
 
+const RESTART_BACKOFF_MIN: Duration = Duration::from_secs(1);
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use k8s_openapi::api::core::v1::Pod;
 
     use super::*;
@@ -136,5 +153,26 @@ mod tests {
         .await;
         let kept = pods.last_seen().expect("what it last saw");
         assert_eq!(kept[0].metadata.name.as_deref(), Some("p"));
+    }
+
+    /// A watch that fails once, on a cluster where nothing changes after: the cache is
+    /// current again once its watch has listed afresh (resumed where it was, it would wait
+    /// for a change that never comes).
+    #[tokio::test]
+    async fn a_cache_is_current_again_after_a_failed_watch_on_a_quiet_cluster() {
+        let (pods, task) = cache(
+            Api::<Pod>::all(crate::test_support::one_failed_watch().await),
+            watcher::Config::default(),
+            "pods",
+            "nothing",
+        );
+        let _task = tokio::spawn(task);
+        until("the first list", || pods.current()).await;
+        until("the watch failing", || {
+            pods.current().is_none().then_some(())
+        })
+        .await;
+        let again = until("current again", || pods.current()).await;
+        assert_eq!(again[0].metadata.name.as_deref(), Some("p"));
     }
 }

@@ -655,7 +655,7 @@ impl Autoscaler {
         match &spec {
             Some(p) if st.policy.is_none() => {
                 let cfg = policy_config(isvc, p);
-                st.policy = Some(self.first_policy(&ns, &name, &k, cfg, now).await?);
+                st.policy = Some(self.first_policy(isvc, &k, cfg, now));
             }
             None => st.policy = None,
             Some(_) => {}
@@ -745,26 +745,21 @@ impl Autoscaler {
     }
 
     /// A service's policy in this process: going on from the memory in its status (a new
-    /// leader's), or new. The status is read afresh: a new leader's first list of the
-    /// services may come from the API server's watch cache, a write or two behind the old
-    /// leader's last (seen on the test cluster: a drain's memory, not the scale-down after it).
-    async fn first_policy(
+    /// leader's), or new. `isvc` is the controller's store's: its first list is a quorum read
+    /// made once this process leads, after the old leader stopped writing.
+    fn first_policy(
         &self,
-        ns: &str,
-        name: &str,
+        isvc: &InferenceService,
         k: &str,
         cfg: PolicyConfig,
         now: f64,
-    ) -> Result<Policy, Error> {
-        let isvc = Api::<InferenceService>::namespaced(self.ctx.client.clone(), ns)
-            .get(name)
-            .await?;
+    ) -> Policy {
         let Some(m) = isvc
             .status
             .as_ref()
             .and_then(|s| s.autoscaler_memory.as_ref())
         else {
-            return Ok(Policy::new(cfg));
+            return Policy::new(cfg);
         };
         info!(
             "{k}: autoscaling goes on from status.autoscalerMemory (last scale-up {}, last \
@@ -774,11 +769,7 @@ impl Autoscaler {
             m.draining.len(),
             m.error_budget.iter().map(|s| s.late).sum::<i64>()
         );
-        Ok(Policy::restore(
-            cfg,
-            &memory::from_status(m, self.clock, now),
-            now,
-        ))
+        Policy::restore(cfg, &memory::from_status(m, self.clock, now), now)
     }
 
     /// The service's gauges (`ServiceGauges`) from this pass: what `write_status` writes,

@@ -15,8 +15,8 @@ use redline_autoscale::PolicyMemory;
 
 use crate::crd::{AutoscalerMemory, BudgetSpan, DrainingPod};
 
-/// How stale the budget's newest span may be in status.
-pub const REFRESH_SECONDS: i64 = 60;
+/// How stale what moves every pass may be in status (see [`due`]).
+const REFRESH_SECONDS: i64 = 60;
 
 /// A clock for the policy: its seconds since `epoch` (an instant of the loop's start), and
 /// the wall time they are.

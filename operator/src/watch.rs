@@ -135,22 +135,32 @@ mod tests {
         panic!("{what}: not within 5 s");
     }
 
-    #[tokio::test]
-    async fn a_cache_whose_watch_fails_is_not_current_but_keeps_what_it_last_saw() {
+    /// A cache of the pods `client`'s API server lists, its task running, once it has had
+    /// its first list (returned) and then seen its watch fail.
+    async fn listed_then_failed(
+        client: kube::Client,
+    ) -> (Cache<Pod>, Vec<Arc<Pod>>, tokio::task::JoinHandle<()>) {
         let (pods, task) = cache(
-            Api::<Pod>::all(crate::test_support::list_then_fail().await),
+            Api::<Pod>::all(client),
             watcher::Config::default(),
             "pods",
             "nothing",
         );
-        let _task = tokio::spawn(task);
+        let task = tokio::spawn(task);
         let listed = until("the first list", || pods.current()).await;
-        assert_eq!(listed.len(), 1);
-        assert_eq!(listed[0].metadata.managed_fields, None, "stripped");
         until("the watch failing", || {
             pods.current().is_none().then_some(())
         })
         .await;
+        (pods, listed, task)
+    }
+
+    #[tokio::test]
+    async fn a_cache_whose_watch_fails_is_not_current_but_keeps_what_it_last_saw() {
+        let (pods, listed, _task) =
+            listed_then_failed(crate::test_support::list_then_fail().await).await;
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].metadata.managed_fields, None, "stripped");
         let kept = pods.last_seen().expect("what it last saw");
         assert_eq!(kept[0].metadata.name.as_deref(), Some("p"));
     }
@@ -160,18 +170,8 @@ mod tests {
     /// for a change that never comes).
     #[tokio::test]
     async fn a_cache_is_current_again_after_a_failed_watch_on_a_quiet_cluster() {
-        let (pods, task) = cache(
-            Api::<Pod>::all(crate::test_support::one_failed_watch().await),
-            watcher::Config::default(),
-            "pods",
-            "nothing",
-        );
-        let _task = tokio::spawn(task);
-        until("the first list", || pods.current()).await;
-        until("the watch failing", || {
-            pods.current().is_none().then_some(())
-        })
-        .await;
+        let (pods, _, _task) =
+            listed_then_failed(crate::test_support::one_failed_watch().await).await;
         let again = until("current again", || pods.current()).await;
         assert_eq!(again[0].metadata.name.as_deref(), Some("p"));
     }

@@ -8,14 +8,12 @@
 //! lets it scale down sooner than a new policy would (it only finishes the old one's drains);
 //! the windows, the reversals and the budget only hold it back, or make it keep a margin.
 
-use serde::{Deserialize, Serialize};
-
 use super::{Draining, Policy, PolicyConfig, MAX_HOLD_FACTOR};
 use crate::budget::{BudgetConfig, BudgetMemory, ErrorBudget};
 
 /// Times are ages in seconds before the `now` the memory was taken at: the successor's clock
 /// is its own.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct PolicyMemory {
     pub last_up_age: Option<f64>,
     pub last_down_age: Option<f64>,

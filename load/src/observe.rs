@@ -10,8 +10,8 @@ use kube::api::ListParams;
 use kube::{Api, Client};
 use redline_api::prom::{Exposition, ParseError};
 use redline_autoscale::PodPhase;
-use redline_operator::autoscaler::pod_phase;
 use redline_operator::crd::{late_requests_per_second, InferenceService};
+use redline_operator::engine_pods::pod_phase;
 
 use crate::transport::{Target, Transport};
 

@@ -1,12 +1,10 @@
 //! The slow loop: every few seconds, for each InferenceService whose pods run the sidecar,
-//! read every pod's pressure (`GET /v1/pressure` at the pod IP, with the service's token), run
-//! redline's policy (`redline-autoscale`, the code `redline-sim` measures) and apply what it
-//! decides: replicas through the scale subresource, drains and limit targets through the
-//! sidecars (`PUT /v1/limits`), the drained pod deleted once empty; an Event per action; status
-//! (`kvUsage`, `podLimits`, `lastDecision`, the `NearRedline` condition) by a merge patch
-//! under its own field manager, written only when it differs from the object; the same as
-//! per-service gauges on `/metrics`. The engine pods and HPAs come from watches
-//! (`crate::watch`); services are passed 16 at a time.
+//! read every pod's pressure (`crate::sidecars`), run redline's policy (`redline-autoscale`,
+//! the code `redline-sim` measures) and apply what it decides: replicas through the scale
+//! subresource, drains and limit targets through the sidecars (`PUT /v1/limits`), the drained
+//! pod deleted once empty; an Event per action; its part of status (`crate::loop_status`) and
+//! the same as per-service gauges on `/metrics`. The engine pods (as `crate::engine_pods`
+//! sees them) and HPAs come from watches (`crate::watch`); services are passed 16 at a time.
 //!
 //! With `autoscaling.enabled` false the loop only observes: status is written, nothing scaled.
 //! The policy's memory is per service, and in status (`status.autoscalerMemory`,
@@ -17,36 +15,36 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::future::join_all;
 use futures::stream::{self, StreamExt};
 use k8s_openapi::api::autoscaling::v1::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{Pod, PodCondition, Secret};
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
-use redline_api::{GuardSettings, Level, Limits, LimitsRequest, PressureReport};
+use redline_api::{GuardSettings, Limits, LimitsRequest, PressureReport};
 use redline_autoscale::{
     default_target_kv_usage, default_target_utilization, Action, Decision as PolicyDecision,
-    Observation, PodPhase, PodSignals, PodView, Policy, PolicyConfig, ReplicaCapacity,
+    Observation, PodSignals, PodView, Policy, PolicyConfig, ReplicaCapacity,
 };
 use serde_json::json;
 use tracing::{debug, info, warn};
 
-use crate::children::{self, SIDECAR_PORT};
-use crate::conditions::{
-    self, Cond, AUTOSCALER_OWNED, NEAR_REDLINE, RESOURCES_AVAILABLE, SCALING_ACTIVE,
-};
+use crate::children;
+use crate::conditions::{self, RESOURCES_AVAILABLE, SCALING_ACTIVE};
 use crate::controller::{Context, Error};
-use crate::crd::{
-    late_requests_text, AutoscalerMemory, AutoscalingPolicy, AutoscalingPolicySpec, Decision,
-    InferenceService, PodLimits,
+use crate::crd::{AutoscalingPolicy, AutoscalingPolicySpec, InferenceService};
+use crate::engine_pods::{
+    admit_reports, by_service, resources_condition, serving, PodEntry, ENGINE_PODS,
 };
+use crate::log_once::LastError;
+use crate::loop_status::{LoopStatus, Pass, Pressure};
 use crate::memory;
 use crate::metrics::set_or_remove;
 use crate::scaling_active;
+use crate::sidecars::{log_read_failures, ReadError, Sidecars};
 use crate::validate::effective_replicas;
 use crate::watch::{self, Cache};
 
@@ -55,8 +53,6 @@ pub const MANAGER: &str = "redline-autoscaler";
 /// Services whose passes run at once (the reconciler's concurrency too): each pass is a few
 /// API calls and one read per pod, mostly waiting.
 const CONCURRENT_SERVICES: usize = 16;
-/// KV usage at which a pod counts as near its redline without the sidecar saying so.
-const NEAR_REDLINE_KV: f64 = 0.95;
 
 /// The policy configuration for a service: the AutoscalingPolicy's numbers, the service's
 /// bounds and limits.
@@ -103,157 +99,6 @@ pub fn pod_limits(isvc: &InferenceService) -> Limits {
     Limits::new(seqs.max(0) as u32, e.max_batched_tokens.max(1) as u32)
 }
 
-/// How the policy sees a pod; `None` for one being deleted (it is the ReplicaSet's, not ours).
-pub fn pod_phase(pod: &Pod, draining: bool) -> Option<PodPhase> {
-    if pod.metadata.deletion_timestamp.is_some() {
-        return None;
-    }
-    if ready_condition(pod) || draining {
-        // A draining pod turns not ready on purpose: it still holds requests.
-        return Some(PodPhase::Ready);
-    }
-    Some(if scheduling_failure(pod).is_some() {
-        PodPhase::Unschedulable
-    } else {
-        PodPhase::Starting
-    })
-}
-
-/// Whether a pod's Ready condition is True.
-fn ready_condition(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_deref())
-        .unwrap_or_default()
-        .iter()
-        .any(|c| c.type_ == "Ready" && c.status == "True")
-}
-
-/// Whether a pod takes requests: Ready, and not being deleted.
-fn serving(pod: &Pod) -> bool {
-    pod.metadata.deletion_timestamp.is_none() && ready_condition(pod)
-}
-
-/// Whether a pod's sidecar holds a drain that no policy in this process started or took over
-/// from status: an earlier leader's whose memory never reached status, or one under way when
-/// autoscaling was turned off. Its engine turned not ready on purpose and would stay so for
-/// good, serving nothing while the policy counted it as starting, which holds every
-/// scale-down. The operator serves it again, and a new drain comes only from a full window of
-/// fresh data, as after any restart.
-pub fn orphaned_drain(report: Option<&PressureReport>, draining_here: bool) -> bool {
-    !draining_here && report.is_some_and(|r| r.limits.drain)
-}
-
-/// Which pods' reports reach the policy and the status: the ready ones', as before, and a pod
-/// left draining reads as ready (it serves what it holds, as a drain of the policy's own does),
-/// so the policy, not draining it, tells its sidecar to stop. Every other not-ready pod's
-/// report is dropped. Returns the pods left draining.
-fn admit_reports(
-    views: &mut [(String, PodPhase, Option<String>)],
-    reports: &mut [Option<PressureReport>],
-    draining: &[String],
-) -> Vec<String> {
-    let mut orphans = Vec::new();
-    for ((n, phase, _), r) in views.iter_mut().zip(reports.iter_mut()) {
-        if orphaned_drain(r.as_ref(), draining.contains(n)) {
-            *phase = PodPhase::Ready;
-            orphans.push(n.clone());
-        } else if *phase != PodPhase::Ready {
-            *r = None;
-        }
-    }
-    orphans
-}
-
-/// The scheduler's `PodScheduled` False/`Unschedulable` condition, while it has one.
-fn scheduling_failure(pod: &Pod) -> Option<&PodCondition> {
-    pod.status
-        .as_ref()?
-        .conditions
-        .as_deref()?
-        .iter()
-        .find(|c| {
-            c.type_ == "PodScheduled"
-                && c.status == "False"
-                && c.reason.as_deref() == Some("Unschedulable")
-        })
-}
-
-/// Whether every pod of the service found a node: `ResourcesAvailable` False with the
-/// scheduler's own words (e.g. "0/2 nodes are available: 2 Insufficient nvidia.com/gpu.") while
-/// any waits for one.
-pub fn resources_condition(pods: &[Pod]) -> Cond<'static> {
-    // A pod being deleted is the ReplicaSet's business, not a capacity problem.
-    let waiting: Vec<(String, &str)> = pods
-        .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter_map(|p| {
-            let c = scheduling_failure(p)?;
-            Some((p.name_any(), c.message.as_deref().unwrap_or_default()))
-        })
-        .collect();
-    match waiting.as_slice() {
-        [] => Cond {
-            type_: RESOURCES_AVAILABLE,
-            ok: Some(true),
-            reason: "Scheduled",
-            message: "every pod has a node".into(),
-        },
-        [(pod, why), ..] => Cond {
-            type_: RESOURCES_AVAILABLE,
-            ok: Some(false),
-            reason: "Unschedulable",
-            message: format!(
-                "{} pod(s) cannot be scheduled ({pod}: {why}); the autoscaler adds none while one \
-                 waits",
-                waiting.len()
-            ),
-        },
-    }
-}
-
-/// Whether `status` holds a condition of the loop's that a service with no pods and autoscaling
-/// off must still clear: a pod waiting for a node, or redline's autoscaling setting the
-/// replicas (just switched off).
-fn reports_stale_condition(isvc: &InferenceService) -> bool {
-    isvc.status.as_ref().is_some_and(|s| {
-        conditions::has(&s.conditions, RESOURCES_AVAILABLE, "False")
-            || conditions::has(&s.conditions, SCALING_ACTIVE, "True")
-    })
-}
-
-/// The KV usage shown by `kubectl get` and whether the service is near its redline; `None`
-/// without any report.
-pub fn pressure_summary(reports: &[&PressureReport]) -> Option<(f64, f64, bool)> {
-    let engines: Vec<_> = reports
-        .iter()
-        .filter_map(|r| r.engine.as_ref().map(|e| (r, e)))
-        .collect();
-    if engines.is_empty() {
-        return None;
-    }
-    let mean = engines.iter().map(|(_, e)| e.kv_usage_ratio).sum::<f64>() / engines.len() as f64;
-    let max = engines
-        .iter()
-        .map(|(_, e)| e.kv_usage_ratio)
-        .fold(0.0, f64::max);
-    let near = engines.iter().any(|(r, e)| {
-        r.derived.level == Level::Critical
-            || r.derived.preemptions_per_second > 0.0
-            || e.kv_usage_ratio >= NEAR_REDLINE_KV
-    });
-    Some((mean, max, near))
-}
-
-/// Requests per second served after the TTFT objective, summed over the pods whose engines
-/// count them; `None` when none does.
-pub fn late_rate(reports: &[&PressureReport]) -> Option<f64> {
-    reports
-        .iter()
-        .filter_map(|r| r.derived.late_requests_per_second)
-        .reduce(|a, b| a + b)
-}
-
 /// The longest one service's autoscaling pass may take. A pass takes
 /// a second or two, but a call to an API server that accepts and never answers waits for the
 /// client's read timeout (kube's: 295 s). What a cut-off pass left undone, the next one does
@@ -268,24 +113,6 @@ async fn within<T>(
     tokio::time::timeout(limit, f)
         .await
         .unwrap_or(Err(Error::Timeout(limit)))
-}
-
-/// The last error of a call made every pass, so each error is logged once, and its end once.
-#[derive(Default)]
-pub(crate) struct LastError(Option<String>);
-
-impl LastError {
-    /// Records `msg`; whether it is new (to be logged).
-    pub(crate) fn failed(&mut self, msg: &str) -> bool {
-        let new = self.0.as_deref() != Some(msg);
-        self.0 = Some(msg.to_string());
-        new
-    }
-
-    /// Records a success; whether it ends a failure (to be logged).
-    pub(crate) fn worked(&mut self) -> bool {
-        self.0.take().is_some()
-    }
 }
 
 /// The loop stops with leadership: a standby exports no service's gauges.
@@ -314,48 +141,9 @@ struct ServiceState {
     unread: BTreeMap<String, String>,
 }
 
-/// Why a pod's pressure report is missing.
-#[derive(Debug, Clone, PartialEq)]
-enum ReadError {
-    /// The sidecar refused the token: the Secret was recreated.
-    Unauthorized,
-    /// Not read: a pod with no IP, or one the loop does not read.
-    Skipped,
-    /// The sidecar did not answer, or answered with an error.
-    Failed(String),
-}
-
-/// The changes in which ready pods' sidecars fail to answer, to log each once: pods that
-/// began failing (with the error) or fail with another error, and pods that answer again.
-/// `now` is this pass's ready pods with their read error; a pod no longer listed is forgotten
-/// without a word (deleted, or not ready: it is not read for the policy).
-fn read_failure_changes(
-    unread: &mut BTreeMap<String, String>,
-    now: &[(String, Option<String>)],
-) -> (Vec<(String, String)>, Vec<String>) {
-    let mut failing = Vec::new();
-    let mut recovered = Vec::new();
-    for (pod, err) in now {
-        match err {
-            Some(e) if unread.get(pod) != Some(e) => {
-                unread.insert(pod.clone(), e.clone());
-                failing.push((pod.clone(), e.clone()));
-            }
-            Some(_) => {}
-            None => {
-                if unread.remove(pod).is_some() {
-                    recovered.push(pod.clone());
-                }
-            }
-        }
-    }
-    unread.retain(|p, _| now.iter().any(|(n, _)| n == p));
-    (failing, recovered)
-}
-
 pub struct Autoscaler {
     ctx: Arc<Context>,
-    http: reqwest::Client,
+    sidecars: Sidecars,
     started: Instant,
     /// `started` on the wall clock: the policies' times in status.
     clock: memory::Clock,
@@ -384,12 +172,8 @@ impl Autoscaler {
             "the loop lists them each pass",
         );
         Self {
+            sidecars: Sidecars::new(ctx.metrics.pressure_reads.clone()),
             ctx,
-            http: reqwest::Client::builder()
-                .no_proxy()
-                .timeout(Duration::from_secs(2))
-                .build()
-                .expect("an HTTP client"),
             started: Instant::now(),
             clock: memory::Clock {
                 epoch: Timestamp::now(),
@@ -559,55 +343,6 @@ impl Autoscaler {
         Ok(Some(a.policy.unwrap_or_default()))
     }
 
-    /// A pod's report.
-    async fn pressure(&self, ip: &str, token: &str) -> Result<PressureReport, ReadError> {
-        let url = format!("http://{ip}:{SIDECAR_PORT}/v1/pressure");
-        let r = self.http.get(&url).bearer_auth(token).send().await;
-        let read = match r {
-            Ok(resp) if resp.status().is_success() => resp
-                .json::<PressureReport>()
-                .await
-                .map_err(|e| ReadError::Failed(format!("its report at {url} did not parse: {e}"))),
-            Ok(resp) if resp.status() == reqwest::StatusCode::UNAUTHORIZED => {
-                debug!(%url, "pressure report: token refused");
-                Err(ReadError::Unauthorized)
-            }
-            Ok(resp) => Err(ReadError::Failed(format!(
-                "{url} answered HTTP {}",
-                resp.status()
-            ))),
-            Err(e) => Err(ReadError::Failed(format!("{url} unreachable: {e}"))),
-        };
-        self.ctx
-            .metrics
-            .pressure_reads
-            .with_label_values(&[if read.is_ok() { "ok" } else { "error" }])
-            .inc();
-        read
-    }
-
-    async fn put_limits(&self, ip: &str, token: &str, body: &LimitsRequest) -> bool {
-        let url = format!("http://{ip}:{SIDECAR_PORT}/v1/limits");
-        match self
-            .http
-            .put(&url)
-            .bearer_auth(token)
-            .json(body)
-            .send()
-            .await
-        {
-            Ok(r) if r.status().is_success() => true,
-            Ok(r) => {
-                warn!(%url, status = %r.status(), "sidecar refused the limits");
-                false
-            }
-            Err(e) => {
-                debug!(%url, "setting limits: {e}");
-                false
-            }
-        }
-    }
-
     async fn service(
         &self,
         st: &mut ServiceState,
@@ -616,7 +351,6 @@ impl Autoscaler {
         hpas: Option<&[String]>,
     ) -> Result<(), Error> {
         let ns = isvc.namespace().ok_or(Error::MissingKey("namespace"))?;
-        let name = isvc.name_any();
         let k = key(isvc);
         let scaling = scaling_active::condition(isvc, hpas);
         let Some(token) = self.token(st, isvc, &ns).await? else {
@@ -624,24 +358,19 @@ impl Autoscaler {
             // children. With no pod there is nothing to read, and status can say why nothing
             // scales.
             if pods.is_empty() {
-                let resources = resources_condition(&pods);
-                // The policy's memory as it is: no pass has run it.
-                let memory = isvc
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.autoscaler_memory.clone());
-                self.write_status(
-                    isvc,
-                    &name,
-                    &ns,
-                    &pods,
-                    &[],
-                    &[],
-                    None,
-                    memory,
-                    [resources, scaling],
-                )
-                .await?;
+                let pass = Pass {
+                    entries: &[],
+                    reports: &[],
+                    pressure: Pressure::default(),
+                    decision: None,
+                    // The policy's memory as it is: no pass has run it.
+                    memory: isvc
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.autoscaler_memory.clone()),
+                    conditions: [resources_condition(&pods), scaling],
+                };
+                self.write_status(isvc, &ns, &pods, pass).await?;
             }
             return Ok(());
         };
@@ -665,40 +394,19 @@ impl Autoscaler {
             .as_ref()
             .map(|p| p.draining().map(String::from).collect())
             .unwrap_or_default();
-        // Each pod with the IP its sidecar is read at: a ready pod's for the policy, and a
-        // not-ready one's whose containers run for a drain it may hold (`orphaned_drain`).
-        let mut views: Vec<(String, PodPhase, Option<String>)> = pods
+        let mut entries: Vec<PodEntry> = pods
             .iter()
-            .filter_map(|p| {
-                let n = p.name_any();
-                let phase = pod_phase(p, draining.contains(&n))?;
-                let st = p.status.as_ref();
-                let running = st.and_then(|s| s.phase.as_deref()) == Some("Running");
-                let read = phase == PodPhase::Ready || (phase == PodPhase::Starting && running);
-                let ip = st.and_then(|s| s.pod_ip.clone()).filter(|_| read);
-                Some((n, phase, ip))
-            })
+            .filter_map(|p| PodEntry::new(p, &draining))
             .collect();
-        // Read every pod's sidecar at once.
-        let reads: Vec<Result<PressureReport, ReadError>> =
-            join_all(views.iter().map(|(_, _, ip)| {
-                let token = &token;
-                async move {
-                    match ip {
-                        Some(ip) => self.pressure(ip, token).await,
-                        None => Err(ReadError::Skipped),
-                    }
-                }
-            }))
-            .await;
+        let reads = self.sidecars.pressures(&entries, &token).await;
         // A refused token means the Secret was recreated: read it again next pass (only then:
         // an unreachable pod is no reason to re-read it).
         if reads.iter().any(|r| r == &Err(ReadError::Unauthorized)) {
             st.token = None;
         }
-        log_read_failures(st, &k, &views, &reads);
+        log_read_failures(&mut st.unread, &k, &entries, &reads);
         let mut reports: Vec<Option<PressureReport>> = reads.into_iter().map(Result::ok).collect();
-        let orphans = admit_reports(&mut views, &mut reports, &draining);
+        let orphans = admit_reports(&mut entries, &mut reports, &draining);
 
         let (mut decision, mut memory) = (None, None);
         if let Some(p) = &spec {
@@ -706,12 +414,12 @@ impl Autoscaler {
             let obs = Observation {
                 now,
                 desired: effective_replicas(&isvc.spec).max(0) as u32,
-                pods: views
+                pods: entries
                     .iter()
                     .zip(&reports)
-                    .map(|((n, ph, _), r)| PodView {
-                        name: n.clone(),
-                        phase: *ph,
+                    .map(|(e, r)| PodView {
+                        name: e.name.clone(),
+                        phase: e.phase,
                         signals: r.as_ref().and_then(PodSignals::from_report),
                     })
                     .collect(),
@@ -723,25 +431,28 @@ impl Autoscaler {
             let d = policy.decide(&obs);
             memory = Some(memory::to_status(&policy.memory(now), self.clock, now));
             st.policy = Some(policy);
-            self.apply(isvc, &ns, &d, &views, &reports, &token, p)
+            self.apply(isvc, &ns, &d, &entries, &reports, &token, p)
                 .await?;
             decision = Some(d);
         }
-        self.cancel_orphaned_drains(isvc, &views, &reports, &orphans, decision.as_ref(), &token)
-            .await;
-        let resources = resources_condition(&pods);
-        self.write_status(
+        self.cancel_orphaned_drains(
             isvc,
-            &name,
-            &ns,
-            &pods,
-            &views,
+            &entries,
             &reports,
+            &orphans,
             decision.as_ref(),
-            memory,
-            [resources, scaling],
+            &token,
         )
-        .await
+        .await;
+        let pass = Pass {
+            entries: &entries,
+            reports: &reports,
+            pressure: Pressure::of(&reports, isvc.spec.ttft_objective_ms().is_some()),
+            decision: decision.as_ref(),
+            memory,
+            conditions: [resources_condition(&pods), scaling],
+        };
+        self.write_status(isvc, &ns, &pods, pass).await
     }
 
     /// A service's policy in this process: going on from the memory in its status (a new
@@ -778,8 +489,7 @@ impl Autoscaler {
         &self,
         isvc: &InferenceService,
         pods: &[Pod],
-        summary: Option<(f64, f64, bool)>,
-        late: Option<f64>,
+        pressure: Pressure,
         d: Option<&PolicyDecision>,
     ) {
         let (ns, name) = (isvc.namespace().unwrap_or_default(), isvc.name_any());
@@ -787,6 +497,7 @@ impl Autoscaler {
         let desired = d.map_or(effective_replicas(&isvc.spec).max(0) as u32, |d| d.replicas);
         // In the Service, as a Deployment counts them: a draining pod is not.
         let ready = pods.iter().filter(|p| serving(p)).count();
+        let summary = pressure.summary;
         for (gauge, v) in [
             (&g.desired, Some(desired as f64)),
             (&g.ready, Some(ready as f64)),
@@ -794,7 +505,7 @@ impl Autoscaler {
             (&g.forecast, d.map(|d| d.forecast)),
             (&g.kv_usage, summary.map(|s| s.0)),
             (&g.kv_usage_max, summary.map(|s| s.1)),
-            (&g.late, late),
+            (&g.late, pressure.late),
             (&g.burn, d.and_then(|d| d.error_budget_burn)),
         ] {
             set_or_remove(gauge, &ns, &name, v);
@@ -808,24 +519,25 @@ impl Autoscaler {
     async fn cancel_orphaned_drains(
         &self,
         isvc: &InferenceService,
-        views: &[(String, PodPhase, Option<String>)],
+        entries: &[PodEntry],
         reports: &[Option<PressureReport>],
         orphans: &[String],
         d: Option<&PolicyDecision>,
         token: &str,
     ) {
-        for ((n, _, ip), r) in views.iter().zip(reports) {
+        for (e, r) in entries.iter().zip(reports) {
             let Some(r) = r else { continue };
+            let n = &e.name;
             if !orphans.contains(n) || d.is_some_and(|d| d.draining.contains(n)) {
                 continue;
             }
             if d.is_none() {
                 let target = r.limits.target.or(r.engine.as_ref().and_then(|e| e.limits));
-                let (Some(ip), Some(l)) = (ip, target) else {
+                let (Some(ip), Some(l)) = (&e.ip, target) else {
                     continue;
                 };
                 let body = LimitsRequest::target(l, r.limits.guard, false);
-                if !self.put_limits(ip, token, &body).await {
+                if !self.sidecars.put_limits(ip, token, &body).await {
                     continue;
                 }
             }
@@ -851,7 +563,7 @@ impl Autoscaler {
         isvc: &InferenceService,
         ns: &str,
         d: &PolicyDecision,
-        views: &[(String, PodPhase, Option<String>)],
+        entries: &[PodEntry],
         reports: &[Option<PressureReport>],
         token: &str,
         p: &AutoscalingPolicySpec,
@@ -874,20 +586,20 @@ impl Autoscaler {
             redline_ratio: p.guard_kv_usage,
             ..GuardSettings::default()
         };
-        for ((n, _, ip), r) in views.iter().zip(reports) {
-            let (Some(ip), Some(r)) = (ip, r) else {
+        for (e, r) in entries.iter().zip(reports) {
+            let (Some(ip), Some(r)) = (&e.ip, r) else {
                 continue;
             };
-            let Some(&(_, l)) = d.limits.iter().find(|(pn, _)| pn == n) else {
+            let Some(&(_, l)) = d.limits.iter().find(|(pn, _)| *pn == e.name) else {
                 continue;
             };
-            let drain = d.draining.contains(n);
+            let drain = d.draining.contains(&e.name);
             let current = &r.limits;
             if current.target == Some(l) && current.drain == drain && current.guard == guard {
                 continue;
             }
             let body = LimitsRequest::target(l, guard, drain);
-            self.put_limits(ip, token, &body).await;
+            self.sidecars.put_limits(ip, token, &body).await;
         }
         if d.replicas != desired {
             let isvcs: Api<InferenceService> = Api::namespaced(self.ctx.client.clone(), ns);
@@ -930,53 +642,24 @@ impl Autoscaler {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The loop's part of status after a pass, written when it differs from the object, and
+    /// the service's gauges; a Warning Event when a pod starts waiting for a node or an HPA
+    /// starts targeting the service too.
     async fn write_status(
         &self,
         isvc: &InferenceService,
-        name: &str,
         ns: &str,
         pods: &[Pod],
-        views: &[(String, PodPhase, Option<String>)],
-        reports: &[Option<PressureReport>],
-        d: Option<&PolicyDecision>,
-        memory: Option<AutoscalerMemory>,
-        [resources, scaling]: [Cond<'static>; 2],
+        pass: Pass<'_>,
     ) -> Result<(), Error> {
-        let got: Vec<&PressureReport> = reports.iter().flatten().collect();
-        let summary = pressure_summary(&got);
-        let late = isvc.spec.ttft_objective_ms().and(late_rate(&got));
-        self.record(isvc, pods, summary, late, d);
-        let cond = match summary {
-            None => Cond {
-                type_: NEAR_REDLINE,
-                ok: None,
-                reason: "NoPressureData",
-                message: "no pod's sidecar has reported yet".into(),
-            },
-            Some((_, max, true)) => Cond {
-                type_: NEAR_REDLINE,
-                ok: Some(true),
-                reason: "KvPressure",
-                message: format!(
-                    "a pod is at or forecast to reach its KV redline, or preempting (highest \
-                     KV usage {:.0}%)",
-                    max * 100.0
-                ),
-            },
-            Some((_, max, false)) => Cond {
-                type_: NEAR_REDLINE,
-                ok: Some(false),
-                reason: "BelowRedline",
-                message: format!("highest KV usage {:.0}%", max * 100.0),
-            },
-        };
+        self.record(isvc, pods, pass.pressure, pass.decision);
         let current = isvc.status.clone().unwrap_or_default();
         // One Warning Event per episode: the condition stays so while a pod waits for a node,
         // or while an HPA targets the service too.
+        let [resources, scaling] = &pass.conditions;
         for (c, reason, action) in [
-            (&resources, "Unschedulable", "Schedule"),
-            (&scaling, scaling_active::CONFLICTING_AUTOSCALER, "Scale"),
+            (resources, "Unschedulable", "Schedule"),
+            (scaling, scaling_active::CONFLICTING_AUTOSCALER, "Scale"),
         ] {
             if c.reason == reason && conditions::enters(&current.conditions, c) {
                 self.ctx
@@ -984,134 +667,30 @@ impl Autoscaler {
                     .await;
             }
         }
-        let ours = conditions::merge(
-            &current.conditions,
-            Timestamp::now(),
-            isvc.metadata.generation,
-            vec![cond, resources, scaling],
-        );
-        // The reconciler's conditions as they are, ours replaced (the list is one value to a
-        // 1.20 API server).
-        let conds: Vec<_> = current
-            .conditions
-            .iter()
-            .filter(|c| !AUTOSCALER_OWNED.contains(&c.type_.as_str()))
-            .cloned()
-            .chain(ours)
-            .collect();
-        let draining = d.map(|d| d.draining.clone()).unwrap_or_default();
-        let pod_limits: Vec<PodLimits> = views
-            .iter()
-            .zip(reports)
-            .filter_map(|((n, _, _), r)| {
-                let r = r.as_ref()?;
-                let l = r
-                    .limits
-                    .guard_limits
-                    .or(r.engine.as_ref().and_then(|e| e.limits))?;
-                Some(PodLimits {
-                    pod: n.clone(),
-                    max_num_seqs: l.max_num_seqs as i32,
-                    max_batched_tokens: l.max_batched_tokens as i32,
-                    draining: draining.contains(n),
-                })
-            })
-            .collect();
-        let last_decision = match d.filter(|d| d.action != Action::Hold) {
-            Some(d) => Some(Decision {
-                summary: d.summary(),
-                reason: d.reason.clone(),
-                time: Timestamp::now().to_string(),
-            }),
-            None => current.last_decision.clone(),
-        };
-        let kv_usage = summary.map(|(mean, _, _)| format!("{:.0}%", mean * 100.0));
-        let late_requests = late.map(late_requests_text);
-        // Written as it changes, but what moves every pass (the error budget's newest span, the
-        // last pass that saw a pod starting) once a minute at most (`memory::due`).
-        let memory = match memory {
-            Some(m) if !memory::due(current.autoscaler_memory.as_ref(), &m) => {
-                current.autoscaler_memory.clone()
-            }
-            m => m,
-        };
-        // Level-based: compared with the object as it is, so a write lost to a race with the
-        // reconciler is made again on the next pass.
-        if kv_usage == current.kv_usage
-            && late_requests == current.late_requests
-            && pod_limits == current.pod_limits
-            && last_decision == current.last_decision
-            && conds == current.conditions
-            && memory == current.autoscaler_memory
-        {
+        let after = LoopStatus::after(&current, isvc.metadata.generation, pass, Timestamp::now());
+        if after == LoopStatus::current(&current) {
             return Ok(());
         }
-        let patch = json!({"status": {
-            "kvUsage": kv_usage,
-            "lateRequests": late_requests,
-            "podLimits": pod_limits,
-            "lastDecision": last_decision,
-            "conditions": conds,
-            "autoscalerMemory": memory,
-        }});
         let isvcs: Api<InferenceService> = Api::namespaced(self.ctx.client.clone(), ns);
         let pp = PatchParams {
             field_manager: Some(MANAGER.into()),
             ..Default::default()
         };
-        isvcs.patch_status(name, &pp, &Patch::Merge(&patch)).await?;
+        isvcs
+            .patch_status(&isvc.name_any(), &pp, &Patch::Merge(&after.patch()))
+            .await?;
         Ok(())
     }
 }
 
-/// Logs once when a ready pod's sidecar stops answering (the policy then holds its
-/// scale-downs: it never drains on missing data) and once when it answers again.
-fn log_read_failures(
-    st: &mut ServiceState,
-    k: &str,
-    views: &[(String, PodPhase, Option<String>)],
-    reads: &[Result<PressureReport, ReadError>],
-) {
-    let now: Vec<(String, Option<String>)> = views
-        .iter()
-        .zip(reads)
-        .filter(|((_, phase, _), _)| *phase == PodPhase::Ready)
-        .map(|((n, _, _), r)| {
-            let err = match r {
-                Ok(_) => None,
-                Err(ReadError::Failed(e)) => Some(e.clone()),
-                Err(ReadError::Unauthorized) => Some("the sidecar refused the token".into()),
-                Err(ReadError::Skipped) => Some("the pod has no IP".into()),
-            };
-            (n.clone(), err)
-        })
-        .collect();
-    let (failing, recovered) = read_failure_changes(&mut st.unread, &now);
-    for (pod, e) in failing {
-        warn!(isvc = %k, %pod, "no pressure report from the pod's sidecar: {e}");
-    }
-    for pod in recovered {
-        info!(isvc = %k, %pod, "the pod's sidecar reports again");
-    }
-}
-
-/// The label every pod of the operator's Deployments carries.
-const ENGINE_PODS: &str = "app.kubernetes.io/managed-by=redline-operator";
-
-/// Engine pods by service key (`namespace/name`).
-fn by_service<'a>(pods: impl Iterator<Item = &'a Pod>) -> HashMap<String, Vec<Pod>> {
-    let mut by: HashMap<String, Vec<Pod>> = HashMap::new();
-    for p in pods {
-        let svc = p
-            .labels()
-            .get(children::SERVICE_LABEL)
-            .cloned()
-            .unwrap_or_default();
-        by.entry(format!("{}/{svc}", p.namespace().unwrap_or_default()))
-            .or_default()
-            .push(Pod::clone(p));
-    }
-    by
+/// Whether `status` holds a condition of the loop's that a service with no pods and autoscaling
+/// off must still clear: a pod waiting for a node, or redline's autoscaling setting the
+/// replicas (just switched off).
+fn reports_stale_condition(isvc: &InferenceService) -> bool {
+    isvc.status.as_ref().is_some_and(|s| {
+        conditions::has(&s.conditions, RESOURCES_AVAILABLE, "False")
+            || conditions::has(&s.conditions, SCALING_ACTIVE, "True")
+    })
 }
 
 fn key(isvc: &InferenceService) -> String {
@@ -1135,6 +714,8 @@ fn action_label(a: &Action) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::report;
+    use redline_api::Level;
 
     fn isvc(yaml: &str) -> InferenceService {
         let v: serde_json::Value = serde_yaml::from_str(yaml).unwrap();
@@ -1214,104 +795,6 @@ spec:
         serde_yaml::from_str(yaml).unwrap()
     }
 
-    #[test]
-    fn pods_map_to_phases_and_a_draining_pod_counts_as_serving() {
-        let ready =
-            pod("metadata: {name: a}\nstatus: {conditions: [{type: Ready, status: 'True'}]}");
-        let loading = pod("metadata: {name: b}\nstatus: {conditions: [{type: Ready, status: 'False'}, {type: PodScheduled, status: 'True'}]}");
-        let pending = pod("metadata: {name: c}\nstatus: {conditions: [{type: PodScheduled, status: 'False', reason: Unschedulable}]}");
-        let gone = pod("metadata: {name: d, deletionTimestamp: '2026-01-01T00:00:00Z'}\nstatus: {conditions: [{type: Ready, status: 'True'}]}");
-        assert_eq!(pod_phase(&ready, false), Some(PodPhase::Ready));
-        assert_eq!(pod_phase(&loading, false), Some(PodPhase::Starting));
-        assert_eq!(pod_phase(&loading, true), Some(PodPhase::Ready));
-        assert_eq!(pod_phase(&pending, false), Some(PodPhase::Unschedulable));
-        assert_eq!(pod_phase(&gone, false), None);
-    }
-
-    #[test]
-    fn a_pod_without_a_node_makes_resources_unavailable_in_the_schedulers_words() {
-        let ready =
-            pod("metadata: {name: a}\nstatus: {conditions: [{type: Ready, status: 'True'}]}");
-        let loading = pod(
-            "metadata: {name: b}\nstatus: {conditions: [{type: PodScheduled, status: 'True'}]}",
-        );
-        let c = resources_condition(&[ready.clone(), loading]);
-        assert_eq!((c.ok, c.reason), (Some(true), "Scheduled"));
-        let pending = pod("metadata: {name: c}\nstatus: {conditions: [{type: PodScheduled, status: 'False', reason: Unschedulable, message: '0/2 nodes are available: 2 Insufficient nvidia.com/gpu.'}]}");
-        let c = resources_condition(&[ready.clone(), pending.clone(), pending]);
-        assert_eq!((c.ok, c.reason), (Some(false), "Unschedulable"));
-        assert!(c.message.starts_with("2 pod(s) cannot be scheduled (c: 0/2 nodes are available: 2 Insufficient nvidia.com/gpu.)"), "{}", c.message);
-        // A pod being deleted is the ReplicaSet's business, not a capacity problem.
-        let leaving = pod("metadata: {name: d, deletionTimestamp: '2026-01-01T00:00:00Z'}\nstatus: {conditions: [{type: PodScheduled, status: 'False', reason: Unschedulable}]}");
-        assert_eq!(resources_condition(&[ready, leaving]).ok, Some(true));
-        assert_eq!(resources_condition(&[]).ok, Some(true));
-    }
-
-    fn report(usage: f64, level: Level) -> PressureReport {
-        PressureReport {
-            device: Default::default(),
-            engine: Some(redline_api::EngineReading::new(
-                redline_api::EngineFlavor::Redline,
-                usage,
-            )),
-            derived: redline_api::Derived {
-                level,
-                ..Default::default()
-            },
-            limits: redline_api::LimitsStatus {
-                target: None,
-                min_num_seqs: 1,
-                min_batched_tokens: 64,
-                guard_limits: None,
-                guard_reason: None,
-                guard: GuardSettings::default(),
-                drain: false,
-            },
-            sample_age_seconds: Some(0.1),
-            engine_reachable: true,
-        }
-    }
-
-    #[test]
-    fn a_pod_left_draining_reads_as_serving_and_other_unready_pods_report_nothing() {
-        let draining = |on: bool| {
-            let mut r = report(0.1, Level::Ok);
-            r.limits.drain = on;
-            Some(r)
-        };
-        let view = |n: &str, phase| (n.to_string(), phase, Some("10.88.0.9".to_string()));
-        let mut views = vec![
-            view("ready", PodPhase::Ready),
-            view("loading", PodPhase::Starting),
-            view("left-draining", PodPhase::Starting),
-            view("ours", PodPhase::Ready),
-            view("ready-left-draining", PodPhase::Ready),
-        ];
-        let mut reports = vec![
-            draining(false),
-            draining(false),
-            draining(true),
-            draining(true),
-            draining(true),
-        ];
-        let orphans = admit_reports(&mut views, &mut reports, &["ours".to_string()]);
-        assert_eq!(orphans, ["left-draining", "ready-left-draining"]);
-        let phases: Vec<PodPhase> = views.iter().map(|v| v.1).collect();
-        use PodPhase::*;
-        assert_eq!(phases, [Ready, Starting, Ready, Ready, Ready]);
-        let reported: Vec<bool> = reports.iter().map(Option::is_some).collect();
-        assert_eq!(reported, [true, false, true, true, true]);
-        // Left draining: by no drain of this policy's, whatever the pod's readiness.
-        assert!(orphaned_drain(reports[2].as_ref(), false));
-        assert!(orphaned_drain(reports[4].as_ref(), false));
-        assert!(
-            !orphaned_drain(reports[3].as_ref(), true),
-            "the policy's own"
-        );
-        assert!(!orphaned_drain(reports[0].as_ref(), false));
-        assert!(!orphaned_drain(None, false));
-    }
-
     #[tokio::test]
     async fn services_stuck_on_an_api_server_that_never_answers_are_cut_off_together() {
         let client = crate::test_support::unavailable_api_server().await;
@@ -1333,7 +816,7 @@ spec:
         assert!(took < 4 * limit, "{took:?}");
         assert_eq!(a.services.len(), 8);
         for (k, st) in &a.services {
-            let err = st.last_error.0.as_deref().unwrap_or_default();
+            let err = st.last_error.current().unwrap_or_default();
             assert!(err.starts_with("no answer within"), "{k}: {err:?}");
         }
         let timeouts = ctx.metrics.errors.with_label_values(&["timeout"]).get();
@@ -1375,9 +858,8 @@ spec:
             near_redline: false,
             error_budget_burn: Some(0.25),
         };
-        let got: Vec<&PressureReport> = reports.iter().flatten().collect();
-        let (summary, late) = (pressure_summary(&got), late_rate(&got));
-        a.record(&i, &pods, summary, late, Some(&d));
+        let pressure = Pressure::of(&reports, true);
+        a.record(&i, &pods, pressure, Some(&d));
         let m = redline_api::prom::Exposition::parse(&ctx.metrics.render()).unwrap();
         let of = |name: &str| {
             m.sum_where(
@@ -1393,7 +875,7 @@ spec:
         assert_eq!(of("kv_usage_max_ratio"), Some(0.6));
         assert_eq!(of("error_budget_burn_rate"), Some(0.25));
         // Without a decision (autoscaling off) the policy's series go, the spec's replicas stay.
-        a.record(&i, &pods, summary, late, None);
+        a.record(&i, &pods, pressure, None);
         let m = redline_api::prom::Exposition::parse(&ctx.metrics.render()).unwrap();
         assert_eq!(
             m.sum_where("redline_operator_service_desired_replicas", &[]),
@@ -1423,68 +905,5 @@ spec:
         let pods = a.engine_pods().await.expect("listed");
         assert_eq!(pods["n/"].len(), 1, "{pods:?}");
         assert_eq!(pods["n/"][0].metadata.name.as_deref(), Some("p"));
-    }
-
-    #[test]
-    fn a_sidecar_that_stops_answering_is_logged_once_and_once_again_when_it_answers() {
-        let mut unread = BTreeMap::new();
-        let pass = |a: Option<&str>, b: Option<&str>| {
-            vec![
-                ("a".to_string(), a.map(String::from)),
-                ("b".to_string(), b.map(String::from)),
-            ]
-        };
-        let none: (Vec<(String, String)>, Vec<String>) = (vec![], vec![]);
-        assert_eq!(read_failure_changes(&mut unread, &pass(None, None)), none);
-        assert_eq!(
-            read_failure_changes(&mut unread, &pass(Some("refused"), None)),
-            (vec![("a".into(), "refused".into())], vec![])
-        );
-        assert_eq!(
-            read_failure_changes(&mut unread, &pass(Some("refused"), None)),
-            none,
-            "the same error again: not logged"
-        );
-        assert_eq!(
-            read_failure_changes(&mut unread, &pass(Some("timed out"), None)),
-            (vec![("a".into(), "timed out".into())], vec![]),
-            "another error is news"
-        );
-        assert_eq!(
-            read_failure_changes(&mut unread, &pass(None, None)),
-            (vec![], vec!["a".to_string()])
-        );
-        // A pod that fails, then leaves (deleted, or no longer ready), is forgotten quietly.
-        read_failure_changes(&mut unread, &pass(None, Some("refused")));
-        assert_eq!(
-            read_failure_changes(&mut unread, &pass(None, None)[..1]),
-            none
-        );
-        assert!(unread.is_empty());
-    }
-
-    #[test]
-    fn the_summary_is_the_mean_usage_and_near_means_critical_preempting_or_full() {
-        assert_eq!(pressure_summary(&[]), None);
-        let (a, b) = (report(0.2, Level::Ok), report(0.6, Level::Elevated));
-        let (mean, max, near) = pressure_summary(&[&a, &b]).unwrap();
-        assert!((mean - 0.4).abs() < 1e-9 && max == 0.6 && !near);
-        let c = report(0.5, Level::Critical);
-        assert!(pressure_summary(&[&a, &c]).unwrap().2);
-        let full = report(0.97, Level::Ok);
-        assert!(pressure_summary(&[&full]).unwrap().2);
-    }
-
-    #[test]
-    fn the_late_rate_sums_the_pods_that_count_late_requests() {
-        let report = |late: Option<f64>| {
-            let mut r = report(0.1, Level::Ok);
-            r.derived.late_requests_per_second = late;
-            r
-        };
-        let (a, b, none) = (report(Some(0.5)), report(Some(0.25)), report(None));
-        assert_eq!(late_rate(&[]), None);
-        assert_eq!(late_rate(&[&none]), None, "no engine counts them");
-        assert_eq!(late_rate(&[&a, &none, &b]), Some(0.75));
     }
 }

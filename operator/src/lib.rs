@@ -8,10 +8,14 @@ pub mod client;
 pub mod conditions;
 pub mod controller;
 pub mod crd;
+pub mod engine_pods;
 pub mod leader;
+pub mod log_once;
+pub mod loop_status;
 pub mod memory;
 pub mod metrics;
 pub mod scaling_active;
+pub mod sidecars;
 #[cfg(test)]
 mod test_support;
 pub mod validate;

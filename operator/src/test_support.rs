@@ -100,3 +100,30 @@ async fn pods_api_server(failing: usize) -> kube::Client {
     tokio::spawn(async move { axum::serve(listener, app).await });
     kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap()
 }
+
+/// A sidecar's report of one pod at KV usage `usage` and pressure `level`, no drain, no late
+/// requests.
+pub fn report(usage: f64, level: redline_api::Level) -> redline_api::PressureReport {
+    redline_api::PressureReport {
+        device: Default::default(),
+        engine: Some(redline_api::EngineReading::new(
+            redline_api::EngineFlavor::Redline,
+            usage,
+        )),
+        derived: redline_api::Derived {
+            level,
+            ..Default::default()
+        },
+        limits: redline_api::LimitsStatus {
+            target: None,
+            min_num_seqs: 1,
+            min_batched_tokens: 64,
+            guard_limits: None,
+            guard_reason: None,
+            guard: redline_api::GuardSettings::default(),
+            drain: false,
+        },
+        sample_age_seconds: Some(0.1),
+        engine_reachable: true,
+    }
+}

@@ -14,7 +14,7 @@ use kube::{Api, Resource};
 use serde::de::DeserializeOwned;
 use tracing::{info, warn};
 
-use crate::autoscaler::LastError;
+use crate::log_once::LastError;
 
 /// A store and whether its watch works now.
 pub struct Cache<K: Resource + 'static>

@@ -7,6 +7,7 @@
 //! Text: [`tokenizer`]. The step loop: [`engine`], run on a thread by [`worker`].
 //! Serving: [`server`] (OpenAI API, admin API), [`metrics`]. Model download: [`fetch`].
 
+pub mod admin;
 pub mod api_keys;
 pub mod bench;
 pub mod block_pool;
@@ -20,6 +21,7 @@ pub mod metrics;
 pub mod model;
 pub mod openai;
 pub mod paged_attention;
+mod prepare;
 pub mod q4_matmul;
 pub mod q8_matmul;
 mod quantize;

@@ -379,6 +379,7 @@ impl Autoscaler {
         } else {
             None
         };
+        let scaling = scaling_active::with_policy(scaling, isvc, spec.is_some());
         let now = self.started.elapsed().as_secs_f64();
         // Before the drains are read off it: a new leader's policy holds the old one's.
         match &spec {
@@ -408,7 +409,18 @@ impl Autoscaler {
         let mut reports: Vec<Option<PressureReport>> = reads.into_iter().map(Result::ok).collect();
         let orphans = admit_reports(&mut entries, &mut reports, &draining);
 
-        let (mut decision, mut memory) = (None, None);
+        // Autoscaling off forgets the memory; held, it is kept for when it goes on.
+        let enabled = isvc.spec.autoscaling.as_ref().is_some_and(|a| a.enabled);
+        let written = isvc
+            .status
+            .as_ref()
+            .and_then(|s| s.autoscaler_memory.as_ref());
+        let mut memory = if enabled {
+            memory::paused(written)
+        } else {
+            None
+        };
+        let mut decision = None;
         if let Some(p) = &spec {
             let cfg = policy_config(isvc, p);
             let obs = Observation {

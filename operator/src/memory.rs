@@ -142,6 +142,17 @@ pub fn due(written: Option<&AutoscalerMemory>, new: &AutoscalerMemory) -> bool {
     old != new || span_due || starting_due
 }
 
+/// The memory kept while autoscaling is paused (an HPA scales the service too, the spec is
+/// invalid, its AutoscalingPolicy is missing): all of it but the drains, which the loop cancels
+/// as it pauses (a pod drained for good would serve nothing until the pause ends). Autoscaling
+/// goes on from it when the pause ends, as a new leader would; turning it off forgets it.
+pub fn paused(written: Option<&AutoscalerMemory>) -> Option<AutoscalerMemory> {
+    written.map(|m| AutoscalerMemory {
+        draining: Vec::new(),
+        ..m.clone()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,5 +394,29 @@ mod tests {
             desired = a.replicas;
         }
         assert_eq!((ups, desired), (1, 2));
+    }
+
+    #[test]
+    fn a_paused_service_keeps_its_memory_but_its_drains() {
+        assert_eq!(paused(None), None);
+        let m = AutoscalerMemory {
+            last_scale_down_time: Some("2026-11-29T10:00:00Z".into()),
+            scale_down_window_seconds: 600,
+            draining: vec![DrainingPod {
+                pod: "pod-a".into(),
+                since: "2026-11-29T10:01:00Z".into(),
+            }],
+            ..Default::default()
+        };
+        let kept = paused(Some(&m)).unwrap();
+        assert!(kept.draining.is_empty());
+        assert_eq!(
+            (kept.last_scale_down_time, kept.scale_down_window_seconds),
+            (m.last_scale_down_time.clone(), 600)
+        );
+        // Restored when the pause ends, it drains nothing.
+        let restored = from_status(&paused(Some(&m)).unwrap(), clock(), 3600.0);
+        assert!(restored.draining.is_empty());
+        assert_eq!(restored.scale_down_window_seconds, 600.0);
     }
 }

@@ -8,7 +8,12 @@
 //!   redline's loop writes: two writers, and the replicas flap between their answers.
 //!   Kubernetes' own HPA refuses to act when two of them select the same pods (`ScalingActive`
 //!   False, `AmbiguousSelector`); redline does the same while such an HPA exists, with a
-//!   Warning Event. Its sidecars' guards and limits go on either way.
+//!   Warning Event. Its sidecars' guards and limits go on either way;
+//! - the AutoscalingPolicy its `policyRef` names does not exist (`Degraded`, `PolicyNotFound`):
+//!   there is nothing to scale by.
+//!
+//! While it holds, the policy's memory stays in status (`crate::memory::paused`), so
+//! autoscaling goes on from it when the cause is gone.
 
 use std::collections::HashMap;
 
@@ -23,6 +28,23 @@ use crate::watch::{self, Cache};
 
 /// The reason of `ScalingActive` False while an HPA targets the service (and of its Event).
 pub const CONFLICTING_AUTOSCALER: &str = "ConflictingAutoscaler";
+
+/// `ScalingActive` once the loop has read the service's AutoscalingPolicy (`found`): held
+/// while the one its `policyRef` names is missing (the reconciler says so in `Degraded`).
+pub fn with_policy(c: Cond<'static>, isvc: &InferenceService, found: bool) -> Cond<'static> {
+    let policy_ref = isvc.spec.autoscaling.as_ref();
+    match policy_ref.and_then(|a| a.policy_ref.as_deref()) {
+        Some(r) if c.ok == Some(true) && !found => Cond {
+            type_: SCALING_ACTIVE,
+            ok: Some(false),
+            reason: "PolicyNotFound",
+            message: format!(
+                "AutoscalingPolicy {r:?} not found: redline holds the replicas until it exists"
+            ),
+        },
+        _ => c,
+    }
+}
 
 /// The HPAs that scale an InferenceService, by the service's key (`namespace/name`).
 pub fn targets<'a>(
@@ -213,5 +235,18 @@ mod tests {
         // Without redline's autoscaling an HPA is how replicas are meant to be set.
         let c = condition(&isvc(false), Some(&names));
         assert_eq!((c.ok, c.reason), (Some(false), "AutoscalingDisabled"));
+        // A policyRef to an AutoscalingPolicy that does not exist holds it too; the inline
+        // policy always exists, and a cause found first is the one told.
+        let mut by_ref = isvc(true);
+        by_ref.spec.autoscaling.as_mut().unwrap().policy_ref = Some("shared".into());
+        let c = with_policy(condition(&by_ref, None), &by_ref, false);
+        assert_eq!((c.ok, c.reason), (Some(false), "PolicyNotFound"));
+        assert!(c.message.contains("\"shared\""), "{}", c.message);
+        let c = with_policy(condition(&by_ref, None), &by_ref, true);
+        assert_eq!(c.reason, "Autoscaling");
+        let c = with_policy(condition(&by_ref, Some(&names)), &by_ref, false);
+        assert_eq!(c.reason, "ConflictingAutoscaler");
+        let c = with_policy(condition(&isvc(true), None), &isvc(true), false);
+        assert_eq!(c.reason, "Autoscaling");
     }
 }

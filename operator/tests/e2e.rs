@@ -822,8 +822,8 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
         .autoscaler_memory
         .expect("status.autoscalerMemory after the new leader's passes");
     assert_eq!(
-        (kept.last_scale_down_time, kept.scale_down_window_seconds),
-        (memory.last_scale_down_time, 10),
+        (&kept.last_scale_down_time, kept.scale_down_window_seconds),
+        (&memory.last_scale_down_time, 10),
         "the new leader's memory"
     );
 
@@ -907,6 +907,18 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
         .map(|e| e.series.map_or(1, |s| s.count))
         .sum::<i32>();
     assert_eq!(warned, 1, "one Warning Event for the episode");
+    // Held, not off: the policy's memory stays for when it goes on.
+    let held_memory = isvcs
+        .get(&name)
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.autoscaler_memory)
+        .expect("the policy's memory kept while an HPA holds redline off");
+    assert_eq!(
+        held_memory.last_scale_down_time, kept.last_scale_down_time,
+        "{held_memory:?}"
+    );
     hpas.delete("smollm2-hpa", &DeleteParams::default())
         .await
         .unwrap();

@@ -2,7 +2,9 @@
 """redline on replays that no policy setting was tuned on: sixteen of the code trace (other time
 compressions, prompt scales, cold starts and TTFT objectives) and six of a second workload, 13
 minutes of the conversation trace (sim/traces/README.md), with its tokens scaled up so that the
-fleet grows past the two-replica floor. `redline-sim --targets` checks the eleven replays the
+fleet grows past the two-replica floor. Then sixteen with cold starts of 180-240 s, both traces
+(added in the twentieth session; the guard margin's cap was set on two of them, prompts x2 at
+x1, which reversed twice within 10 minutes without it). `redline-sim --targets` checks the eleven replays the
 settings were chosen on; this is the check that they hold elsewhere (docs/autoscaling.md,
 "Other workloads, and replays no setting was tuned on"). Usage, after
 `cargo build --release -p redline-sim` (about 4 minutes on 2 cores):
@@ -31,6 +33,14 @@ REPLAYS = [
 ] + [f"--trace sim/traces/azure-llm-2023-conv-13min.csv {f}" for f in [
     "--token-scale 2", "--token-scale 4", "--token-scale 6", "--token-scale 4 --cold-start 120",
     "--token-scale 2 --time-compression 2", "--token-scale 3 --time-compression 2",
+]] + [f"--cold-start {f}" for f in [
+    "240", "180 --time-compression 2", "240 --time-compression 2", "180 --time-compression 3",
+    "240 --time-compression 4", "180 --token-scale 1.5", "180 --token-scale 2",
+    "240 --token-scale 2", "180 --token-scale 1.5 --time-compression 4",
+    "180 --token-scale 2 --time-compression 4",
+]] + [f"--trace sim/traces/azure-llm-2023-conv-13min.csv {f}" for f in [
+    "--token-scale 4 --cold-start 180", "--token-scale 6 --cold-start 180",
+    "--token-scale 6 --cold-start 240", "--token-scale 2 --time-compression 2 --cold-start 180",
 ]]
 
 

@@ -94,8 +94,16 @@ const DOWN_MARGIN_LEAN: f64 = 0.9;
 const MAX_TREND_GAIN: f64 = 0.5;
 /// Guarded sizing plans `1 + GUARD_MARGIN x sqrt(horizon / 60 s)` times the forecast: a reserve
 /// must cover the load's swings over the lead time of new capacity, and swings grow with the
-/// square root of it (safety stock in inventory control).
+/// square root of it (safety stock in inventory control)...
 const GUARD_MARGIN: f64 = 0.2;
+/// ...up to a lead time of this many seconds. Past it they stop growing: the swings are bursts
+/// of a minute or two that end by themselves (demand reverts to its mean, and the change of
+/// such a process over a lead time levels off once it is longer than the bursts). With a cold
+/// start of 180-240 s the uncapped margin (x1.35-1.40) bought replicas that came after the
+/// burst they were for and were then held a whole window: prompts x2 at x1 reversed twice
+/// within 10 minutes at 1.85-1.89x the oracle; capped, once, at 1.34-1.36x (docs/autoscaling.md,
+/// "The guard margin stops growing"). Replays with cold starts up to this are unchanged.
+const GUARD_MARGIN_MAX_LEAD_SECONDS: f64 = 120.0;
 /// Guarded sizing takes the largest guarded forecast of this window: the catch-up sizes the
 /// burst that made requests late, which is over by the time they are counted.
 const GUARD_LOOKBACK_SECONDS: f64 = 120.0;
@@ -731,7 +739,11 @@ impl Policy {
 
     /// What guarded sizing multiplies the forecast by.
     fn guard_margin(&self) -> f64 {
-        1.0 + GUARD_MARGIN * (self.cfg.forecast_horizon_seconds / 60.0).max(0.0).sqrt()
+        let lead = self
+            .cfg
+            .forecast_horizon_seconds
+            .min(GUARD_MARGIN_MAX_LEAD_SECONDS);
+        1.0 + GUARD_MARGIN * (lead / 60.0).max(0.0).sqrt()
     }
 
     /// The guard margin while guarded, 1 otherwise.

@@ -68,6 +68,10 @@ struct Args {
     /// forecast horizon, as the operator sets it.
     #[arg(long)]
     backlog_drain: Option<f64>,
+    /// How far ahead redline forecasts demand (the AutoscalingPolicy's
+    /// `forecastHorizonSeconds`). Default: the cold start, as it should be set
+    #[arg(long)]
+    forecast_horizon: Option<f64>,
     /// The operator's decision interval, seconds.
     #[arg(long, default_value_t = 5.0)]
     policy_interval: f64,
@@ -149,6 +153,11 @@ fn setup(a: &Args, profile: &EngineProfile, cold_start: f64) -> Setup {
     p.trend_window_seconds = a.trend_window;
     p.trend_smoothing_seconds = a.trend_smoothing;
     p.demand_smoothing_seconds = a.demand_smoothing;
+    if let Some(h) = a.forecast_horizon {
+        // As the operator sets them from the policy's one field.
+        p.forecast_horizon_seconds = h;
+        p.backlog_drain_seconds = h;
+    }
     if let Some(b) = a.backlog_drain {
         p.backlog_drain_seconds = b;
     }

@@ -172,6 +172,85 @@ fn read_failure_changes(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::report;
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::IntoResponse;
+    use prometheus::Opts;
+    use redline_api::{GuardSettings, Level, Limits};
+
+    /// A sidecar at `ip`, on the port the loop reads, that answers by the token it is given:
+    /// `good` a report, `stale` 401, `broken` a body that is no report, anything else 500.
+    /// `PUT /v1/limits` takes a drain from `good` only.
+    async fn fake_sidecar(ip: &str) {
+        async fn pressure(h: HeaderMap) -> axum::response::Response {
+            match h.get("authorization").and_then(|v| v.to_str().ok()) {
+                Some("Bearer good") => axum::Json(report(0.4, Level::Ok)).into_response(),
+                Some("Bearer stale") => StatusCode::UNAUTHORIZED.into_response(),
+                Some("Bearer broken") => "not a report".into_response(),
+                _ => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+            }
+        }
+        async fn limits(h: HeaderMap, body: axum::Json<LimitsRequest>) -> StatusCode {
+            let good = h.get("authorization").and_then(|v| v.to_str().ok()) == Some("Bearer good");
+            if good && body.drain {
+                StatusCode::OK
+            } else {
+                StatusCode::BAD_REQUEST
+            }
+        }
+        let app = axum::Router::new()
+            .route("/v1/pressure", axum::routing::get(pressure))
+            .route("/v1/limits", axum::routing::put(limits));
+        let listener = tokio::net::TcpListener::bind((ip, SIDECAR_PORT as u16))
+            .await
+            .expect("a loopback address of its own");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+    }
+
+    #[tokio::test]
+    async fn each_way_a_sidecar_can_fail_reads_as_what_it_is() {
+        let ip = "127.77.0.1";
+        fake_sidecar(ip).await;
+        let reads = IntCounterVec::new(Opts::new("reads", "reads"), &["outcome"]).unwrap();
+        let s = Sidecars::new(reads.clone());
+        let got = s.pressure(ip, "good").await.expect("a report");
+        assert_eq!(got.engine.map(|e| e.kv_usage_ratio), Some(0.4));
+        assert_eq!(s.pressure(ip, "stale").await, Err(ReadError::Unauthorized));
+        let bad = |r: Result<PressureReport, ReadError>, what: &str| match r {
+            Err(ReadError::Failed(e)) => assert!(e.contains(what), "{e}"),
+            other => panic!("{other:?}"),
+        };
+        bad(s.pressure(ip, "broken").await, "did not parse");
+        bad(s.pressure(ip, "other").await, "answered HTTP 500");
+        bad(s.pressure("127.77.0.2", "good").await, "unreachable");
+        assert_eq!(reads.with_label_values(&["ok"]).get(), 1);
+        assert_eq!(reads.with_label_values(&["error"]).get(), 4);
+        // Entries without an IP are skipped, not read.
+        let entries = [
+            PodEntry {
+                name: "a".into(),
+                phase: PodPhase::Ready,
+                ip: Some(ip.into()),
+            },
+            PodEntry {
+                name: "b".into(),
+                phase: PodPhase::Starting,
+                ip: None,
+            },
+        ];
+        let both = s.pressures(&entries, "good").await;
+        assert!(
+            both[0].is_ok() && both[1] == Err(ReadError::Skipped),
+            "{both:?}"
+        );
+        let drain = LimitsRequest::target(Limits::new(8, 512), GuardSettings::default(), true);
+        assert!(s.put_limits(ip, "good", &drain).await);
+        assert!(!s.put_limits(ip, "stale", &drain).await, "refused");
+        assert!(
+            !s.put_limits("127.77.0.2", "good", &drain).await,
+            "unreachable"
+        );
+    }
 
     #[test]
     fn a_sidecar_that_stops_answering_is_logged_once_and_once_again_when_it_answers() {

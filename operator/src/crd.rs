@@ -37,6 +37,7 @@ pub const GROUP: &str = "redline.dev";
     printcolumn = r#"{"name":"KV","type":"string","jsonPath":".status.kvUsage"}"#,
     printcolumn = r#"{"name":"Late","type":"string","jsonPath":".status.lateRequests"}"#,
     printcolumn = r#"{"name":"Decision","type":"string","jsonPath":".status.lastDecision.summary"}"#,
+    printcolumn = r#"{"name":"Scaling","type":"string","jsonPath":".status.conditions[?(@.type==\"ScalingActive\")].reason","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]

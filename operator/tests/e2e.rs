@@ -52,6 +52,32 @@ fn idle_example(name: &str) -> InferenceService {
     i
 }
 
+/// The cell of column `column` in the API server's table of InferenceService `name` (what
+/// `kubectl get -o wide` prints), every column asked for.
+async fn printed_column(client: &Client, ns: &str, name: &str, column: &str) -> String {
+    let req = http::Request::get(format!(
+        "/apis/redline.dev/v1alpha1/namespaces/{ns}/inferenceservices/{name}?includeObject=None"
+    ))
+    .header(
+        "Accept",
+        "application/json;as=Table;v=v1;g=meta.k8s.io,application/json",
+    )
+    .body(Vec::new())
+    .unwrap();
+    let table: serde_json::Value =
+        serde_json::from_str(&client.request_text(req).await.expect("the table")).unwrap();
+    let at = table["columnDefinitions"]
+        .as_array()
+        .expect("columns")
+        .iter()
+        .position(|c| c["name"] == column)
+        .unwrap_or_else(|| panic!("no column {column}: {table}"));
+    table["rows"][0]["cells"][at]
+        .as_str()
+        .unwrap_or_else(|| panic!("{table}"))
+        .to_string()
+}
+
 /// Waits for the Deployment the operator makes for service `name`.
 async fn wait_for_deployment(deployments: &Api<Deployment>, name: &str, what: &str) {
     wait_for(what, Duration::from_secs(30), || async {
@@ -907,6 +933,12 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
         .map(|e| e.series.map_or(1, |s| s.count))
         .sum::<i32>();
     assert_eq!(warned, 1, "one Warning Event for the episode");
+    // `kubectl get infsvc -o wide` says why: the API server's own table (server-side
+    // printing of the CRD's columns), as kubectl asks for it.
+    assert_eq!(
+        printed_column(&client, &ns.name, &name, "Scaling").await,
+        "ConflictingAutoscaler"
+    );
     // Held, not off: the policy's memory stays for when it goes on.
     let held_memory = isvcs
         .get(&name)

@@ -106,6 +106,10 @@ impl ErrorBudget {
         self.late / (self.cfg.allowed_late * self.first).max(1.0)
     }
 
+    pub fn config(&self) -> BudgetConfig {
+        self.cfg
+    }
+
     /// What a successor needs to go on from here (see [`BudgetMemory`]). Spans are cut on
     /// this clock's multiples of [`SPAN_SECONDS`], so only the newest changes from one
     /// decision to the next.
@@ -306,7 +310,6 @@ mod tests {
             }
             prop_assert_eq!(r.burn(), 0.0);
         }
-
 
         /// The burn rate is the window's late count over its allowance, recounted from
         /// scratch: the running sums never drift from it, and the sizing follows it.

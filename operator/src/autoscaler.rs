@@ -363,11 +363,7 @@ impl Autoscaler {
                     reports: &[],
                     pressure: Pressure::default(),
                     decision: None,
-                    // The policy's memory as it is: no pass has run it.
-                    memory: isvc
-                        .status
-                        .as_ref()
-                        .and_then(|s| s.autoscaler_memory.clone()),
+                    memory: memory::without_policy(isvc),
                     conditions: [resources_condition(&pods), scaling],
                 };
                 self.write_status(isvc, &ns, &pods, pass).await?;
@@ -381,10 +377,10 @@ impl Autoscaler {
         };
         let scaling = scaling_active::with_policy(scaling, isvc, spec.is_some());
         let now = self.started.elapsed().as_secs_f64();
+        let cfg = spec.as_ref().map(|p| policy_config(isvc, p));
         // Before the drains are read off it: a new leader's policy holds the old one's.
-        match &spec {
-            Some(p) if st.policy.is_none() => {
-                let cfg = policy_config(isvc, p);
+        match cfg {
+            Some(cfg) if st.policy.is_none() => {
                 st.policy = Some(self.first_policy(isvc, &k, cfg, now));
             }
             None => st.policy = None,
@@ -409,44 +405,32 @@ impl Autoscaler {
         let mut reports: Vec<Option<PressureReport>> = reads.into_iter().map(Result::ok).collect();
         let orphans = admit_reports(&mut entries, &mut reports, &draining);
 
-        // Autoscaling off forgets the memory; held, it is kept for when it goes on.
-        let enabled = isvc.spec.autoscaling.as_ref().is_some_and(|a| a.enabled);
-        let written = isvc
-            .status
-            .as_ref()
-            .and_then(|s| s.autoscaler_memory.as_ref());
-        let mut memory = if enabled {
-            memory::paused(written)
-        } else {
-            None
-        };
-        let mut decision = None;
-        if let Some(p) = &spec {
-            let cfg = policy_config(isvc, p);
-            let obs = Observation {
-                now,
-                desired: effective_replicas(&isvc.spec).max(0) as u32,
-                pods: entries
-                    .iter()
-                    .zip(&reports)
-                    .map(|(e, r)| PodView {
-                        name: e.name.clone(),
-                        phase: e.phase,
-                        signals: r.as_ref().and_then(PodSignals::from_report),
-                    })
-                    .collect(),
+        let (decision, memory) =
+            if let (Some(p), Some(cfg), Some(policy)) = (&spec, cfg, st.policy.as_mut()) {
+                let obs = Observation {
+                    now,
+                    desired: effective_replicas(&isvc.spec).max(0) as u32,
+                    pods: entries
+                        .iter()
+                        .zip(&reports)
+                        .map(|(e, r)| PodView {
+                            name: e.name.clone(),
+                            phase: e.phase,
+                            signals: r.as_ref().and_then(PodSignals::from_report),
+                        })
+                        .collect(),
+                };
+                if *policy.config() != cfg {
+                    policy.set_config(cfg);
+                }
+                let d = policy.decide(&obs);
+                let m = memory::to_status(&policy.memory(now), self.clock, now);
+                self.apply(isvc, &ns, &d, &entries, &reports, &token, p)
+                    .await?;
+                (Some(d), Some(m))
+            } else {
+                (None, memory::without_policy(isvc))
             };
-            let mut policy = st.policy.take().unwrap_or_else(|| Policy::new(cfg));
-            if *policy.config() != cfg {
-                policy.set_config(cfg);
-            }
-            let d = policy.decide(&obs);
-            memory = Some(memory::to_status(&policy.memory(now), self.clock, now));
-            st.policy = Some(policy);
-            self.apply(isvc, &ns, &d, &entries, &reports, &token, p)
-                .await?;
-            decision = Some(d);
-        }
         self.cancel_orphaned_drains(
             isvc,
             &entries,
@@ -680,7 +664,7 @@ impl Autoscaler {
             }
         }
         let after = LoopStatus::after(&current, isvc.metadata.generation, pass, Timestamp::now());
-        if after == LoopStatus::current(&current) {
+        if after.written_in(&current) {
             return Ok(());
         }
         let isvcs: Api<InferenceService> = Api::namespaced(self.ctx.client.clone(), ns);

@@ -13,7 +13,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use redline_autoscale::budget::{BudgetMemory, BudgetSpan as Span};
 use redline_autoscale::PolicyMemory;
 
-use crate::crd::{AutoscalerMemory, BudgetSpan, DrainingPod};
+use crate::crd::{AutoscalerMemory, BudgetSpan, DrainingPod, InferenceService};
 
 /// How stale what moves every pass may be in status (see [`due`]).
 const REFRESH_SECONDS: i64 = 60;
@@ -142,10 +142,22 @@ pub fn due(written: Option<&AutoscalerMemory>, new: &AutoscalerMemory) -> bool {
     old != new || span_due || starting_due
 }
 
-/// The memory kept while autoscaling is paused (an HPA scales the service too, the spec is
-/// invalid, its AutoscalingPolicy is missing): all of it but the drains, which the loop cancels
-/// as it pauses (a pod drained for good would serve nothing until the pause ends). Autoscaling
-/// goes on from it when the pause ends, as a new leader would; turning it off forgets it.
+/// The memory status keeps for `isvc` while no policy runs for it: none with autoscaling off
+/// (turning it off forgets it); otherwise, a pause (an HPA scales the service too, the spec is
+/// invalid, its AutoscalingPolicy is missing), the one written, less its drains.
+pub fn without_policy(isvc: &InferenceService) -> Option<AutoscalerMemory> {
+    let enabled = isvc.spec.autoscaling.as_ref().is_some_and(|a| a.enabled);
+    let written = isvc.status.as_ref()?.autoscaler_memory.as_ref();
+    if enabled {
+        paused(written)
+    } else {
+        None
+    }
+}
+
+/// The memory kept while autoscaling is paused: all of it but the drains, which the loop
+/// cancels as it pauses (a pod drained for good would serve nothing until the pause ends).
+/// Autoscaling goes on from it when the pause ends, as a new leader would.
 pub fn paused(written: Option<&AutoscalerMemory>) -> Option<AutoscalerMemory> {
     written.map(|m| AutoscalerMemory {
         draining: Vec::new(),

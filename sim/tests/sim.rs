@@ -324,8 +324,10 @@ fn a_long_cold_start_does_not_buy_replicas_that_come_after_the_burst() {
         ..Replay::default()
     });
     let setup = Setup::new(EngineProfile::gpu_8b(), 180.0, SLO, 2, 16);
-    let c = compare(&t, &setup, None);
-    let s = &c.rows[0];
+    // redline alone, from the fleet `compare` starts every policy with (`redline-sim`'s row).
+    let start = setup.start(&setup.oracle(oracle_schedule(&t, &setup)));
+    let mut r = Redline::new(setup.policy, setup.policy_interval_seconds);
+    let s = summarize(&simulate(&t, &start, &mut r, None), &SLO);
     println!("{s:?}");
     assert!(s.ttft_attainment >= 0.99, "{s:?}");
     assert_eq!((s.redline_events, s.failed), (0, 0));

@@ -9,7 +9,7 @@
 //! the windows, the reversals and the budget only hold it back, or make it keep a margin.
 
 use super::{Draining, Policy, PolicyConfig, MAX_HOLD_FACTOR};
-use crate::budget::{BudgetConfig, BudgetMemory, ErrorBudget};
+use crate::budget::{BudgetMemory, ErrorBudget};
 
 /// Times are ages in seconds before the `now` the memory was taken at: the successor's clock
 /// is its own.
@@ -72,7 +72,8 @@ impl Policy {
                 since: now - age.max(0.0),
             })
             .collect();
-        p.budget = ErrorBudget::restore(BudgetConfig::default(), &m.budget, now);
+        // The budget under the configuration `Self::new` gave it.
+        p.budget = ErrorBudget::restore(p.budget.config(), &m.budget, now);
         p
     }
 }

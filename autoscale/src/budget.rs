@@ -58,6 +58,10 @@ pub struct BudgetMemory {
     pub spans: Vec<BudgetSpan>,
     pub last_late_age: Option<f64>,
     pub catch_up_age: Option<f64>,
+    /// The last observation: the successor counts the rates it then sees over the time since
+    /// (what nobody observed). `None` (a memory written a while before it was taken): the
+    /// successor counts from its own first observation.
+    pub last_seen_age: Option<f64>,
 }
 
 /// Late requests and first tokens counted within one span, and the age of its newest count.
@@ -137,6 +141,7 @@ impl ErrorBudget {
             spans: spans.into_iter().map(|(_, s)| s).collect(),
             last_late_age: self.last_late.map(|t| now - t),
             catch_up_age: self.catch_up_since.map(|t| now - t),
+            last_seen_age: self.last.map(|t| now - t),
         }
     }
 
@@ -168,6 +173,7 @@ impl ErrorBudget {
             .chain(newest_late)
             .reduce(f64::max);
         b.catch_up_since = m.catch_up_age.map(at);
+        b.last = m.last_seen_age.map(at);
         b
     }
 

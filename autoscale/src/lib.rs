@@ -18,4 +18,5 @@ pub use demand::{
 };
 pub use policy::{
     Action, Decision, Observation, PodPhase, PodView, Policy, PolicyConfig, PolicyMemory,
+    SampleMemory,
 };

@@ -852,4 +852,4 @@ mod handover;
 #[cfg(test)]
 mod tests;
 
-pub use handover::PolicyMemory;
+pub use handover::{PolicyMemory, SampleMemory};

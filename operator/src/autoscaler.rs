@@ -35,7 +35,7 @@ use tracing::{debug, info, warn};
 use crate::children;
 use crate::conditions::{self, RESOURCES_AVAILABLE, SCALING_ACTIVE};
 use crate::controller::{Context, Error};
-use crate::crd::{AutoscalingPolicy, AutoscalingPolicySpec, InferenceService};
+use crate::crd::{AutoscalerMemory, AutoscalingPolicy, AutoscalingPolicySpec, InferenceService};
 use crate::engine_pods::{
     admit_reports, by_service, resources_condition, serving, PodEntry, ENGINE_PODS,
 };
@@ -104,6 +104,21 @@ pub fn pod_limits(isvc: &InferenceService) -> Limits {
 /// client's read timeout (kube's: 295 s). What a cut-off pass left undone, the next one does
 /// (sidecar targets, scale and status are compared with what they are).
 const PASS_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a stopping leader waits for each service's last write: the process is given 10 s
+/// to stop before it releases the Lease anyway.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the loop stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// This process stops while it leads (SIGTERM: a rolling update, a drained node): each
+    /// policy's memory is written once more, with its demand history, before the Lease is
+    /// released (`crate::memory`).
+    HandOver,
+    /// Leadership was lost: another leader may be writing already, so nothing is written.
+    LeadershipLost,
+}
 
 /// `f`'s result, or [`Error::Timeout`] once `limit` has passed.
 async fn within<T>(
@@ -190,12 +205,28 @@ impl Autoscaler {
         }
     }
 
-    /// Runs one pass over the services every `interval`, forever.
-    pub async fn run(mut self, store: Store<InferenceService>, interval: Duration) {
+    /// Runs one pass over the services every `interval` until `stop`, then hands the policies
+    /// over if it says so. A pass under way is finished first: cut off, it would lose the
+    /// states of the services it holds.
+    pub async fn run(
+        mut self,
+        store: Store<InferenceService>,
+        interval: Duration,
+        stop: impl std::future::Future<Output = Stop>,
+    ) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(stop);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                why = &mut stop => {
+                    if why == Stop::HandOver {
+                        self.hand_over().await;
+                    }
+                    return;
+                }
+                _ = tick.tick() => {}
+            }
             let Some(pods) = self.engine_pods().await else {
                 continue;
             };
@@ -206,6 +237,51 @@ impl Autoscaler {
                 .autoscale_pass
                 .observe(t0.elapsed().as_secs_f64());
         }
+    }
+
+    /// A stopping leader's last write: each policy's memory with its demand history, so that
+    /// the next leader decides as this one would have.
+    async fn hand_over(&self) {
+        let now = self.started.elapsed().as_secs_f64();
+        let pp = PatchParams {
+            field_manager: Some(MANAGER.into()),
+            ..Default::default()
+        };
+        // Owned before the writes: a stream over borrows of the map is not Send.
+        let memories: Vec<(String, AutoscalerMemory)> = self
+            .services
+            .iter()
+            .filter_map(|(k, st)| {
+                let m = st.policy.as_ref()?.handover(now);
+                Some((k.clone(), memory::to_status(&m, self.clock, now)))
+            })
+            .collect();
+        let writes = memories.into_iter().map(|(k, m)| {
+            let client = self.ctx.client.clone();
+            let pp = pp.clone();
+            async move {
+                let (ns, name) = k.split_once('/').unwrap_or_default();
+                let api: Api<InferenceService> = Api::namespaced(client, ns);
+                let patch = json!({"status": {"autoscalerMemory": m}});
+                let r = within(HANDOVER_TIMEOUT, async {
+                    Ok(api.patch_status(name, &pp, &Patch::Merge(&patch)).await?)
+                })
+                .await;
+                if let Err(e) = &r {
+                    warn!(isvc = %k, "handing the autoscaling policy's memory over: {e}");
+                }
+                r.is_ok()
+            }
+        });
+        let done: Vec<bool> = stream::iter(writes)
+            .buffer_unordered(CONCURRENT_SERVICES)
+            .collect()
+            .await;
+        let written = done.iter().filter(|&&ok| ok).count();
+        info!(
+            "stopping: handed {written} of {} services' autoscaling memory over, with their demand history",
+            done.len()
+        );
     }
 
     /// Every engine pod by service key: from the watch, or, until it has its first list and
@@ -470,12 +546,24 @@ impl Autoscaler {
         };
         info!(
             "{k}: autoscaling goes on from status.autoscalerMemory (last scale-up {}, last \
-             scale-down {}, {} pod(s) draining, {} late requests in the error budget)",
+             scale-down {}, {} pod(s) draining, {} late requests in the error budget, {} \
+             demand samples handed over)",
             m.last_scale_up_time.as_deref().unwrap_or("none"),
             m.last_scale_down_time.as_deref().unwrap_or("none"),
             m.draining.len(),
-            m.error_budget.iter().map(|s| s.late).sum::<i64>()
+            m.error_budget.iter().map(|s| s.late).sum::<i64>(),
+            m.demand_history.as_ref().map_or(0, |h| h.samples.len())
         );
+        let from = if m.demand_history.is_some() {
+            "memory_and_history"
+        } else {
+            "memory"
+        };
+        self.ctx
+            .metrics
+            .policies_restored
+            .with_label_values(&[from])
+            .inc();
         Policy::restore(cfg, &memory::from_status(m, self.clock, now), now)
     }
 

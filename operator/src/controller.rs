@@ -21,6 +21,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
+use crate::autoscaler::Stop;
 use crate::children::{self, Defaults};
 use crate::conditions::{self, Cond, AUTOSCALER_OWNED, DEGRADED, INVALID_SPEC, PROGRESSING, READY};
 use crate::crd::{AutoscalingPolicy, InferenceService, InferenceServiceStatus};
@@ -626,12 +627,15 @@ fn trigger_backoff() -> impl kube::runtime::utils::Backoff {
     kube::runtime::utils::ResetTimerBackoff::new(exp, Duration::from_secs(5))
 }
 
-/// Runs the controller, and the autoscaling loop every `interval`, until `shutdown` resolves.
+/// Runs the controller, and the autoscaling loop every `interval`, until `shutdown` resolves
+/// (the loop then hands its policies over if it says so).
 pub async fn run(
     ctx: Arc<Context>,
     interval: Duration,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+    shutdown: impl std::future::Future<Output = Stop> + Send + Sync + 'static,
 ) {
+    use futures::FutureExt;
+    let shutdown = shutdown.shared();
     let client = ctx.client.clone();
     let isvcs: Api<InferenceService> = Api::all(client.clone());
     // Lists in pages of 50 and at most 16 reconciles at once: 500 services created together
@@ -643,7 +647,11 @@ pub async fn run(
         .trigger_backoff(trigger_backoff());
     // A policy change (or creation) wakes the services that reference it.
     let store = controller.store();
-    let scaler = crate::autoscaler::Autoscaler::new(ctx.clone()).run(store.clone(), interval);
+    let scaler = crate::autoscaler::Autoscaler::new(ctx.clone()).run(
+        store.clone(),
+        interval,
+        shutdown.clone(),
+    );
     let controller = controller
         .watches(
             Api::<AutoscalingPolicy>::all(client.clone()),
@@ -675,17 +683,19 @@ pub async fn run(
             cfg.clone()
                 .labels("app.kubernetes.io/managed-by=redline-operator"),
         )
-        .graceful_shutdown_on(shutdown)
+        .graceful_shutdown_on(shutdown.map(|_| ()))
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {
             if let Err(e) = r {
                 tracing::debug!("controller: {e}");
             }
         });
-    // The loop runs as long as the controller (it stops with leadership).
+    // The loop runs as long as the controller (it stops with leadership); when both stop, the
+    // loop's last writes are let finish.
+    tokio::pin!(scaler);
     tokio::select! {
-        _ = controller => {}
-        _ = scaler => {}
+        _ = controller => scaler.await,
+        _ = &mut scaler => {}
     }
 }
 

@@ -531,6 +531,42 @@ pub struct AutoscalerMemory {
     /// clean hour) began; absent while it is armed.
     #[serde(default)]
     pub catch_up_time: Option<String>,
+    /// The policy's recent demand, handed over by a leader that stopped (a rolling update of
+    /// the operator, a drained node) so that its successor decides as it would have. Written
+    /// once, as it stops; gone at the successor's first write.
+    #[serde(default)]
+    pub demand_history: Option<DemandHistory>,
+}
+
+/// The demand samples of a stopped leader's policy (`redline_autoscale::SampleMemory`).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DemandHistory {
+    /// The instant the samples' ages count back from.
+    pub taken_at: String,
+    /// Oldest first.
+    pub samples: Vec<DemandSample>,
+}
+
+/// One decision's demand: loads in millionths of a replica and ages in milliseconds (integers,
+/// as Kubernetes APIs keep floats out of their objects).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DemandSample {
+    pub age_ms: i64,
+    /// The load in replicas: as measured, averaged over the demand's smoothing window, and
+    /// averaged again over the trend's.
+    pub demand: Vec<i64>,
+    /// The KV term's fill, averaged the same two ways.
+    pub kv: Vec<i64>,
+    /// The burst reserve in replicas, and the replicas asked for then.
+    pub reserve: i64,
+    pub desired: i64,
+    /// The guarded forecast, and lean sizing's.
+    pub guarded: i64,
+    pub lean: i64,
+    /// Every pod that should have reported did, with fresh data.
+    pub complete: bool,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]

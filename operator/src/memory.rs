@@ -8,12 +8,23 @@
 //! so is the last pass that saw a pod starting ([`due`]); anything else (a scaling action, a
 //! drain, a window doubled) is written at once. A failover loses at most a minute of first
 //! tokens counted, never a decision.
+//!
+//! A leader that stops (SIGTERM: a rolling update, a drained node) writes it once more as it
+//! stops, with the policy's demand history (`demandHistory`, [`to_status`] of
+//! `Policy::handover`): its successor then decides as it would have, where one after a lost
+//! leader starts its forecast and windows from its own few samples. The successor's first
+//! write removes the history (it is not kept up to date).
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use redline_autoscale::budget::{BudgetMemory, BudgetSpan as Span};
-use redline_autoscale::PolicyMemory;
+use redline_autoscale::{PolicyMemory, SampleMemory};
 
-use crate::crd::{AutoscalerMemory, BudgetSpan, DrainingPod, InferenceService};
+use crate::crd::{
+    AutoscalerMemory, BudgetSpan, DemandHistory, DemandSample, DrainingPod, InferenceService,
+};
+
+/// The unit of a load in `demandHistory`: a millionth of a replica.
+const MICRO: f64 = 1e6;
 
 /// How stale what moves every pass may be in status (see [`due`]).
 const REFRESH_SECONDS: i64 = 60;
@@ -73,12 +84,70 @@ pub fn to_status(m: &PolicyMemory, clock: Clock, now: f64) -> AutoscalerMemory {
             .collect(),
         last_late_time: wall(m.budget.last_late_age),
         catch_up_time: wall(m.budget.catch_up_age),
+        demand_history: history_to_status(&m.history, clock, now),
     }
+}
+
+/// The samples' ages count back from `takenAt`, `now` to the second.
+fn history_to_status(history: &[SampleMemory], clock: Clock, now: f64) -> Option<DemandHistory> {
+    if history.is_empty() {
+        return None;
+    }
+    let taken_at = clock.wall(now);
+    let past = clock.age(&taken_at, now).unwrap_or(0.0);
+    let micro = |x: f64| (x * MICRO).round() as i64;
+    let samples = history
+        .iter()
+        .map(|s| DemandSample {
+            age_ms: ((s.age - past) * 1000.0).round() as i64,
+            demand: s.demand.iter().map(|&x| micro(x)).collect(),
+            kv: s.kv.iter().map(|&x| micro(x)).collect(),
+            reserve: micro(s.reserve),
+            desired: s.desired.into(),
+            guarded: micro(s.guarded),
+            lean: micro(s.lean),
+            complete: s.complete,
+        })
+        .collect();
+    Some(DemandHistory { taken_at, samples })
+}
+
+/// The samples of `h` as of `now`; none when `takenAt` does not parse or a sample has not
+/// three of each average (an edited status: the successor starts as after a lost leader).
+fn history_from_status(h: &DemandHistory, clock: Clock, now: f64) -> Vec<SampleMemory> {
+    let Some(taken) = clock.age(&h.taken_at, now) else {
+        return Vec::new();
+    };
+    let three = |v: &[i64]| -> Option<[f64; 3]> {
+        let [a, b, c] = v else { return None };
+        Some([*a as f64 / MICRO, *b as f64 / MICRO, *c as f64 / MICRO])
+    };
+    h.samples
+        .iter()
+        .map(|s| {
+            Some(SampleMemory {
+                age: taken + s.age_ms as f64 / 1000.0,
+                demand: three(&s.demand)?,
+                kv: three(&s.kv)?,
+                reserve: s.reserve as f64 / MICRO,
+                desired: u32::try_from(s.desired).ok()?,
+                guarded: s.guarded as f64 / MICRO,
+                lean: s.lean as f64 / MICRO,
+                complete: s.complete,
+            })
+        })
+        .collect::<Option<Vec<_>>>()
+        .unwrap_or_default()
 }
 
 /// The memory status holds, as a policy at `now` restores it.
 pub fn from_status(s: &AutoscalerMemory, clock: Clock, now: f64) -> PolicyMemory {
     let age = |t: &Option<String>| t.as_deref().and_then(|t| clock.age(t, now));
+    let history = s
+        .demand_history
+        .as_ref()
+        .map(|h| history_from_status(h, clock, now))
+        .unwrap_or_default();
     PolicyMemory {
         last_up_age: age(&s.last_scale_up_time),
         last_down_age: age(&s.last_scale_down_time),
@@ -104,7 +173,11 @@ pub fn from_status(s: &AutoscalerMemory, clock: Clock, now: f64) -> PolicyMemory
                 .collect(),
             last_late_age: age(&s.last_late_time),
             catch_up_age: age(&s.catch_up_time),
+            // A stopped leader's budget last counted at its last decision, its newest sample;
+            // a memory written as it went may be a minute older than that.
+            last_seen_age: history.last().map(|h| h.age),
         },
+        history,
     }
 }
 
@@ -203,7 +276,9 @@ mod tests {
                 ],
                 last_late_age: Some(320.0),
                 catch_up_age: None,
+                last_seen_age: None,
             },
+            history: Vec::new(),
         };
         // A policy clock at 5000 s: the wall time 11:23:20.25.
         let s = to_status(&m, clock(), 5000.0);
@@ -294,7 +369,8 @@ mod tests {
     /// restored from the memory itself (the round trip loses only fractions of a second and
     /// of a request).
     #[test]
-    fn a_policy_restored_through_status_decides_as_one_restored_directly() {
+    fn a_policy_restored_through_status_decides_as_one_restored_directly_and_a_handed_one_as_the_old(
+    ) {
         let cfg = PolicyConfig {
             min_replicas: 1,
             max_replicas: 8,
@@ -375,6 +451,20 @@ mod tests {
             Policy::restore(cfg, &through, now),
         ];
         let mut fresh = Policy::new(cfg);
+        // Handed over as a stopping leader writes it, and read by a successor whose clock
+        // started 1000 s later: it decides as the old policy, going on, would have.
+        let later = Clock {
+            epoch: clock().epoch + SignedDuration::from_secs(1000),
+        };
+        let status = to_status(&p.handover(now), clock(), now);
+        let history = status.demand_history.as_ref().expect("the demand history");
+        assert_eq!(history.samples.len(), p.handover(now).history.len());
+        assert!(serde_json::to_string(&status).expect("json").len() < 40_000);
+        let mut handed = Policy::restore(
+            cfg,
+            &from_status(&status, later, now - 1000.0),
+            now - 1000.0,
+        );
         // 90 tokens a second: 0.9 replicas at full capacity. Lean sizing holds one replica;
         // sizing guarded (the budget the burst overspent), it starts a second.
         let mut ups = 0;
@@ -401,6 +491,17 @@ mod tests {
             if matches!(a.action, Action::ScaleUp { .. }) {
                 ups += 1;
             }
+            let h = handed.decide(&Observation {
+                now: o.now - 1000.0,
+                ..o.clone()
+            });
+            let old = p.decide(&o);
+            assert_eq!(
+                h.action, old.action,
+                "at {}: {} / {}",
+                o.now, h.reason, old.reason
+            );
+            assert!((h.forecast - old.forecast).abs() < 1e-3, "{h:?} vs {old:?}");
             let f = fresh.decide(&Observation { desired: 1, ..o });
             assert_eq!(f.action, Action::Hold, "{}", f.reason);
             desired = a.replicas;

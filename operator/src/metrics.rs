@@ -12,6 +12,8 @@ pub struct Metrics {
     pub events: IntCounterVec,
     pub pressure_reads: IntCounterVec,
     pub scaling_decisions: IntCounterVec,
+    /// Policies that went on from status at this leader's first pass of their service.
+    pub policies_restored: IntCounterVec,
     pub autoscale_pass: Histogram,
     pub services: ServiceGauges,
     pub leader: IntGauge,
@@ -158,6 +160,16 @@ impl Default for Metrics {
             &["action"],
         )
         .unwrap();
+        let policies_restored = IntCounterVec::new(
+            Opts::new(
+                "redline_operator_policies_restored_total",
+                "Autoscaling policies that went on from status.autoscalerMemory when this \
+                 instance took over: from the memory a lost leader kept as it went, or from \
+                 the memory and demand history a stopped one handed over",
+            ),
+            &["from"],
+        )
+        .unwrap();
         let autoscale_pass = Histogram::with_opts(
             HistogramOpts::new(
                 "redline_operator_autoscale_pass_duration_seconds",
@@ -181,6 +193,7 @@ impl Default for Metrics {
             Box::new(events.clone()),
             Box::new(pressure_reads.clone()),
             Box::new(scaling_decisions.clone()),
+            Box::new(policies_restored.clone()),
             Box::new(autoscale_pass.clone()),
             Box::new(leader.clone()),
         ]
@@ -201,6 +214,7 @@ impl Default for Metrics {
             events,
             pressure_reads,
             scaling_decisions,
+            policies_restored,
             autoscale_pass,
             services,
             leader,

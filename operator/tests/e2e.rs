@@ -852,6 +852,34 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
         (&memory.last_scale_down_time, 10),
         "the new leader's memory"
     );
+    // The old pod, stopped while it led, handed its demand history over as well: the new
+    // leader went on from it, and its first write removed it.
+    assert_eq!(kept.demand_history, None, "the history left in status");
+    let m = testing::pod_http(
+        &client,
+        RELEASE_NS,
+        &op.metadata.name.clone().unwrap(),
+        8080,
+        "GET",
+        "/metrics",
+        None,
+    )
+    .await
+    .unwrap();
+    let m = redline_api::prom::Exposition::parse(&m).unwrap();
+    let restored = |from: &str| {
+        m.sum_where(
+            "redline_operator_policies_restored_total",
+            &[("from", from)],
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(
+        restored("memory_and_history") >= 1.0 && restored("memory") == 0.0,
+        "policies restored: {} with the history, {} without",
+        restored("memory_and_history"),
+        restored("memory")
+    );
 
     // The same as gauges on the operator's /metrics, per service (a Prometheus plots load
     // against replicas from them), as of the loop's last pass: one replica decided and

@@ -77,7 +77,7 @@ impl Setup {
             oracle_window_seconds: 60.0,
             attainment_target: 0.99,
             failovers: Vec::new(),
-            handover: Handover::Memory,
+            handover: Handover::Stopped,
         }
     }
 

@@ -10,7 +10,11 @@ use crate::fleet::{Autoscaler, Command, FleetView};
 /// What a new leader starts from after a failover of the operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handover {
-    /// The old leader's memory, as the operator hands it over in status.
+    /// The old leader stopped (a rolling update of the operator, a drained node) and handed
+    /// over its memory and its demand history, as the operator does in status as it stops.
+    Stopped,
+    /// The old leader was lost (its node died): the new one goes on from the memory the old
+    /// one kept in status as it went, without the demand history.
     Memory,
     /// Nothing (the operator before `status.autoscalerMemory`).
     Fresh,
@@ -35,7 +39,7 @@ impl Redline {
             interval,
             guard: true,
             failovers: Vec::new(),
-            handover: Handover::Memory,
+            handover: Handover::Stopped,
             log: Vec::new(),
         }
     }
@@ -87,6 +91,7 @@ impl Autoscaler for Redline {
             self.failovers.pop();
             let cfg = *self.policy.config();
             self.policy = match self.handover {
+                Handover::Stopped => Policy::restore(cfg, &self.policy.handover(now), now),
                 Handover::Memory => Policy::restore(cfg, &self.policy.memory(now), now),
                 Handover::Fresh => Policy::new(cfg),
             };
@@ -94,6 +99,7 @@ impl Autoscaler for Redline {
                 "{:6.1} min  failover         a new leader, from {}",
                 now / 60.0,
                 match self.handover {
+                    Handover::Stopped => "the old one's memory and demand history",
                     Handover::Memory => "the old one's memory",
                     Handover::Fresh => "nothing",
                 }

@@ -313,6 +313,37 @@ fn a_new_leader_going_on_from_the_old_ones_memory_keeps_the_slo_where_a_fresh_on
     assert!(fresh.ttft_attainment < 0.99, "{fresh:?}");
 }
 
+/// A leader that stops in the middle of a burst (a `helm upgrade` of the operator, a drained
+/// node) hands over its demand history with its memory: its successor buys nothing the old one
+/// would not have. One after a lost leader (the memory alone, as kept in status) sees only
+/// the burst's raw level in its few samples and buys two more replicas.
+/// (`redline-sim --time-compression 4 --cold-start 120 --failover 168 [--failover-lost-leader]`.)
+#[test]
+fn a_leader_that_stops_mid_burst_hands_over_what_its_successor_needs_to_buy_nothing_more() {
+    let t = trace(Replay {
+        time_compression: 4.0,
+        ..Replay::default()
+    });
+    let setup = Setup::new(EngineProfile::gpu_8b(), 120.0, SLO, 2, 16);
+    let start = setup.start(&setup.oracle(oracle_schedule(&t, &setup)));
+    let run = |failovers: Vec<f64>, handover: Handover| {
+        let mut r = Redline::new(setup.policy, 5.0).with_failovers(failovers, handover);
+        summarize(&simulate(&t, &start, &mut r, None), &SLO)
+    };
+    let alone = run(Vec::new(), Handover::Stopped);
+    let stopped = run(vec![168.0], Handover::Stopped);
+    let lost = run(vec![168.0], Handover::Memory);
+    println!("alone {alone:?}\nstopped {stopped:?}\nlost {lost:?}");
+    let key =
+        |s: &redline_sim::report::Summary| (s.ttft_attainment, s.replica_seconds, s.scale_actions);
+    assert_eq!(key(&stopped), key(&alone));
+    // Measured 6514 replica-s after the lost leader, 5574 without a failover.
+    assert!(
+        lost.replica_seconds > alone.replica_seconds + 500.0,
+        "{lost:?}"
+    );
+}
+
 #[test]
 fn a_long_cold_start_does_not_buy_replicas_that_come_after_the_burst() {
     // Prompts x2 with pods that take 3 minutes to load: guarded sizing's margin grows with

@@ -3,13 +3,76 @@
 //! instead of forgetting the budget it overspent (and sizing lean through the rest of a burst)
 //! or the reversal it just made (and making another).
 //!
-//! The demand history is not handed over: a successor drains nothing until it has seen a
-//! whole scale-down window of fresh data itself, as after any start. So nothing handed over
-//! lets it scale down sooner than a new policy would (it only finishes the old one's drains);
-//! the windows, the reversals and the budget only hold it back, or make it keep a margin.
+//! The memory a leader keeps in status as it goes ([`Policy::memory`]) has no demand history:
+//! a successor after a lost leader drains nothing until it has seen a whole scale-down window
+//! of fresh data itself, as after any start, and its forecast starts from its own few samples.
+//! So nothing in it lets a successor scale down sooner than a new policy would (it only
+//! finishes the old one's drains); the windows, the reversals and the budget only hold it
+//! back, or make it keep a margin.
+//!
+//! A leader that stops (a rolling update of the operator, a drained node) hands over the
+//! history too ([`Policy::handover`]): its successor then decides as the old one would have,
+//! where one without it, taking over mid-burst, sees only the burst's raw level and buys
+//! replicas the old one would not have.
 
-use super::{Draining, Policy, PolicyConfig, MAX_HOLD_FACTOR};
+use std::collections::VecDeque;
+
+use super::{Averaged, Draining, Policy, PolicyConfig, Sample, MAX_HOLD_FACTOR};
 use crate::budget::{BudgetMemory, ErrorBudget};
+
+/// One of the policy's demand samples as a successor takes it ([`Policy::handover`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampleMemory {
+    /// Seconds before the `now` the memory was taken at.
+    pub age: f64,
+    /// The load in replicas: as measured, averaged over the demand's smoothing window, and
+    /// averaged again over the trend's (what the trend is fitted to).
+    pub demand: [f64; 3],
+    /// The KV term's fill, averaged the same two ways.
+    pub kv: [f64; 3],
+    /// The burst reserve in replicas, and the replicas asked for then.
+    pub reserve: f64,
+    pub desired: u32,
+    /// The guarded forecast, and lean sizing's.
+    pub guarded: f64,
+    pub lean: f64,
+    /// Every pod that should have reported did, with fresh data.
+    pub complete: bool,
+}
+
+impl SampleMemory {
+    fn of(s: &Sample, now: f64) -> Self {
+        let three = |a: Averaged| [a.raw, a.smoothed, a.trend_base];
+        Self {
+            age: now - s.t,
+            demand: three(s.demand),
+            kv: three(s.kv),
+            reserve: s.reserve,
+            desired: s.desired,
+            guarded: s.guarded,
+            lean: s.lean,
+            complete: s.complete,
+        }
+    }
+
+    fn sample(&self, now: f64) -> Sample {
+        let averaged = |[raw, smoothed, trend_base]: [f64; 3]| Averaged {
+            raw,
+            smoothed,
+            trend_base,
+        };
+        Sample {
+            t: now - self.age,
+            demand: averaged(self.demand),
+            kv: averaged(self.kv),
+            reserve: self.reserve,
+            desired: self.desired,
+            guarded: self.guarded,
+            lean: self.lean,
+            complete: self.complete,
+        }
+    }
+}
 
 /// Times are ages in seconds before the `now` the memory was taken at: the successor's clock
 /// is its own.
@@ -26,6 +89,8 @@ pub struct PolicyMemory {
     /// Pods being drained, with how long.
     pub draining: Vec<(String, f64)>,
     pub budget: BudgetMemory,
+    /// The demand history, oldest first: only in a stopping leader's [`Policy::handover`].
+    pub history: Vec<SampleMemory>,
 }
 
 impl Policy {
@@ -44,6 +109,20 @@ impl Policy {
                 .map(|d| (d.pod.clone(), now - d.since))
                 .collect(),
             budget: self.budget.memory(now),
+            history: Vec::new(),
+        }
+    }
+
+    /// What a stopping leader hands its successor: the memory and the demand history, so
+    /// that the successor decides from `now` on as this policy would have (see the module).
+    pub fn handover(&self, now: f64) -> PolicyMemory {
+        PolicyMemory {
+            history: self
+                .history
+                .iter()
+                .map(|s| SampleMemory::of(s, now))
+                .collect(),
+            ..self.memory(now)
         }
     }
 
@@ -74,6 +153,29 @@ impl Policy {
             .collect();
         // The budget under the configuration `Self::new` gave it.
         p.budget = ErrorBudget::restore(p.budget.config(), &m.budget, now);
+        p.history = restore_history(&m.history, now);
         p
     }
+}
+
+/// The samples of `history` as of `now`, oldest first. Ages under 0 count as now; a history
+/// out of order (an edited status) is not history: it is dropped, and the successor starts
+/// afresh as after a lost leader.
+fn restore_history(history: &[SampleMemory], now: f64) -> VecDeque<Sample> {
+    let ordered = history
+        .windows(2)
+        .all(|w| w[0].age >= w[1].age && w[1].age.is_finite());
+    if !ordered || history.iter().any(|s| !s.age.is_finite()) {
+        return VecDeque::new();
+    }
+    history
+        .iter()
+        .map(|s| {
+            SampleMemory {
+                age: s.age.max(0.0),
+                ..*s
+            }
+            .sample(now)
+        })
+        .collect()
 }

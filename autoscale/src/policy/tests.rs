@@ -969,6 +969,39 @@ proptest! {
         check_invariants(&ticks, min, span, start, 15.0, slo, Some((at, clock)))?;
     }
 
+    /// A leader that stops hands its successor the demand history too
+    /// (`Policy::handover`): from then on the successor, on a clock of its own, decides
+    /// what the old one would have, tick by tick.
+    #[test]
+    fn a_successor_handed_the_history_decides_as_its_predecessor_would(
+        ticks in bursts(),
+        start in 0u32..4,
+        at in 0usize..400,
+        clock in prop_oneof![Just(0.0), (-1000i32..1000).prop_map(f64::from)],
+        slo: bool,
+    ) {
+        let c = PolicyConfig { ttft_objective_seconds: slo.then_some(2.0), ..cfg() };
+        let at = at % ticks.len();
+        let mut old = Policy::new(c);
+        let mut new: Option<Policy> = None;
+        let (mut t, mut desired) = (0.0, start);
+        for (i, k) in ticks.iter().enumerate() {
+            t += k.dt;
+            let o = observe(t, desired, k);
+            let d = old.decide(&o);
+            if let Some(n) = new.as_mut() {
+                let mine = n.decide(&Observation { now: o.now + clock, ..o.clone() });
+                prop_assert_eq!(&mine.action, &d.action, "tick {} at {}: {} vs {}", i, t, mine.reason, d.reason);
+                prop_assert_eq!(mine.replicas, d.replicas);
+                prop_assert!((mine.forecast - d.forecast).abs() < 1e-6, "tick {}: {} vs {}: {} / {}", i, mine.forecast, d.forecast, mine.reason, d.reason);
+            }
+            if i == at {
+                new = Some(Policy::restore(c, &old.handover(t), t + clock));
+            }
+            desired = d.replicas;
+        }
+    }
+
     /// Same inputs, same decisions: the operator and the simulator agree.
     #[test]
     fn decisions_are_deterministic(ticks in prop::collection::vec(tick(), 1..60), slo: bool) {

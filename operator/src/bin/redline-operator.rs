@@ -10,6 +10,7 @@ use axum::routing::get;
 use clap::{Parser, Subcommand};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
+use redline_operator::autoscaler::Stop;
 use redline_operator::children::Defaults;
 use redline_operator::controller::{self, Context};
 use redline_operator::leader::{LeaseLock, Role, RoleCell};
@@ -175,10 +176,10 @@ async fn run(args: RunArgs) -> Result<()> {
             metrics.clone(),
             identity.clone(),
         ));
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Stop>();
         let interval = Duration::from_secs_f64(args.autoscale_interval_seconds.max(0.5));
         let mut controller = tokio::spawn(controller::run(ctx, interval, async move {
-            let _ = stop_rx.await;
+            stop_rx.await.unwrap_or(Stop::LeadershipLost)
         }));
         let lost = async {
             match &lock {
@@ -195,7 +196,13 @@ async fn run(args: RunArgs) -> Result<()> {
         if role.get() == Role::Leader {
             role.set(Role::Standby);
         }
-        let _ = stop_tx.send(());
+        // Stopping while leading, the loop hands its policies over (the Lease is still ours);
+        // with leadership lost, another leader may be writing already.
+        let _ = stop_tx.send(if stopping {
+            Stop::HandOver
+        } else {
+            Stop::LeadershipLost
+        });
         // A reconcile stuck on an unreachable API server must not outlive our leadership.
         if tokio::time::timeout(Duration::from_secs(10), &mut controller)
             .await

@@ -101,11 +101,15 @@ struct Args {
     #[arg(long)]
     budget_oracle: bool,
     /// The operator fails over to a new leader at these times (seconds into the replay,
-    /// comma-separated): what a `helm upgrade` or a lost node does mid-burst.
+    /// comma-separated): by default the old one stops (a `helm upgrade`, a drained node) and
+    /// hands over its memory and demand history, as the operator does.
     #[arg(long, value_delimiter = ',')]
     failover: Vec<f64>,
-    /// The new leader starts with nothing, as before `status.autoscalerMemory` (by default it
-    /// goes on from the old one's memory, as the operator does).
+    /// The old leader is lost instead (its node died): the new one goes on from the memory
+    /// kept in status, without the demand history.
+    #[arg(long, conflicts_with = "failover_without_memory")]
+    failover_lost_leader: bool,
+    /// The new leader starts with nothing, as before `status.autoscalerMemory`.
     #[arg(long)]
     failover_without_memory: bool,
 }
@@ -172,8 +176,10 @@ fn setup(a: &Args, profile: &EngineProfile, cold_start: f64) -> Setup {
     setup.failovers = a.failover.clone();
     setup.handover = if a.failover_without_memory {
         Handover::Fresh
-    } else {
+    } else if a.failover_lost_leader {
         Handover::Memory
+    } else {
+        Handover::Stopped
     };
     setup
 }

@@ -319,6 +319,66 @@ mod tests {
     }
 
     #[test]
+    fn a_handed_over_history_reads_back_and_an_edited_one_is_dropped_whole() {
+        let sample = |age: f64, demand: f64| SampleMemory {
+            age,
+            demand: [demand, demand * 0.9, demand * 0.8],
+            kv: [0.25, 0.2, 0.125],
+            reserve: 1.5,
+            desired: 3,
+            guarded: demand * 1.2,
+            lean: demand,
+            complete: true,
+        };
+        let m = PolicyMemory {
+            scale_down_window_seconds: 300.0,
+            history: vec![sample(300.0, 2.0), sample(5.0, 2.5), sample(0.0, 2.75)],
+            ..Default::default()
+        };
+        // Taken at 5000.4 s (11:23:20.65), read 12 s later by a successor 1000 s behind.
+        let s = to_status(&m, clock(), 5000.4);
+        let h = s.demand_history.clone().expect("the history");
+        assert_eq!(h.taken_at, "2026-11-29T11:23:20Z");
+        assert_eq!(h.samples[2].age_ms, -650);
+        assert_eq!(h.samples[0].demand, vec![2_000_000, 1_800_000, 1_600_000]);
+        let later = Clock {
+            epoch: clock().epoch + SignedDuration::from_secs(1000),
+        };
+        let r = from_status(&s, later, 4012.4);
+        assert_eq!(r.history.len(), 3);
+        for (got, want) in r.history.iter().zip(&m.history) {
+            assert!((got.age - (want.age + 12.0)).abs() < 1e-6, "{got:?}");
+            assert_eq!(
+                SampleMemory { age: 0.0, ..*got },
+                SampleMemory { age: 0.0, ..*want }
+            );
+        }
+        // The budget counts from the old leader's last decision, its newest sample.
+        assert!((r.budget.last_seen_age.expect("kept") - 12.0).abs() < 1e-6);
+        // Without the history (a lost leader's memory), it counts from its own first pass.
+        let plain = AutoscalerMemory {
+            demand_history: None,
+            ..s.clone()
+        };
+        assert_eq!(
+            from_status(&plain, later, 4012.4).budget.last_seen_age,
+            None
+        );
+        // A sample edited to two averages, or a time that does not parse: no history at all
+        // (a successor starts as after a lost leader), the rest of the memory kept.
+        let mut bad = s.clone();
+        bad.demand_history.as_mut().expect("history").samples[1]
+            .kv
+            .pop();
+        let r = from_status(&bad, later, 4012.4);
+        assert!(r.history.is_empty());
+        assert_eq!(r.scale_down_window_seconds, 300.0);
+        let mut bad = s;
+        bad.demand_history.as_mut().expect("history").taken_at = "soon".into();
+        assert!(from_status(&bad, later, 4012.4).history.is_empty());
+    }
+
+    #[test]
     fn what_moves_every_pass_is_written_once_a_minute_and_the_rest_as_it_changes() {
         let at = |t: f64, late: i64, first: i64| AutoscalerMemory {
             scale_down_window_seconds: 300,

@@ -162,10 +162,9 @@ impl Policy {
 /// out of order (an edited status) is not history: it is dropped, and the successor starts
 /// afresh as after a lost leader.
 fn restore_history(history: &[SampleMemory], now: f64) -> VecDeque<Sample> {
-    let ordered = history
-        .windows(2)
-        .all(|w| w[0].age >= w[1].age && w[1].age.is_finite());
-    if !ordered || history.iter().any(|s| !s.age.is_finite()) {
+    let ordered = history.iter().all(|s| s.age.is_finite())
+        && history.windows(2).all(|w| w[0].age >= w[1].age);
+    if !ordered {
         return VecDeque::new();
     }
     history

@@ -219,6 +219,8 @@ impl Autoscaler {
         tokio::pin!(stop);
         loop {
             tokio::select! {
+                // A stop first: a pass then would make decisions nobody carries on.
+                biased;
                 why = &mut stop => {
                     if why == Stop::HandOver {
                         self.hand_over().await;
@@ -972,6 +974,56 @@ spec:
             .await;
         let text = ctx.metrics.render();
         assert!(!text.contains("redline_operator_service_"), "{text}");
+    }
+
+    /// A leader that stops writes each policy's memory with its demand history, once per
+    /// service with a policy; one that lost the Lease writes nothing (a new leader may be
+    /// writing already).
+    #[tokio::test]
+    async fn a_stopping_leader_hands_its_policies_over_and_one_that_lost_the_lease_writes_nothing()
+    {
+        let object = serde_json::to_value(isvc(BASE)).unwrap();
+        for (stop, writes) in [(Stop::LeadershipLost, 0), (Stop::HandOver, 1)] {
+            let (client, patches) = crate::test_support::status_patches(object.clone()).await;
+            let mut a = Autoscaler::new(context(client));
+            let i = isvc(&format!("{BASE}  autoscaling: {{enabled: true}}\n"));
+            let cfg = policy_config(&i, &Default::default());
+            let mut policy = Policy::new(cfg);
+            for t in 0..12 {
+                policy.decide(&Observation {
+                    now: t as f64 * 5.0,
+                    desired: 1,
+                    pods: Vec::new(),
+                });
+            }
+            a.services.insert(
+                "n/s".into(),
+                ServiceState {
+                    policy: Some(policy),
+                    ..Default::default()
+                },
+            );
+            // Paused (no policy): nothing to hand over.
+            a.services
+                .insert("n/paused".into(), ServiceState::default());
+            let (store, _writer) = kube::runtime::reflector::store::<InferenceService>();
+            a.run(store, Duration::from_secs(3600), std::future::ready(stop))
+                .await;
+            let patches = patches.lock().unwrap().clone();
+            assert_eq!(patches.len(), writes, "{stop:?}: {patches:?}");
+            if let Some((path, body)) = patches.first() {
+                assert_eq!(
+                    path,
+                    "/apis/redline.dev/v1alpha1/namespaces/n/inferenceservices/s/status"
+                );
+                let history = &body["status"]["autoscalerMemory"]["demandHistory"];
+                assert_eq!(
+                    history["samples"].as_array().map(Vec::len),
+                    Some(12),
+                    "{body}"
+                );
+            }
+        }
     }
 
     #[tokio::test]

@@ -101,6 +101,43 @@ async fn pods_api_server(failing: usize) -> kube::Client {
     kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap()
 }
 
+/// An API server that takes every status PATCH of an InferenceService, answering with
+/// `object`, and keeps each one's path and body; anything else is a 404.
+pub async fn status_patches(
+    object: serde_json::Value,
+) -> (
+    kube::Client,
+    Arc<std::sync::Mutex<Vec<(String, serde_json::Value)>>>,
+) {
+    let patches = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = patches.clone();
+    let app = axum::Router::new().fallback(
+        move |method: axum::http::Method, uri: axum::http::Uri, body: axum::body::Bytes| {
+            let (kept, object) = (kept.clone(), object.clone());
+            async move {
+                let path = uri.path().to_string();
+                if method != axum::http::Method::PATCH || !path.ends_with("/status") {
+                    return (
+                        axum::http::StatusCode::NOT_FOUND,
+                        axum::Json(serde_json::json!({
+                            "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                            "reason": "NotFound", "code": 404
+                        })),
+                    );
+                }
+                let body = serde_json::from_slice(&body).unwrap_or_default();
+                kept.lock().unwrap().push((path, body));
+                (axum::http::StatusCode::OK, axum::Json(object))
+            }
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    (client, patches)
+}
+
 /// A sidecar's report of one pod at KV usage `usage` and pressure `level`, no drain, no late
 /// requests.
 pub fn report(usage: f64, level: redline_api::Level) -> redline_api::PressureReport {

@@ -119,6 +119,9 @@ const RESERVE_MAX_OVER: f64 = 1.0;
 const MAX_HOLD_FACTOR: f64 = 4.0;
 /// Scale-up tolerance: demand must exceed the replicas by this share (no flapping on noise).
 const UP_TOLERANCE: f64 = 0.05;
+/// Decisions further apart than this many times `stale_after_seconds` leave a gap in the
+/// demand history: time in which a report would have gone stale unread, so load nobody saw.
+const GAP_IN_STALE_AFTER: f64 = 2.0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PodPhase {
@@ -533,6 +536,20 @@ impl Policy {
         };
         if now - first.t < w {
             return Err(format!("{:.0}s of data, need {w:.0}s", now - first.t));
+        }
+        // Decisions that did not happen (passes that failed while the API server was away, an
+        // operator scaled to zero, a history handed over long ago) are missing data too: the
+        // window must be covered from its start, or its peak may be one nobody saw.
+        let max_gap = GAP_IN_STALE_AFTER * cfg.stale_after_seconds;
+        let gap = self
+            .history
+            .iter()
+            .zip(self.history.iter().skip(1))
+            .filter(|(_, b)| now - b.t <= w)
+            .map(|(a, b)| b.t - a.t)
+            .fold(0.0, f64::max);
+        if gap > max_gap {
+            return Err(format!("a {gap:.0}s gap in the data within {w:.0}s"));
         }
         let window = self.history.iter().filter(|s| now - s.t <= w);
         if window.clone().any(|s| !s.complete) {

@@ -432,6 +432,48 @@ fn a_new_leader_goes_on_with_the_drain_and_the_budget_it_is_handed() {
     assert!(d.forecast > f.forecast, "{} vs {}", d.forecast, f.forecast);
 }
 
+/// Decisions that did not happen are missing data: passes that failed while the API server
+/// was away, an operator scaled to zero, a history handed over long ago. A window with such a
+/// gap in it drains nothing, however light the load on either side: the load in the gap was
+/// never seen. Without the check the first pass after a 15-minute gap drained at once, its
+/// window holding one sample.
+#[test]
+fn a_gap_in_the_data_holds_a_drain_until_a_whole_window_is_seen_again() {
+    let c = cfg();
+    let w = c.scale_down_window_seconds;
+    // Light load on one replica (the floor: nothing to drain) for two windows.
+    let mut p = Policy::new(c);
+    let mut t = 0.0;
+    while t <= 2.0 * w {
+        p.decide(&obs(t, 1, 1, 100.0));
+        t += 5.0;
+    }
+    // Handed over as it stops (on the same clock: the successor reads the ages back as of
+    // then), and nothing for 15 minutes, after which the service runs three replicas
+    // (someone scaled it meanwhile) at the same light load: one of them is enough.
+    let mut restored = Policy::restore(c, &p.handover(t - 5.0), t - 5.0);
+    let resume = t + 900.0;
+    for p in [&mut p, &mut restored] {
+        let mut t = resume;
+        let drained = loop {
+            let d = p.decide(&obs(t, 3, 3, 100.0));
+            if matches!(d.action, Action::Drain { .. }) {
+                break t;
+            }
+            if t == resume {
+                assert!(d.reason.contains("gap in the data"), "{}", d.reason);
+            }
+            assert!(t < resume + 2.0 * w, "never drained: {}", d.reason);
+            t += 5.0;
+        };
+        assert!(
+            drained > resume + w,
+            "drained {}s after the gap",
+            drained - resume
+        );
+    }
+}
+
 #[test]
 fn the_window_after_a_scale_up_runs_from_when_its_pods_turn_ready() {
     let mut p = Policy::new(cfg());
@@ -717,7 +759,8 @@ fn tick() -> impl Strategy<Value = Tick> {
         prop::bool::weighted(0.1),
         prop::bool::weighted(0.1),
         0u32..3,
-        1.0f64..10.0,
+        // Now and then no decision for a while (passes that failed, an operator away).
+        prop_oneof![19 => 1.0f64..10.0, 1 => 20.5f64..900.0],
         prop_oneof![3 => Just(0.0), 1 => 0.0f64..2.0],
     )
         .prop_map(|(tps, missing, stale, starting, dt, late)| Tick {
@@ -810,7 +853,7 @@ fn bursts() -> impl Strategy<Value = Vec<Tick>> {
 }
 
 /// Never outside [min, max]; never a drain or a scale-down on a tick with missing or
-/// stale data; never a drain within the window of a scale-up or of a tick that saw a pod
+/// stale data, nor a drain with a gap between decisions in its window; never a drain within the window of a scale-up or of a tick that saw a pod
 /// still starting; never a scale-down within the window of a scale-up, nor a scale-up within
 /// the cooldown of a scale-down; never a drain that reverses a scale-up within four
 /// windows of the last scale-down that did; only one replica removed at a time, and only
@@ -841,10 +884,16 @@ fn check_invariants(
     let (mut went_up, mut down_reversal): (Option<bool>, Option<f64>) = (None, None);
     // The last tick that showed a pod still starting.
     let mut last_starting: Option<f64> = None;
+    // The end of the last gap between ticks (no decision for longer than twice the time a
+    // report goes stale in).
+    let mut last_gap: Option<f64> = None;
     // The policy's clock: `t` until the handover, its successor's after.
     let mut clock = 0.0;
     for (i, k) in ticks.iter().enumerate() {
         t += k.dt;
+        if i > 0 && k.dt > 2.0 * c.stale_after_seconds {
+            last_gap = Some(t);
+        }
         let mut o = observe(t, desired, k);
         if o.pods.iter().any(|v| v.phase == PodPhase::Starting) {
             last_starting = Some(t);
@@ -893,6 +942,10 @@ fn check_invariants(
                 prop_assert!(
                     last_starting.is_none_or(|x| t - x >= c.scale_down_window_seconds),
                     "drain at {t} within the window of pods starting at {last_starting:?}"
+                );
+                prop_assert!(
+                    last_gap.is_none_or(|x| t - x > c.scale_down_window_seconds),
+                    "drain at {t} with a gap in the data ending at {last_gap:?}"
                 );
                 prop_assert!(!pods.is_empty() && pods.len() as u32 <= c.max_step);
                 prop_assert!(desired - pods.len() as u32 >= c.min_replicas.max(1));

@@ -52,12 +52,24 @@ struct RunArgs {
     lease_namespace: String,
     #[arg(long, default_value = "redline-operator")]
     lease_name: String,
-    /// Seconds between two passes of the autoscaling loop (pressure reads and decisions).
-    #[arg(long, default_value_t = 5.0)]
+    /// Seconds between two passes of the autoscaling loop (pressure reads and decisions),
+    /// 0.5 to 10: passes further apart than a report stays fresh leave gaps in the policy's
+    /// data, and it drains nothing across a gap.
+    #[arg(long, default_value_t = 5.0, value_parser = interval_seconds)]
     autoscale_interval_seconds: f64,
     /// This instance's identity in the Lease and in Events.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+}
+
+/// `--autoscale-interval-seconds`: within [0.5, the policy's staleness limit].
+fn interval_seconds(text: &str) -> Result<f64, String> {
+    let most = redline_autoscale::defaults::STALE_AFTER_SECONDS;
+    match text.parse::<f64>() {
+        Ok(v) if (0.5..=most).contains(&v) => Ok(v),
+        Ok(v) => Err(format!("{v} is outside 0.5 to {most} seconds")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn main() -> Result<()> {
@@ -177,7 +189,7 @@ async fn run(args: RunArgs) -> Result<()> {
             identity.clone(),
         ));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Stop>();
-        let interval = Duration::from_secs_f64(args.autoscale_interval_seconds.max(0.5));
+        let interval = Duration::from_secs_f64(args.autoscale_interval_seconds);
         let mut controller = tokio::spawn(controller::run(ctx, interval, async move {
             stop_rx.await.unwrap_or(Stop::LeadershipLost)
         }));

@@ -26,6 +26,12 @@ use crate::crd::{
 /// The unit of a load in `demandHistory`: a millionth of a replica.
 const MICRO: f64 = 1e6;
 
+/// The most demand samples handed over (the newest): about 150 KiB of status, well under the
+/// API server's limit on an object. The default 300 s window keeps 240 samples at a 5 s
+/// interval; a window of an hour at 0.5 s would keep 28,800. A successor handed fewer than
+/// its window holds drains nothing until it has seen the rest itself.
+const MAX_HISTORY_SAMPLES: usize = 1000;
+
 /// How stale what moves every pass may be in status (see [`due`]).
 const REFRESH_SECONDS: i64 = 60;
 
@@ -96,7 +102,8 @@ fn history_to_status(history: &[SampleMemory], clock: Clock, now: f64) -> Option
     let taken_at = clock.wall(now);
     let past = clock.age(&taken_at, now).unwrap_or(0.0);
     let micro = |x: f64| (x * MICRO).round() as i64;
-    let samples = history
+    let newest = &history[history.len().saturating_sub(MAX_HISTORY_SAMPLES)..];
+    let samples = newest
         .iter()
         .map(|s| DemandSample {
             age_ms: ((s.age - past) * 1000.0).round() as i64,
@@ -364,6 +371,16 @@ mod tests {
             from_status(&plain, later, 4012.4).budget.last_seen_age,
             None
         );
+        // A long history: the newest samples, within the API server's limit on an object.
+        let long = PolicyMemory {
+            history: (0..3000).rev().map(|i| sample(i as f64, 1.0)).collect(),
+            ..Default::default()
+        };
+        let h = to_status(&long, clock(), 5000.0)
+            .demand_history
+            .expect("history");
+        assert_eq!(h.samples.len(), MAX_HISTORY_SAMPLES);
+        assert!(h.samples[0].age_ms < 1_000_000, "{:?}", h.samples[0]);
         // A sample edited to two averages, or a time that does not parse: no history at all
         // (a successor starts as after a lost leader), the rest of the memory kept.
         let mut bad = s.clone();

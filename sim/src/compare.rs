@@ -28,6 +28,8 @@ pub struct Setup {
     /// When redline's operator fails over to a new leader, and what that one starts from.
     pub failovers: Vec<f64>,
     pub handover: Handover,
+    /// Seconds from each failover to the new leader's first decision.
+    pub takeover_seconds: f64,
 }
 
 impl Setup {
@@ -78,6 +80,7 @@ impl Setup {
             attainment_target: 0.99,
             failovers: Vec::new(),
             handover: Handover::Stopped,
+            takeover_seconds: 0.0,
         }
     }
 
@@ -314,7 +317,8 @@ pub fn compare(trace: &[Request], setup: &Setup, mp: Option<&MultiProgress>) -> 
         ..start.clone()
     };
     let mut redline = Redline::new(setup.policy, setup.policy_interval_seconds)
-        .with_failovers(setup.failovers.clone(), setup.handover);
+        .with_failovers(setup.failovers.clone(), setup.handover)
+        .with_takeover(setup.takeover_seconds);
     let mut outcomes = vec![
         run(trace, &start, &mut redline, mp),
         run(

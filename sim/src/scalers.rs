@@ -28,6 +28,10 @@ pub struct Redline {
     /// When the operator fails over (oldest last), and what the new leader starts from.
     failovers: Vec<f64>,
     handover: Handover,
+    /// Seconds from a failover to the new leader's first decision (the Lease changing hands,
+    /// the new leader's first list), and until when the fleet is left as it is.
+    takeover_seconds: f64,
+    idle_until: f64,
     /// Every decision that changed something, with its reason (`--explain`).
     pub log: Vec<String>,
 }
@@ -40,6 +44,8 @@ impl Redline {
             guard: true,
             failovers: Vec::new(),
             handover: Handover::Stopped,
+            takeover_seconds: 0.0,
+            idle_until: f64::NEG_INFINITY,
             log: Vec::new(),
         }
     }
@@ -49,6 +55,12 @@ impl Redline {
         at.sort_by(|a, b| b.total_cmp(a));
         self.failovers = at;
         self.handover = handover;
+        self
+    }
+
+    /// The new leader decides nothing for `seconds` after each failover.
+    pub fn with_takeover(mut self, seconds: f64) -> Self {
+        self.takeover_seconds = seconds.max(0.0);
         self
     }
 
@@ -95,6 +107,7 @@ impl Autoscaler for Redline {
                 Handover::Memory => Policy::restore(cfg, &self.policy.memory(now), now),
                 Handover::Fresh => Policy::new(cfg),
             };
+            self.idle_until = now + self.takeover_seconds;
             self.log.push(format!(
                 "{:6.1} min  failover         a new leader, from {}",
                 now / 60.0,
@@ -104,6 +117,19 @@ impl Autoscaler for Redline {
                     Handover::Fresh => "nothing",
                 }
             ));
+        }
+        if now < self.idle_until {
+            // Nobody decides: the fleet stays as it is, drains and limits included.
+            return Command {
+                replicas: view.desired,
+                drain: view
+                    .pods
+                    .iter()
+                    .filter(|p| p.draining)
+                    .map(|p| p.name.clone())
+                    .collect(),
+                ..Default::default()
+            };
         }
         let d = self.policy.decide(&obs);
         if d.action != redline_autoscale::Action::Hold {

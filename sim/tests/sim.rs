@@ -326,17 +326,23 @@ fn a_leader_that_stops_mid_burst_hands_over_what_its_successor_needs_to_buy_noth
     });
     let setup = Setup::new(EngineProfile::gpu_8b(), 120.0, SLO, 2, 16);
     let start = setup.start(&setup.oracle(oracle_schedule(&t, &setup)));
-    let run = |failovers: Vec<f64>, handover: Handover| {
-        let mut r = Redline::new(setup.policy, 5.0).with_failovers(failovers, handover);
+    let run = |failovers: Vec<f64>, handover: Handover, takeover: f64| {
+        let mut r = Redline::new(setup.policy, 5.0)
+            .with_failovers(failovers, handover)
+            .with_takeover(takeover);
         summarize(&simulate(&t, &start, &mut r, None), &SLO)
     };
-    let alone = run(Vec::new(), Handover::Stopped);
-    let stopped = run(vec![168.0], Handover::Stopped);
-    let lost = run(vec![168.0], Handover::Memory);
-    println!("alone {alone:?}\nstopped {stopped:?}\nlost {lost:?}");
+    let alone = run(Vec::new(), Handover::Stopped, 0.0);
+    let stopped = run(vec![168.0], Handover::Stopped, 0.0);
+    // The Lease changing hands (a standby tries every 5 s) and the new leader's first list:
+    // 15 s without a decision, in the middle of the burst.
+    let slow = run(vec![168.0], Handover::Stopped, 15.0);
+    let lost = run(vec![168.0], Handover::Memory, 0.0);
+    println!("alone {alone:?}\nstopped {stopped:?}\nslow {slow:?}\nlost {lost:?}");
     let key =
         |s: &redline_sim::report::Summary| (s.ttft_attainment, s.replica_seconds, s.scale_actions);
     assert_eq!(key(&stopped), key(&alone));
+    assert_eq!(key(&slow), key(&alone));
     // Measured 6514 replica-s after the lost leader, 5574 without a failover.
     assert!(
         lost.replica_seconds > alone.replica_seconds + 500.0,

@@ -112,6 +112,10 @@ struct Args {
     /// The new leader starts with nothing, as before `status.autoscalerMemory`.
     #[arg(long)]
     failover_without_memory: bool,
+    /// Seconds from a failover to the new leader's first decision (the Lease changing hands
+    /// and its first list; nothing decides meanwhile).
+    #[arg(long, default_value_t = 0.0)]
+    failover_takeover: f64,
 }
 
 fn queue_name(q: Queue) -> String {
@@ -174,6 +178,7 @@ fn setup(a: &Args, profile: &EngineProfile, cold_start: f64) -> Setup {
     }
     setup.baseline_queue = a.baseline_queue;
     setup.failovers = a.failover.clone();
+    setup.takeover_seconds = a.failover_takeover;
     setup.handover = if a.failover_without_memory {
         Handover::Fresh
     } else if a.failover_lost_leader {

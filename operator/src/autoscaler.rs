@@ -546,15 +546,21 @@ impl Autoscaler {
         else {
             return Policy::new(cfg);
         };
+        let memory = memory::from_status(m, self.clock, now);
+        // How long nobody decided: from the old leader's last decision to this one.
+        let gap = memory
+            .history
+            .last()
+            .map_or_else(|| "unknown".into(), |s| format!("{:.1}s", s.age));
         info!(
             "{k}: autoscaling goes on from status.autoscalerMemory (last scale-up {}, last \
              scale-down {}, {} pod(s) draining, {} late requests in the error budget, {} \
-             demand samples handed over)",
+             demand samples handed over, the last decision {gap} ago)",
             m.last_scale_up_time.as_deref().unwrap_or("none"),
             m.last_scale_down_time.as_deref().unwrap_or("none"),
             m.draining.len(),
             m.error_budget.iter().map(|s| s.late).sum::<i64>(),
-            m.demand_history.as_ref().map_or(0, |h| h.samples.len())
+            memory.history.len(),
         );
         let from = if m.demand_history.is_some() {
             "memory_and_history"
@@ -566,7 +572,7 @@ impl Autoscaler {
             .policies_restored
             .with_label_values(&[from])
             .inc();
-        Policy::restore(cfg, &memory::from_status(m, self.clock, now), now)
+        Policy::restore(cfg, &memory, now)
     }
 
     /// The service's gauges (`ServiceGauges`) from this pass: what `write_status` writes,

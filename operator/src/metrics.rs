@@ -163,9 +163,9 @@ impl Default for Metrics {
         let policies_restored = IntCounterVec::new(
             Opts::new(
                 "redline_operator_policies_restored_total",
-                "Autoscaling policies that went on from status.autoscalerMemory when this \
-                 instance took over: from the memory a lost leader kept as it went, or from \
-                 the memory and demand history a stopped one handed over",
+                "Autoscaling policies that went on from status.autoscalerMemory (when this \
+                 instance took over, or a pause ended): from the memory kept as the last \
+                 leader went, or from the memory and demand history a stopped one handed over",
             ),
             &["from"],
         )

@@ -2,7 +2,7 @@
 //! once. Optimistic concurrency (resourceVersion) decides races; a leader that cannot renew
 //! within the lease duration stops reconciling and campaigns again. A leader that is stopped
 //! (SIGTERM: a rolling update, a drained node) releases the lease, so the standby takes over
-//! at its next try instead of after the lease expires.
+//! at its next try (every 2 s) instead of after the lease expires.
 //!
 //! A standby is ready (its `/readyz` answers 200): readiness says the process works, not that
 //! it leads. Were it "leads", a rolling update of one replica could never finish (the new pod
@@ -18,6 +18,8 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::PostParams;
 use kube::Api;
 use tracing::{info, warn};
+
+use crate::log_once::LastError;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Decision {
@@ -190,11 +192,25 @@ impl LeaseLock {
         }
     }
 
+    /// How often a standby tries for the lease (client-go's retry period): a leader that stops
+    /// releases it, and until the standby's next try nobody decides (the takeover gap, a few
+    /// seconds, within which the successor of a stopped leader decides as it would have).
+    fn retry_period(&self) -> Duration {
+        (self.duration / 7).min(Duration::from_secs(2))
+    }
+
     /// Blocks until this instance is the leader.
     pub async fn acquire(&self) {
         let mut waiting_logged = false;
+        // Tried every two seconds: an API server that is away is logged when that begins,
+        // changes or ends, not at each try.
+        let mut error = LastError::default();
         loop {
-            match self.try_acquire().await {
+            let tried = self.try_acquire().await;
+            if tried.is_ok() && error.worked() {
+                info!(lease = %self.name, "leader election: the API server answers again");
+            }
+            match tried {
                 Ok(true) => {
                     self.role.set(Role::Leader);
                     info!(lease = %self.name, identity = %self.identity, "became leader");
@@ -207,9 +223,13 @@ impl LeaseLock {
                         waiting_logged = true;
                     }
                 }
-                Err(e) => warn!(lease = %self.name, "leader election: {e}"),
+                Err(e) => {
+                    if error.failed(&e.to_string()) {
+                        warn!(lease = %self.name, "leader election: {e}");
+                    }
+                }
             }
-            tokio::time::sleep(self.duration / 3).await;
+            tokio::time::sleep(self.retry_period()).await;
         }
     }
 

@@ -35,6 +35,10 @@ pub struct BudgetConfig {
     pub catch_up_seconds: f64,
     /// Burn rate over which the margin stays on.
     pub overspent_burn: f64,
+    /// The longest interval between two observations that is counted: the rates seen are the
+    /// engines' last few seconds, so a gap nobody observed (passes that failed, an operator
+    /// away, a slow takeover) counts this long, not as long as it lasted.
+    pub max_interval_seconds: f64,
 }
 
 impl Default for BudgetConfig {
@@ -45,6 +49,7 @@ impl Default for BudgetConfig {
             warn_burn: 0.3,
             catch_up_seconds: 60.0,
             overspent_burn: 1.0,
+            max_interval_seconds: 20.0,
         }
     }
 }
@@ -59,8 +64,8 @@ pub struct BudgetMemory {
     pub last_late_age: Option<f64>,
     pub catch_up_age: Option<f64>,
     /// The last observation: the successor counts the rates it then sees over the time since
-    /// (what nobody observed). `None` (a memory written a while before it was taken): the
-    /// successor counts from its own first observation.
+    /// (up to `max_interval_seconds`). `None` (a memory written a while before it was taken):
+    /// the successor counts from its own first observation.
     pub last_seen_age: Option<f64>,
 }
 
@@ -189,7 +194,10 @@ impl ErrorBudget {
         if self.last.is_some_and(|t| t > now) {
             *self = Self::new(self.cfg);
         }
-        let dt = self.last.map_or(0.0, |t| now - t);
+        let dt = self
+            .last
+            .map_or(0.0, |t| now - t)
+            .min(self.cfg.max_interval_seconds);
         self.last = Some(now);
         let (late, first) = (late.max(0.0) * dt, first.max(0.0) * dt);
         self.counts.push_back((now, late, first));
@@ -234,6 +242,22 @@ mod tests {
 
     fn budget() -> ErrorBudget {
         ErrorBudget::new(BudgetConfig::default())
+    }
+
+    /// The rates seen after a gap are the engines' last seconds, not the gap's: ten minutes
+    /// nobody observed count as `max_interval_seconds` of them (before, as ten minutes, so a
+    /// late rate seen once after an operator was away could overspend the hour's budget).
+    #[test]
+    fn a_gap_between_observations_counts_no_longer_than_the_limit() {
+        let mut b = budget();
+        b.observe(0.0, Some((0.0, 10.0)));
+        // A successor handed the memory now, on a clock 600 s ahead.
+        let mut r = ErrorBudget::restore(b.config(), &b.memory(0.0), 600.0);
+        b.observe(600.0, Some((1.0, 10.0)));
+        r.observe(1200.0, Some((1.0, 10.0)));
+        let cap = BudgetConfig::default().max_interval_seconds;
+        assert_eq!((b.late, b.first), (cap, 10.0 * cap));
+        assert_eq!((r.late, r.first), (cap, 10.0 * cap));
     }
 
     #[test]
@@ -331,7 +355,8 @@ mod tests {
             for (dt, late, first) in steps {
                 now += dt;
                 let sizing = b.observe(now, Some((late, first)));
-                seen.push((now, late * dt, first * dt));
+                let counted = dt.min(cfg.max_interval_seconds);
+                seen.push((now, late * counted, first * counted));
                 let inside = seen.iter().filter(|s| now - s.0 <= cfg.window_seconds);
                 let (l, f) = inside.fold((0.0, 0.0), |a, s| (a.0 + s.1, a.1 + s.2));
                 let burn = l / (cfg.allowed_late * f).max(1.0);

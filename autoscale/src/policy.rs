@@ -71,6 +71,12 @@ pub struct PolicyConfig {
 }
 
 impl PolicyConfig {
+    /// Decisions further apart than this leave a gap in the data (see
+    /// [`GAP_IN_STALE_AFTER`]): no drain across one, and the error budget counts no more of it.
+    fn max_gap_seconds(&self) -> f64 {
+        GAP_IN_STALE_AFTER * self.stale_after_seconds
+    }
+
     fn demand_config(&self) -> DemandConfig {
         DemandConfig {
             capacity: self.capacity,
@@ -270,7 +276,11 @@ impl Policy {
             last_down_reversal: None,
             draining: Vec::new(),
             hold: cfg.scale_down_window_seconds,
-            budget: ErrorBudget::new(BudgetConfig::default()),
+            // A gap in the data is a gap to the budget too: it counts no more of one.
+            budget: ErrorBudget::new(BudgetConfig {
+                max_interval_seconds: cfg.max_gap_seconds(),
+                ..BudgetConfig::default()
+            }),
             sizing: Sizing::Reactive,
         }
     }
@@ -540,7 +550,7 @@ impl Policy {
         // Decisions that did not happen (passes that failed while the API server was away, an
         // operator scaled to zero, a history handed over long ago) are missing data too: the
         // window must be covered from its start, or its peak may be one nobody saw.
-        let max_gap = GAP_IN_STALE_AFTER * cfg.stale_after_seconds;
+        let max_gap = cfg.max_gap_seconds();
         let gap = self
             .history
             .iter()

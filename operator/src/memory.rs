@@ -236,11 +236,14 @@ pub fn without_policy(isvc: &InferenceService) -> Option<AutoscalerMemory> {
 }
 
 /// The memory kept while autoscaling is paused: all of it but the drains, which the loop
-/// cancels as it pauses (a pod drained for good would serve nothing until the pause ends).
-/// Autoscaling goes on from it when the pause ends, as a new leader would.
+/// cancels as it pauses (a pod drained for good would serve nothing until the pause ends), and
+/// a demand history a stopped leader handed over (it describes the load as that leader
+/// stopped, not as the pause ends, and is tens of KiB). Autoscaling goes on from it when the
+/// pause ends, as a new leader would after a lost one.
 pub fn paused(written: Option<&AutoscalerMemory>) -> Option<AutoscalerMemory> {
     written.map(|m| AutoscalerMemory {
         draining: Vec::new(),
+        demand_history: None,
         ..m.clone()
     })
 }
@@ -596,17 +599,30 @@ mod tests {
                 pod: "pod-a".into(),
                 since: "2026-11-29T10:01:00Z".into(),
             }],
+            // Handed over by a leader that stopped just before the pause began.
+            demand_history: Some(DemandHistory {
+                taken_at: "2026-11-29T10:01:30Z".into(),
+                samples: vec![DemandSample {
+                    demand: vec![1_000_000; 3],
+                    kv: vec![0; 3],
+                    desired: 2,
+                    complete: true,
+                    ..Default::default()
+                }],
+            }),
             ..Default::default()
         };
         let kept = paused(Some(&m)).unwrap();
         assert!(kept.draining.is_empty());
+        assert_eq!(kept.demand_history, None);
         assert_eq!(
             (kept.last_scale_down_time, kept.scale_down_window_seconds),
             (m.last_scale_down_time.clone(), 600)
         );
         // Restored when the pause ends, it drains nothing.
         let restored = from_status(&paused(Some(&m)).unwrap(), clock(), 3600.0);
-        assert!(restored.draining.is_empty());
+        assert!(restored.draining.is_empty() && restored.history.is_empty());
+        assert_eq!(restored.budget.last_seen_age, None);
         assert_eq!(restored.scale_down_window_seconds, 600.0);
     }
 }

@@ -120,6 +120,24 @@ pub enum Stop {
     LeadershipLost,
 }
 
+/// A merge patch of an InferenceService's status, as the loop's field manager (the loop's part
+/// of status after a pass, and a stopping leader's memory).
+async fn merge_status(
+    client: kube::Client,
+    ns: &str,
+    name: &str,
+    patch: &serde_json::Value,
+) -> Result<(), Error> {
+    let pp = PatchParams {
+        field_manager: Some(MANAGER.into()),
+        ..Default::default()
+    };
+    Api::<InferenceService>::namespaced(client, ns)
+        .patch_status(name, &pp, &Patch::Merge(patch))
+        .await?;
+    Ok(())
+}
+
 /// `f`'s result, or [`Error::Timeout`] once `limit` has passed.
 async fn within<T>(
     limit: Duration,
@@ -245,10 +263,6 @@ impl Autoscaler {
     /// the next leader decides as this one would have.
     async fn hand_over(&self) {
         let now = self.started.elapsed().as_secs_f64();
-        let pp = PatchParams {
-            field_manager: Some(MANAGER.into()),
-            ..Default::default()
-        };
         // Owned before the writes: a stream over borrows of the map is not Send.
         let memories: Vec<(String, AutoscalerMemory)> = self
             .services
@@ -260,15 +274,10 @@ impl Autoscaler {
             .collect();
         let writes = memories.into_iter().map(|(k, m)| {
             let client = self.ctx.client.clone();
-            let pp = pp.clone();
             async move {
                 let (ns, name) = k.split_once('/').unwrap_or_default();
-                let api: Api<InferenceService> = Api::namespaced(client, ns);
                 let patch = json!({"status": {"autoscalerMemory": m}});
-                let r = within(HANDOVER_TIMEOUT, async {
-                    Ok(api.patch_status(name, &pp, &Patch::Merge(&patch)).await?)
-                })
-                .await;
+                let r = within(HANDOVER_TIMEOUT, merge_status(client, ns, name, &patch)).await;
                 if let Err(e) = &r {
                     warn!(isvc = %k, "handing the autoscaling policy's memory over: {e}");
                 }
@@ -562,10 +571,10 @@ impl Autoscaler {
             m.error_budget.iter().map(|s| s.late).sum::<i64>(),
             memory.history.len(),
         );
-        let from = if m.demand_history.is_some() {
-            "memory_and_history"
-        } else {
+        let from = if memory.history.is_empty() {
             "memory"
+        } else {
+            "memory_and_history"
         };
         self.ctx
             .metrics
@@ -763,15 +772,13 @@ impl Autoscaler {
         if after.written_in(&current) {
             return Ok(());
         }
-        let isvcs: Api<InferenceService> = Api::namespaced(self.ctx.client.clone(), ns);
-        let pp = PatchParams {
-            field_manager: Some(MANAGER.into()),
-            ..Default::default()
-        };
-        isvcs
-            .patch_status(&isvc.name_any(), &pp, &Patch::Merge(&after.patch()))
-            .await?;
-        Ok(())
+        merge_status(
+            self.ctx.client.clone(),
+            ns,
+            &isvc.name_any(),
+            &after.patch(),
+        )
+        .await
     }
 }
 

@@ -804,7 +804,7 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
         .await
         .unwrap();
     let leases: Api<Lease> = Api::namespaced(client.clone(), RELEASE_NS);
-    let op = wait_for(
+    let (op, with_history, without) = wait_for(
         "a new operator pod leading, and past the service twice",
         Duration::from_secs(90),
         || async {
@@ -820,6 +820,13 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
             let passes = m
                 .histogram("redline_operator_autoscale_pass_duration_seconds")
                 .map_or(0, |h| h.count);
+            let restored = |from: &str| {
+                m.sum_where(
+                    "redline_operator_policies_restored_total",
+                    &[("from", from)],
+                )
+                .unwrap_or(0.0)
+            };
             let passed = m
                 .sum_where(
                     "redline_operator_service_desired_replicas",
@@ -830,7 +837,7 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
                 )
                 .is_some();
             if passed && passes >= 2 {
-                Ok(pod)
+                Ok((pod, restored("memory_and_history"), restored("memory")))
             } else {
                 Err(format!(
                     "{holder}: {passes} passes, the service's gauges {passed}"
@@ -855,30 +862,9 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
     // The old pod, stopped while it led, handed its demand history over as well: the new
     // leader went on from it, and its first write removed it.
     assert_eq!(kept.demand_history, None, "the history left in status");
-    let m = testing::pod_http(
-        &client,
-        RELEASE_NS,
-        &op.metadata.name.clone().unwrap(),
-        8080,
-        "GET",
-        "/metrics",
-        None,
-    )
-    .await
-    .unwrap();
-    let m = redline_api::prom::Exposition::parse(&m).unwrap();
-    let restored = |from: &str| {
-        m.sum_where(
-            "redline_operator_policies_restored_total",
-            &[("from", from)],
-        )
-        .unwrap_or(0.0)
-    };
     assert!(
-        restored("memory_and_history") >= 1.0 && restored("memory") == 0.0,
-        "policies restored: {} with the history, {} without",
-        restored("memory_and_history"),
-        restored("memory")
+        with_history >= 1.0 && without == 0.0,
+        "policies restored: {with_history} with the history, {without} without"
     );
 
     // The same as gauges on the operator's /metrics, per service (a Prometheus plots load

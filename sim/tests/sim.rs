@@ -334,7 +334,7 @@ fn a_leader_that_stops_mid_burst_hands_over_what_its_successor_needs_to_buy_noth
     };
     let alone = run(Vec::new(), Handover::Stopped, 0.0);
     let stopped = run(vec![168.0], Handover::Stopped, 0.0);
-    // The Lease changing hands (a standby tries every 5 s) and the new leader's first list:
+    // The Lease changing hands (a standby tries every 2 s) and the new leader's first list:
     // 15 s without a decision, in the middle of the burst.
     let slow = run(vec![168.0], Handover::Stopped, 15.0);
     let lost = run(vec![168.0], Handover::Memory, 0.0);

@@ -55,6 +55,7 @@ impl SampleMemory {
         }
     }
 
+    /// The sample as of `now`; an age under 0 (clocks that disagree) counts as now.
     fn sample(&self, now: f64) -> Sample {
         let averaged = |[raw, smoothed, trend_base]: [f64; 3]| Averaged {
             raw,
@@ -62,7 +63,7 @@ impl SampleMemory {
             trend_base,
         };
         Sample {
-            t: now - self.age,
+            t: now - self.age.max(0.0),
             demand: averaged(self.demand),
             kv: averaged(self.kv),
             reserve: self.reserve,
@@ -158,8 +159,7 @@ impl Policy {
     }
 }
 
-/// The samples of `history` as of `now`, oldest first. Ages under 0 count as now; a history
-/// out of order (an edited status) is not history: it is dropped, and the successor starts
+/// The samples of `history` as of `now`, oldest first. A history out of order (an edited status) is not history: it is dropped, and the successor starts
 /// afresh as after a lost leader.
 fn restore_history(history: &[SampleMemory], now: f64) -> VecDeque<Sample> {
     let ordered = history.iter().all(|s| s.age.is_finite())
@@ -167,14 +167,5 @@ fn restore_history(history: &[SampleMemory], now: f64) -> VecDeque<Sample> {
     if !ordered {
         return VecDeque::new();
     }
-    history
-        .iter()
-        .map(|s| {
-            SampleMemory {
-                age: s.age.max(0.0),
-                ..*s
-            }
-            .sample(now)
-        })
-        .collect()
+    history.iter().map(|s| s.sample(now)).collect()
 }

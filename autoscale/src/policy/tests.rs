@@ -853,8 +853,8 @@ fn bursts() -> impl Strategy<Value = Vec<Tick>> {
 }
 
 /// Never outside [min, max]; never a drain or a scale-down on a tick with missing or
-/// stale data, nor a drain with a gap between decisions in its window; never a drain within the window of a scale-up or of a tick that saw a pod
-/// still starting; never a scale-down within the window of a scale-up, nor a scale-up within
+/// stale data, nor a drain with a gap between decisions in its window; never a drain within
+/// the window of a scale-up or of a tick that saw a pod still starting; never a scale-down within the window of a scale-up, nor a scale-up within
 /// the cooldown of a scale-down; never a drain that reverses a scale-up within four
 /// windows of the last scale-down that did; only one replica removed at a time, and only
 /// after a drain of that same pod.

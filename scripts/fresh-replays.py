@@ -9,7 +9,9 @@ settings were chosen on; this is the check that they hold elsewhere (docs/autosc
 "Other workloads, and replays no setting was tuned on"). Usage, after
 `cargo build --release -p redline-sim` (about 4 minutes on 2 cores):
 
-    python3 scripts/fresh-replays.py [path/to/redline-sim]
+    python3 scripts/fresh-replays.py [path/to/redline-sim] [-- flags for every replay]
+
+(`-- --warm-up 300`: each replay begins on a fleet its own first five minutes warmed.)
 
 Prints one row per replay (TTFT attainment, cost vs the oracle, reversals per 10 minutes and the
 most within any 10 minutes, and the best static fleet's attainment and cost against redline's)
@@ -20,7 +22,9 @@ import subprocess
 import sys
 import tempfile
 
-B = sys.argv[1] if len(sys.argv) > 1 else os.path.join(
+ARGS, EXTRA = (sys.argv[1:sys.argv.index("--")], sys.argv[sys.argv.index("--") + 1:]) \
+    if "--" in sys.argv else (sys.argv[1:], [])
+B = ARGS[0] if ARGS else os.path.join(
     os.environ.get("CARGO_TARGET_DIR", "target"), "release", "redline-sim")
 REPLAYS = [
     "--time-compression 1.5", "--time-compression 2.5", "--time-compression 6",
@@ -49,7 +53,7 @@ def redline_row(flags):
     any 10 minutes, best static's TTFT attainment %, best static's replica-seconds over
     redline's) from one run."""
     with tempfile.TemporaryDirectory() as d:
-        out = subprocess.run([B, *flags.split(), "--plot", os.path.join(d, "plot.png")],
+        out = subprocess.run([B, *flags.split(), *EXTRA, "--plot", os.path.join(d, "plot.png")],
                              capture_output=True, text=True, check=True).stdout
     rows = {}
     for line in out.splitlines():

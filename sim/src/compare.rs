@@ -72,6 +72,7 @@ impl Setup {
                 sample_interval_seconds: 5.0,
                 tail_seconds: 300.0,
                 guard: GuardSettings::default(),
+                measure_from_seconds: 0.0,
             },
             baseline_queue: Queue::Fcfs,
             policy,
@@ -286,6 +287,8 @@ pub fn oracle_schedule(trace: &[Request], setup: &Setup) -> Vec<u32> {
                     initial_replicas: schedule[0],
                     cold_start_seconds: 0.0,
                     tail_seconds: 120.0,
+                    // The windows before are replayed to be judged on, not a warm-up.
+                    measure_from_seconds: 0.0,
                     ..setup.sim.clone()
                 };
                 // Warm replicas that follow the schedule as its windows begin.
@@ -316,9 +319,15 @@ pub fn compare(trace: &[Request], setup: &Setup, mp: Option<&MultiProgress>) -> 
         queue: setup.baseline_queue,
         ..start.clone()
     };
+    // Failovers and the decision log count from the measured replay's start.
+    let from = setup.sim.measure_from_seconds;
     let mut redline = Redline::new(setup.policy, setup.policy_interval_seconds)
-        .with_failovers(setup.failovers.clone(), setup.handover)
-        .with_takeover(setup.takeover_seconds);
+        .with_failovers(
+            setup.failovers.iter().map(|t| t + from).collect(),
+            setup.handover,
+        )
+        .with_takeover(setup.takeover_seconds)
+        .with_log_origin(from);
     let mut outcomes = vec![
         run(trace, &start, &mut redline, mp),
         run(

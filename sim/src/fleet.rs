@@ -59,6 +59,11 @@ pub struct SimConfig {
     /// Simulated time after the last arrival.
     pub tail_seconds: f64,
     pub guard: GuardSettings,
+    /// What comes before this is a warm-up ([`crate::trace::with_warm_up`]): its requests,
+    /// replica-seconds, scalings and events are not counted, and the outcome's times start
+    /// here. The policies run through it, so the measured replay begins on a fleet, pools and
+    /// memories that load has shaped, not on empty ones.
+    pub measure_from_seconds: f64,
 }
 
 /// What an autoscaler sees of one pod.
@@ -180,6 +185,30 @@ pub struct Outcome {
     pub load_seconds: f64,
 }
 
+impl Outcome {
+    /// Drops the requests that arrived before `t` (the warm-up's) and moves every time `t`
+    /// earlier, so the outcome reads as a replay that began at `t`. What is counted (replica-
+    /// seconds, scalings, reversals, samples) was counted from `t` already.
+    fn start_at(&mut self, t: f64) {
+        self.requests.retain(|r| r.arrival >= t);
+        for r in &mut self.requests {
+            r.arrival -= t;
+            r.first_token = r.first_token.map(|x| x - t);
+            r.finish = r.finish.map(|x| x - t);
+        }
+        for s in &mut self.series {
+            s.t -= t;
+        }
+        for r in &mut self.reversals {
+            *r -= t;
+        }
+        for e in &mut self.scale_events {
+            e.0 -= t;
+        }
+        self.duration_seconds = (self.duration_seconds - t).max(0.0);
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Kind {
     Arrival(usize),
@@ -189,6 +218,8 @@ enum Kind {
     Sidecar,
     Control,
     Sample,
+    /// The warm-up ends.
+    MeasureFrom,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -224,6 +255,12 @@ struct Sim<'a> {
     direction: Direction,
     out: Outcome,
     guard: bool,
+    /// [`SimConfig::measure_from_seconds`], and the last arrival: what is counted lies between.
+    measure_from: f64,
+    last_arrival: f64,
+    /// Preemptions and guard actions already counted when the measured replay began.
+    uncounted_preemptions: u64,
+    uncounted_guard_actions: u64,
 }
 
 impl<'a> Sim<'a> {
@@ -335,7 +372,7 @@ impl<'a> Sim<'a> {
         if self.pods[id].phase == Phase::Gone {
             return;
         }
-        if now <= self.out.duration_seconds {
+        if self.measured(now) {
             let lone = self.cfg.profile.lone_step_seconds();
             self.out.load_seconds += (step.seconds - lone).max(0.0);
         }
@@ -445,6 +482,10 @@ impl<'a> Sim<'a> {
         pod.signals = PodSignals::from_report(&report);
     }
 
+    fn preemptions(&self) -> u64 {
+        self.pods.iter().map(|p| p.engine.preemptions_total).sum()
+    }
+
     fn view(&self) -> FleetView {
         FleetView {
             desired: self.desired,
@@ -515,16 +556,23 @@ impl<'a> Sim<'a> {
         if cmd.replicas != self.desired {
             // Counted over the trace, as replica-seconds are: a scale-down in the tail
             // answers the trace's end, which a service that keeps running never sees.
-            if self.direction.change(self.desired, cmd.replicas) && now <= self.out.duration_seconds
-            {
-                self.out.reversals.push(now);
+            let reversed = self.direction.change(self.desired, cmd.replicas);
+            if now >= self.measure_from {
+                if reversed && self.measured(now) {
+                    self.out.reversals.push(now);
+                }
+                self.out.scale_actions += 1;
+                self.out.scale_events.push((now, cmd.replicas));
             }
-            self.out.scale_actions += 1;
-            self.out.scale_events.push((now, cmd.replicas));
             self.desired = cmd.replicas;
         }
         // Pods that just became Ready may take what waited for an endpoint.
         self.flush_unrouted(now);
+    }
+
+    /// Within what is counted: from the end of the warm-up to the last arrival.
+    fn measured(&self, now: f64) -> bool {
+        (self.measure_from..=self.last_arrival).contains(&now)
     }
 
     fn terminate(&mut self, now: f64, id: usize, grace: f64) {
@@ -557,6 +605,9 @@ impl<'a> Sim<'a> {
     }
 
     fn sample(&mut self, now: f64) {
+        if now < self.measure_from {
+            return;
+        }
         let mut s = SamplePoint {
             t: now,
             ..Default::default()
@@ -624,6 +675,10 @@ pub fn simulate(
         desired: cfg.initial_replicas,
         direction: Direction::default(),
         guard: scaler.uses_guard(),
+        measure_from: cfg.measure_from_seconds,
+        last_arrival,
+        uncounted_preemptions: 0,
+        uncounted_guard_actions: 0,
         out: Outcome {
             name: scaler.name(),
             requests: Vec::new(),
@@ -647,6 +702,9 @@ pub fn simulate(
     sim.at(0.0, Kind::Sidecar);
     sim.at(0.0, Kind::Control);
     sim.at(0.0, Kind::Sample);
+    if cfg.measure_from_seconds > 0.0 {
+        sim.at(cfg.measure_from_seconds, Kind::MeasureFrom);
+    }
     let mut arrived = 0u64;
     while let Some(Reverse(ev)) = sim.queue.pop() {
         let now = ev.t;
@@ -699,21 +757,31 @@ pub fn simulate(
                 sim.sample(now);
                 sim.at(now + cfg.sample_interval_seconds, Kind::Sample);
             }
+            Kind::MeasureFrom => {
+                sim.uncounted_preemptions = sim.preemptions();
+                sim.uncounted_guard_actions = sim.out.guard_actions;
+            }
         }
     }
     if let Some(pb) = progress {
         pb.set_position(trace.len() as u64);
     }
-    sim.out.preemptions = sim.pods.iter().map(|p| p.engine.preemptions_total).sum();
+    sim.out.preemptions = sim.preemptions() - sim.uncounted_preemptions;
+    sim.out.guard_actions -= sim.uncounted_guard_actions;
+    let from = cfg.measure_from_seconds;
     sim.out.replica_seconds = sim
         .pods
         .iter()
         .filter(|p| p.phase != Phase::Unschedulable)
-        .map(|p| (p.removed.unwrap_or(end).min(last_arrival) - p.created).max(0.0))
+        .map(|p| (p.removed.unwrap_or(end).min(last_arrival) - p.created.max(from)).max(0.0))
         .sum();
     for r in sim.unrouted.iter().copied().collect::<Vec<_>>() {
         sim.records[r].failed = true;
     }
-    sim.out.requests = sim.records;
-    sim.out
+    let mut out = sim.out;
+    out.requests = sim.records;
+    if from > 0.0 {
+        out.start_at(from);
+    }
+    out
 }

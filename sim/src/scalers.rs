@@ -34,6 +34,8 @@ pub struct Redline {
     idle_until: f64,
     /// Every decision that changed something, with its reason (`--explain`).
     pub log: Vec<String>,
+    /// Where the log's clock starts (the end of a warm-up).
+    log_origin: f64,
 }
 
 impl Redline {
@@ -47,7 +49,15 @@ impl Redline {
             takeover_seconds: 0.0,
             idle_until: f64::NEG_INFINITY,
             log: Vec::new(),
+            log_origin: 0.0,
         }
+    }
+
+    /// The log's times count from `seconds` (a warm-up's end); what it decided before is not
+    /// logged.
+    pub fn with_log_origin(mut self, seconds: f64) -> Self {
+        self.log_origin = seconds;
+        self
     }
 
     /// A new leader at each of `at` (seconds), starting from `handover`.
@@ -110,7 +120,7 @@ impl Autoscaler for Redline {
             self.idle_until = now + self.takeover_seconds;
             self.log.push(format!(
                 "{:6.1} min  failover         a new leader, from {}",
-                now / 60.0,
+                (now - self.log_origin) / 60.0,
                 match self.handover {
                     Handover::Stopped => "the old one's memory and demand history",
                     Handover::Memory => "the old one's memory",
@@ -132,10 +142,10 @@ impl Autoscaler for Redline {
             };
         }
         let d = self.policy.decide(&obs);
-        if d.action != redline_autoscale::Action::Hold {
+        if d.action != redline_autoscale::Action::Hold && now >= self.log_origin {
             self.log.push(format!(
                 "{:6.1} min  {:<16} demand {:5.2}  forecast {:5.2}  {}",
-                now / 60.0,
+                (now - self.log_origin) / 60.0,
                 d.summary(),
                 d.demand.replicas,
                 d.forecast,

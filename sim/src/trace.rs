@@ -89,6 +89,21 @@ pub fn parse(input: impl std::io::Read, replay: Replay) -> Result<Vec<Request>> 
     Ok(out)
 }
 
+/// `trace` with its first `seconds` replayed once before it: the requests arriving in them,
+/// then the whole trace `seconds` later. A replay that starts on an idle fleet measures the
+/// fleet filling up (empty KV pools, no demand history) as much as the trace; with this in
+/// front and [`crate::fleet::SimConfig::measure_from_seconds`] set to `seconds`, every policy
+/// meets the trace's first request in the state the same load leaves a fleet in, which is
+/// where a service that was already running stands.
+pub fn with_warm_up(trace: &[Request], seconds: f64) -> Vec<Request> {
+    let warm_up = trace.iter().take_while(|r| r.arrival < seconds).copied();
+    let shifted = trace.iter().map(|r| Request {
+        arrival: r.arrival + seconds,
+        ..*r
+    });
+    warm_up.chain(shifted).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +132,23 @@ mod tests {
         .unwrap();
         assert_eq!(r.len(), 2, "the request at 10 s (compressed) is cut");
         assert_eq!(r[0].prompt_tokens, 2404);
+    }
+
+    #[test]
+    fn a_warm_up_replays_the_first_seconds_before_the_trace() {
+        let r = parse(CSV.as_bytes(), Replay::default()).unwrap();
+        let w = with_warm_up(&r, 5.0);
+        let arrivals: Vec<f64> = w.iter().map(|q| (q.arrival * 1e3).round() / 1e3).collect();
+        assert_eq!(arrivals, [0.0, 0.052, 5.0, 5.052, 15.0]);
+        assert_eq!(
+            w[2],
+            Request {
+                arrival: 5.0,
+                ..r[0]
+            }
+        );
+        assert!(w.windows(2).all(|p| p[0].arrival <= p[1].arrival));
+        assert_eq!(with_warm_up(&r, 0.0), r);
     }
 
     #[test]

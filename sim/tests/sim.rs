@@ -10,7 +10,7 @@ use redline_sim::fleet::{simulate, Queue, SimConfig, Slo};
 use redline_sim::profile::EngineProfile;
 use redline_sim::report::summarize;
 use redline_sim::scalers::{Handover, HpaQueue, Redline, Static};
-use redline_sim::trace::{read, Replay, Request};
+use redline_sim::trace::{read, with_warm_up, Replay, Request};
 
 fn trace(replay: Replay) -> Vec<Request> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("traces/azure-llm-2023-code.csv");
@@ -371,4 +371,76 @@ fn a_long_cold_start_does_not_buy_replicas_that_come_after_the_burst() {
     assert!(s.most_reversals_in_10_min <= 1, "{s:?}");
     // Measured 19354 replica-s capped, 27359 not.
     assert!(s.replica_seconds < 22_000.0, "{s:?}");
+}
+
+/// A warm-up (`--warm-up`): the trace's first minutes replayed once, uncounted, before it. The
+/// outcome counts the trace alone (its requests, its span's replica-seconds, nothing scaled
+/// before it) and the measured replay begins on pools the load has already filled, where
+/// without one the engines start empty.
+#[test]
+fn a_warm_up_is_replayed_but_not_counted() {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("traces/azure-llm-2023-conv-13min.csv");
+    let t = read(
+        &path,
+        Replay {
+            token_scale: 4.0,
+            duration: Some(300.0),
+            ..Replay::default()
+        },
+    )
+    .expect("the bundled conversation excerpt");
+    let span = t.last().unwrap().arrival;
+    let setup = Setup::new(EngineProfile::gpu_8b(), 60.0, SLO, 2, 16);
+    let run = |warm_up: f64, scaler: &mut dyn redline_sim::fleet::Autoscaler| {
+        let cfg = SimConfig {
+            initial_replicas: 3,
+            measure_from_seconds: warm_up,
+            ..setup.sim.clone()
+        };
+        simulate(&with_warm_up(&t, warm_up), &cfg, scaler, None)
+    };
+    let (cold, warm) = (run(0.0, &mut Static(3)), run(120.0, &mut Static(3)));
+    for o in [&cold, &warm] {
+        assert_eq!(o.requests.len(), t.len());
+        assert!(
+            (o.replica_seconds - 3.0 * span).abs() < 1e-6,
+            "{}",
+            o.replica_seconds
+        );
+        assert!((o.duration_seconds - span).abs() < 1e-9);
+        assert!(
+            o.series[0].t.abs() < 1e-9,
+            "samples count from the trace's start"
+        );
+    }
+    // The requests are the trace's, at the trace's times.
+    let arrivals = |o: &redline_sim::fleet::Outcome| -> Vec<f64> {
+        o.requests.iter().map(|r| r.arrival).collect()
+    };
+    let expected: Vec<f64> = t.iter().map(|r| r.arrival).collect();
+    assert!(arrivals(&warm)
+        .iter()
+        .zip(&expected)
+        .all(|(a, b)| (a - b).abs() < 1e-6));
+    assert!(
+        cold.series[0].kv_usage < 0.01,
+        "cold: the pools start empty but for the first request: {:?}",
+        cold.series[0]
+    );
+    assert!(
+        warm.series[0].kv_usage > 0.05,
+        "warm: the pools hold the warm-up's conversations: {:?}",
+        warm.series[0]
+    );
+    // A policy's scalings during the warm-up are not counted, nor their time.
+    let mut redline = Redline::new(setup.policy, setup.policy_interval_seconds);
+    let o = run(120.0, &mut redline);
+    assert!(
+        o.scale_events.iter().all(|&(t, _)| t >= 0.0),
+        "{:?}",
+        o.scale_events
+    );
+    assert_eq!(o.scale_actions as usize, o.scale_events.len());
+    assert!(o.reversals.iter().all(|&t| (0.0..=span).contains(&t)));
 }

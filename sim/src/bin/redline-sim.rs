@@ -116,6 +116,20 @@ struct Args {
     /// and its first list; nothing decides meanwhile).
     #[arg(long, default_value_t = 0.0)]
     failover_takeover: f64,
+    /// Replay the trace's first this-many seconds once before it, uncounted, so every policy
+    /// meets the trace on a fleet the same load has already shaped (its pools filled, its
+    /// memory of demand): a service that was running before the excerpt begins. Without it
+    /// the replay starts on idle engines sized for the first minutes. Times printed count
+    /// from the end of the warm-up.
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
+    warm_up: f64,
+}
+
+fn non_negative(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v >= 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds >= 0")),
+    }
 }
 
 fn queue_name(q: Queue) -> String {
@@ -137,7 +151,7 @@ fn read_trace(a: &Args, time_compression: f64, token_scale: f64) -> Result<Vec<R
     if trace.is_empty() {
         bail!("no requests in {} within the duration", a.trace.display());
     }
-    Ok(trace)
+    Ok(trace::with_warm_up(&trace, a.warm_up))
 }
 
 /// The comparison for a cold start, with the policy's knobs from the flags.
@@ -179,6 +193,7 @@ fn setup(a: &Args, profile: &EngineProfile, cold_start: f64) -> Setup {
     setup.baseline_queue = a.baseline_queue;
     setup.failovers = a.failover.clone();
     setup.takeover_seconds = a.failover_takeover;
+    setup.sim.measure_from_seconds = a.warm_up;
     setup.handover = if a.failover_without_memory {
         Handover::Fresh
     } else if a.failover_lost_leader {
@@ -243,10 +258,11 @@ fn main() -> Result<()> {
     let trace = read_trace(&a, a.time_compression, a.token_scale)?;
     let setup = setup(&a, &profile, a.cold_start);
     let capacity = profile.capacity();
-    let span = trace.last().map_or(0.0, |r| r.arrival);
+    let span = trace.last().map_or(0.0, |r| r.arrival) - a.warm_up;
+    let warm_up_requests = trace.partition_point(|r| r.arrival < a.warm_up);
     println!(
         "{} requests over {:.0} s from {} (x{} time, x{} tokens); profile {}: {:.0} prompt + {:.0} generated tokens/s per replica, {} KV tokens; cold start {} s; SLO TTFT <= {} s, ITL <= {} ms; engines queue {} (redline, oracle), {} (baselines)",
-        trace.len(),
+        trace.len() - warm_up_requests,
         span,
         a.trace.display(),
         a.time_compression,
@@ -261,6 +277,12 @@ fn main() -> Result<()> {
         queue_name(a.queue),
         queue_name(a.baseline_queue),
     );
+    if a.warm_up > 0.0 {
+        println!(
+            "warm-up: the first {:.0} s ({warm_up_requests} requests) replayed once before, uncounted; times count from its end; the oracle's windows below include it",
+            a.warm_up
+        );
+    }
     let mp = MultiProgress::new();
     let c = compare(&trace, &setup, Some(&mp));
     let oracle = Some(c.row(Row::Oracle).replica_seconds);

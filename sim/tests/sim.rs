@@ -17,6 +17,13 @@ fn trace(replay: Replay) -> Vec<Request> {
     read(&path, replay).expect("the bundled trace")
 }
 
+/// The bundled 13 minutes of the conversation trace.
+fn conversations(replay: Replay) -> Vec<Request> {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("traces/azure-llm-2023-conv-13min.csv");
+    read(&path, replay).expect("the bundled conversation excerpt")
+}
+
 const SLO: Slo = Slo {
     ttft_seconds: 2.0,
     itl_seconds: 0.1,
@@ -221,16 +228,10 @@ fn the_oracle_spending_the_error_budget_meets_the_target_for_less() {
 /// meets the SLO it was sized to; sized one window at a time from an empty fleet it met 38%.
 #[test]
 fn the_oracle_meets_its_slo_when_answers_outlast_its_window() {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("traces/azure-llm-2023-conv-13min.csv");
-    let t = read(
-        &path,
-        Replay {
-            token_scale: 4.0,
-            ..Replay::default()
-        },
-    )
-    .expect("the bundled conversation excerpt");
+    let t = conversations(Replay {
+        token_scale: 4.0,
+        ..Replay::default()
+    });
     let setup = Setup::new(EngineProfile::gpu_8b(), 60.0, SLO, 2, 16);
     let schedule = oracle_schedule(&t, &setup);
     let mut oracle = setup.oracle(schedule.clone());
@@ -247,15 +248,12 @@ fn the_oracle_meets_its_slo_when_answers_outlast_its_window() {
 /// reverses twice within 10 minutes.
 #[test]
 fn on_the_conversation_trace_redline_keeps_the_slo_under_the_redline_without_flapping() {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("traces/azure-llm-2023-conv-13min.csv");
     let setup = Setup::new(EngineProfile::gpu_8b(), 60.0, SLO, 2, 16);
     for token_scale in [4.0, 6.0] {
-        let replay = Replay {
+        let t = conversations(Replay {
             token_scale,
             ..Replay::default()
-        };
-        let t = read(&path, replay).expect("the bundled conversation excerpt");
+        });
         // From where the comparison starts every policy: the first cold start's load.
         let start = setup.start(&setup.oracle(oracle_schedule(&t, &setup)));
         let mut redline = Redline::new(setup.policy, setup.policy_interval_seconds);
@@ -379,17 +377,11 @@ fn a_long_cold_start_does_not_buy_replicas_that_come_after_the_burst() {
 /// without one the engines start empty.
 #[test]
 fn a_warm_up_is_replayed_but_not_counted() {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("traces/azure-llm-2023-conv-13min.csv");
-    let t = read(
-        &path,
-        Replay {
-            token_scale: 4.0,
-            duration: Some(300.0),
-            ..Replay::default()
-        },
-    )
-    .expect("the bundled conversation excerpt");
+    let t = conversations(Replay {
+        token_scale: 4.0,
+        duration: Some(300.0),
+        ..Replay::default()
+    });
     let span = t.last().unwrap().arrival;
     let setup = Setup::new(EngineProfile::gpu_8b(), 60.0, SLO, 2, 16);
     let run = |warm_up: f64, scaler: &mut dyn redline_sim::fleet::Autoscaler| {

@@ -207,11 +207,16 @@ fn setup(a: &Args, profile: &EngineProfile, cold_start: f64) -> Setup {
 /// `--targets`: every scenario compared, redline checked against the targets.
 fn check_targets(a: &Args, profile: &EngineProfile) -> Result<()> {
     println!(
-        "the issue's targets on {}, profile {}, SLO TTFT <= {} s, ITL <= {} ms",
+        "the issue's targets on {}, profile {}, SLO TTFT <= {} s, ITL <= {} ms{}",
         a.trace.display(),
         profile.name,
         a.ttft_slo,
-        a.itl_slo * 1000.0
+        a.itl_slo * 1000.0,
+        if a.warm_up > 0.0 {
+            format!("; each replay after a warm-up of its first {} s", a.warm_up)
+        } else {
+            String::new()
+        }
     );
     let pb = ProgressBar::new(SCENARIOS.len() as u64);
     pb.set_style(
@@ -355,15 +360,28 @@ fn main() -> Result<()> {
         .iter()
         .chain(spent.iter().map(|(_, o)| o))
         .collect();
+    // The load as the outcomes' times read it: from the end of the warm-up.
+    let measured: Vec<Request> = trace[warm_up_requests..]
+        .iter()
+        .map(|r| Request {
+            arrival: r.arrival - a.warm_up,
+            ..*r
+        })
+        .collect();
     redline_sim::plot::write(
         &a.plot,
         &format!(
-            "{} on {}, cold start {} s",
+            "{} on {}, cold start {} s{}",
             profile.name,
             a.trace.file_name().unwrap_or_default().to_string_lossy(),
-            a.cold_start
+            a.cold_start,
+            if a.warm_up > 0.0 {
+                format!(", after a {} s warm-up", a.warm_up)
+            } else {
+                String::new()
+            }
         ),
-        &trace,
+        &measured,
         &runs,
     )?;
     println!("plot: {}", a.plot.display());

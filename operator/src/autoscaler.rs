@@ -197,9 +197,9 @@ pub struct Autoscaler {
 impl Autoscaler {
     /// Starts the watches the loop reads (so within a Tokio runtime).
     pub fn new(ctx: Arc<Context>) -> Self {
-        let (hpas, hpa_watch) = scaling_active::cache(ctx.client.clone());
+        let (hpas, hpa_watch) = scaling_active::cache(ctx.watched());
         let (pods, pod_watch) = watch::cache(
-            Api::<Pod>::all(ctx.client.clone()),
+            ctx.watched::<Pod>(),
             watcher::Config::default().labels(ENGINE_PODS),
             "the engine pods",
             "the loop lists them each pass",
@@ -303,7 +303,7 @@ impl Autoscaler {
         if let Some(pods) = self.pods.current() {
             return Some(by_service(pods.iter().map(|p| p.as_ref())));
         }
-        let api: Api<Pod> = Api::all(self.ctx.client.clone());
+        let api: Api<Pod> = self.ctx.watched();
         let listed = within(PASS_TIMEOUT, async {
             Ok(api.list(&ListParams::default().labels(ENGINE_PODS)).await?)
         })

@@ -67,6 +67,8 @@ pub struct Context {
     last_error: std::sync::Mutex<std::collections::HashMap<String, String>>,
     /// The PodDisruptionBudget's API, discovered once (`Context::pdb_api`).
     pdb_api: tokio::sync::OnceCell<Option<ApiResource>>,
+    /// The one namespace the operator watches (`--watch-namespace`); every one when `None`.
+    namespace: Option<String>,
 }
 
 impl Context {
@@ -87,6 +89,26 @@ impl Context {
             metrics,
             last_error: Default::default(),
             pdb_api: Default::default(),
+            namespace: None,
+        }
+    }
+
+    /// Watches and reconciles in `namespace` alone (`None`: in every namespace). Namespaced,
+    /// the operator needs only a Role there, not a ClusterRole (the chart's `watchNamespace`).
+    pub fn watching(mut self, namespace: Option<String>) -> Self {
+        self.namespace = namespace;
+        self
+    }
+
+    /// The API of `K` over what the operator watches: its one namespace, or all of them.
+    pub fn watched<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        match &self.namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
         }
     }
 
@@ -636,8 +658,7 @@ pub async fn run(
 ) {
     use futures::FutureExt;
     let shutdown = shutdown.shared();
-    let client = ctx.client.clone();
-    let isvcs: Api<InferenceService> = Api::all(client.clone());
+    let isvcs: Api<InferenceService> = ctx.watched();
     // Lists in pages of 50 and at most 16 reconciles at once: 500 services created together
     // then cost a few pages and requests in flight, not all of them in memory at once (the API
     // server, not the operator, bounds how fast they converge).
@@ -654,7 +675,7 @@ pub async fn run(
     );
     let controller = controller
         .watches(
-            Api::<AutoscalingPolicy>::all(client.clone()),
+            ctx.watched::<AutoscalingPolicy>(),
             cfg.clone(),
             move |policy| {
                 let (ns, name) = (policy.namespace(), policy.name_any());
@@ -674,12 +695,12 @@ pub async fn run(
             },
         )
         .owns(
-            Api::<Deployment>::all(client.clone()),
+            ctx.watched::<Deployment>(),
             cfg.clone()
                 .labels("app.kubernetes.io/managed-by=redline-operator"),
         )
         .owns(
-            Api::<Service>::all(client.clone()),
+            ctx.watched::<Service>(),
             cfg.clone()
                 .labels("app.kubernetes.io/managed-by=redline-operator"),
         )

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 
 use k8s_openapi::api::autoscaling::v1::HorizontalPodAutoscaler;
 use kube::runtime::watcher;
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, ResourceExt};
 
 use crate::conditions::{self, Cond, DEGRADED, INVALID_SPEC, SCALING_ACTIVE};
 use crate::crd::InferenceService;
@@ -67,16 +67,16 @@ pub fn targets<'a>(
     by
 }
 
-/// Every HPA in the cluster (autoscaling/v1: served by every release from 1.20 on), kept by a
-/// watch ([`crate::watch`]).
+/// Every HPA `api` lists (the watched namespaces; autoscaling/v1: served by every release from
+/// 1.20 on), kept by a watch ([`crate::watch`]).
 pub fn cache(
-    client: Client,
+    api: Api<HorizontalPodAutoscaler>,
 ) -> (
     Cache<HorizontalPodAutoscaler>,
     impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     watch::cache(
-        Api::all(client),
+        api,
         watcher::Config::default(),
         "HorizontalPodAutoscalers",
         "conflicts not checked",

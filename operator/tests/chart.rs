@@ -70,6 +70,56 @@ fn the_rbac_grants_only_named_verbs_and_never_lists_secrets() {
     assert!(strings(&role["rules"][0]["resources"]).contains(&"leases"));
 }
 
+/// `watchNamespace`: the same rules in a Role of that namespace, bound there, nothing
+/// cluster-wide; the operator told the namespace; the PodMonitor looking there alone.
+#[test]
+fn watching_one_namespace_grants_a_role_there_and_nothing_cluster_wide() {
+    let cluster = render(&[]).unwrap();
+    let docs = render(&[
+        "--set",
+        "watchNamespace=team-a",
+        "--set",
+        "metrics.podMonitor.enabled=true",
+    ])
+    .unwrap();
+    assert!(kind(&docs, "ClusterRole").is_empty());
+    assert!(kind(&docs, "ClusterRoleBinding").is_empty());
+    let named = |docs: &[Value], k: &str| -> Value {
+        kind(docs, k)
+            .into_iter()
+            .find(|d| d["metadata"]["name"] == "redline-operator")
+            .unwrap_or_else(|| panic!("a {k} named redline-operator"))
+            .clone()
+    };
+    let role = named(&docs, "Role");
+    assert_eq!(role["metadata"]["namespace"], "team-a");
+    assert_eq!(role["rules"], named(&cluster, "ClusterRole")["rules"]);
+    let binding = named(&docs, "RoleBinding");
+    assert_eq!(binding["metadata"]["namespace"], "team-a");
+    assert_eq!(binding["roleRef"]["kind"], "Role");
+    assert_eq!(binding["subjects"][0]["namespace"], "redline-system");
+    // The Lease stays in the operator's own namespace.
+    assert!(kind(&docs, "Role")
+        .iter()
+        .any(|r| r["metadata"]["namespace"] == "redline-system"
+            && strings(&r["rules"][0]["resources"]).contains(&"leases")));
+    let env = &kind(&docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert!(
+        env.as_sequence()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "WATCH_NAMESPACE" && e["value"] == "team-a"),
+        "{env:?}"
+    );
+    let pm = kind(&docs, "PodMonitor")[0];
+    assert_eq!(
+        strings(&pm["spec"]["namespaceSelector"]["matchNames"]),
+        ["team-a"]
+    );
+    let err = render(&["--set", "watchNamespace=Team_A"]).expect_err("not a namespace name");
+    assert!(err.contains("watchNamespace"), "{err}");
+}
+
 #[test]
 fn the_operator_pod_is_hardened_and_its_metrics_service_finds_it() {
     let docs = render(&[]).unwrap();

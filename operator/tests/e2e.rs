@@ -9,11 +9,14 @@
 //! leader Lease over and fails over to the standby; an HPA on an autoscaled service makes
 //! redline hold its replicas (ScalingActive False) until it goes; evictions (a node drain) take one engine
 //! pod at a time (the PodDisruptionBudget); the spec's node selector and tolerations place the
-//! pods (a tainted node); deleting a service garbage-collects its children.
+//! pods (a tainted node); deleting a service garbage-collects its children; upgraded to watch
+//! one namespace, the operator holds a Role there and nothing cluster-wide, and reconciles
+//! only there.
 
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::authorization::v1::SubjectAccessReview;
 use k8s_openapi::api::autoscaling::v1::HorizontalPodAutoscaler;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod, Secret, Service};
@@ -1365,5 +1368,131 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
         },
     )
     .await;
+    watching_one_namespace(&client, &ns.name).await;
     run_helm(&["uninstall", "redline", "--namespace", RELEASE_NS, "--wait"]);
+}
+
+/// Whether the operator's ServiceAccount may `verb` `resource` (of `group`) in `ns` (every
+/// namespace: `None`), as the API server's own authorizer answers.
+async fn operator_may(
+    client: &Client,
+    verb: &str,
+    group: &str,
+    resource: &str,
+    ns: Option<&str>,
+) -> bool {
+    let review: SubjectAccessReview = serde_json::from_value(json!({
+        "spec": {
+            "user": format!("system:serviceaccount:{RELEASE_NS}:redline-operator"),
+            "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{RELEASE_NS}"), "system:authenticated"],
+            "resourceAttributes": {"verb": verb, "group": group, "resource": resource, "namespace": ns},
+        }
+    }))
+    .unwrap();
+    Api::<SubjectAccessReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .unwrap()
+        .status
+        .is_some_and(|s| s.allowed)
+}
+
+/// The release upgraded to `watchNamespace`: the operator runs under a Role in that namespace
+/// and nothing cluster-wide (the API server's access review says so), reconciles a service
+/// created there, and leaves alone one created in `other` (watched until now) first.
+async fn watching_one_namespace(client: &Client, other: &str) {
+    let scoped = TestNs::new(client, "rl-e2e-scoped").await;
+    run_helm(&[
+        "upgrade",
+        "redline",
+        repo().join("charts/redline").to_str().unwrap(),
+        "--namespace",
+        RELEASE_NS,
+        "--reuse-values",
+        "--set",
+        &format!("watchNamespace={}", scoped.name),
+        "--set",
+        "replicas=1",
+        "--wait",
+        "--timeout",
+        "90s",
+    ]);
+    let here = Some(scoped.name.as_str());
+    for (verb, group, resource) in [
+        ("list", "redline.dev", "inferenceservices"),
+        ("patch", "redline.dev", "inferenceservices/status"),
+        ("create", "apps", "deployments"),
+        ("delete", "", "pods"),
+    ] {
+        assert!(
+            operator_may(client, verb, group, resource, here).await,
+            "{verb} {resource} in the watched namespace"
+        );
+        for ns in [None, Some(other)] {
+            assert!(
+                !operator_may(client, verb, group, resource, ns).await,
+                "{verb} {resource} in {ns:?}: only the watched namespace"
+            );
+        }
+    }
+    let op_pods = Api::<Pod>::namespaced(client.clone(), RELEASE_NS);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), RELEASE_NS);
+    wait_for(
+        "one operator pod, watching the namespace, leading",
+        Duration::from_secs(60),
+        || async {
+            let pods = op_pods
+                .list(&ListParams::default().labels("app.kubernetes.io/name=redline-operator"))
+                .await
+                .map_err(|e| e.to_string())?
+                .items;
+            let env = |p: &Pod| {
+                p.spec.as_ref().unwrap().containers[0]
+                    .env
+                    .clone()
+                    .unwrap_or_default()
+            };
+            let holder = lease_holder(&leases).await?;
+            match pods.as_slice() {
+                [p] if testing::is_ready(p)
+                    && env(p).iter().any(|e| {
+                        e.name == "WATCH_NAMESPACE" && e.value.as_deref() == Some(&scoped.name)
+                    })
+                    && p.metadata.name.as_deref() == Some(holder.as_str()) =>
+                {
+                    Ok(())
+                }
+                _ => Err(format!("{} pods, lease {holder:?}", pods.len())),
+            }
+        },
+    )
+    .await;
+    let unwatched: Api<InferenceService> = Api::namespaced(client.clone(), other);
+    unwatched
+        .create(&PostParams::default(), &idle_example("unwatched"))
+        .await
+        .unwrap();
+    Api::<InferenceService>::namespaced(client.clone(), &scoped.name)
+        .create(&PostParams::default(), &idle_example("scoped"))
+        .await
+        .unwrap();
+    wait_for_deployment(
+        &Api::namespaced(client.clone(), &scoped.name),
+        "scoped",
+        "the service in the watched namespace reconciled",
+    )
+    .await;
+    // Created first, and given the time the watched one took and more.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let left = unwatched.get("unwatched").await.unwrap();
+    assert!(left.status.is_none(), "{:?}", left.status);
+    assert!(Api::<Deployment>::namespaced(client.clone(), other)
+        .get_opt("unwatched")
+        .await
+        .unwrap()
+        .is_none());
+    unwatched
+        .delete("unwatched", &DeleteParams::default())
+        .await
+        .unwrap();
 }

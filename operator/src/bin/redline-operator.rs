@@ -60,6 +60,28 @@ struct RunArgs {
     /// This instance's identity in the Lease and in Events.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Watch and reconcile InferenceServices in this namespace alone (a Role there is then all
+    /// the operator needs); every namespace when unset.
+    #[arg(long, env = "WATCH_NAMESPACE", value_parser = namespace_name)]
+    watch_namespace: Option<String>,
+}
+
+/// `--watch-namespace`: a namespace's name (a DNS label), so a typo is an error at start, not
+/// an operator that watches nothing.
+fn namespace_name(text: &str) -> Result<String, String> {
+    let label = text.len() <= 63
+        && text.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && text.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && text
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if label {
+        Ok(text.to_string())
+    } else {
+        Err(format!(
+            "{text:?} is not a namespace name (lowercase letters, digits and '-', at most 63)"
+        ))
+    }
 }
 
 /// `--autoscale-interval-seconds`: within [0.5, the policy's staleness limit].
@@ -163,6 +185,10 @@ async fn run(args: RunArgs) -> Result<()> {
         info!(addr = %args.http_addr, "serving /metrics /healthz /readyz");
         tokio::spawn(async move { axum::serve(l, app).await })
     };
+    match &args.watch_namespace {
+        Some(ns) => info!(namespace = %ns, "watching one namespace"),
+        None => info!("watching every namespace"),
+    }
     let lock = (!args.no_leader_election).then(|| LeaseLock {
         api: Api::<Lease>::namespaced(client.clone(), &args.lease_namespace),
         name: args.lease_name.clone(),
@@ -182,12 +208,15 @@ async fn run(args: RunArgs) -> Result<()> {
             }
         }
         role.set(Role::Leader);
-        let ctx = Arc::new(Context::new(
-            client.clone(),
-            defaults.clone(),
-            metrics.clone(),
-            identity.clone(),
-        ));
+        let ctx = Arc::new(
+            Context::new(
+                client.clone(),
+                defaults.clone(),
+                metrics.clone(),
+                identity.clone(),
+            )
+            .watching(args.watch_namespace.clone()),
+        );
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Stop>();
         let interval = Duration::from_secs_f64(args.autoscale_interval_seconds);
         let mut controller = tokio::spawn(controller::run(ctx, interval, async move {

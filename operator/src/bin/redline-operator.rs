@@ -262,3 +262,26 @@ async fn run(args: RunArgs) -> Result<()> {
     http.abort();
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flags_refuse_what_cannot_work_at_start() {
+        let run = |args: &[&str]| {
+            Cli::try_parse_from(["redline-operator", "run"].iter().chain(args)).map(|c| {
+                match c.cmd {
+                    Cmd::Run(a) => a,
+                    _ => unreachable!(),
+                }
+            })
+        };
+        let a = run(&["--watch-namespace", "team-a"]).unwrap();
+        assert_eq!(a.watch_namespace.as_deref(), Some("team-a"));
+        for bad in ["Team-A", "-a", "a_b", "", &"a".repeat(64)] {
+            assert!(run(&["--watch-namespace", bad]).is_err(), "{bad:?}");
+        }
+        assert!(run(&["--autoscale-interval-seconds", "30"]).is_err());
+    }
+}

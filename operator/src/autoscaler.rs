@@ -185,13 +185,15 @@ pub struct Autoscaler {
     hpas: Cache<HorizontalPodAutoscaler>,
     /// Every pod of the operator's Deployments.
     pods: Cache<Pod>,
+    /// Every AutoscalingPolicy, for the services that name one (`policyRef`).
+    policies: Cache<AutoscalingPolicy>,
     /// The services the last pass recorded gauges of.
     recorded: HashSet<String>,
     /// The list of engine pods that stands in for their watch.
     list_error: LastError,
-    /// The tasks that keep `hpas` and `pods`: they live as long as the loop (it stops with
-    /// leadership).
-    _watches: [AbortOnDrop; 2],
+    /// The tasks that keep `hpas`, `pods` and `policies`: they live as long as the loop (it
+    /// stops with leadership).
+    _watches: [AbortOnDrop; 3],
 }
 
 impl Autoscaler {
@@ -204,6 +206,12 @@ impl Autoscaler {
             "the engine pods",
             "the loop lists them each pass",
         );
+        let (policies, policy_watch) = watch::cache(
+            ctx.watched::<AutoscalingPolicy>(),
+            watcher::Config::default(),
+            "the AutoscalingPolicies",
+            "the loop gets each one a service names",
+        );
         Self {
             sidecars: Sidecars::new(ctx.metrics.pressure_reads.clone()),
             ctx,
@@ -214,11 +222,13 @@ impl Autoscaler {
             services: HashMap::new(),
             hpas,
             pods,
+            policies,
             recorded: HashSet::new(),
             list_error: LastError::default(),
             _watches: [
                 AbortOnDrop(tokio::spawn(hpa_watch)),
                 AbortOnDrop(tokio::spawn(pod_watch)),
+                AbortOnDrop(tokio::spawn(policy_watch)),
             ],
         }
     }
@@ -423,8 +433,17 @@ impl Autoscaler {
     ) -> Result<Option<AutoscalingPolicySpec>, Error> {
         let a = isvc.spec.autoscaling.clone().unwrap_or_default();
         if let Some(r) = &a.policy_ref {
-            let policies: Api<AutoscalingPolicy> = Api::namespaced(self.ctx.client.clone(), ns);
             // Missing: the reconciler reports it (Degraded); nothing to scale by meanwhile.
+            // From the watch while it is current: every service sharing a policy read it
+            // each pass (500 services at the 5 s interval: 100 GETs a second). A GET until
+            // its first list, and while it fails.
+            if let Some(all) = self.policies.current() {
+                return Ok(all
+                    .iter()
+                    .find(|p| p.namespace().as_deref() == Some(ns) && p.name_any() == *r)
+                    .map(|p| p.spec.clone()));
+            }
+            let policies: Api<AutoscalingPolicy> = Api::namespaced(self.ctx.client.clone(), ns);
             return Ok(policies.get_opt(r).await?.map(|p| p.spec));
         }
         Ok(Some(a.policy.unwrap_or_default()))
@@ -920,6 +939,96 @@ spec:
         }
         let timeouts = ctx.metrics.errors.with_label_values(&["timeout"]).get();
         assert_eq!(timeouts, 8);
+    }
+
+    /// An API server with one AutoscalingPolicy ("shared" in "n", its scale-down window 42 s),
+    /// listed a second late, its watch quiet after; it counts the GETs of single policies and
+    /// answers everything else 404.
+    async fn policies_api_server() -> (kube::Client, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let gets = Arc::new(AtomicUsize::new(0));
+        let counted = gets.clone();
+        let policy = serde_json::json!({
+            "apiVersion": "redline.dev/v1alpha1", "kind": "AutoscalingPolicy",
+            "metadata": {"name": "shared", "namespace": "n", "resourceVersion": "3"},
+            "spec": {"scaleDownWindowSeconds": 42}
+        });
+        let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+            let (counted, policy) = (counted.clone(), policy.clone());
+            async move {
+                let (path, query) = (uri.path(), uri.query().unwrap_or_default());
+                let ok = |v| (axum::http::StatusCode::OK, axum::Json(v));
+                if path == "/apis/redline.dev/v1alpha1/autoscalingpolicies" {
+                    if query.contains("watch=true") {
+                        std::future::pending::<()>().await;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    return ok(serde_json::json!({
+                        "apiVersion": "redline.dev/v1alpha1",
+                        "kind": "AutoscalingPolicyList",
+                        "metadata": {"resourceVersion": "3"}, "items": [policy]
+                    }));
+                }
+                if path == "/apis/redline.dev/v1alpha1/namespaces/n/autoscalingpolicies/shared" {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    return ok(policy);
+                }
+                (
+                    axum::http::StatusCode::NOT_FOUND,
+                    axum::Json(serde_json::json!({
+                        "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                        "reason": "NotFound", "code": 404
+                    })),
+                )
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+        (client, gets)
+    }
+
+    #[tokio::test]
+    async fn services_read_a_shared_policy_from_the_watch_not_a_get_each_pass() {
+        use std::sync::atomic::Ordering;
+        let (client, gets) = policies_api_server().await;
+        let a = Autoscaler::new(context(client));
+        let named = |r: &str| {
+            isvc(&format!(
+                "{BASE}  autoscaling: {{enabled: true, policyRef: {r}}}\n"
+            ))
+        };
+        let window =
+            |spec: Option<AutoscalingPolicySpec>| spec.map(|s| s.scale_down_window_seconds);
+        // Before the watch's first list: a GET.
+        assert_eq!(
+            window(a.policy_spec(&named("shared"), "n").await.unwrap()),
+            Some(42)
+        );
+        assert_eq!(gets.load(Ordering::SeqCst), 1);
+        let t0 = Instant::now();
+        while a.policies.current().is_none() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "the first list");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Then from the watch, however many passes: no more GETs; a policy it does not hold
+        // is missing, as the GET would say.
+        for _ in 0..20 {
+            assert_eq!(
+                window(a.policy_spec(&named("shared"), "n").await.unwrap()),
+                Some(42)
+            );
+        }
+        assert_eq!(
+            window(a.policy_spec(&named("other"), "n").await.unwrap()),
+            None
+        );
+        assert_eq!(
+            window(a.policy_spec(&named("shared"), "elsewhere").await.unwrap()),
+            None
+        );
+        assert_eq!(gets.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

@@ -4,7 +4,8 @@
 //! subresource, drains and limit targets through the sidecars (`PUT /v1/limits`), the drained
 //! pod deleted once empty; an Event per action; its part of status (`crate::loop_status`) and
 //! the same as per-service gauges on `/metrics`. The engine pods (as `crate::engine_pods`
-//! sees them) and HPAs come from watches (`crate::watch`); services are passed 16 at a time.
+//! sees them), HPAs and AutoscalingPolicies come from watches (`crate::watch`); services are
+//! passed 16 at a time.
 //!
 //! With `autoscaling.enabled` false the loop only observes: status is written, nothing scaled.
 //! The policy's memory is per service, and in status (`status.autoscalerMemory`,

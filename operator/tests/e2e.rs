@@ -1276,20 +1276,7 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
     // reconciles, and when it is deleted the standby takes over.
     let old_op = op.metadata.name.clone().unwrap();
     assert_eq!(lease_holder(&leases).await.unwrap(), old_op);
-    run_helm(&[
-        "upgrade",
-        "redline",
-        repo().join("charts/redline").to_str().unwrap(),
-        "--namespace",
-        RELEASE_NS,
-        "--set",
-        "image.tag=e2e-upgrade",
-        "--set",
-        "replicas=2",
-        "--wait",
-        "--timeout",
-        "90s",
-    ]);
+    upgrade_release(&["--set", "image.tag=e2e-upgrade", "--set", "replicas=2"]);
     wait_for(
         "the old operator pod gone",
         Duration::from_secs(60),
@@ -1372,6 +1359,21 @@ async fn helm_installed_operator_serves_scales_validates_and_cleans_up() {
     run_helm(&["uninstall", "redline", "--namespace", RELEASE_NS, "--wait"]);
 }
 
+/// `helm upgrade` of the release with `flags`, once its rollout is done.
+fn upgrade_release(flags: &[&str]) {
+    let chart = repo().join("charts/redline");
+    let mut args = vec![
+        "upgrade",
+        "redline",
+        chart.to_str().unwrap(),
+        "--namespace",
+        RELEASE_NS,
+    ];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&["--wait", "--timeout", "90s"]);
+    run_helm(&args);
+}
+
 /// Whether the operator's ServiceAccount may `verb` `resource` (of `group`) in `ns` (every
 /// namespace: `None`), as the API server's own authorizer answers.
 async fn operator_may(
@@ -1402,20 +1404,12 @@ async fn operator_may(
 /// created there, and leaves alone one created in `other` (watched until now) first.
 async fn watching_one_namespace(client: &Client, other: &str) {
     let scoped = TestNs::new(client, "rl-e2e-scoped").await;
-    run_helm(&[
-        "upgrade",
-        "redline",
-        repo().join("charts/redline").to_str().unwrap(),
-        "--namespace",
-        RELEASE_NS,
+    upgrade_release(&[
         "--reuse-values",
         "--set",
         &format!("watchNamespace={}", scoped.name),
         "--set",
         "replicas=1",
-        "--wait",
-        "--timeout",
-        "90s",
     ]);
     let here = Some(scoped.name.as_str());
     for (verb, group, resource) in [

@@ -22,7 +22,7 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use redline_api::{GuardSettings, Limits, LimitsRequest, PressureReport};
@@ -438,11 +438,9 @@ impl Autoscaler {
             // From the watch while it is current: every service sharing a policy read it
             // each pass (500 services at the 5 s interval: 100 GETs a second). A GET until
             // its first list, and while it fails.
-            if let Some(all) = self.policies.current() {
-                return Ok(all
-                    .iter()
-                    .find(|p| p.namespace().as_deref() == Some(ns) && p.name_any() == *r)
-                    .map(|p| p.spec.clone()));
+            let key = ObjectRef::new(r).within(ns);
+            if let Some(p) = self.policies.current_get(&key) {
+                return Ok(p.map(|p| p.spec.clone()));
             }
             let policies: Api<AutoscalingPolicy> = Api::namespaced(self.ctx.client.clone(), ns);
             return Ok(policies.get_opt(r).await?.map(|p| p.spec));
@@ -942,58 +940,10 @@ spec:
         assert_eq!(timeouts, 8);
     }
 
-    /// An API server with one AutoscalingPolicy ("shared" in "n", its scale-down window 42 s),
-    /// listed a second late, its watch quiet after; it counts the GETs of single policies and
-    /// answers everything else 404.
-    async fn policies_api_server() -> (kube::Client, Arc<std::sync::atomic::AtomicUsize>) {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        let gets = Arc::new(AtomicUsize::new(0));
-        let counted = gets.clone();
-        let policy = serde_json::json!({
-            "apiVersion": "redline.dev/v1alpha1", "kind": "AutoscalingPolicy",
-            "metadata": {"name": "shared", "namespace": "n", "resourceVersion": "3"},
-            "spec": {"scaleDownWindowSeconds": 42}
-        });
-        let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
-            let (counted, policy) = (counted.clone(), policy.clone());
-            async move {
-                let (path, query) = (uri.path(), uri.query().unwrap_or_default());
-                let ok = |v| (axum::http::StatusCode::OK, axum::Json(v));
-                if path == "/apis/redline.dev/v1alpha1/autoscalingpolicies" {
-                    if query.contains("watch=true") {
-                        std::future::pending::<()>().await;
-                    }
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    return ok(serde_json::json!({
-                        "apiVersion": "redline.dev/v1alpha1",
-                        "kind": "AutoscalingPolicyList",
-                        "metadata": {"resourceVersion": "3"}, "items": [policy]
-                    }));
-                }
-                if path == "/apis/redline.dev/v1alpha1/namespaces/n/autoscalingpolicies/shared" {
-                    counted.fetch_add(1, Ordering::SeqCst);
-                    return ok(policy);
-                }
-                (
-                    axum::http::StatusCode::NOT_FOUND,
-                    axum::Json(serde_json::json!({
-                        "kind": "Status", "apiVersion": "v1", "status": "Failure",
-                        "reason": "NotFound", "code": 404
-                    })),
-                )
-            }
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
-        (client, gets)
-    }
-
     #[tokio::test]
     async fn services_read_a_shared_policy_from_the_watch_not_a_get_each_pass() {
         use std::sync::atomic::Ordering;
-        let (client, gets) = policies_api_server().await;
+        let (client, gets) = crate::test_support::policies_api_server().await;
         let a = Autoscaler::new(context(client));
         let named = |r: &str| {
             isvc(&format!(

@@ -3,6 +3,30 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+/// Serves `app` on a free local port: the config of a client of it.
+async fn serve(app: axum::Router) -> kube::Config {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    kube::Config::new(url.parse().unwrap())
+}
+
+/// A client of `app` served as by [`serve`].
+async fn client_of(app: axum::Router) -> kube::Client {
+    kube::Client::try_from(serve(app).await).unwrap()
+}
+
+/// The API server's answer to a path it does not serve.
+fn not_found() -> (axum::http::StatusCode, axum::Json<serde_json::Value>) {
+    (
+        axum::http::StatusCode::NOT_FOUND,
+        axum::Json(serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "reason": "NotFound", "code": 404
+        })),
+    )
+}
+
 /// An API server that answers 503 to everything (one starting, or overloaded), counting the
 /// requests it got.
 pub struct UnavailableApiServer {
@@ -26,11 +50,8 @@ impl UnavailableApiServer {
                 )
             }
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
         Self {
-            config: kube::Config::new(url.parse().unwrap()),
+            config: serve(app).await,
             requests,
         }
     }
@@ -95,10 +116,7 @@ async fn pods_api_server(failing: usize) -> kube::Client {
             },
         ),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap()
+    client_of(app).await
 }
 
 /// An API server that takes every status PATCH of an InferenceService, answering with
@@ -117,13 +135,7 @@ pub async fn status_patches(
             async move {
                 let path = uri.path().to_string();
                 if method != axum::http::Method::PATCH || !path.ends_with("/status") {
-                    return (
-                        axum::http::StatusCode::NOT_FOUND,
-                        axum::Json(serde_json::json!({
-                            "kind": "Status", "apiVersion": "v1", "status": "Failure",
-                            "reason": "NotFound", "code": 404
-                        })),
-                    );
+                    return not_found();
                 }
                 let body = serde_json::from_slice(&body).unwrap_or_default();
                 kept.lock().unwrap().push((path, body));
@@ -131,11 +143,45 @@ pub async fn status_patches(
             }
         },
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
-    (client, patches)
+    (client_of(app).await, patches)
+}
+
+/// An API server with one AutoscalingPolicy ("shared" in "n", its scale-down window 42 s),
+/// listed a second late, its watch quiet after; it counts the GETs of single policies and
+/// answers everything else 404.
+pub async fn policies_api_server() -> (kube::Client, Arc<AtomicUsize>) {
+    let gets = Arc::new(AtomicUsize::new(0));
+    let counted = gets.clone();
+    let policy = serde_json::json!({
+        "apiVersion": "redline.dev/v1alpha1", "kind": "AutoscalingPolicy",
+        "metadata": {"name": "shared", "namespace": "n", "resourceVersion": "3"},
+        "spec": {"scaleDownWindowSeconds": 42}
+    });
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let (counted, policy) = (counted.clone(), policy.clone());
+        async move {
+            let ok = |v| (axum::http::StatusCode::OK, axum::Json(v));
+            match uri.path() {
+                "/apis/redline.dev/v1alpha1/autoscalingpolicies" => {
+                    if uri.query().unwrap_or_default().contains("watch=true") {
+                        std::future::pending::<()>().await;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    ok(serde_json::json!({
+                        "apiVersion": "redline.dev/v1alpha1",
+                        "kind": "AutoscalingPolicyList",
+                        "metadata": {"resourceVersion": "3"}, "items": [policy]
+                    }))
+                }
+                "/apis/redline.dev/v1alpha1/namespaces/n/autoscalingpolicies/shared" => {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    ok(policy)
+                }
+                _ => not_found(),
+            }
+        }
+    });
+    (client_of(app).await, gets)
 }
 
 /// A sidecar's report of one pod at KV usage `usage` and pressure `level`, no drain, no late

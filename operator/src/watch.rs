@@ -35,8 +35,22 @@ where
     /// which a caller that must not act on stale data (the loop's engine pods: it never
     /// scales on stale data) must not read.
     pub fn current(&self) -> Option<Vec<Arc<K>>> {
-        self.last_seen()
-            .filter(|_| self.healthy.load(Ordering::SeqCst))
+        self.current_ready()?;
+        Some(self.store.state())
+    }
+
+    /// The object `key` names while the store is current (`Some(None)`: it has none), without
+    /// copying the store as [`Self::current`] does; `None` while not current.
+    pub fn current_get(&self, key: &reflector::ObjectRef<K>) -> Option<Option<Arc<K>>> {
+        self.current_ready()?;
+        Some(self.store.get(key))
+    }
+
+    /// `Some` once the store has its first list and while its watch works.
+    fn current_ready(&self) -> Option<()> {
+        use futures::FutureExt;
+        self.store.wait_until_ready().now_or_never()?.ok()?;
+        self.healthy.load(Ordering::SeqCst).then_some(())
     }
 
     /// The store's objects once it has its first list, however stale since.

@@ -425,13 +425,31 @@ fn a_warm_up_is_replayed_but_not_counted() {
         "warm: the pools hold the warm-up's conversations: {:?}",
         warm.series[0]
     );
-    // A policy's scalings during the warm-up are not counted, nor their time.
-    let mut redline = Redline::new(setup.policy, setup.policy_interval_seconds);
-    let o = run(120.0, &mut redline);
+    // A policy's scalings during the warm-up are not counted, nor their time: the same replay
+    // counted from its very start has them.
+    let redline = || Redline::new(setup.policy, setup.policy_interval_seconds);
+    let o = run(120.0, &mut redline());
+    let whole = simulate(
+        &with_warm_up(&t, 120.0),
+        &SimConfig {
+            initial_replicas: 3,
+            ..setup.sim.clone()
+        },
+        &mut redline(),
+        None,
+    );
+    let early: Vec<_> = whole.scale_events.iter().filter(|e| e.0 < 120.0).collect();
     assert!(
-        o.scale_events.iter().all(|&(t, _)| t >= 0.0),
-        "{:?}",
-        o.scale_events
+        !early.is_empty(),
+        "redline scales in the warm-up: {:?}",
+        whole.scale_events
+    );
+    assert_eq!(
+        o.scale_events,
+        whole.scale_events[early.len()..]
+            .iter()
+            .map(|&(t, n)| (t - 120.0, n))
+            .collect::<Vec<_>>()
     );
     assert_eq!(o.scale_actions as usize, o.scale_events.len());
     assert!(o.reversals.iter().all(|&t| (0.0..=span).contains(&t)));

@@ -159,8 +159,9 @@ impl Policy {
     }
 }
 
-/// The samples of `history` as of `now`, oldest first. A history out of order (an edited status) is not history: it is dropped, and the successor starts
-/// afresh as after a lost leader.
+/// The samples of `history` as of `now`, oldest first. A history out of order (an edited
+/// status) is not history: it is dropped, and the successor starts afresh as after a lost
+/// leader.
 fn restore_history(history: &[SampleMemory], now: f64) -> VecDeque<Sample> {
     let ordered = history.iter().all(|s| s.age.is_finite())
         && history.windows(2).all(|w| w[0].age >= w[1].age);

@@ -884,14 +884,14 @@ fn check_invariants(
     let (mut went_up, mut down_reversal): (Option<bool>, Option<f64>) = (None, None);
     // The last tick that showed a pod still starting.
     let mut last_starting: Option<f64> = None;
-    // The end of the last gap between ticks (no decision for longer than twice the time a
-    // report goes stale in).
+    // The end of the last gap between ticks (no decision for longer than the policy's gap
+    // limit, twice the time a report goes stale in).
     let mut last_gap: Option<f64> = None;
     // The policy's clock: `t` until the handover, its successor's after.
     let mut clock = 0.0;
     for (i, k) in ticks.iter().enumerate() {
         t += k.dt;
-        if i > 0 && k.dt > 2.0 * c.stale_after_seconds {
+        if i > 0 && k.dt > c.max_gap_seconds() {
             last_gap = Some(t);
         }
         let mut o = observe(t, desired, k);

@@ -151,7 +151,7 @@ fn read_trace(a: &Args, time_compression: f64, token_scale: f64) -> Result<Vec<R
     if trace.is_empty() {
         bail!("no requests in {} within the duration", a.trace.display());
     }
-    Ok(trace::with_warm_up(&trace, a.warm_up))
+    Ok(trace)
 }
 
 /// The comparison for a cold start, with the policy's knobs from the flags.
@@ -228,7 +228,8 @@ fn check_targets(a: &Args, profile: &EngineProfile) -> Result<()> {
     let mut checks = Vec::new();
     for s in SCENARIOS {
         let trace = read_trace(a, s.time_compression, s.token_scale)?;
-        let c = compare(&trace, &setup(a, profile, s.cold_start_seconds), None);
+        let replay = trace::with_warm_up(&trace, a.warm_up);
+        let c = compare(&replay, &setup(a, profile, s.cold_start_seconds), None);
         checks.push(Check::new(s, &c));
         pb.inc(1);
     }
@@ -263,11 +264,13 @@ fn main() -> Result<()> {
     let trace = read_trace(&a, a.time_compression, a.token_scale)?;
     let setup = setup(&a, &profile, a.cold_start);
     let capacity = profile.capacity();
-    let span = trace.last().map_or(0.0, |r| r.arrival) - a.warm_up;
-    let warm_up_requests = trace.partition_point(|r| r.arrival < a.warm_up);
+    let span = trace.last().map_or(0.0, |r| r.arrival);
+    // What the policies run through: the trace, after its warm-up (if any).
+    let replay = trace::with_warm_up(&trace, a.warm_up);
+    let warm_up_requests = replay.len() - trace.len();
     println!(
         "{} requests over {:.0} s from {} (x{} time, x{} tokens); profile {}: {:.0} prompt + {:.0} generated tokens/s per replica, {} KV tokens; cold start {} s; SLO TTFT <= {} s, ITL <= {} ms; engines queue {} (redline, oracle), {} (baselines)",
-        trace.len() - warm_up_requests,
+        trace.len(),
         span,
         a.trace.display(),
         a.time_compression,
@@ -289,7 +292,7 @@ fn main() -> Result<()> {
         );
     }
     let mp = MultiProgress::new();
-    let c = compare(&trace, &setup, Some(&mp));
+    let c = compare(&replay, &setup, Some(&mp));
     let oracle = Some(c.row(Row::Oracle).replica_seconds);
     println!();
     print!("{}", table(&c.rows, oracle));
@@ -303,7 +306,7 @@ fn main() -> Result<()> {
     );
     let spent = a
         .budget_oracle
-        .then(|| budget_oracle(&trace, &setup, c.oracle_schedule.clone()));
+        .then(|| budget_oracle(&replay, &setup, c.oracle_schedule.clone()));
     if let Some((schedule, o)) = &spent {
         let s = summarize(o, &setup.sim.slo);
         println!(
@@ -360,14 +363,6 @@ fn main() -> Result<()> {
         .iter()
         .chain(spent.iter().map(|(_, o)| o))
         .collect();
-    // The load as the outcomes' times read it: from the end of the warm-up.
-    let measured: Vec<Request> = trace[warm_up_requests..]
-        .iter()
-        .map(|r| Request {
-            arrival: r.arrival - a.warm_up,
-            ..*r
-        })
-        .collect();
     redline_sim::plot::write(
         &a.plot,
         &format!(
@@ -381,7 +376,8 @@ fn main() -> Result<()> {
                 String::new()
             }
         ),
-        &measured,
+        // The outcomes' times count from the end of the warm-up: the trace's own.
+        &trace,
         &runs,
     )?;
     println!("plot: {}", a.plot.display());

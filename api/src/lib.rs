@@ -87,9 +87,15 @@ pub struct EngineReading {
     /// Prompt tokens of the requests waiting for admission: the backlog.
     #[serde(default)]
     pub waiting_prompt_tokens: Option<u64>,
-    /// Whether the engine is draining (refusing new requests, finishing what it holds).
+    /// Whether the engine is draining (not ready, finishing what it holds; refusing new
+    /// requests once its lame duck is over).
     #[serde(default)]
     pub draining: Option<bool>,
+    /// Whether a drain's lame duck runs: not ready, yet still admitting until the Service has
+    /// stopped sending, so an empty engine is not empty for good (`None` for engines without
+    /// one: their drain refuses at once).
+    #[serde(default)]
+    pub lame_duck: Option<bool>,
     /// Whether the engine got SIGTERM: its drain then ends with the process, and is not one to
     /// lift (`None` for engines that do not say).
     #[serde(default)]
@@ -146,6 +152,7 @@ impl EngineReading {
             generation_tokens_total: None,
             waiting_prompt_tokens: None,
             draining: None,
+            lame_duck: None,
             shutting_down: None,
             requests_late_total: None,
             first_tokens_total: None,

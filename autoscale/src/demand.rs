@@ -36,6 +36,9 @@ pub struct PodSignals {
     pub kv_usage: f64,
     pub running: u64,
     pub waiting: u64,
+    /// A drain's lame duck: the engine is out of the Service but still admits what the
+    /// Service sent before it knew, so it is not empty for good even with nothing running.
+    pub lame_duck: bool,
     /// Tokens the waiting requests will compute; `None` when the engine does not say.
     pub waiting_tokens: Option<u64>,
     pub prompt_tokens_per_second: Option<f64>,
@@ -67,6 +70,7 @@ impl PodSignals {
             kv_usage: e.kv_usage_ratio,
             running: e.requests_running,
             waiting: e.requests_waiting,
+            lame_duck: e.lame_duck == Some(true),
             waiting_tokens: e.waiting_prompt_tokens,
             prompt_tokens_per_second: r.derived.prompt_tokens_per_second,
             generation_tokens_per_second: r.derived.generation_tokens_per_second,
@@ -279,6 +283,7 @@ mod tests {
             kv_usage: kv,
             running: 1,
             waiting: 0,
+            lame_duck: false,
             waiting_tokens: Some(0),
             prompt_tokens_per_second: Some(prompt),
             generation_tokens_per_second: Some(gen),

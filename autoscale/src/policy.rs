@@ -19,8 +19,9 @@
 //!   and not within the window after a scale-up or after its pods turned Ready.
 //!   A scale-down that reverses a scale-up waits four windows after the previous such one, so
 //!   bursts that keep coming are ridden out on held replicas instead of paid for in reversals.
-//! - **Down through drain.** The chosen pod takes no new requests and finishes what it holds;
-//!   the replica count drops only once it is empty (or the drain timed out; the
+//! - **Down through drain.** The chosen pod leaves the Service, admits what the Service still
+//!   sends in its lame duck, then takes no new requests and finishes what it holds; the
+//!   replica count drops only once it is empty past its lame duck (or the drain timed out; the
 //!   engine's SIGTERM drain finishes the rest). If demand comes back first, the drain is
 //!   cancelled: no cold start paid for a pod that was still there.
 //! - **Capacity-aware.** Pods the scheduler cannot place are reported, not piled onto.
@@ -443,7 +444,7 @@ impl Policy {
                         .iter()
                         .find(|p| p.name == dr.pod)
                         .and_then(fresh)
-                        .is_some_and(|s| s.running == 0 && s.waiting == 0);
+                        .is_some_and(|s| s.running == 0 && s.waiting == 0 && !s.lame_duck);
                     empty || now - dr.since >= timeout
                 });
             self.draining = left;

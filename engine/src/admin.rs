@@ -1,6 +1,7 @@
 //! The admin API, on its own listener (localhost by default): the live limits the sidecar's
 //! guard and the operator move (`GET`/`PUT /admin/limits`) and the drain (`POST`/`DELETE
-//! /admin/drain`). A SIGTERM drain cannot be lifted.
+//! /admin/drain`: not ready at once, refusing new requests after the lame duck, `crate::drain`).
+//! A SIGTERM drain cannot be lifted.
 
 use crate::openai::ApiError;
 use crate::prepare::parse;
@@ -117,14 +118,21 @@ async fn drain(State(st): State<Arc<AppState>>) -> Response {
         .get()
         .map(|l| l.engine.stats())
         .unwrap_or_default();
+    let lame_duck = st.lame_duck_left().as_secs_f64();
     tracing::info!(
         running = stats.running,
         waiting = stats.waiting,
-        "draining: admitting no new requests"
+        lame_duck_seconds = lame_duck,
+        "draining: not ready; admitting no new requests once the lame duck is over"
     );
     (
         StatusCode::ACCEPTED,
-        Json(json!({"draining": true, "running": stats.running, "waiting": stats.waiting})),
+        Json(json!({
+            "draining": true,
+            "running": stats.running,
+            "waiting": stats.waiting,
+            "lame_duck_seconds_left": lame_duck,
+        })),
     )
         .into_response()
 }

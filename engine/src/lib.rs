@@ -5,7 +5,7 @@
 //! kernels [`q4_matmul`] and [`q8_matmul`] on activations quantized by `quantize`; `exp` for
 //! softmax and SiLU.
 //! Text: [`tokenizer`]. The step loop: [`engine`], run on a thread by [`worker`].
-//! Serving: [`server`] (OpenAI API, admin API), [`metrics`]. Model download: [`fetch`].
+//! Serving: [`server`] (OpenAI API, admin API), [`drain`], [`metrics`]. Model download: [`fetch`].
 
 pub mod admin;
 pub mod api_keys;
@@ -13,6 +13,7 @@ pub mod bench;
 pub mod block_pool;
 pub mod burst_bench;
 mod cpu;
+pub mod drain;
 pub mod engine;
 mod exp;
 pub mod fetch;

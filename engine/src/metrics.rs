@@ -27,6 +27,7 @@ pub struct Metrics {
     max_batched_tokens: IntGauge,
     max_kv_usage: Gauge,
     pub draining: IntGauge,
+    pub lame_duck: IntGauge,
     pub shutting_down: IntGauge,
     /// OpenAI API calls refused for a missing or wrong key: a client left behind by a key
     /// rotation shows here.
@@ -156,7 +157,13 @@ impl Metrics {
             )),
             draining: int_gauge(
                 p("draining"),
-                "1 while the engine drains (admits no new requests).",
+                "1 while the engine drains: not ready, finishing what it holds (and, in the drain's \
+                 lame-duck period, still admitting).",
+            ),
+            lame_duck: int_gauge(
+                p("lame_duck"),
+                "1 while a drain's lame-duck period runs: not ready, yet admitting new requests \
+                 until the Service has stopped sending (--lame-duck-seconds).",
             ),
             shutting_down: int_gauge(
                 p("shutting_down"),

@@ -3,11 +3,13 @@
 //! drain) on a separate listener bound to localhost by default.
 //!
 //! The listener comes up before the model is loaded, so `/health` answers at once and
-//! `/ready` tells the truth while weights load. SIGTERM (or POST /admin/drain) drains: new
-//! requests get a retryable 503, `/ready` turns false, accepted requests run to the end; on
-//! SIGTERM the process exits when the engine is empty or the grace period is over.
+//! `/ready` tells the truth while weights load. SIGTERM (or POST /admin/drain) drains: `/ready`
+//! turns false, new requests are still admitted for the lame duck (`crate::drain`), then get a
+//! retryable 503; accepted requests run to the end; on SIGTERM the process exits when the
+//! engine is empty and the lame duck over, or the grace period is.
 
 use crate::api_keys::ApiKeys;
+use crate::drain::{Drain, Phase};
 use crate::engine::Request;
 use crate::metrics::Metrics;
 use crate::openai::*;
@@ -25,8 +27,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// What exists once the model is loaded.
 pub struct Loaded {
@@ -42,23 +44,34 @@ pub struct AppState {
     pub created: u64,
     /// Set on SIGTERM: the drain that follows ends the process, and no admin call lifts it.
     shutting_down: AtomicBool,
+    drain: Mutex<Drain>,
 }
 
 impl AppState {
-    pub fn new(model_name: String, metrics: Arc<Metrics>) -> Self {
+    /// `lame_duck`: how long a drain still admits after `/ready` turns false.
+    pub fn new(model_name: String, metrics: Arc<Metrics>, lame_duck: Duration) -> Self {
         Self {
             model_name,
             metrics,
             loaded: OnceLock::new(),
             created: unix_now(),
             shutting_down: AtomicBool::new(false),
+            drain: Mutex::new(Drain::new(lame_duck)),
         }
     }
 
+    fn drain_phase(&self) -> Phase {
+        let phase = self.drain.lock().unwrap().phase(Instant::now());
+        // Kept current wherever the phase is read, so /metrics says what admission does.
+        self.metrics
+            .lame_duck
+            .set((phase == Phase::LameDuck) as i64);
+        phase
+    }
+
+    /// Not ready: a drain is under way (admitting or not).
     pub(crate) fn draining(&self) -> bool {
-        self.loaded
-            .get()
-            .is_some_and(|l| l.engine.shared.draining.load(Ordering::Relaxed))
+        self.drain_phase() != Phase::Serving
     }
 
     /// SIGTERM: drain for good (the process exits once empty), and say so on /metrics, so a
@@ -74,20 +87,48 @@ impl AppState {
         self.shutting_down.load(Ordering::Relaxed)
     }
 
+    /// Starts a drain (one under way keeps its start) or cancels it.
     pub fn set_draining(&self, on: bool) {
-        if let Some(l) = self.loaded.get() {
-            l.engine.shared.draining.store(on, Ordering::Relaxed);
-            self.metrics.draining.set(on as i64);
+        {
+            let mut d = self.drain.lock().unwrap();
+            if on {
+                d.begin(Instant::now());
+            } else {
+                d.cancel();
+            }
         }
+        self.metrics.draining.set(on as i64);
+        self.drain_phase();
     }
 
-    pub(crate) fn ready(&self) -> Result<&Loaded, ApiError> {
-        let l = self.loaded.get().ok_or_else(|| {
+    /// How long a drain still admits new requests.
+    pub(crate) fn lame_duck_left(&self) -> Duration {
+        self.drain.lock().unwrap().lame_duck_left(Instant::now())
+    }
+
+    /// `/ready`: loaded and not draining.
+    fn serving(&self) -> Result<&Loaded, ApiError> {
+        let l = self.loaded()?;
+        if self.draining() {
+            return Err(ApiError::invalid("this replica is draining", None)
+                .status(StatusCode::SERVICE_UNAVAILABLE)
+                .with_code("draining"));
+        }
+        Ok(l)
+    }
+
+    fn loaded(&self) -> Result<&Loaded, ApiError> {
+        self.loaded.get().ok_or_else(|| {
             ApiError::invalid("the model is still loading", None)
                 .status(StatusCode::SERVICE_UNAVAILABLE)
                 .with_code("model_loading")
-        })?;
-        if self.draining() {
+        })
+    }
+
+    /// Admission of a new request: loaded, and not a drain past its lame duck.
+    pub(crate) fn admit(&self) -> Result<&Loaded, ApiError> {
+        let l = self.loaded()?;
+        if self.drain_phase() == Phase::Refusing {
             return Err(ApiError::invalid(
                 "this replica is draining and admits no new requests; retry on another replica",
                 None,
@@ -136,13 +177,15 @@ pub fn api_router(
 }
 
 async fn ready(State(st): State<Arc<AppState>>) -> Response {
-    match st.ready() {
+    match st.serving() {
         Ok(_) => Json(json!({"ready": true})).into_response(),
         Err(e) => (e.status, Json(json!({"ready": false, "reason": e.message}))).into_response(),
     }
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    // The lame duck ends by time, not by an event: bring its gauge up to now.
+    st.draining();
     (
         [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
         st.metrics.render(),
@@ -164,7 +207,7 @@ async fn completions(
 ) -> Response {
     let run = || -> Result<(Prepared, &Loaded), ApiError> {
         let req: CompletionRequest = parse(body)?;
-        let l = st.ready()?;
+        let l = st.admit()?;
         let encode = |s: &str| {
             l.codec
                 .encode(s)
@@ -202,7 +245,7 @@ async fn chat_completions(
 ) -> Response {
     let run = || -> Result<(Prepared, &Loaded), ApiError> {
         let req: ChatRequest = parse(body)?;
-        let l = st.ready()?;
+        let l = st.admit()?;
         let tokens = chat_prompt(l, req.messages)?;
         Ok((
             prepare(&st, l, req.common, vec![(tokens, None)], Kind::Chat)?,
@@ -223,7 +266,7 @@ async fn tokenize(
 ) -> Response {
     let run = || -> Result<Value, ApiError> {
         let req: TokenizeRequest = parse(body)?;
-        let l = st.ready()?;
+        let l = st.admit()?;
         let tokens = match (req.prompt, req.messages) {
             (Some(p), None) => l
                 .codec
@@ -249,7 +292,7 @@ async fn detokenize(
 ) -> Response {
     let run = || -> Result<Value, ApiError> {
         let req: DetokenizeRequest = parse(body)?;
-        let l = st.ready()?;
+        let l = st.admit()?;
         in_vocabulary(l, &req.tokens, "tokens")?;
         Ok(json!({"prompt": l.codec.decode(&req.tokens)}))
     };
@@ -311,10 +354,12 @@ async fn generate(st: &AppState, l: &Loaded, p: Prepared, kind: Kind) -> Respons
 pub async fn wait_until_empty(st: &AppState, grace: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + grace;
     loop {
-        let empty = st.loaded.get().is_none_or(|l| {
-            let s = l.engine.stats();
-            s.running == 0 && s.waiting == 0
-        });
+        // Empty for good only once the lame duck is over: until then a request may still come.
+        let empty = st.lame_duck_left().is_zero()
+            && st.loaded.get().is_none_or(|l| {
+                let s = l.engine.stats();
+                s.running == 0 && s.waiting == 0
+            });
         if empty {
             return true;
         }
@@ -384,9 +429,17 @@ pub struct ServeArgs {
     /// Default: arrival order, as vLLM. The operator sets it from `spec.slo.ttftP99Ms`.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub ttft_objective_ms: Option<u64>,
-    /// Seconds a SIGTERM drain may take before the process exits anyway.
+    /// Seconds a SIGTERM drain may take before the process exits anyway (its lame duck
+    /// included).
     #[arg(long, default_value_t = 30)]
     pub drain_grace_seconds: u64,
+    /// Seconds a drain (`POST /admin/drain` or SIGTERM) keeps admitting new requests after
+    /// `/ready` turns false, so that the Service's endpoints, every node's proxy and any load
+    /// balancer have stopped sending before the engine refuses anyone (a pod spec's `preStop`
+    /// sleep, built in). A drain already this old when SIGTERM comes refuses at once. The
+    /// operator sets it from `spec.lameDuckSeconds`.
+    #[arg(long, default_value_t = 0)]
+    pub lame_duck_seconds: u64,
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -435,7 +488,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| "model".into())
     });
     let metrics = Arc::new(Metrics::new(&name));
-    let state = Arc::new(AppState::new(name.clone(), metrics.clone()));
+    let state = Arc::new(AppState::new(
+        name.clone(),
+        metrics.clone(),
+        Duration::from_secs(args.lame_duck_seconds),
+    ));
     let api = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("binding {}:{}", args.host, args.port))?;
@@ -515,6 +572,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
     }
     state.shut_down();
+    let left = state.lame_duck_left();
+    if !left.is_zero() {
+        tracing::info!(
+            seconds = left.as_secs_f32(),
+            "lame duck: not ready, admitting until the Service has stopped sending"
+        );
+    }
     let grace = Duration::from_secs(args.drain_grace_seconds);
     if wait_until_empty(&state, grace).await {
         tracing::info!("drained; exiting");

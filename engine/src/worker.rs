@@ -8,7 +8,7 @@ use crate::kv_cache_manager::SeqId;
 use crate::metrics::Metrics;
 use crate::scheduler::Limits;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -31,7 +31,6 @@ enum Command {
 pub struct Shared {
     pub stats: Mutex<Stats>,
     pub limits: Mutex<Limits>,
-    pub draining: AtomicBool,
     pub envelope: Envelope,
 }
 
@@ -113,7 +112,6 @@ pub fn spawn(engine: Engine, metrics: Arc<Metrics>) -> EngineHandle {
     let shared = Arc::new(Shared {
         stats: Mutex::new(engine.stats()),
         limits: Mutex::new(engine.limits()),
-        draining: AtomicBool::new(false),
         envelope: engine.envelope(),
     });
     metrics.set_state(&engine.stats(), engine.limits());

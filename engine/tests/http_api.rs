@@ -502,6 +502,85 @@ async fn sigterm_drains_then_exits() {
     assert!(status.success(), "clean exit after drain: {status:?}");
 }
 
+/// Behind a Service, a drained pod goes on getting requests until the endpoint change reaches
+/// the proxies: the lame duck admits them (not ready meanwhile), and only then refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_admits_through_its_lame_duck_then_refuses() {
+    let mut s = Server::start(&["--lame-duck-seconds", "3", "--drain-grace-seconds", "30"]).await;
+    let c = client();
+    let complete = || {
+        c.post(s.url("/v1/completions"))
+            .json(&json!({"prompt": "hi", "max_tokens": 2}))
+            .send()
+    };
+    assert_eq!(s.metric("redline_engine_lame_duck").await, 0.0);
+
+    // The operator's drain: out of the Service at once, still admitting.
+    let r: Value = c
+        .post(format!("{}/admin/drain", s.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let left = r["lame_duck_seconds_left"].as_f64().unwrap();
+    assert!(left > 2.0 && left <= 3.0, "{r}");
+    assert_eq!(c.get(s.url("/ready")).send().await.unwrap().status(), 503);
+    assert_eq!(s.metric("redline_engine_lame_duck").await, 1.0);
+    assert_eq!(s.metric("redline_engine_draining").await, 1.0);
+    assert_eq!(
+        complete().await.unwrap().status(),
+        200,
+        "admitted in the lame duck"
+    );
+    // Then it refuses: the Service has stopped sending by now.
+    s.wait_metric("redline_engine_lame_duck", 5, |v| v == 0.0)
+        .await;
+    let r = complete().await.unwrap();
+    assert_eq!(r.status(), 503, "refused after the lame duck");
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(s.metric("redline_engine_draining").await, 1.0);
+    c.delete(format!("{}/admin/drain", s.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(c.get(s.url("/ready")).send().await.unwrap().status(), 200);
+
+    // SIGTERM with no drain before it (a rolling update, an eviction): the same lame duck,
+    // and the process stays for it, though empty.
+    let t0 = Instant::now();
+    unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) };
+    s.wait_metric("redline_engine_shutting_down", 5, |v| v == 1.0)
+        .await;
+    assert_eq!(c.get(s.url("/ready")).send().await.unwrap().status(), 503);
+    assert_eq!(
+        complete().await.unwrap().status(),
+        200,
+        "admitted in the lame duck"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(2) && s.child.try_wait().unwrap().is_none(),
+        "an empty engine stays up through its lame duck"
+    );
+    let status = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "no exit after the lame duck"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        t0.elapsed() >= Duration::from_secs(3),
+        "exited {:?} after SIGTERM, inside its lame duck",
+        t0.elapsed()
+    );
+    assert!(status.success(), "{status:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_non_streaming_usage_models_and_metric_names() {
     let s = Server::start(&[]).await;

@@ -68,12 +68,7 @@ async fn a_trace_burst_scales_up_before_kv_runs_out_and_back_down_through_drains
     let trace = redline_sim::trace::read(&repo().join(CODE_TRACE), replay).unwrap();
     let jobs = workload::slice(&trace, &slice);
     assert!(jobs.len() >= 20, "{} requests in the burst", jobs.len());
-    // The host routes to pod IPs on the local cluster; elsewhere (kind) the pod proxy.
-    let transport = if testing::is_local_cluster() {
-        Transport::pod_ip()
-    } else {
-        Transport::Proxy(client.clone())
-    };
+    let transport = transport_for(&client);
     let cfg = Config {
         namespace: ns.name.clone(),
         service: name.clone(),
@@ -189,6 +184,9 @@ async fn a_trace_burst_scales_up_before_kv_runs_out_and_back_down_through_drains
     assert!(last.reason.contains("drained"), "{last:?}");
     assert_eq!(isvc.spec.replicas, Some(1));
 
+    a_drain_under_steady_load_refuses_nobody(&client, &ns.name, &isvc, transport_for(&client))
+        .await;
+
     if testing::is_local_cluster() {
         a_drain_left_by_an_operator_and_a_sidecar_that_went_away_is_cancelled(
             &client, &ns.name, &isvc,
@@ -198,6 +196,151 @@ async fn a_trace_burst_scales_up_before_kv_runs_out_and_back_down_through_drains
         eprintln!("skipped the operator restart mid-drain: the host cannot reach pod IPs here");
     }
     testing::run_helm(&["uninstall", "redline", "--namespace", RELEASE_NS, "--wait"]);
+}
+
+/// The host routes to pod IPs on the local cluster; elsewhere (kind) the pod proxy.
+fn transport_for(client: &kube::Client) -> Transport {
+    if testing::is_local_cluster() {
+        Transport::pod_ip()
+    } else {
+        Transport::Proxy(client.clone())
+    }
+}
+
+/// A scale-down while requests keep coming: the drained pod turns not ready at once, but the
+/// load generator, like a Service's endpoints, learns of it only from the API, a readiness
+/// probe later. Requests it sends there meanwhile must be admitted (the engine's lame duck),
+/// so that not one is refused: through a Service, a client that never retries would have lost
+/// none. A service of its own at two replicas, whose floor drops to one as a steady stream of
+/// small requests begins.
+async fn a_drain_under_steady_load_refuses_nobody(
+    client: &kube::Client,
+    ns: &str,
+    template: &InferenceService,
+    transport: Transport,
+) {
+    use kube::api::{Patch, PatchParams};
+    const STREAM_SECONDS: f64 = 60.0;
+    let mut isvc = template.clone();
+    let name = "steady".to_string();
+    isvc.metadata = kube::api::ObjectMeta {
+        name: Some(name.clone()),
+        ..Default::default()
+    };
+    (isvc.spec.min_replicas, isvc.spec.replicas, isvc.status) = (2, Some(2), None);
+    // Short prompts cost a pod far less than the trace's: sized by the example's figure for
+    // them, this stream would keep two replicas.
+    if let Some(p) = isvc
+        .spec
+        .autoscaling
+        .as_mut()
+        .and_then(|a| a.policy.as_mut())
+    {
+        p.replica_capacity.prompt_tokens_per_second = 600.0;
+    }
+    let isvcs: Api<InferenceService> = Api::namespaced(client.clone(), ns);
+    isvcs.create(&PostParams::default(), &isvc).await.unwrap();
+    wait_for("two ready replicas", Duration::from_secs(180), || async {
+        let st = isvcs
+            .get(&name)
+            .await
+            .map_err(|e| e.to_string())?
+            .status
+            .unwrap_or_default();
+        (st.ready_replicas == 2 && st.pod_limits.len() == 2)
+            .then_some(())
+            .ok_or(format!("{st:?}"))
+    })
+    .await;
+    let lame_duck = isvc.spec.lame_duck_seconds;
+    assert!(lame_duck >= 3, "the example's lame duck: {lame_duck} s");
+
+    // Four small requests a second: one replica carries them easily.
+    let jobs: Vec<redline_sim::trace::Request> = (0..(STREAM_SECONDS * 4.0) as usize)
+        .map(|i| redline_sim::trace::Request {
+            arrival: i as f64 / 4.0,
+            prompt_tokens: 16,
+            output_tokens: 2,
+        })
+        .collect();
+    let floor = {
+        let (isvcs, name) = (isvcs.clone(), name.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            isvcs
+                .patch(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(serde_json::json!({"spec": {"minReplicas": 1}})),
+                )
+                .await
+                .unwrap();
+        })
+    };
+    let cfg = Config {
+        namespace: ns.to_string(),
+        service: name.clone(),
+        tick: Duration::from_millis(250),
+        settle_to: Some(1),
+        settle_timeout: Duration::from_secs(60),
+    };
+    let result = run::run(client.clone(), transport, &cfg, jobs, |_| {})
+        .await
+        .unwrap();
+    floor.await.unwrap();
+    for e in &result.events {
+        eprintln!("  {:>5.0}s  {:<12} {}", e.t, e.reason, e.note);
+    }
+    let drain = result
+        .events
+        .iter()
+        .find(|e| e.reason == "Draining")
+        .unwrap_or_else(|| panic!("no drain: {:?}", result.events));
+    let drained_at = drain.t;
+    let drained_pod = drain
+        .note
+        .strip_prefix("drain ")
+        .and_then(|n| n.split(':').next())
+        .unwrap_or_default();
+    assert!(
+        result.events.iter().any(|e| e.reason == "ScaledDown") && result.settled,
+        "the drained pod was not removed: {:?}",
+        result.events
+    );
+    // The drain began with requests still to come for longer than the readiness lag.
+    assert!(
+        drained_at + 2.0 * lame_duck as f64 <= STREAM_SECONDS,
+        "the drain came at {drained_at:.0} s, too late in a {STREAM_SECONDS} s stream"
+    );
+    let s = report::summarize(&result, 2.0, GUARD_REDLINE);
+    let failures: Vec<&String> = result
+        .requests
+        .iter()
+        .filter_map(|r| r.result.as_ref().err())
+        .collect();
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(
+        s.rerouted, 0,
+        "a draining pod refused requests the load generator sent before it saw the drain"
+    );
+    // What the lame duck took in: requests that reached the drained pod after its drain began
+    // (how many depends on where in its 2 s period the readiness probe fell).
+    let admitted_drained = result
+        .requests
+        .iter()
+        .filter(|r| {
+            r.arrival >= drained_at
+                && r.result
+                    .as_ref()
+                    .is_ok_and(|a| drained_pod.split(',').any(|p| p == a.pod))
+        })
+        .count();
+    eprintln!(
+        "steady stream: {} requests, 0 failed, 0 refused; drain of {drained_pod} at {drained_at:.1} s, \
+         {admitted_drained} admitted by it after the drain began",
+        result.requests.len()
+    );
+    isvcs.delete(&name, &Default::default()).await.unwrap();
 }
 
 /// The operator goes away while its sidecar holds a pod drained (a leader replaced mid-drain:

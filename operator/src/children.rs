@@ -126,6 +126,7 @@ fn engine_max_num_seqs(e: &EngineSettings) -> i32 {
 fn engine_args(isvc: &InferenceService) -> (Vec<String>, Vec<Volume>, Vec<VolumeMount>) {
     let s = &isvc.spec;
     let e = &s.engine;
+    let drain_grace = (s.termination_grace_period_seconds - 5).max(1);
     let mut args = vec![
         format!("--served-model-name={}", served_model(isvc)),
         format!("--port={ENGINE_PORT}"),
@@ -140,9 +141,10 @@ fn engine_args(isvc: &InferenceService) -> (Vec<String>, Vec<Volume>, Vec<Volume
         ),
         format!("--max-batched-tokens={}", e.max_batched_tokens),
         // The engine must finish draining before the kubelet's SIGKILL.
+        format!("--drain-grace-seconds={drain_grace}"),
         format!(
-            "--drain-grace-seconds={}",
-            (s.termination_grace_period_seconds - 5).max(1)
+            "--lame-duck-seconds={}",
+            s.lame_duck_seconds.clamp(0, drain_grace - 1)
         ),
     ];
     if let Some(t) = e.threads {
@@ -593,6 +595,17 @@ mod tests {
         );
         let args = engine.args.as_ref().unwrap();
         assert!(args.contains(&"--drain-grace-seconds=55".to_string()));
+        assert!(args.contains(&"--lame-duck-seconds=5".to_string()));
+        // A lame duck longer than the drain's time leaves a second to finish in.
+        let short = isvc(&format!(
+            "{BASE}  terminationGracePeriodSeconds: 8\n  lameDuckSeconds: 20\n"
+        ));
+        let short = pod_spec(&short).containers[0].args.clone().unwrap();
+        assert!(
+            short.contains(&"--drain-grace-seconds=3".to_string())
+                && short.contains(&"--lame-duck-seconds=2".to_string()),
+            "{short:?}"
+        );
         assert!(
             !args.iter().any(|a| a.starts_with("--ttft-objective-ms")),
             "no SLO, arrival order: {args:?}"

@@ -75,6 +75,15 @@ pub struct InferenceServiceSpec {
     #[serde(default = "grace")]
     #[schemars(range(min = 1, max = 3600))]
     pub termination_grace_period_seconds: i64,
+    /// Seconds a draining pod (a scale-down, a rolling update, an eviction) goes on admitting
+    /// new requests after it turns not ready: the Service's endpoints, every node's proxy and
+    /// any load balancer take that long to stop sending, and a request the engine refused
+    /// then would fail at a client that does not retry. Raise it behind a load balancer that
+    /// deregisters slowly. Capped one second under the drain's share of
+    /// `terminationGracePeriodSeconds`.
+    #[serde(default = "lame_duck")]
+    #[schemars(range(min = 0, max = 600))]
+    pub lame_duck_seconds: i64,
     /// Node labels the engine pods must run on (a pod spec's `nodeSelector`), e.g. a GPU pool's
     /// `cloud.google.com/gke-accelerator: nvidia-h100-80gb`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -132,6 +141,12 @@ fn one() -> i32 {
 }
 fn grace() -> i64 {
     60
+}
+
+/// The readiness probe's 2 s period, the endpoint change reaching every node's proxy, and a
+/// margin.
+fn lame_duck() -> i64 {
+    5
 }
 
 /// Where the GGUF file comes from. Exactly one of `default`, `hostPath`, `pvc`.

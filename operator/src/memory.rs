@@ -485,6 +485,7 @@ mod tests {
                         kv_usage: 0.0,
                         running: 1,
                         waiting: 0,
+                        lame_duck: false,
                         waiting_tokens: Some(0),
                         prompt_tokens_per_second: Some(tps / n as f64),
                         generation_tokens_per_second: Some(0.0),

@@ -51,6 +51,7 @@ pub fn parse(text: &str) -> Result<EngineReading, ScrapeError> {
             generation_tokens_total: whole("redline_engine_generation_tokens_total"),
             waiting_prompt_tokens: whole("redline_engine_waiting_prompt_tokens"),
             draining: sum("redline_engine_draining").map(|v| v > 0.0),
+            lame_duck: sum("redline_engine_lame_duck").map(|v| v > 0.0),
             shutting_down: sum("redline_engine_shutting_down").map(|v| v > 0.0),
             requests_late_total: whole("redline_engine_requests_late_total"),
             first_tokens_total: scrape
@@ -95,6 +96,7 @@ pub fn parse(text: &str) -> Result<EngineReading, ScrapeError> {
         generation_tokens_total: whole("vllm:generation_tokens_total"),
         waiting_prompt_tokens: None,
         draining: None,
+        lame_duck: None,
         shutting_down: None,
         requests_late_total: None,
         first_tokens_total: None,
@@ -144,6 +146,8 @@ redline_engine_generation_tokens_total 700
 redline_engine_waiting_prompt_tokens 1200
 # TYPE redline_engine_draining gauge
 redline_engine_draining 1
+# TYPE redline_engine_lame_duck gauge
+redline_engine_lame_duck 1
 # TYPE redline_engine_shutting_down gauge
 redline_engine_shutting_down 0
 # TYPE redline_engine_requests_late_total counter
@@ -178,7 +182,10 @@ vllm:kv_cache_usage_perc 0.25
         assert_eq!(r.prompt_tokens_received_total, Some(5000));
         assert_eq!(r.generation_tokens_total, Some(700));
         assert_eq!(r.waiting_prompt_tokens, Some(1200));
-        assert_eq!((r.draining, r.shutting_down), (Some(true), Some(false)));
+        assert_eq!(
+            (r.draining, r.lame_duck, r.shutting_down),
+            (Some(true), Some(true), Some(false))
+        );
         assert_eq!(r.requests_late_total, Some(4));
         assert_eq!(r.first_tokens_total, Some(90));
         assert_eq!(

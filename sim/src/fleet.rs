@@ -430,6 +430,8 @@ impl<'a> Sim<'a> {
             generation_tokens_total: Some(e.generation_tokens_total),
             waiting_prompt_tokens: Some(e.waiting_tokens()),
             draining: Some(pod.phase == Phase::Draining),
+            // The simulated Service knows of a drain at once: nothing comes to admit.
+            lame_duck: Some(false),
             shutting_down: Some(false),
             requests_late_total: e.ttft_objective.map(|_| e.requests_late_total),
             first_tokens_total: Some(e.first_tokens_total),

@@ -34,6 +34,7 @@ fn signals(prompt_tps: f64, running: u64) -> PodSignals {
         kv_usage: 0.1,
         running,
         waiting: 0,
+        lame_duck: false,
         waiting_tokens: Some(0),
         prompt_tokens_per_second: Some(prompt_tps),
         generation_tokens_per_second: Some(0.0),
@@ -362,9 +363,19 @@ fn scales_down_only_through_a_drain_after_the_window() {
     // Still busy: hold. Empty: scale down.
     let mut o = obs(t + 5.0, 3, 3, 200.0);
     assert_eq!(p.decide(&o).action, Action::Hold);
+    // Empty, but in its lame duck: the Service may still send it a request. Hold.
     for v in &mut o.pods {
         if v.name == pod {
-            v.signals.as_mut().unwrap().running = 0;
+            let s = v.signals.as_mut().unwrap();
+            (s.running, s.lame_duck) = (0, true);
+        }
+    }
+    o.now = t + 7.0;
+    let d = p.decide(&o);
+    assert_eq!(d.action, Action::Hold, "{}", d.reason);
+    for v in &mut o.pods {
+        if v.name == pod {
+            v.signals.as_mut().unwrap().lame_duck = false;
         }
     }
     let busy = pods[1].clone();

@@ -16,7 +16,7 @@ use kube::api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kube::discovery::Discovery;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::{reflector, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
@@ -649,6 +649,25 @@ fn trigger_backoff() -> impl kube::runtime::utils::Backoff {
     kube::runtime::utils::ResetTimerBackoff::new(exp, Duration::from_secs(5))
 }
 
+/// The InferenceServices into `store` (every change: the autoscaling loop reads their status
+/// from it), and the reconciler woken only by a change of spec (`metadata.generation`, which
+/// the scale subresource moves too) or by its first sight of one. Status changes are not its
+/// work: under load the loop writes status every pass (KV usage, its decision, its memory),
+/// and each write woke a reconcile that GETs the Deployment and its references and applies
+/// every child, 5-7 API calls a service every 5 s. Its children's changes still wake it (the
+/// owned watches), and so does its requeue.
+fn spec_changes(
+    api: Api<InferenceService>,
+    cfg: watcher::Config,
+    store: reflector::store::Writer<InferenceService>,
+) -> impl futures::Stream<Item = Result<InferenceService, watcher::Error>> + Send {
+    use kube::runtime::{predicates, WatchStreamExt};
+    watcher::watcher(api, cfg)
+        .reflect(store)
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default())
+}
+
 /// Runs the controller, and the autoscaling loop every `interval`, until `shutdown` resolves
 /// (the loop then hands its policies over if it says so).
 pub async fn run(
@@ -659,11 +678,12 @@ pub async fn run(
     use futures::FutureExt;
     let shutdown = shutdown.shared();
     let isvcs: Api<InferenceService> = ctx.watched();
+    let (reader, writer) = reflector::store();
     // Lists in pages of 50 and at most 16 reconciles at once: 500 services created together
     // then cost a few pages and requests in flight, not all of them in memory at once (the API
     // server, not the operator, bounds how fast they converge).
     let cfg = watcher::Config::default().page_size(50);
-    let controller = Controller::new(isvcs, cfg.clone())
+    let controller = Controller::for_stream(spec_changes(isvcs, cfg.clone(), writer), reader)
         .with_config(kube::runtime::controller::Config::default().concurrency(16))
         .trigger_backoff(trigger_backoff());
     // A policy change (or creation) wakes the services that reference it.
@@ -724,6 +744,61 @@ pub async fn run(
 mod tests {
     use super::*;
     use crate::crd::{AutoscalerMemory, Decision, PodLimits};
+
+    /// The loop's status writes reach the store (it reads status from there) but wake no
+    /// reconcile; a spec change, and a service first seen, do.
+    #[tokio::test]
+    async fn status_writes_wake_no_reconcile_a_spec_change_does() {
+        let at = |generation: i64, kv: Option<&str>| {
+            let mut i: InferenceService = serde_yaml::from_str(
+                "apiVersion: redline.dev/v1alpha1\nkind: InferenceService\n\
+                 metadata: {name: a, namespace: n}\nspec: {model: {default: {}}}\n",
+            )
+            .unwrap();
+            i.metadata.generation = Some(generation);
+            i.metadata.resource_version = Some(format!("{generation}{}", kv.unwrap_or("")));
+            i.status = kv.map(|kv| InferenceServiceStatus {
+                kv_usage: Some(kv.into()),
+                ..Default::default()
+            });
+            serde_json::to_value(i).unwrap()
+        };
+        let client = crate::test_support::inference_service_watch(vec![
+            ("ADDED", at(1, None)),
+            ("MODIFIED", at(1, Some("10%"))),
+            ("MODIFIED", at(1, Some("40%"))),
+            ("MODIFIED", at(2, Some("40%"))),
+            ("MODIFIED", at(2, Some("70%"))),
+        ])
+        .await;
+        let (reader, writer) = reflector::store();
+        let woken = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut triggers =
+            spec_changes(Api::all(client), watcher::Config::default(), writer).boxed();
+        let seen = woken.clone();
+        tokio::spawn(async move {
+            while let Some(i) = triggers.next().await {
+                seen.lock().unwrap().push(i.unwrap().metadata.generation);
+            }
+        });
+        // The store has every write, the last status included...
+        tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let kv = reader
+                    .state()
+                    .first()
+                    .and_then(|i| i.status.as_ref()?.kv_usage.clone());
+                if kv.as_deref() == Some("70%") {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the last status write in the store");
+        // ...and the reconciler was woken twice: first sight, and the spec's change.
+        assert_eq!(*woken.lock().unwrap(), vec![Some(1), Some(2)]);
+    }
 
     /// A server-side apply of what the reconciler read would own and put back the loop's
     /// fields as they were then.

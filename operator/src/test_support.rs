@@ -3,6 +3,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use futures::StreamExt;
+
 /// Serves `app` on a free local port: the config of a client of it.
 async fn serve(app: axum::Router) -> kube::Config {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -182,6 +184,41 @@ pub async fn policies_api_server() -> (kube::Client, Arc<AtomicUsize>) {
         }
     });
     (client_of(app).await, gets)
+}
+
+/// An API server whose InferenceServices list empty, whose first watch then sends `events`
+/// (`(type, object)`, e.g. `("MODIFIED", ..)`) and stays open, and whose later watches stay
+/// quiet.
+pub async fn inference_service_watch(
+    events: Vec<(&'static str, serde_json::Value)>,
+) -> kube::Client {
+    let watches = Arc::new(AtomicUsize::new(0));
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let (watches, events) = (watches.clone(), events.clone());
+        async move {
+            use axum::response::IntoResponse;
+            if uri.path() != "/apis/redline.dev/v1alpha1/inferenceservices" {
+                return not_found().into_response();
+            }
+            if !uri.query().unwrap_or_default().contains("watch=true") {
+                return axum::Json(serde_json::json!({
+                    "apiVersion": "redline.dev/v1alpha1", "kind": "InferenceServiceList",
+                    "metadata": {"resourceVersion": "1"}, "items": []
+                }))
+                .into_response();
+            }
+            if watches.fetch_add(1, Ordering::SeqCst) > 0 {
+                std::future::pending::<()>().await;
+            }
+            let lines = events.into_iter().map(|(kind, object)| {
+                let line = serde_json::json!({"type": kind, "object": object}).to_string() + "\n";
+                Ok::<_, std::convert::Infallible>(line)
+            });
+            let body = futures::stream::iter(lines).chain(futures::stream::pending());
+            axum::body::Body::from_stream(body).into_response()
+        }
+    });
+    client_of(app).await
 }
 
 /// A sidecar's report of one pod at KV usage `usage` and pressure `level`, no drain, no late

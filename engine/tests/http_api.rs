@@ -488,18 +488,23 @@ async fn sigterm_drains_then_exits() {
         done && finish.as_deref() == Some("length"),
         "the in-flight request finished whole"
     );
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(st) = s.child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "process did not exit after draining"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = exit_within(&mut s.child, Instant::now(), Duration::from_secs(10)).await;
     assert!(status.success(), "clean exit after drain: {status:?}");
+}
+
+/// Waits for the process to exit, at most `limit` after `t0`.
+async fn exit_within(
+    child: &mut std::process::Child,
+    t0: Instant,
+    limit: Duration,
+) -> std::process::ExitStatus {
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(t0.elapsed() < limit, "no exit within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Behind a Service, a drained pod goes on getting requests until the endpoint change reaches
@@ -563,16 +568,7 @@ async fn a_drain_admits_through_its_lame_duck_then_refuses() {
         t0.elapsed() < Duration::from_secs(2) && s.child.try_wait().unwrap().is_none(),
         "an empty engine stays up through its lame duck"
     );
-    let status = loop {
-        if let Some(st) = s.child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "no exit after the lame duck"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = exit_within(&mut s.child, t0, Duration::from_secs(15)).await;
     assert!(
         t0.elapsed() >= Duration::from_secs(3),
         "exited {:?} after SIGTERM, inside its lame duck",

@@ -61,12 +61,7 @@ impl AppState {
     }
 
     fn drain_phase(&self) -> Phase {
-        let phase = self.drain.lock().unwrap().phase(Instant::now());
-        // Kept current wherever the phase is read, so /metrics says what admission does.
-        self.metrics
-            .lame_duck
-            .set((phase == Phase::LameDuck) as i64);
-        phase
+        self.drain.lock().unwrap().phase(Instant::now())
     }
 
     /// Not ready: a drain is under way (admitting or not).
@@ -98,7 +93,6 @@ impl AppState {
             }
         }
         self.metrics.draining.set(on as i64);
-        self.drain_phase();
     }
 
     /// How long a drain still admits new requests.
@@ -184,8 +178,11 @@ async fn ready(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
-    // The lame duck ends by time, not by an event: bring its gauge up to now.
-    st.draining();
+    // The lame duck ends by time, not by an event: its gauge is set as the page is read
+    // (not on every admission, which reads the phase too).
+    st.metrics
+        .lame_duck
+        .set((st.drain_phase() == Phase::LameDuck) as i64);
     (
         [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
         st.metrics.render(),
